@@ -1,0 +1,1 @@
+"""The adaptation stage: few-shot parameter-efficient fine-tuning to a target structure."""

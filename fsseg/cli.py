@@ -1,0 +1,44 @@
+"""Shared plumbing for the command-line entry points: one-line errors, ``--debug``, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from fsseg.errors import FssegError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags every fsseg command shares."""
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    parser.add_argument("--quiet", action="store_true", help="only print warnings and errors")
+
+
+def run_cli(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    command: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``argv`` and run ``command``, turning user errors into one line on stderr.
+
+    Returns the process exit code: the command's own code, 2 for a user error, 130 on Ctrl-C.
+    """
+    args = parser.parse_args(argv)
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    try:
+        return command(args)
+    except FssegError as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,1 @@
+"""Data: NIfTI reading, data lists and label maps, preprocessing transforms, phantoms, validation."""

@@ -1,0 +1,238 @@
+"""Preprocessing as MONAI dictionary transforms, in one place.
+
+Two pipelines share one deterministic core (load -> template labels -> orientation -> spacing -> HU window
+-> foreground crop -> pad to roi):
+
+* :func:`inference_transforms`: the core alone; invertible with ``monai.transforms.Invertd`` so
+  predictions map back onto the input grid.
+* :func:`train_transforms`: the core, then positive/negative crops of ``roi`` and light intensity
+  augmentation, then one binary channel per template structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.networks.utils import one_hot
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    LoadImage,
+    MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from fsseg.data.datalist import Case
+from fsseg.data.io import load_nifti_image, same_geometry
+from fsseg.data.labels import LabelMap, structure_masks, task_mask, to_template_index
+from fsseg.errors import ConfigError, DataError
+from fsseg.templates import Template
+
+IMAGE, LABEL, TASK_MASK = "image", "label", "task_mask"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a scan is brought into model space (stored in every checkpoint).
+
+    Attributes:
+        orientation: axis codes of the model space, e.g. ``"RAS"``.
+        spacing: voxel size in mm of the model space.
+        hu_window: HU range mapped linearly to [0, 1], values outside clipped.
+        roi: patch size in voxels, for training crops and the sliding window.
+        crop_foreground: crop to the bounding box of voxels above the window's lower bound.
+    """
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    hu_window: tuple[float, float] = (-175.0, 250.0)
+    roi: tuple[int, int, int] = (96, 96, 96)
+    crop_foreground: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        object.__setattr__(self, "hu_window", tuple(float(h) for h in self.hu_window))
+        object.__setattr__(self, "roi", tuple(int(r) for r in self.roi))
+        if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RLAPSI"):
+            raise ConfigError(f"preprocessing.orientation '{self.orientation}' is not three axis codes like RAS")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ConfigError(f"preprocessing.spacing must be three positive numbers (mm), got {self.spacing}")
+        if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
+            raise ConfigError(f"preprocessing.hu_window must be [low, high] with low < high, got {self.hu_window}")
+        if len(self.roi) != 3 or min(self.roi) < 1:
+            raise ConfigError(f"preprocessing.roi must be three positive sizes (voxels), got {self.roi}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Preprocessing":
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown preprocessing key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random parts of the training pipeline."""
+
+    crops_per_volume: int = 2
+    pos: float = 1.0
+    neg: float = 1.0
+    intensity_shift: float = 0.1
+    intensity_shift_prob: float = 0.2
+
+
+def case_item(case: Case, label_map: LabelMap | None = None) -> dict:
+    """The dictionary a MONAI dataset consumes for ``case``."""
+    item: dict = {"id": case.id, "dataset": case.dataset, IMAGE: str(case.image)}
+    if case.label is not None:
+        item[LABEL] = str(case.label)
+        item["label_map"] = label_map.to_dict() if label_map is not None else {}
+    elif case.labels:
+        item["labels"] = {name: str(path) for name, path in case.labels.items()}
+    return item
+
+
+class LoadVolumed(MapTransform):
+    """MONAI ``LoadImage`` (channel first, float32) that rejects non-3D and unreadable files in one line."""
+
+    def __init__(self, keys: Sequence[str], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self._load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+    def load(self, path: str) -> MetaTensor:
+        load_nifti_image(path)
+        try:
+            volume = self._load(path)
+        except Exception as error:  # truncated gzip, bad header: report the file, not the stack
+            raise DataError(f"{path}: file is truncated or corrupt ({type(error).__name__}: {error})") from None
+        if volume.ndim == 5:  # (1, x, y, z, 1): a 4D file with one volume
+            volume = volume[..., 0]
+        return volume
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], str):
+                d[key] = self.load(d[key])
+        return d
+
+
+class TemplateLabelsd(MapTransform):
+    """Turn a case's annotation into a template index map (``label``) and its task mask (``task_mask``).
+
+    Reads the multi-label file (``label`` + ``label_map``) or the per-structure masks (``labels``), checks they
+    lie on the image's grid, splits joint left/right ids at the midline, and writes ``label`` as a
+    (1, X, Y, Z) map with 0 for background and ``c + 1`` for template channel ``c``.
+    """
+
+    def __init__(self, template: Template, loader: LoadVolumed) -> None:
+        super().__init__([LABEL], allow_missing_keys=True)
+        self.template = template
+        self.loader = loader
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = d[IMAGE]
+        if LABEL in d and isinstance(d[LABEL], str):
+            label_map = LabelMap.parse(d.pop("label_map"), source=d[LABEL])
+            volume = self._load_on_grid(d[LABEL], image)
+            array = volume[0].numpy()
+            label_map.check_ids(array, d[LABEL])
+            masks = structure_masks(array, label_map, volume.affine.numpy(), image[0].numpy())
+        elif "labels" in d:
+            masks, volume = {}, None
+            for name, path in d.pop("labels").items():
+                volume = self._load_on_grid(path, image)
+                masks[name] = volume[0].numpy() > 0
+        else:
+            return d
+        index = to_template_index(masks, self.template, tuple(image.shape[1:]))
+        meta = {k: v for k, v in volume.meta.items() if k != "affine"}
+        d[LABEL] = MetaTensor(torch.from_numpy(index.astype(np.float32))[None], affine=volume.affine, meta=meta)
+        d[TASK_MASK] = torch.from_numpy(task_mask(list(masks), self.template))
+        return d
+
+    def _load_on_grid(self, path: str, image: MetaTensor) -> MetaTensor:
+        volume = self.loader.load(path)
+        mismatch = same_geometry(volume.shape[1:], volume.affine.numpy(), image.shape[1:], image.affine.numpy())
+        if mismatch:
+            raise DataError(f"{path}: does not match its image {image.meta.get('filename_or_obj')}: {mismatch}")
+        return volume
+
+
+class TemplateOneHotd(MapTransform):
+    """(1, X, Y, Z) template index map -> (C, X, Y, Z) float binary channels, background dropped."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__([LABEL])
+        self.num_channels = num_channels
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        d[LABEL] = one_hot(d[LABEL][None].long(), self.num_channels + 1, dim=1)[0, 1:].float()
+        return d
+
+
+def _core(pre: Preprocessing, keys: Sequence[str], template: Template | None) -> list:
+    loader = LoadVolumed([IMAGE] + [k for k in keys if k != LABEL or template is None], allow_missing_keys=True)
+    steps: list = [loader]
+    if template is not None:
+        steps.append(TemplateLabelsd(template, loader))
+    modes = ["bilinear" if key == IMAGE else "nearest" for key in keys]
+    low, high = pre.hu_window
+    steps += [
+        Orientationd(keys, axcodes=pre.orientation, labels=None, allow_missing_keys=True),
+        Spacingd(keys, pixdim=pre.spacing, mode=modes, allow_missing_keys=True),
+        ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if pre.crop_foreground:
+        steps.append(CropForegroundd(keys, source_key=IMAGE, allow_smaller=True, allow_missing_keys=True))
+    steps.append(SpatialPadd(keys, spatial_size=pre.roi, allow_missing_keys=True))
+    return steps
+
+
+def inference_transforms(pre: Preprocessing, keys: Sequence[str] = (IMAGE,), template: Template | None = None) -> Compose:
+    """Deterministic, invertible preprocessing of ``keys`` (image first; other keys are label maps).
+
+    With ``template``, ``label`` is converted to a template index map (see :class:`TemplateLabelsd`);
+    without it, label files keep their own ids.
+    """
+    return Compose(_core(pre, list(keys), template))
+
+
+def train_transforms(pre: Preprocessing, template: Template, aug: Augmentation = Augmentation()) -> Compose:
+    """Deterministic core + random ``roi`` crops (pos:neg) + intensity shift + template one-hot labels.
+
+    Each call returns ``aug.crops_per_volume`` samples with ``image`` (1, *roi), ``label`` (C, *roi) and
+    ``task_mask`` (C,).
+    """
+    keys = [IMAGE, LABEL]
+    return Compose(
+        _core(pre, keys, template)
+        + [
+            RandCropByPosNegLabeld(
+                keys,
+                label_key=LABEL,
+                spatial_size=pre.roi,
+                pos=aug.pos,
+                neg=aug.neg,
+                num_samples=aug.crops_per_volume,
+                image_key=IMAGE,
+                image_threshold=0,
+            ),
+            RandShiftIntensityd(IMAGE, offsets=aug.intensity_shift, prob=aug.intensity_shift_prob),
+            TemplateOneHotd(len(template)),
+        ]
+    )

@@ -1,0 +1,1 @@
+"""The pretraining stage: partial-label supervised training of a foundation model."""
