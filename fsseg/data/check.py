@@ -15,9 +15,9 @@ from fsseg.data.datalist import Case, DataList, load_datalist
 from fsseg.data.io import Volume, load_volume, same_geometry
 from fsseg.errors import DataError
 
-# CT in HU holds air (about -1000) and soft tissue (tens of HU); a [0, 1] or [0, 255] volume holds neither.
+# CT in HU holds air (about -1000) and soft tissue (tens of HU); a [0, 1] or [0, 255] volume lacks the air.
 HU_AIR_MAX = -400.0
-HU_TISSUE_MIN = 100.0
+HU_TISSUE_MIN = 0.0
 
 
 @dataclass

@@ -112,11 +112,15 @@ def midline_x(affine: np.ndarray, shape: tuple[int, ...], image: np.ndarray | No
     off-centre patient; without it, the centre of the field of view.
     """
     if image is not None:
-        # Every 4th voxel is plenty for a centroid and keeps this cheap on 512x512x600 scans.
-        sub = np.asarray(image)[::4, ::4, ::4]
-        ijk = np.argwhere(sub > BODY_HU_THRESHOLD) * 4
-        if len(ijk):
-            return float((ijk @ affine[0, :3]).mean() + affine[0, 3])
+        body = np.asarray(image) > BODY_HU_THRESHOLD
+        total = body.sum()
+        if total:
+            # The centroid's voxel coordinates from the marginal counts along each axis.
+            mean_ijk = [
+                (body.sum(axis=tuple(a for a in range(3) if a != axis)) * np.arange(body.shape[axis])).sum() / total
+                for axis in range(3)
+            ]
+            return float(affine[0, :3] @ np.asarray(mean_ijk) + affine[0, 3])
     centre = (np.asarray(shape[:3], dtype=float) - 1) / 2
     return float(affine[0, :3] @ centre + affine[0, 3])
 

@@ -1,0 +1,157 @@
+"""``fsseg-make-list``: build a data list by scanning a dataset's standard folder layout.
+
+Each supported dataset is described by a JSON spec in ``data_lists/datasets/`` (its label map and where its
+images and labels lie); adding a dataset means adding a spec, not code. A layout entry::
+
+    {"image_glob": "imagesTr/*.nii.gz",            # images, relative to --root
+     "id_pattern": "(?P<id>liver_\\d+)\\.nii\\.gz$",  # regex on the image path; must capture 'id'
+     "label": "labelsTr/{id}.nii.gz",             # optional multi-label map; {dir} = the image's folder
+     "labels_glob": "{id}/segmentations/*.nii.gz", # or optional per-structure masks (file stem = structure)
+     "split": "train"}
+
+An optional ``split_csv`` ({"file", "id_column", "split_column", "delimiter"}) overrides splits per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fsseg.cli import add_common_arguments, run_cli
+from fsseg.data.datalist import SPLITS, load_datalist
+from fsseg.data.io import atomic_path, nifti_stem
+from fsseg.errors import ConfigError, DataError
+
+SPECS_ENV = "FSSEG_DATASET_SPECS"
+
+
+def specs_dir() -> Path:
+    """Folder of the dataset specs: ``$FSSEG_DATASET_SPECS``, else ``data_lists/datasets`` of the checkout."""
+    return Path(os.environ.get(SPECS_ENV) or Path(__file__).resolve().parents[2] / "data_lists" / "datasets")
+
+
+def available_datasets() -> list[str]:
+    return sorted(p.stem for p in specs_dir().glob("*.json"))
+
+
+def load_spec(name_or_path: str) -> dict:
+    """A dataset spec by name (``btcv``) or by path to its JSON file."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = specs_dir() / f"{name_or_path}.json"
+        if not path.is_file():
+            raise ConfigError(f"unknown dataset '{name_or_path}'; known: {', '.join(available_datasets())} "
+                              "(or give the path to a spec JSON)")
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read dataset spec ({error})") from None
+    for i, layout in enumerate(spec.get("layouts", [])):
+        for key in ("image_glob", "id_pattern"):
+            if key not in layout:
+                raise ConfigError(f"{path}: layout #{i + 1} lacks '{key}'")
+        if layout.get("split", "train") not in SPLITS:
+            raise ConfigError(f"{path}: layout #{i + 1} has split '{layout['split']}', not one of {', '.join(SPLITS)}")
+    if not spec.get("layouts"):
+        raise ConfigError(f"{path}: spec has no 'layouts'")
+    return spec
+
+
+def scan(spec: dict, root: Path) -> list[dict]:
+    """Cases of ``spec`` found under ``root`` (ids unique, sorted per layout)."""
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root folder not found")
+    splits = _read_split_csv(spec.get("split_csv"), root)
+    cases, missing = [], []
+    for layout in spec["layouts"]:
+        pattern = re.compile(layout["id_pattern"])
+        for image in sorted(root.glob(layout["image_glob"])):
+            relative = image.relative_to(root).as_posix()
+            match = pattern.search(relative)
+            if not match:
+                continue
+            fields = {k: v or "" for k, v in match.groupdict().items()}
+            fields["dir"] = image.parent.relative_to(root).as_posix()
+            case = {"id": fields["id"], "image": relative}
+            if "label" in layout:
+                label = os.path.normpath(layout["label"].format(**fields))
+                if not (root / label).is_file():
+                    missing.append(label)
+                    continue
+                case["label"] = Path(label).as_posix()
+            elif "labels_glob" in layout:
+                masks = sorted(root.glob(layout["labels_glob"].format(**fields)))
+                case["labels"] = {nifti_stem(m): m.relative_to(root).as_posix() for m in masks}
+            case["split"] = splits.get(fields["id"], layout.get("split", "train"))
+            cases.append(case)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataError(f"{root}: {len(missing)} image(s) have no label file: {shown}")
+    if not cases:
+        globs = ", ".join(layout["image_glob"] for layout in spec["layouts"])
+        raise DataError(f"{root}: no images of dataset '{spec.get('name')}' found (looked for {globs})")
+    ids = [c["id"] for c in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DataError(f"{root}: case id(s) found twice: {', '.join(duplicates[:5])}")
+    return cases
+
+
+def _read_split_csv(config: dict | None, root: Path) -> dict[str, str]:
+    if not config:
+        return {}
+    path = root / config["file"]
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as handle:
+        rows = csv.DictReader(handle, delimiter=config.get("delimiter", ","))
+        return {row[config["id_column"]]: row[config["split_column"]] for row in rows
+                if row.get(config["split_column"]) in SPLITS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsseg-make-list",
+        description="Scan a dataset's standard folder layout and write an fsseg data list (JSON). "
+        "Then run fsseg-check-data on it.",
+        epilog=f"Known datasets (specs in {specs_dir()}): {', '.join(available_datasets())}",
+    )
+    parser.add_argument("dataset", help="dataset name (see below) or path to a dataset spec JSON")
+    parser.add_argument("--root", required=True, help="the dataset's folder, as downloaded/unpacked")
+    parser.add_argument("-o", "--output", required=True, help="data list to write (LIST.json)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    add_common_arguments(parser)
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    spec = load_spec(args.dataset)
+    root = Path(args.root).expanduser().resolve()
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise DataError(f"{output}: already exists (use --force to overwrite)")
+    cases = scan(spec, root)
+    datalist = {"name": spec["name"], "description": spec.get("description", ""), "root": str(root),
+                "label_map": spec.get("label_map", {}), "cases": cases}
+    with atomic_path(output) as tmp:
+        tmp.write_text(json.dumps(datalist, indent=1) + "\n")
+    load_datalist(output)  # the list we wrote must be one we can read
+    counts = {split: sum(c["split"] == split for c in cases) for split in SPLITS}
+    print(f"wrote {output}: {len(cases)} cases ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})")
+    print(f"next: fsseg-check-data {output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fsseg-make-list``."""
+    return run_cli("fsseg-make-list", build_parser(), _command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real CT of ../shared/data/ct and small synthetic NIfTI files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CT = REPO.parent / "shared" / "data" / "ct"
+TOTALSEG_LIST = REPO / "data_lists" / "examples" / "shared_ct_totalseg.json"
+LITS_LIST = REPO / "data_lists" / "examples" / "shared_ct_lits.json"
+
+
+@pytest.fixture(scope="session")
+def shared_ct() -> Path:
+    """The real CT folder; its absence is an error, not a skip (the tests are about real data)."""
+    if not (SHARED_CT / "manifest.json").is_file():
+        pytest.fail(f"real CT test data not found at {SHARED_CT} (expected ../shared/data/ct beside the repo)")
+    return SHARED_CT
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """Save ``array`` as NIfTI (identity affine by default) and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def ct_like(shape=(24, 20, 16), seed: int = 0) -> np.ndarray:
+    """A small int16 volume with air around a soft-tissue block, so it looks like CT in HU."""
+    rng = np.random.default_rng(seed)
+    image = np.full(shape, -1000, dtype=np.int16)
+    image[4:-4, 4:-4, 2:-2] = 40 + rng.integers(-20, 20, size=(shape[0] - 8, shape[1] - 8, shape[2] - 4))
+    return image

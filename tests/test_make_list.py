@@ -1,0 +1,82 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ct_like, write_nifti
+from fsseg.data import check
+from fsseg.data.datalist import load_datalist
+from fsseg.data.make_list import available_datasets, load_spec, main, scan
+from fsseg.errors import ConfigError, DataError
+
+SHAPE = (16, 16, 12)
+
+
+def volume_pair(image_path, label_path, label_value=1):
+    write_nifti(image_path, ct_like(SHAPE))
+    label = np.zeros(SHAPE, np.uint8)
+    label[6:10, 6:10, 4:8] = label_value
+    write_nifti(label_path, label)
+
+
+def test_every_dataset_of_the_pretraining_assembly_has_a_spec():
+    expected = {"btcv", "amos", "lits", "kits", "abdomenct1k", "chaos", "ctorg", "msd_task03_liver", "msd_task06_lung",
+                "msd_task07_pancreas", "msd_task08_hepaticvessel", "msd_task09_spleen", "msd_task10_colon", "word",
+                "flare22", "totalsegmentator"}
+    assert expected <= set(available_datasets())
+    for name in expected:
+        assert load_spec(name)["layouts"]
+
+
+def test_msd_layout_becomes_a_valid_list(tmp_path, capsys):
+    root = tmp_path / "Task09_Spleen"
+    for i in (2, 10):
+        volume_pair(root / "imagesTr" / f"spleen_{i}.nii.gz", root / "labelsTr" / f"spleen_{i}.nii.gz")
+    write_nifti(root / "imagesTs" / "spleen_1.nii.gz", ct_like(SHAPE))
+    write_nifti(root / "imagesTr" / "._spleen_2.nii.gz", ct_like(SHAPE))  # macOS resource-fork junk is ignored
+    out = tmp_path / "spleen.json"
+    assert main(["msd_task09_spleen", "--root", str(root), "-o", str(out)]) == 0
+    assert "3 cases (2 train, 1 test)" in capsys.readouterr().out
+    datalist = load_datalist(out)
+    assert [(c.id, c.split, c.label is not None) for c in datalist.cases] == [
+        ("spleen_10", "train", True), ("spleen_2", "train", True), ("spleen_1", "test", False)]
+    assert datalist.label_map.structures == ["spleen"]
+    assert check.main([str(out), "--no-progress"]) == 0
+
+
+def test_totalsegmentator_layout_uses_masks_and_meta_csv(tmp_path):
+    root = tmp_path / "ts"
+    for subject, split in (("s0001", "train"), ("s0002", "test")):
+        volume_pair(root / subject / "ct.nii.gz", root / subject / "segmentations" / "liver.nii.gz")
+        volume_pair(root / subject / "ct.nii.gz", root / subject / "segmentations" / "kidney_left.nii.gz")
+    (root / "meta.csv").write_text("image_id;age;split\ns0001;50;train\ns0002;61;test\n")
+    cases = scan(load_spec("totalsegmentator"), root)
+    assert [(c["id"], c["split"]) for c in cases] == [("s0001", "train"), ("s0002", "test")]
+    assert set(cases[0]["labels"]) == {"liver", "kidney_left"}
+
+
+def test_kits_joint_kidney_label_map(tmp_path):
+    root = tmp_path / "kits"
+    volume_pair(root / "case_00000" / "imaging.nii.gz", root / "case_00000" / "segmentation.nii.gz")
+    out = tmp_path / "kits.json"
+    assert main(["kits", "--root", str(root), "-o", str(out)]) == 0
+    assert load_datalist(out).label_map.structures[:2] == ["kidney_right", "kidney_left"]
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown dataset 'btvc'"):
+        load_spec("btvc")
+    with pytest.raises(DataError, match="dataset root folder not found"):
+        scan(load_spec("btcv"), tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images of dataset 'btcv' found"):
+        scan(load_spec("btcv"), tmp_path / "empty")
+    root = tmp_path / "flare"
+    write_nifti(root / "images" / "FLARE22_Tr_0001_0000.nii.gz", ct_like(SHAPE))
+    with pytest.raises(DataError, match=r"1 image\(s\) have no label file: labels/FLARE22_Tr_0001.nii.gz"):
+        scan(load_spec("flare22"), root)
+    out = tmp_path / "exists.json"
+    out.write_text("{}")
+    assert main(["btcv", "--root", str(tmp_path), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == {}
