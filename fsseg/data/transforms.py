@@ -21,6 +21,7 @@ from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    EnsureTyped,
     LoadImage,
     MapTransform,
     Orientationd,
@@ -198,7 +199,8 @@ def _core(pre: Preprocessing, keys: Sequence[str], template: Template | None) ->
         ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
     ]
     if pre.crop_foreground:
-        steps.append(CropForegroundd(keys, source_key=IMAGE, allow_smaller=True, allow_missing_keys=True))
+        steps.append(CropForegroundd(keys, source_key=IMAGE, allow_smaller=True, allow_missing_keys=True,
+                                    start_coord_key=None, end_coord_key=None))
     steps.append(SpatialPadd(keys, spatial_size=pre.roi, allow_missing_keys=True))
     return steps
 
@@ -234,5 +236,7 @@ def train_transforms(pre: Preprocessing, template: Template, aug: Augmentation =
             ),
             RandShiftIntensityd(IMAGE, offsets=aug.intensity_shift, prob=aug.intensity_shift_prob),
             TemplateOneHotd(len(template)),
+            # Cached volumes come back as arrays: make every sample collate the same way.
+            EnsureTyped([IMAGE, LABEL, TASK_MASK], data_type="tensor", track_meta=False),
         ]
     )

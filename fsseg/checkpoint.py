@@ -1,0 +1,106 @@
+"""fsseg checkpoints: weights plus everything needed to use them alone.
+
+A checkpoint is a ``torch.save``d dict with ``format: fsseg-checkpoint`` and: ``arch`` (registry name +
+kwargs), ``template`` (structure names/ids of the head's channels), ``preprocessing`` (orientation, spacing,
+HU window, roi), ``state_dict``, ``versions`` and, for resumable training, optimizer/scheduler/scaler states,
+epoch/step and RNG states. It is written atomically: a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+from pathlib import Path
+
+import monai
+import numpy as np
+import torch
+
+import fsseg
+from fsseg.data.io import atomic_path
+from fsseg.data.transforms import Preprocessing
+from fsseg.errors import DataError
+from fsseg.models import SegmentationModel, create_model
+from fsseg.templates import Template
+
+FORMAT = "fsseg-checkpoint"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that wrote a checkpoint or a run."""
+    return {"fsseg": fsseg.__version__, "monai": monai.__version__, "torch": torch.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) random states, in a form ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` recorded."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` (plus format and versions) atomically to ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **payload}, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load an fsseg checkpoint onto the CPU.
+
+    Raises:
+        DataError: missing, truncated or corrupt file, or a file that is not an fsseg checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for damaged zip/pickle data
+        raise DataError(f"{path}: cannot read checkpoint, the file is truncated or corrupt ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DataError(f"{path}: not an fsseg checkpoint (published weights must be converted first)")
+    missing = [key for key in ("arch", "template", "preprocessing", "state_dict") if key not in payload]
+    if missing:
+        raise DataError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, source: str = "checkpoint") -> SegmentationModel:
+    """Rebuild the model a checkpoint describes and load its weights strictly."""
+    template = Template.from_dict(payload["template"])
+    model = create_model(payload["arch"]["name"], num_classes=len(template), **payload["arch"]["kwargs"])
+    result = model.load_state_dict(payload["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise DataError(f"{source}: weights do not fit architecture '{payload['arch']['name']}' "
+                        f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected tensors, "
+                        f"e.g. {(result.missing_keys or result.unexpected_keys)[0]})")
+    return model
+
+
+def load_model(path: str | Path) -> tuple[SegmentationModel, Template, Preprocessing, dict]:
+    """A ready model from a checkpoint file, with its template and preprocessing."""
+    payload = read_checkpoint(path)
+    model = model_from_checkpoint(payload, str(path))
+    return model, Template.from_dict(payload["template"]), Preprocessing.from_dict(payload["preprocessing"]), payload

@@ -1,0 +1,75 @@
+"""The model contract every stage relies on: ``features`` (θ_f) then ``head`` (θ_c)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fsseg.errors import ConfigError
+
+# Names of the parameter groups every registered model provides.
+BLOCK_GROUPS = ("encoder", "decoder", "last_decoder_block", "head")
+
+
+class SegmentationModel(nn.Module):
+    """A 3D segmentation network split into a feature extractor and a per-structure sigmoid head.
+
+    Args:
+        backbone: encoder + decoder returning the last full-resolution decoder features (B, F, X, Y, Z).
+        feature_channels: F.
+        num_classes: one output channel (logit) per template structure.
+        blocks: for each of ``encoder``, ``decoder``, ``last_decoder_block``, the backbone submodule names in it.
+        arch: ``{"name": ..., "kwargs": ...}``, enough to rebuild the model from a checkpoint.
+
+    ``model.features(x)`` and ``model.head(f)`` are public: adaptation trains new heads and adapters on them.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_channels: int,
+        num_classes: int,
+        blocks: Mapping[str, Sequence[str]],
+        arch: dict,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Conv3d(feature_channels, num_classes, kernel_size=1)
+        self.feature_channels = feature_channels
+        self.num_classes = num_classes
+        self.blocks = {group: tuple(names) for group, names in blocks.items()}
+        self.arch = arch
+        for group in BLOCK_GROUPS[:-1]:
+            for name in self.blocks.get(group, ()):
+                if not hasattr(backbone, name):
+                    raise ConfigError(f"model '{arch.get('name')}': block '{name}' of group '{group}' does not exist")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) image -> (B, F, X, Y, Z) decoder features."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) image -> (B, C, X, Y, Z) logits (apply a sigmoid per channel)."""
+        return self.head(self.features(x))
+
+    def block_modules(self, group: str) -> list[nn.Module]:
+        """The modules of a named group (``encoder``, ``decoder``, ``last_decoder_block``, ``head``)."""
+        if group == "head":
+            return [self.head]
+        if group not in self.blocks:
+            raise ConfigError(f"unknown block group '{group}'; expected one of {', '.join(BLOCK_GROUPS)}")
+        return [getattr(self.backbone, name) for name in self.blocks[group]]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per block group; ``last_decoder_block`` is a subset of ``decoder``."""
+        return {group: [p for m in self.block_modules(group) for p in m.parameters()] for group in BLOCK_GROUPS}
+
+    def named_block_parameters(self, group: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(full parameter name, parameter) pairs of one group, as named in ``state_dict``."""
+        prefix = "head" if group == "head" else "backbone"
+        for module in self.block_modules(group):
+            module_name = "" if group == "head" else next(n for n, m in self.backbone.named_children() if m is module)
+            for name, parameter in module.named_parameters():
+                yield ".".join(p for p in (prefix, module_name, name) if p), parameter

@@ -1,0 +1,95 @@
+"""Model registry: ``create_model(name, num_classes, **kwargs)`` over MONAI networks.
+
+>>> model = create_model("unet_tiny", num_classes=3)
+>>> model.features(torch.zeros(1, 1, 32, 32, 32)).shape[1] == model.feature_channels
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch  # noqa: F401  (used by the doctest above)
+from monai.networks.nets import BasicUNet, SwinUNETR
+from torch import nn
+
+from fsseg.errors import ConfigError
+from fsseg.models.base import SegmentationModel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one registered backbone: factory(**kwargs) -> (backbone, feature channels)."""
+
+    factory: Callable[..., tuple[nn.Module, int]]
+    defaults: dict
+    blocks: dict
+    description: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, factory, defaults: dict, blocks: dict, description: str) -> None:
+    """Add a backbone under a lower-case ``name``; a name can be registered once."""
+    if name != name.lower() or name in _REGISTRY:
+        raise ValueError(f"model name '{name}' must be lower case and new")
+    _REGISTRY[name] = ModelSpec(factory, dict(defaults), blocks, description)
+
+
+def list_models() -> dict[str, str]:
+    """Registered model names and their one-line descriptions."""
+    return {name: spec.description for name, spec in sorted(_REGISTRY.items())}
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> SegmentationModel:
+    """Build a registered model with ``num_classes`` sigmoid output channels.
+
+    Raises:
+        ConfigError: unknown name (the message lists the valid ones) or invalid keyword arguments.
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    spec = _REGISTRY[name]
+    arguments = {**spec.defaults, **kwargs}
+    try:
+        backbone, channels = spec.factory(**arguments)
+    except TypeError as error:
+        raise ConfigError(f"model '{name}': invalid arguments {kwargs} ({error})") from None
+    return SegmentationModel(backbone, channels, num_classes, spec.blocks, {"name": name, "kwargs": arguments})
+
+
+def _swinunetr(feature_size: int, **kwargs) -> tuple[nn.Module, int]:
+    network = SwinUNETR(in_channels=1, out_channels=1, feature_size=feature_size, **kwargs)
+    # The network's own output block is replaced by the shared head; what reaches it are decoder1's features.
+    network.out = nn.Identity()
+    return network, feature_size
+
+
+def _basic_unet(features: list[int] | tuple[int, ...], **kwargs) -> tuple[nn.Module, int]:
+    network = BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=tuple(features), **kwargs)
+    network.final_conv = nn.Identity()
+    return network, int(features[-1])
+
+
+_SWIN_BLOCKS = {
+    "encoder": ["swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
+    "decoder": ["decoder5", "decoder4", "decoder3", "decoder2", "decoder1"],
+    "last_decoder_block": ["decoder1"],
+}
+_UNET_BLOCKS = {
+    "encoder": ["conv_0", "down_1", "down_2", "down_3", "down_4"],
+    "decoder": ["upcat_4", "upcat_3", "upcat_2", "upcat_1"],
+    "last_decoder_block": ["upcat_1"],
+}
+
+register_model("swinunetr", _swinunetr, {"feature_size": 48}, _SWIN_BLOCKS,
+               "MONAI SwinUNETR, feature_size 48 (62M parameters; the FSEFT/CLIP-Driven backbone). Spatial sizes "
+               "must be divisible by 32.")
+register_model("swinunetr_tiny", _swinunetr, {"feature_size": 12}, _SWIN_BLOCKS,
+               "SwinUNETR with feature_size 12 (4M parameters), for tests and demos.")
+register_model("unet", _basic_unet, {"features": [32, 32, 64, 128, 256, 32]}, _UNET_BLOCKS,
+               "MONAI BasicUNet (5.8M parameters), 32 feature channels at full resolution.")
+register_model("unet_tiny", _basic_unet, {"features": [8, 8, 16, 32, 64, 8]}, _UNET_BLOCKS,
+               "BasicUNet with 8..64 channels (0.36M parameters), for tests and the CPU demo.")

@@ -1,0 +1,75 @@
+"""Where a run executes: device choice, AMP, and torchrun's distributed environment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fsseg.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device and process group of this process (world size 1 without torchrun)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self, enabled: bool):
+        """Mixed precision on CUDA (float16 with a GradScaler); a no-op on the CPU, where it changes results."""
+        if enabled and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; asking for CUDA without a GPU is an error."""
+    if name not in DEVICES:
+        raise ConfigError(f"unknown device '{name}'; expected one of {', '.join(DEVICES)} "
+                          "(choose the GPU with CUDA_VISIBLE_DEVICES)")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Join torchrun's process group when its environment is set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
+
+    The rendezvous address comes from torchrun (``MASTER_ADDR``/``MASTER_PORT``); nothing here picks a port.
+    NCCL on CUDA, gloo on the CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return Runtime(device=resolved, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()

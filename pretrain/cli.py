@@ -1,0 +1,63 @@
+"""``fsseg-pretrain``: train a foundation model on partially labelled CT datasets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fsseg.cli import add_common_arguments, run_cli
+from fsseg.config import load_config
+from fsseg.models import list_models
+from fsseg.training.runtime import DEVICES, init_runtime, shutdown
+from pretrain.config import PretrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsseg-pretrain",
+        description="Pretrain a segmentation foundation model (feature extractor + one sigmoid channel per "
+        "template structure) on partially labelled CT datasets: each case is supervised only on the structures "
+        "its dataset annotates. Multi-GPU: torchrun --nproc_per_node=N -m pretrain --config ...",
+        epilog="Models: " + "; ".join(f"{name}: {text}" for name, text in list_models().items()),
+    )
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/pretrain/tiny.yaml")
+    parser.add_argument("--data-list", nargs="+", metavar="LIST.json", help="data lists (replace data.lists)")
+    parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
+    parser.add_argument("--out", default="runs/pretrain", help="run directory (default: runs/pretrain)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="'auto' continues from <out>/checkpoint_latest.pt when present; or a checkpoint path. "
+                        "optim.epochs may be raised when resuming")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and clusters)")
+    add_common_arguments(parser)
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    from pretrain.engine import train  # torch-heavy: imported after --help and argument errors
+
+    overrides = list(args.overrides)
+    if args.data_list:
+        overrides.append(f"data.lists=[{', '.join(repr(p) for p in args.data_list)}]")
+    if args.data_root:
+        overrides.append(f"data.data_root={args.data_root!r}")
+    config = load_config(PretrainConfig, args.config, overrides)
+    runtime = init_runtime(args.device)
+    try:
+        train(config, Path(args.out), runtime, resume=args.resume, progress=not args.no_progress)
+    finally:
+        shutdown(runtime)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fsseg-pretrain``."""
+    return run_cli("fsseg-pretrain", build_parser(), _command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

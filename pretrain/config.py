@@ -1,0 +1,85 @@
+"""The pretraining configuration: one YAML file, validated into these dataclasses at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fsseg.data.transforms import Augmentation, Preprocessing
+from fsseg.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """A registered model (``fsseg.models.list_models()``) and keyword arguments for it."""
+
+    name: str = "swinunetr"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Data lists of the partially labelled source datasets; their ``train`` cases are used."""
+
+    lists: list[str] = field(default_factory=list)
+    data_root: str | None = None
+    cache: bool = True
+    cache_dir: str | None = None  # default: <out>/cache
+
+
+@dataclass
+class SamplingConfig:
+    """Which volumes an epoch visits.
+
+    ``uniform_datasets`` draws a dataset uniformly, then one of its cases, so a small dataset is not drowned
+    by a large one. ``volumes_per_epoch`` defaults to the number of training cases.
+    """
+
+    uniform_datasets: bool = True
+    volumes_per_epoch: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, stepped every iteration."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 10
+    epochs: int = 100
+    batch_size: int = 2
+    grad_clip: float | None = 12.0
+
+
+@dataclass
+class LossConfig:
+    """Weights of the partial-label loss terms (``bce_weight: 0`` is FSEFT's Dice-only loss)."""
+
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    smooth: float = 1.0
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run depends on; the resolved copy is written to ``<out>/config.yaml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    template: str = "fseft29"
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    amp: bool = True
+    checkpoint_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optim.epochs < 1 or self.optim.batch_size < 1 or self.checkpoint_every < 1:
+            raise ConfigError("optim.epochs, optim.batch_size and checkpoint_every must be at least 1")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+        if self.augmentation.crops_per_volume < 1:
+            raise ConfigError("augmentation.crops_per_volume must be at least 1")

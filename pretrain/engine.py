@@ -1,0 +1,263 @@
+"""The pretraining loop: partial-label supervised training of a foundation model on several datasets.
+
+Data lists -> cached preprocessing + random crops -> uniform-over-datasets sampling -> model -> task-masked
+Dice + BCE -> AdamW with warm-up and cosine decay. Rank 0 writes checkpoints (atomically), TensorBoard
+events, ``train.log`` and ``summary.json``. Every epoch re-seeds the sampler and the random transforms from
+(seed, epoch, rank), so a run resumed from a checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from monai.data import DataLoader, Dataset, DistributedWeightedRandomSampler
+from monai.optimizers import WarmupCosineSchedule
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from fsseg.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state, versions
+from fsseg.config import to_dict
+from fsseg.data.cache import cached_dataset
+from fsseg.data.datalist import load_datalist
+from fsseg.data.transforms import IMAGE, LABEL, TASK_MASK, case_item, train_transforms
+from fsseg.errors import ConfigError
+from fsseg.losses import PartialLabelLoss
+from fsseg.models import create_model
+from fsseg.templates import Template, load_template
+from fsseg.training.runtime import Runtime
+from pretrain.config import PretrainConfig
+
+log = logging.getLogger("fsseg.pretrain")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of a run directory."""
+
+    out: Path
+
+    @property
+    def config(self) -> Path:
+        return self.out / "config.yaml"
+
+    @property
+    def latest(self) -> Path:
+        return self.out / "checkpoint_latest.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.out / "checkpoint_best.pt"
+
+    def periodic(self, epoch: int) -> Path:
+        return self.out / f"checkpoint_epoch{epoch:04d}.pt"
+
+    @property
+    def summary(self) -> Path:
+        return self.out / "summary.json"
+
+    @property
+    def log(self) -> Path:
+        return self.out / "train.log"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.out / "tensorboard"
+
+
+def build_dataset(cfg: PretrainConfig, template: Template, out: Path) -> tuple[Dataset, list[float], list[str]]:
+    """The training cases of every list, with their sampling weights and a line per dataset for the log."""
+    if not cfg.data.lists:
+        raise ConfigError("no data lists: set data.lists in the config or pass --data-list")
+    items, weights, lines = [], [], []
+    for list_path in cfg.data.lists:
+        datalist = load_datalist(list_path, cfg.data.data_root)
+        cases = [c for c in datalist.split("train") if c.has_annotation]
+        inside, outside = datalist.template_coverage(template)
+        if not cases:
+            raise ConfigError(f"{list_path}: no annotated 'train' cases")
+        if not inside:
+            raise ConfigError(f"{list_path}: annotates none of the structures of template '{template.name}'")
+        items += [case_item(case, datalist.label_map) for case in cases]
+        weights += [1.0 / len(cases) if cfg.sampling.uniform_datasets else 1.0] * len(cases)
+        note = f"; not in the template: {', '.join(outside)}" if outside else ""
+        lines.append(f"{datalist.name}: {len(cases)} train cases, annotates {', '.join(inside)}{note}")
+    transform = train_transforms(cfg.preprocessing, template, cfg.augmentation)
+    if cfg.data.cache:
+        fingerprint = json.dumps([cfg.preprocessing.to_dict(), template.to_dict()], sort_keys=True)
+        dataset = cached_dataset(items, transform, cfg.data.cache_dir or out / "cache", fingerprint)
+    else:
+        dataset = Dataset(items, transform)
+    return dataset, weights, lines
+
+
+def _check_resumable(payload: dict, model_arch: dict, template: Template, cfg: PretrainConfig, source: Path) -> None:
+    expected = {"arch": model_arch, "template": template.to_dict(), "preprocessing": cfg.preprocessing.to_dict()}
+    for key, value in expected.items():
+        if payload[key] != value:
+            raise ConfigError(f"{source}: cannot resume, the checkpoint's {key} differs from the config's "
+                              f"({payload[key]} vs {value}); use another --out to start a new run")
+
+
+def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None = None, progress: bool = True) -> dict:
+    """Run (or resume) pretraining into ``out``; return the summary written to ``summary.json``."""
+    paths = RunPaths(out)
+    started = time.time()
+    template = load_template(cfg.template)
+    model = create_model(cfg.model.name, num_classes=len(template), **cfg.model.kwargs).to(runtime.device)
+    resume_path = _resume_path(resume, paths)
+    payload = read_checkpoint(resume_path) if resume_path else None
+    if payload is not None:
+        _check_resumable(payload, model.arch, template, cfg, resume_path)
+
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _log_to_file(paths.log)
+    runtime.barrier()  # the cache folder exists before other ranks use it
+    dataset, weights, lines = build_dataset(cfg, template, out)
+    for line in lines:
+        log.info(line)
+
+    volumes = cfg.sampling.volumes_per_epoch or len(weights)
+    generator = torch.Generator()
+    sampler = DistributedWeightedRandomSampler(
+        dataset, weights, num_samples_per_rank=math.ceil(volumes / runtime.world_size), generator=generator,
+        num_replicas=runtime.world_size, rank=runtime.rank, seed=cfg.seed,
+    )
+    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    steps_per_epoch = len(loader)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
+                                     t_total=cfg.optim.epochs * steps_per_epoch)
+    use_amp = cfg.amp and runtime.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loss_fn = PartialLabelLoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.smooth)
+
+    start_epoch, step, best, history = 0, 0, math.inf, []
+    if payload is not None:
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        scaler.load_state_dict(payload["scaler"])
+        set_rng_state(payload["rng"])
+        start_epoch, step, best, history = payload["epoch"], payload["step"], payload["best_loss"], payload["history"]
+        log.info(f"resumed from {resume_path} after epoch {start_epoch} (step {step})")
+    if start_epoch >= cfg.optim.epochs:
+        log.info(f"nothing to do: {start_epoch} epochs done, optim.epochs is {cfg.optim.epochs} (raise it to continue)")
+    network = DistributedDataParallel(model) if runtime.distributed else model
+    writer = SummaryWriter(str(paths.tensorboard)) if runtime.is_main else None
+    log.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {runtime.device}"
+             f" x{runtime.world_size}; {steps_per_epoch} steps per epoch")
+
+    data_seconds = compute_seconds = 0.0
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        epoch_seed = cfg.seed * 1_000_003 + epoch
+        sampler.set_epoch(epoch)
+        generator.manual_seed(epoch_seed * runtime.world_size + runtime.rank)
+        dataset.transform.set_random_state(seed=(epoch_seed * runtime.world_size + runtime.rank) % 2**32)
+        torch.manual_seed(epoch_seed * runtime.world_size + runtime.rank)
+        network.train()
+        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, batches
+        channel_sums = torch.zeros(len(template), dtype=torch.float64)
+        channel_batches = torch.zeros(len(template), dtype=torch.float64)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step",
+                   disable=not (progress and runtime.is_main), leave=False)
+        tick = time.perf_counter()
+        for batch in bar:
+            loaded = time.perf_counter()
+            images = batch[IMAGE].to(runtime.device)
+            targets = batch[LABEL].to(runtime.device)
+            masks = batch[TASK_MASK].to(runtime.device)
+            optimizer.zero_grad(set_to_none=True)
+            with runtime.autocast(use_amp):
+                logits = network(images)
+            result = loss_fn(logits, targets, masks)
+            scaler.scale(result.total).backward()
+            if cfg.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            totals += torch.tensor([result.total.item(), 1.0], dtype=torch.float64)
+            channel_sums += result.per_channel.cpu().double()
+            channel_batches += result.annotated.cpu().double()
+            done = time.perf_counter()
+            data_seconds, compute_seconds = data_seconds + loaded - tick, compute_seconds + done - loaded
+            tick = done
+            bar.set_postfix(loss=f"{result.total.item():.4f}")
+        if runtime.distributed:
+            for tensor in (totals, channel_sums, channel_batches):
+                dist.all_reduce(tensor)
+        epoch_loss = float(totals[0] / totals[1].clamp(min=1))
+        history.append(epoch_loss)
+        if runtime.is_main:
+            lr = scheduler.get_last_lr()[0]
+            writer.add_scalar("loss/total", epoch_loss, epoch + 1)
+            writer.add_scalar("lr", lr, epoch + 1)
+            per_channel = channel_sums / channel_batches.clamp(min=1)
+            for channel in torch.nonzero(channel_batches)[:, 0].tolist():
+                writer.add_scalar(f"loss/{template.structures[channel]}", float(per_channel[channel]), epoch + 1)
+            log.info(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {epoch_loss:.4f}, lr {lr:.3g}, step {step}")
+            is_best = epoch_loss < best
+            best = min(best, epoch_loss)
+            checkpoint = {
+                "kind": "pretrain", "arch": model.arch, "template": template.to_dict(),
+                "preprocessing": cfg.preprocessing.to_dict(), "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rng_state(),
+                "config": to_dict(cfg), "best_loss": best, "history": history,
+            }
+            save_checkpoint(paths.latest, checkpoint)
+            if is_best:
+                save_checkpoint(paths.best, checkpoint)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
+                save_checkpoint(paths.periodic(epoch + 1), checkpoint)
+        runtime.barrier()
+
+    summary = {
+        "versions": versions(), "device": str(runtime.device), "world_size": runtime.world_size,
+        "model": model.arch, "parameters": sum(p.numel() for p in model.parameters()),
+        "template": template.name, "epochs": cfg.optim.epochs, "steps": step, "steps_per_epoch": steps_per_epoch,
+        "final_loss": history[-1] if history else None, "best_loss": best if history else None,
+        "seconds": round(time.time() - started, 2),
+        "seconds_data_wait": round(data_seconds, 3), "seconds_compute": round(compute_seconds, 3),
+        "checkpoint": str(paths.latest), "loss_history": history,
+    }
+    if runtime.is_main:
+        if writer is not None:
+            writer.close()
+        paths.summary.write_text(json.dumps(summary, indent=1) + "\n")
+        log.info(f"done: {paths.latest} (loss {summary['final_loss']}), summary in {paths.summary}")
+    return summary
+
+
+def _resume_path(resume: str | None, paths: RunPaths) -> Path | None:
+    if not resume:
+        if paths.latest.exists():
+            raise ConfigError(f"{paths.out} already holds a run; use --resume auto to continue it or another --out")
+        return None
+    if resume == "auto":
+        if paths.latest.exists():
+            return paths.latest
+        log.info(f"--resume auto: no checkpoint in {paths.out}, starting a new run")
+        return None
+    return Path(resume)
+
+
+def _log_to_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
