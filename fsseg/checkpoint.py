@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 
 def versions() -> dict[str, str]:
     """Versions of the software that wrote a checkpoint or a run."""
-    return {"fsseg": fsseg.__version__, "monai": monai.__version__, "torch": torch.__version__,
+    return {"fsseg": fsseg.__version__, "monai": monai.__version__, "torch": str(torch.__version__),
             "numpy": np.__version__, "python": platform.python_version()}
 
 

@@ -33,7 +33,7 @@ from fsseg.errors import ConfigError
 from fsseg.losses import PartialLabelLoss
 from fsseg.models import create_model
 from fsseg.templates import Template, load_template
-from fsseg.training.runtime import Runtime
+from fsseg.training.runtime import Runtime, seed_everything
 from pretrain.config import PretrainConfig
 
 log = logging.getLogger("fsseg.pretrain")
@@ -112,6 +112,7 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     paths = RunPaths(out)
     started = time.time()
     template = load_template(cfg.template)
+    seed_everything(cfg.seed)
     model = create_model(cfg.model.name, num_classes=len(template), **cfg.model.kwargs).to(runtime.device)
     resume_path = _resume_path(resume, paths)
     payload = read_checkpoint(resume_path) if resume_path else None

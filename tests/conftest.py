@@ -35,3 +35,18 @@ def ct_like(shape=(24, 20, 16), seed: int = 0) -> np.ndarray:
     image = np.full(shape, -1000, dtype=np.int16)
     image[4:-4, 4:-4, 2:-2] = 40 + rng.integers(-20, 20, size=(shape[0] - 8, shape[1] - 8, shape[2] - 4))
     return image
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """Small phantom data sets (4 mm voxels): three partially labelled sources and a target with splits."""
+    from fsseg.data import phantom
+
+    out = tmp_path_factory.mktemp("phantoms")
+    for dataset in phantom.default_datasets(source_cases=2, target_train=3, target_test=2):
+        phantom.write_dataset(out, dataset, seed=0, spacing=(4.0, 4.0, 4.0), progress=False)
+    return out
+
+
+def source_lists(phantom_dir: Path) -> list[str]:
+    return [str(phantom_dir / f"phantom_source_{s}.json") for s in "abc"]

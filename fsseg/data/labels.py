@@ -23,9 +23,13 @@ BODY_HU_THRESHOLD = -500.0
 
 @dataclass(frozen=True)
 class LabelMap:
-    """File label id -> structure name(s); a split id carries two names, right first."""
+    """File label id -> structure name(s); a split id carries two names, right first.
+
+    Ids mapped to ``"background"`` are known but unannotated: their voxels count as background.
+    """
 
     entries: tuple[tuple[int, tuple[str, ...]], ...]
+    background_ids: frozenset[int] = frozenset()
 
     @classmethod
     def parse(cls, raw: Mapping[str, str], source: str = "label_map") -> "LabelMap":
@@ -35,7 +39,7 @@ class LabelMap:
         """
         if not isinstance(raw, Mapping):
             raise DataError(f"{source}: 'label_map' must be an object of id -> structure name")
-        entries = []
+        entries, background = [], set()
         for key, value in raw.items():
             try:
                 file_id = int(key)
@@ -46,9 +50,10 @@ class LabelMap:
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{source}: label_map id {file_id} must name a structure, got {value!r}")
             if file_id == 0 or value.strip().lower() in BACKGROUND_NAMES:
+                background.add(file_id)
                 continue
             entries.append((file_id, _expand(value)))
-        return cls(tuple(sorted(entries)))
+        return cls(tuple(sorted(entries)), frozenset(background - {0}))
 
     @property
     def ids(self) -> set[int]:
@@ -69,7 +74,7 @@ class LabelMap:
 
     def to_dict(self) -> dict[str, str]:
         """The JSON form (split entries written back as ``base@split``)."""
-        out = {}
+        out = {str(file_id): "background" for file_id in sorted(self.background_ids)}
         for file_id, pair in self.entries:
             out[str(file_id)] = pair[0] if len(pair) == 1 else _split_base(pair[0]) + SPLIT_SUFFIX
         return out
@@ -77,7 +82,7 @@ class LabelMap:
     def check_ids(self, label: np.ndarray, source: str) -> None:
         """Raise DataError when ``label`` holds ids the map does not know (0 is background)."""
         present = set(np.unique(label).tolist()) - {0}
-        unknown = sorted(present - self.ids)
+        unknown = sorted(present - self.ids - self.background_ids)
         if unknown:
             shown = ", ".join(str(int(v)) if float(v).is_integer() else str(v) for v in unknown[:10])
             raise DataError(f"{source}: label id(s) {shown} not in the dataset's label_map")

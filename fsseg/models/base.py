@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -11,6 +12,16 @@ from fsseg.errors import ConfigError
 
 # Names of the parameter groups every registered model provides.
 BLOCK_GROUPS = ("encoder", "decoder", "last_decoder_block", "head")
+# A structure fills a small share of a CT: a new head starts at this foreground probability, so training
+# does not spend its first hundreds of steps pulling every logit down (RetinaNet's prior initialisation).
+HEAD_PRIOR_PROBABILITY = 0.01
+
+
+def new_head(feature_channels: int, num_classes: int) -> nn.Conv3d:
+    """A 1x1x1 convolution head whose sigmoid starts near :data:`HEAD_PRIOR_PROBABILITY` everywhere."""
+    head = nn.Conv3d(feature_channels, num_classes, kernel_size=1)
+    nn.init.constant_(head.bias, math.log(HEAD_PRIOR_PROBABILITY / (1 - HEAD_PRIOR_PROBABILITY)))
+    return head
 
 
 class SegmentationModel(nn.Module):
@@ -36,7 +47,7 @@ class SegmentationModel(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Conv3d(feature_channels, num_classes, kernel_size=1)
+        self.head = new_head(feature_channels, num_classes)
         self.feature_channels = feature_channels
         self.num_classes = num_classes
         self.blocks = {group: tuple(names) for group, names in blocks.items()}

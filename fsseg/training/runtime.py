@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,6 +70,13 @@ def init_runtime(device: str = "auto") -> Runtime:
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
     return Runtime(device=resolved, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices); cuDNN keeps its fast non-deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def shutdown(runtime: Runtime) -> None:

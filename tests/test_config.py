@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from fsseg.config import apply_overrides, load_config, to_dict
+from fsseg.errors import ConfigError
+from pretrain.config import PretrainConfig
+
+
+@pytest.mark.parametrize("name", ["tiny", "swinunetr"])
+def test_shipped_configs_validate(name):
+    config = load_config(PretrainConfig, REPO / "configs" / "pretrain" / f"{name}.yaml")
+    assert config.preprocessing.hu_window == (-175.0, 250.0)
+    assert load_config(PretrainConfig, None, []).optim.lr == 1e-4
+
+
+def test_paper_recipe_constants():
+    config = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "swinunetr.yaml")
+    assert config.model.name == "swinunetr" and config.preprocessing.roi == (96, 96, 96)
+    assert config.optim.lr == 1e-4 and config.optim.weight_decay == 1e-5 and config.optim.warmup_epochs > 0
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("optim:\n  lrate: 0.1\n", r"unknown config key\(s\) optim.lrate; valid keys of optim: lr"),
+        ("optim:\n  epochs: ten\n", "optim.epochs: expected an integer, got 'ten'"),
+        ("optim:\n  epochs: 2.5\n", "optim.epochs: expected an integer"),
+        ("amp: 1\n", "amp: expected true or false"),
+        ("preprocessing:\n  spacing: [1, 1]\n", r"preprocessing.spacing: expected 3 values"),
+        ("preprocessing:\n  hu_window: [300, 100]\n", "low < high"),
+        ("data:\n  lists: data.json\n", "data.lists: expected a list"),
+        ("optim:\n  lr: 0.1\n   epochs: 3\n", "invalid YAML at line"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("optim:\n  epochs: 0\n", "at least 1"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, write(tmp_path, text))
+
+
+def test_overrides_are_yaml_and_reach_nested_keys(tmp_path):
+    config = load_config(PretrainConfig, write(tmp_path, "optim:\n  lr: 0.1\n"),
+                         ["optim.lr=3e-4", "model.kwargs={feature_size: 24}", "data.lists=[a.json, b.json]"])
+    assert config.optim.lr == 3e-4 and config.model.kwargs == {"feature_size": 24}
+    assert config.data.lists == ["a.json", "b.json"]
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(PretrainConfig, None, ["optim.rl=1"])
+
+
+def test_resolved_config_round_trips():
+    config = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny.yaml")
+    from fsseg.config import from_dict
+
+    assert from_dict(PretrainConfig, to_dict(config)) == config
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(PretrainConfig, tmp_path / "none.yaml")
