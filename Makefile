@@ -32,12 +32,15 @@ $(STAMP): setup.cfg pyproject.toml
 	@echo "$(TORCH)" > $@
 
 demo: $(STAMP)
-	@echo "== 1/2 Generating phantom CT data sets in $(DEMO_DIR)/data"
+	@echo "== 1/3 Generating phantom CT data sets in $(DEMO_DIR)/data"
 	$(BIN)/fsseg-phantom --out $(DEMO_DIR)/data
-	@echo "== 2/2 Checking every data list"
-	@set -e; for list in $(DEMO_DIR)/data/*.json; do \
-		echo "-- $$list"; $(BIN)/fsseg-check-data "$$list"; done
-	@echo "Demo data and lists are in $(DEMO_DIR)/data"
+	@echo "== 2/3 Checking every data list"
+	$(BIN)/fsseg-check-data --no-progress $(DEMO_DIR)/data/*.json
+	@echo "== 3/3 Pretraining a tiny model on the partially labelled source data sets"
+	$(BIN)/fsseg-pretrain --config configs/pretrain/tiny.yaml --out $(DEMO_DIR)/pretrain --resume auto \
+		--data-list $(DEMO_DIR)/data/phantom_source_a.json $(DEMO_DIR)/data/phantom_source_b.json \
+		$(DEMO_DIR)/data/phantom_source_c.json
+	@echo "Data and lists: $(DEMO_DIR)/data; pretrained model: $(DEMO_DIR)/pretrain/checkpoint_latest.pt"
 
 # pytest exits 5 when it collected no tests, so an empty run fails here too.
 test: $(STAMP)

@@ -124,15 +124,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, header: nib.Nifti1Header | None = None) -> Path:
-    """Write ``array`` atomically; with ``header`` the output keeps its qform/sform codes and units."""
-    if header is not None:
-        header = header.copy()
-        header.set_data_dtype(array.dtype)
-    image = nib.Nifti1Image(array, affine, header=header)
-    if header is not None:
-        image.set_qform(affine, code=int(header["qform_code"]) or 1)
-        image.set_sform(affine, code=int(header["sform_code"]) or 1)
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write ``array`` with ``affine`` (qform and sform, code 1) atomically."""
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)
+
+
+def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path) -> Path:
+    """Write ``array`` on the grid of ``reference``, atomically, keeping its header.
+
+    The output has the reference's shape, qform and sform (with their codes), voxel size and units, so it
+    overlays the input exactly in 3D Slicer or ITK-SNAP. Intensity scaling is cleared: labels are stored as is.
+    """
+    if array.shape[:3] != reference.shape[:3]:
+        raise ValueError(f"array shape {array.shape} does not match the reference grid {reference.shape}")
+    header = reference.header.copy()
+    header.set_data_dtype(array.dtype)
+    header.set_slope_inter(None, None)
+    image = nib.Nifti1Image(array, None, header=header)
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
     return Path(path)

@@ -1,0 +1,45 @@
+"""Read a case's annotation as one binary mask per structure, on the case's native grid."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from fsseg.data.datalist import Case
+from fsseg.data.io import Volume, load_volume, same_geometry
+from fsseg.data.labels import LabelMap, structure_masks
+from fsseg.errors import DataError
+from fsseg.templates import canonical_name
+
+
+def load_case_masks(case: Case, label_map: LabelMap, structures: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], Volume]:
+    """Masks of ``structures`` (default: all the case annotates) and the volume whose grid they lie on.
+
+    Raises:
+        DataError: the case has no annotation, does not annotate a requested structure, or its files are bad.
+    """
+    annotated = case.annotated_structures(label_map)
+    wanted = [canonical_name(s) for s in structures] if structures else annotated
+    missing = [s for s in wanted if s not in annotated]
+    if missing:
+        raise DataError(f"case '{case.id}' does not annotate {', '.join(missing)} (it annotates: "
+                        f"{', '.join(annotated) or 'nothing'})")
+    if case.labels:
+        masks, reference = {}, None
+        for name in wanted:
+            reference = load_volume(case.labels[name])
+            masks[name] = reference.array > 0
+        return masks, reference
+    label = load_volume(case.label)
+    label_map.check_ids(label.array, str(case.label))
+    split_ids = any(len(pair) == 2 and set(pair) & set(wanted) for _, pair in label_map.entries)
+    image = None
+    if split_ids:  # the midline of a joint left/right label follows the body, which needs the image
+        image = load_volume(case.image)
+        mismatch = same_geometry(label.array.shape, label.affine, image.array.shape, image.affine)
+        if mismatch:
+            raise DataError(f"{case.label}: does not match its image {case.image.name}: {mismatch}")
+        image = image.array
+    masks = structure_masks(label.array, label_map, label.affine, image)
+    return {name: masks[name] for name in wanted}, label

@@ -1,0 +1,165 @@
+"""``fsseg-predict``: label maps for a folder of CT scans, each on its input's exact grid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fsseg.checkpoint import load_model
+from fsseg.cli import add_common_arguments, run_cli
+from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, nifti_stem, save_like
+from fsseg.errors import DataError, FssegError
+from fsseg.inference.predictor import InferenceSettings, Predictor
+from fsseg.templates import canonical_name
+from fsseg.training.runtime import DEVICES, resolve_device
+
+log = logging.getLogger("fsseg.predict")
+REPORT, LABELS = "predictions.json", "labels.json"
+
+
+def find_inputs(source: Path) -> list[Path]:
+    """The NIfTI scans of a folder (sorted), or the one file given."""
+    if source.is_file():
+        if not is_nifti(source):
+            raise DataError(f"{source}: not a .nii or .nii.gz file")
+        return [source]
+    if not source.is_dir():
+        raise DataError(f"{source}: no such file or folder")
+    scans = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    if not scans:
+        raise DataError(f"{source}: no .nii or .nii.gz files in this folder")
+    return scans
+
+
+def select_structures(template_structures: Sequence[str], requested: Sequence[str] | None) -> list[int]:
+    """Channel indices of the requested structures (aliases accepted); all channels when none are requested."""
+    if not requested:
+        return list(range(len(template_structures)))
+    channels = []
+    for name in requested:
+        canonical = canonical_name(name)
+        if canonical not in template_structures:
+            raise DataError(f"structure '{name}' is not predicted by this model; it predicts: "
+                            f"{', '.join(template_structures)}")
+        channels.append(list(template_structures).index(canonical))
+    return channels
+
+
+def output_is_valid(output: Path, source: Path) -> bool:
+    """True when ``output`` exists, loads and lies on ``source``'s grid (for ``--continue``)."""
+    try:
+        predicted, scan = load_nifti_image(output), load_nifti_image(source)
+        np.asanyarray(predicted.dataobj)
+    except Exception:  # any unreadable output is redone
+        return False
+    return predicted.shape[:3] == scan.shape[:3] and np.allclose(predicted.affine, scan.affine, atol=1e-4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsseg-predict",
+        description="Segment every .nii/.nii.gz scan of a folder with an fsseg checkpoint. Each output label map "
+        "(uint8, same file name) has its input's exact shape, affine and header; labels.json names the ids and "
+        "predictions.json reports each case. Preprocessing comes from the checkpoint.",
+    )
+    parser.add_argument("-i", "--input", required=True, help="folder of scans, or one scan")
+    parser.add_argument("-o", "--output", required=True, help="output folder (created)")
+    parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
+    parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="float16 autocast on CUDA (default on; no effect on the CPU)")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="skip cases whose output already exists and is valid")
+    parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts")
+    parser.add_argument("--part-id", type=int, default=0, help="which part this process predicts (0-based)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write <case>_probabilities.nii.gz (float32, one volume per structure)")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="keep the largest connected component of each structure")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    if not 0 <= args.part_id < args.num_parts:
+        raise DataError(f"--part-id {args.part_id} must lie in [0, --num-parts {args.num_parts})")
+    if not 0.0 <= args.overlap < 1.0:
+        raise DataError(f"--overlap must lie in [0, 1), got {args.overlap}")
+    scans = find_inputs(Path(args.input))[args.part_id :: args.num_parts]
+    device = resolve_device(args.device)
+    model, template, preprocessing, _ = load_model(args.model)
+    model = model.to(device).eval()
+    channels = select_structures(template.structures, args.organs)
+    structures = [template.structures[c] for c in channels]
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        return model(x)[:, channels]
+
+    settings = InferenceSettings(overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp,
+                                 largest_component=args.largest_component)
+    predictor = Predictor(network, structures, preprocessing, device, settings)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = {"0": "background", **{str(i + 1): name for i, name in enumerate(structures)}}
+    with atomic_path(out / LABELS) as tmp:
+        tmp.write_text(json.dumps(labels, indent=1) + "\n")
+
+    report = {"model": str(args.model), "device": str(device), "structures": structures, "cases": {}}
+    failed = 0
+    for scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
+        case, target = nifti_stem(scan), out / scan.name
+        if target.resolve() == scan.resolve():
+            raise DataError(f"{target}: output would overwrite its input; choose another --output")
+        if args.resume and output_is_valid(target, scan):
+            report["cases"][case] = {"status": "skipped", "output": str(target)}
+            continue
+        started = time.perf_counter()
+        try:
+            prediction = predictor(scan)
+            save_like(prediction.label, prediction.reference, target)
+            if args.save_probabilities:
+                save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference,
+                          out / f"{case}_probabilities.nii.gz")
+        except FssegError as error:
+            failed += 1
+            log.error(f"{scan}: failed: {error}")
+            report["cases"][case] = {"status": "failed", "error": str(error)}
+            continue
+        voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
+        counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
+        report["cases"][case] = {
+            "status": "ok", "output": str(target), "seconds": round(time.perf_counter() - started, 2),
+            "device": str(device),
+            "structures_found": [s for i, s in enumerate(structures) if counts[i + 1]],
+            "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)},
+        }
+        log.info(f"{case}: {report['cases'][case]['seconds']} s, found {', '.join(report['cases'][case]['structures_found']) or 'nothing'}")
+    with atomic_path(out / REPORT) as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+    done = sum(c["status"] == "ok" for c in report["cases"].values())
+    skipped = sum(c["status"] == "skipped" for c in report["cases"].values())
+    print(f"{done} predicted, {skipped} skipped, {failed} failed; masks and {REPORT} in {out}")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fsseg-predict``."""
+    return run_cli("fsseg-predict", build_parser(), _command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

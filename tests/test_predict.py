@@ -1,0 +1,168 @@
+"""fsseg-predict and fsseg-evaluate: geometry round trips, batch behaviour, real CT."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import TOTALSEG_LIST, ct_like, write_nifti
+from fsseg.checkpoint import save_checkpoint
+from fsseg.data.transforms import Preprocessing
+from fsseg.inference.predict import main as predict
+from fsseg.metrics.evaluate import main as evaluate
+from fsseg.models import create_model, list_models, register_model
+from fsseg.templates import load_template
+
+# An "oracle" backbone: its feature is the preprocessed image itself, so a 1x1x1 head thresholds intensity.
+if "oracle_identity" not in list_models():
+    register_model("oracle_identity", lambda: (nn.Identity(), 1), {}, {"encoder": [], "decoder": [],
+                   "last_decoder_block": []}, "test oracle: features = the preprocessed image")
+
+PRE = Preprocessing(spacing=(1.5, 1.5, 1.5), roi=(32, 32, 32))
+BLOB_HU, BODY_HU = 200, 0
+
+
+def oracle_checkpoint(path, pre=PRE):
+    """Predicts 'liver' where HU > ~100 (intensity (100+175)/425 after the window)."""
+    template = load_template()
+    model = create_model("oracle_identity", num_classes=len(template))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(-50.0)
+        liver = template.channel("liver")
+        model.head.weight[liver] = 200.0
+        model.head.bias[liver] = -200.0 * (100 + 175) / 425
+    return save_checkpoint(path, {"arch": model.arch, "template": template.to_dict(),
+                                  "preprocessing": pre.to_dict(), "state_dict": model.state_dict()})
+
+
+def rotation(degrees):
+    t = np.deg2rad(degrees)
+    return np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+
+
+AFFINES = {
+    "identity": np.diag([1.5, 1.5, 1.5]),
+    "lps": np.diag([-1.5, -1.5, 1.5]),
+    "flipped_z": np.diag([1.5, 1.5, -1.5]),
+    "oblique": rotation(20) @ np.diag([1.5, 1.5, 1.5]),
+    "anisotropic": np.diag([0.9, 0.9, 3.0]),
+}
+
+
+def phantom_scan(folder, name, direction):
+    shape = (40, 36, 24) if name != "anisotropic" else (60, 56, 12)
+    image = np.full(shape, -1000, np.int16)
+    image[4:-4, 4:-4, 2:-2] = BODY_HU
+    blob = np.zeros(shape, bool)
+    c = np.array(shape) // 2
+    grid = np.indices(shape)
+    blob[((grid - c[:, None, None, None]) ** 2 / (np.array(shape)[:, None, None, None] / 5) ** 2).sum(0) < 1] = True
+    image[blob] = BLOB_HU
+    affine = np.eye(4)
+    affine[:3, :3] = direction
+    affine[:3, 3] = [-30.0, 12.0, 40.0]
+    path = write_nifti(folder / f"{name}.nii.gz", image, affine)
+    return path, blob
+
+
+def test_geometry_round_trip_and_oracle_dice(tmp_path):
+    scans = tmp_path / "scans"
+    truth = {name: phantom_scan(scans, name, direction) for name, direction in AFFINES.items()}
+    ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
+    out = tmp_path / "pred"
+    assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--organs", "liver", "--no-progress"]) == 0
+    assert json.loads((out / "labels.json").read_text()) == {"0": "background", "1": "liver"}
+    for name, (path, blob) in truth.items():
+        source, result = nib.load(str(path)), nib.load(str(out / path.name))
+        assert result.shape == source.shape, name
+        assert np.array_equal(result.affine, source.affine), name
+        assert np.array_equal(result.get_qform(), source.get_qform()) and np.array_equal(result.get_sform(), source.get_sform())
+        assert result.header.get_data_dtype() == np.uint8
+        predicted = np.asanyarray(result.dataobj) == 1
+        dice = 2 * (predicted & blob).sum() / (predicted.sum() + blob.sum())
+        if name == "anisotropic":  # resampled to 1.5 mm and back: boundary voxels may change
+            assert dice > 0.9, name
+        else:
+            assert dice == 1.0, name
+    report = json.loads((out / "predictions.json").read_text())
+    assert report["cases"]["identity"]["structures_found"] == ["liver"]
+    assert report["cases"]["identity"]["volume_ml"]["liver"] == pytest.approx(truth["identity"][1].sum() * 1.5**3 / 1000, abs=0.01)
+
+
+def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, capsys):
+    scans = tmp_path / "scans"
+    phantom_scan(scans, "good", AFFINES["identity"])
+    (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    write_nifti(scans / "flat.nii.gz", ct_like((20, 20, 6))[..., 3])
+    ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
+    out = tmp_path / "pred"
+    assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--no-progress"]) == 1
+    report = json.loads((out / "predictions.json").read_text())["cases"]
+    assert report["good"]["status"] == "ok" and (out / "good.nii.gz").is_file()
+    assert report["broken"]["status"] == "failed" and "broken.nii.gz" in report["broken"]["error"]
+    assert "expected a 3D volume" in report["flat"]["error"]
+    assert not (out / "broken.nii.gz").exists() and not list(out.glob(".*part*"))
+    assert "broken.nii.gz: failed" in capsys.readouterr().err
+
+    # --continue skips finished cases and retries the failed ones.
+    stamp = (out / "good.nii.gz").stat().st_mtime_ns
+    assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--continue", "--no-progress"]) == 1
+    report = json.loads((out / "predictions.json").read_text())["cases"]
+    assert report["good"]["status"] == "skipped" and (out / "good.nii.gz").stat().st_mtime_ns == stamp
+    assert report["broken"]["status"] == "failed"
+
+
+def test_parts_split_the_folder(tmp_path):
+    scans = tmp_path / "scans"
+    for i in range(3):
+        phantom_scan(scans, f"case{i}", AFFINES["identity"])
+    ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
+    out = tmp_path / "pred"
+    assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--num-parts", "2", "--part-id", "1",
+                    "--no-progress"]) == 0
+    assert sorted(p.name for p in out.glob("case*")) == ["case1.nii.gz"]
+
+
+def test_bad_arguments_are_one_line(tmp_path, capsys):
+    ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
+    assert predict(["-i", str(tmp_path / "none"), "-o", str(tmp_path / "o"), "-m", str(ckpt)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    scans = tmp_path / "scans"
+    phantom_scan(scans, "a", AFFINES["identity"])
+    assert predict(["-i", str(scans), "-o", str(tmp_path / "o"), "-m", str(ckpt), "--organs", "heart"]) == 2
+    assert "structure 'heart' is not predicted by this model" in capsys.readouterr().err
+    assert predict(["-i", str(scans), "-o", str(scans), "-m", str(ckpt)]) == 2
+    assert "would overwrite its input" in capsys.readouterr().err
+
+
+def test_real_ct_prediction_keeps_exact_geometry_and_evaluates(shared_ct, tmp_path, capsys):
+    ckpt = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = shared_ct / "images" / "lidc_0001_abd_1p4mm.nii.gz"
+    (scans / source.name).symlink_to(source)
+    out = tmp_path / "pred"
+    assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--organs", "liver", "--no-progress"]) == 0
+    original, result = nib.load(str(source)), nib.load(str(out / source.name))
+    assert result.shape == original.shape and np.array_equal(result.affine, original.affine)
+    assert nib.aff2axcodes(result.affine) == ("L", "A", "S")
+    assert result.header["qform_code"] == original.header["qform_code"]
+    assert np.allclose(result.header.get_zooms(), original.header.get_zooms())
+
+    # Score it against the real label (bright voxels are a poor liver model: the numbers just have to be sane).
+    report = tmp_path / "report"
+    code = evaluate(["--pred", str(out), "--data-list", str(TOTALSEG_LIST), "--structures", "liver",
+                     "-o", str(report), "--no-progress"])
+    summary = json.loads((report / "summary.json").read_text())
+    # The other test case has no prediction: it is a failure, not a skip.
+    assert code == 1 and summary["failed_cases"] == ["lidc_0001_abd"]
+    rows = (report / "per_case.csv").read_text().splitlines()
+    assert rows[0].startswith("case,structure,dice,nsd,hd95")
+    assert any(r.startswith("lidc_0001_abd,liver,0.0,0.0,nan,missing") for r in rows)
+    scored = [r for r in rows if r.startswith("lidc_0001_abd_1p4mm,liver")][0].split(",")
+    assert 0.0 < float(scored[2]) < 1.0 and scored[-1] == "ok"
+    assert "liver" in capsys.readouterr().out
