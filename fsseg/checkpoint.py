@@ -8,6 +8,7 @@ epoch/step and RNG states. It is written atomically: a crash never leaves a half
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import random
 from pathlib import Path
@@ -31,6 +32,15 @@ def versions() -> dict[str, str]:
     """Versions of the software that wrote a checkpoint or a run."""
     return {"fsseg": fsseg.__version__, "monai": monai.__version__, "torch": str(torch.__version__),
             "numpy": np.__version__, "python": platform.python_version()}
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, identifying the exact base checkpoint an adapter was trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def rng_state() -> dict:

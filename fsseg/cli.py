@@ -19,6 +19,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="only print warnings and errors")
 
 
+def _user_error(error: BaseException | None) -> FssegError | None:
+    """The FssegError behind ``error``: MONAI's Compose re-raises a transform's error as a RuntimeError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FssegError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def run_cli(
     prog: str,
     parser: argparse.ArgumentParser,
@@ -34,10 +45,11 @@ def run_cli(
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     try:
         return command(args)
-    except FssegError as error:
-        if getattr(args, "debug", False):
+    except Exception as error:
+        user_error = _user_error(error)
+        if user_error is None or getattr(args, "debug", False):
             raise
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {user_error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -50,3 +50,35 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 def source_lists(phantom_dir: Path) -> list[str]:
     return [str(phantom_dir / f"phantom_source_{s}.json") for s in "abc"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny UNet checkpoint (4 mm, 32^3 roi) in the fseft29 template."""
+    import torch
+
+    from fsseg.checkpoint import save_checkpoint
+    from fsseg.data.transforms import Preprocessing
+    from fsseg.models import create_model
+    from fsseg.templates import load_template
+
+    template = load_template()
+    torch.manual_seed(0)
+    model = create_model("unet_tiny", num_classes=len(template))
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+    return save_checkpoint(path, {"arch": model.arch, "template": template.to_dict(),
+                                  "preprocessing": Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32)).to_dict(),
+                                  "state_dict": model.state_dict()})
+
+
+def write_method_configs(folder: Path, epochs: int = 8, **training) -> Path:
+    """Short per-method training settings for tests."""
+    import yaml
+
+    from fsseg.adapters import list_methods
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for method in list_methods():
+        settings = {"epochs": epochs, "warmup_epochs": 1, "crops_per_volume": 2, "lr": 1e-2, **training}
+        (folder / f"{method}.yaml").write_text(yaml.safe_dump({"training": settings}))
+    return folder

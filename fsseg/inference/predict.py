@@ -8,16 +8,18 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, nifti_stem, save_like
 from fsseg.errors import DataError, FssegError
+from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predictor import InferenceSettings, Predictor
 from fsseg.templates import canonical_name
 from fsseg.training.runtime import DEVICES, resolve_device
@@ -54,6 +56,37 @@ def select_structures(template_structures: Sequence[str], requested: Sequence[st
     return channels
 
 
+def build_network(checkpoint: str, adapters: Sequence[str] | None, organs: Sequence[str] | None,
+                  device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[str], Preprocessing]:
+    """The function from image windows to the logits of the requested structures, their names and preprocessing.
+
+    Without adapters: the checkpoint's own head. With adapters: each adapter's structures, the frozen backbone
+    run once per window when every adapter keeps it frozen.
+    """
+    if not adapters:
+        model, template, preprocessing, _ = load_model(checkpoint)
+        model = model.to(device).eval()
+        channels = select_structures(template.structures, organs)
+        return (lambda x: model(x)[:, channels]), [template.structures[c] for c in channels], preprocessing
+    loaded = [load_adapted_model(path, checkpoint) for path in adapters]
+    models = [adapted.to(device).eval() for adapted, _, _ in loaded]
+    preprocessing = loaded[0][1]
+    if any(pre != preprocessing for _, pre, _ in loaded):
+        raise DataError("the adapters were trained with different preprocessing; predict them separately")
+    structures = [s for m in models for s in m.structures]
+    channels = select_structures(structures, organs)
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        if all(m.backbone_frozen for m in models):
+            features = models[0].features(x)
+            logits = torch.cat([m.head_forward(features) for m in models], dim=1)
+        else:
+            logits = torch.cat([m(x) for m in models], dim=1)
+        return logits[:, channels]
+
+    return network, [structures[c] for c in channels], preprocessing
+
+
 def output_is_valid(output: Path, source: Path) -> bool:
     """True when ``output`` exists, loads and lies on ``source``'s grid (for ``--continue``)."""
     try:
@@ -74,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", "--input", required=True, help="folder of scans, or one scan")
     parser.add_argument("-o", "--output", required=True, help="output folder (created)")
     parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
+    parser.add_argument("--adapter", nargs="+", metavar="FILE",
+                        help="adapter file(s) written by fsseg-adapt for this checkpoint: predict their structures")
     parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)")
@@ -101,13 +136,7 @@ def _command(args: argparse.Namespace) -> int:
         raise DataError(f"--overlap must lie in [0, 1), got {args.overlap}")
     scans = find_inputs(Path(args.input))[args.part_id :: args.num_parts]
     device = resolve_device(args.device)
-    model, template, preprocessing, _ = load_model(args.model)
-    model = model.to(device).eval()
-    channels = select_structures(template.structures, args.organs)
-    structures = [template.structures[c] for c in channels]
-
-    def network(x: torch.Tensor) -> torch.Tensor:
-        return model(x)[:, channels]
+    network, structures, preprocessing = build_network(args.model, args.adapter, args.organs, device)
 
     settings = InferenceSettings(overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp,
                                  largest_component=args.largest_component)

@@ -87,20 +87,22 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def model_space_probabilities(self, data: dict) -> torch.Tensor:
-        """Sigmoid probabilities (K, *model grid) of a preprocessed ``data[IMAGE]``."""
+    def model_space_probabilities(self, data: dict, network: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Sigmoid probabilities (K, *model grid) of a preprocessed ``data[IMAGE]`` (by default with ``self.network``)."""
         image = data[IMAGE]
         batch = image.as_tensor()[None].to(self.device)
         autocast = self.settings.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
-            logits = self._inferer(image.shape[1:])(batch, self.network)
+            logits = self._inferer(image.shape[1:])(batch, network or self.network)
         return torch.sigmoid(logits[0].float()).cpu()
 
-    def __call__(self, path: str | Path) -> Prediction:
-        """Predict one scan; the result lies on the scan's own grid (shape and affine)."""
-        reference = load_nifti_image(path)
-        data = self.transform({IMAGE: str(path)})
-        probabilities = self.model_space_probabilities(data)
+    def preprocess(self, path: str | Path) -> dict:
+        """The scan in model space (``data[IMAGE]``, (1, X, Y, Z)), with what is needed to map back."""
+        return self.transform({IMAGE: str(path)})
+
+    def finish(self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image) -> Prediction:
+        """Map model-space ``probabilities`` (K, *model grid) of ``data`` back onto the scan's grid and threshold."""
+        data = dict(data)
         data[PROBABILITIES] = MetaTensor(probabilities, meta=dict(data[IMAGE].meta))
         native = self.invert(data)[PROBABILITIES].as_tensor().float().clamp_(0, 1)
         hard = native > self.settings.threshold
@@ -109,3 +111,9 @@ class Predictor:
         best = torch.where(hard, native, torch.zeros_like(native))
         label = torch.where(hard.any(0), best.argmax(0) + 1, 0).numpy().astype(np.uint8)
         return Prediction(label=label, probabilities=native.numpy(), reference=reference, structures=self.structures)
+
+    def __call__(self, path: str | Path) -> Prediction:
+        """Predict one scan; the result lies on the scan's own grid (shape and affine)."""
+        reference = load_nifti_image(path)
+        data = self.preprocess(path)
+        return self.finish(data, self.model_space_probabilities(data), reference)

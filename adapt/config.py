@@ -1,0 +1,103 @@
+"""The adaptation configuration: the run (configs/adapt/default.yaml) and each method's defaults
+(configs/adapt/<method>.yaml), validated into these dataclasses at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsseg.config import from_dict, load_yaml
+from fsseg.errors import ConfigError
+from fsseg.losses.size_prior import FORMS
+
+
+@dataclass
+class TrainingConfig:
+    """How one method trains on the support set.
+
+    An epoch visits every support volume once, taking ``crops_per_volume`` crops of ``crop_size`` voxels
+    (default: the checkpoint's roi; frozen-backbone methods train on cached features and may use smaller
+    crops). AdamW with warm-up then cosine decay. Training stops early when the moving average (over
+    ``early_stop_window`` epochs) of the loss improved by less than ``early_stop_min_delta`` over the last
+    ``early_stop_patience`` epochs.
+    """
+
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    epochs: int = 100
+    warmup_epochs: int = 1
+    crops_per_volume: int = 6
+    crop_size: tuple[int, int, int] | None = None
+    pos: float = 1.0
+    neg: float = 1.0
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    early_stop_window: int = 10
+    early_stop_patience: int = 20
+    early_stop_min_delta: float = 1e-3
+
+
+@dataclass
+class MethodSettings:
+    """One configs/adapt/<method>.yaml: the method's own options and its training defaults."""
+
+    options: dict = field(default_factory=dict)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+@dataclass
+class TransductiveConfig:
+    """The organ-size constraint on the query scan (frozen-backbone methods): L_SEG + lam * L_TI.
+
+    TI steps join after ``warmup_epochs`` support-only epochs, one per epoch; the query's features are
+    average-pooled by ``pool`` for the predicted size.
+    """
+
+    enabled: bool = False
+    gamma: float = 0.3
+    lam: float = 0.1
+    form: str = "relative"
+    warmup_epochs: int = 50
+    pool: int = 2
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ConfigError(f"ti.form '{self.form}' is not one of {', '.join(FORMS)}")
+        if not 0 <= self.gamma < 1 or self.lam < 0 or self.pool < 1:
+            raise ConfigError("ti.gamma must lie in [0, 1), ti.lam must be >= 0 and ti.pool >= 1")
+
+
+@dataclass
+class AdaptConfig:
+    """An adaptation run: every (method, shots, seed) on one data list's train/test splits."""
+
+    checkpoint: str = "demo_out/pretrain/checkpoint_latest.pt"
+    data_list: str = "demo_out/data/phantom_target.json"
+    data_root: str | None = None
+    organs: list[str] = field(default_factory=lambda: ["gallbladder"])
+    shots: list[int] = field(default_factory=lambda: [1, 5])
+    methods: list[str] = field(default_factory=lambda: ["lp", "adapter", "ft"])
+    seeds: int = 3
+    ti: TransductiveConfig = field(default_factory=TransductiveConfig)
+    method_configs: str = "configs/adapt"
+    overlap: float = 0.5
+    nsd_tolerance: float = 2.0
+    save_adapters: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or not self.shots or min(self.shots) < 1:
+            raise ConfigError("seeds and every shot count must be at least 1")
+        if not self.organs or not self.methods:
+            raise ConfigError("name at least one organ and one method")
+
+
+def load_method_settings(folder: str | Path, method: str) -> MethodSettings:
+    """``<folder>/<method>.yaml`` when it exists, else the built-in defaults."""
+    path = Path(folder) / f"{method}.yaml"
+    if not path.is_file():
+        return MethodSettings()
+    data = load_yaml(path)
+    try:
+        return from_dict(MethodSettings, data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

@@ -1,0 +1,369 @@
+"""The adaptation loop: k-shot supports -> adapted model -> test predictions scored in native space.
+
+For each seed and shot count K, one support set is drawn (the same for every method). Each method adapts a
+copy of the pretrained model: frozen-backbone methods train on features cached once per scan (shared by
+every method, K and seed), the others on live crops. Every test case is then predicted on its own grid and
+scored with the same code as ``fsseg-evaluate``. With the transductive size constraint, each test case gets
+its own adaptation (the support-trained state, then TI steps on that query).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
+from monai.optimizers import WarmupCosineSchedule
+
+from fsseg.adapters import AdaptedModel, adapt_model, get_method
+from fsseg.adapters.artifact import save_adapter
+from fsseg.adapters.feature_cache import FeatureStore
+from fsseg.checkpoint import load_model, sha256_file
+from fsseg.config import from_dict
+from fsseg.data.annotations import load_case_masks
+from fsseg.data.cache import file_digest
+from fsseg.data.datalist import Case, DataList, load_datalist
+from fsseg.data.io import atomic_path, load_nifti_image
+from fsseg.data.sampling import CropSampler, sample_support
+from fsseg.data.transforms import IMAGE, LABEL, Preprocessing, case_item, inference_transforms
+from fsseg.errors import ConfigError, DataError
+from fsseg.inference import InferenceSettings, Predictor
+from fsseg.losses import PartialLabelLoss
+from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
+from fsseg.metrics import score_structure
+from fsseg.templates import Template, canonical_name
+from adapt.config import AdaptConfig, MethodSettings, TrainingConfig, TransductiveConfig, load_method_settings
+
+log = logging.getLogger("fsseg.adapt")
+RESULT_FIELDS = ["organ", "method", "shots", "seed", "case", "dice", "nsd", "hd95", "transductive",
+                 "trainable_params", "total_params", "train_seconds", "epochs", "support"]
+
+
+@dataclass
+class Support:
+    """A support case in model space: image (1, X, Y, Z) and binary targets (K, X, Y, Z)."""
+
+    case: Case
+    image: torch.Tensor
+    target: np.ndarray
+    key: str
+
+
+@dataclass
+class Query:
+    """A test case: its model-space data (for inversion), native ground truth and grid."""
+
+    case: Case
+    data: dict
+    masks: dict[str, np.ndarray]
+    reference: object
+    spacing: tuple[float, ...]
+    key: str
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the loss of each epoch and the optimizer/scheduler state to continue from."""
+
+    losses: list[float]
+    state: dict
+
+    @property
+    def epochs(self) -> int:
+        return len(self.losses)
+
+
+class EarlyStopper:
+    """Stop when the moving average of the loss improved by less than ``min_delta`` over ``patience`` epochs."""
+
+    def __init__(self, window: int, patience: int, min_delta: float) -> None:
+        self.window, self.patience, self.min_delta = window, patience, min_delta
+        self.losses: list[float] = []
+
+    def should_stop(self, loss: float) -> bool:
+        self.losses.append(loss)
+        if len(self.losses) < self.window + self.patience:
+            return False
+        smooth = np.convolve(self.losses, np.ones(self.window) / self.window, mode="valid")
+        return smooth[-self.patience - 1] - smooth[-1] < self.min_delta
+
+
+class Adaptation:
+    """One adaptation run's data and frozen backbone, shared by every method, shot count and seed."""
+
+    def __init__(self, config: AdaptConfig, out: Path, device: torch.device, progress: bool = True) -> None:
+        self.config, self.out, self.device, self.progress = config, out, device, progress
+        self.base, self.template, self.pre, _ = load_model(config.checkpoint)
+        self.base = self.base.to(device).eval()
+        self.checkpoint_sha = sha256_file(config.checkpoint)
+        self.datalist = load_datalist(config.data_list, config.data_root)
+        self.organs = [canonical_name(o) for o in config.organs]
+        self.targets = Template("targets", tuple(self.organs), tuple(range(1, len(self.organs) + 1)))
+        self.pool, self.tests = self._pools(self.datalist)
+        self.settings = {m: self._method_settings(m) for m in config.methods}
+        self.store = FeatureStore(out / "features", self.base, self.checkpoint_sha, self.pre.roi, device, config.overlap)
+        self.predictor = Predictor(self.base, self.organs, self.pre, device, InferenceSettings(overlap=config.overlap))
+        self.support_transform = inference_transforms(self.pre, keys=(IMAGE, LABEL), template=self.targets)
+        self._supports: dict[str, Support] = {}
+        self._queries: dict[str, Query] = {}
+
+    def _pools(self, datalist: DataList) -> tuple[list[Case], list[Case]]:
+        missing = [o for o in self.organs if o not in datalist.structures]
+        if missing:
+            raise DataError(f"{datalist.path}: no case annotates {', '.join(missing)}; it annotates: "
+                            f"{', '.join(datalist.structures)}")
+        def annotating_all(split: str) -> list[Case]:
+            return [c for c in datalist.split(split) if set(self.organs) <= set(c.annotated_structures(datalist.label_map))]
+        tests, pool = annotating_all("test"), annotating_all("train")
+        if not tests:
+            raise DataError(f"{datalist.path}: no 'test' case annotates {', '.join(self.organs)}")
+        test_groups = {c.group for c in tests}
+        leaking = [c.id for c in pool if c.group in test_groups]
+        if leaking:
+            log.info(f"left out of the support pool (same subject as a test case): {', '.join(leaking)}")
+        pool = [c for c in pool if c.group not in test_groups]
+        too_many = [k for k in self.config.shots if k > len(pool)]
+        if too_many:
+            raise DataError(f"K={max(too_many)} shots asked for, but only {len(pool)} train case(s) of "
+                            f"{datalist.path.name} annotate {', '.join(self.organs)}")
+        return pool, tests
+
+    def _method_settings(self, method: str) -> tuple[MethodSettings, object]:
+        spec = get_method(method)
+        settings = load_method_settings(self.config.method_configs, method)
+        options = from_dict(spec.config_cls, settings.options, where=f"{method}.options")
+        if self.config.ti.enabled and not spec.frozen_backbone:
+            raise ConfigError(f"--ti needs a frozen backbone; method '{method}' trains it (use lp or adapter)")
+        return settings, options
+
+    def support(self, case: Case) -> Support:
+        if case.id not in self._supports:
+            data = self.support_transform(case_item(case, self.datalist.label_map))
+            index = data[LABEL][0].numpy()
+            target = np.stack([index == k + 1 for k in range(len(self.organs))]).astype(np.uint8)
+            empty = [o for o, t in zip(self.organs, target) if not t.any()]
+            if empty:
+                raise DataError(f"support case '{case.id}': the {', '.join(empty)} mask is empty")
+            key = json.dumps([file_digest(case.image), self.pre.to_dict()])
+            self._supports[case.id] = Support(case, data[IMAGE].as_tensor(), target, key)
+        return self._supports[case.id]
+
+    def query(self, case: Case) -> Query:
+        if case.id not in self._queries:
+            masks, reference_volume = load_case_masks(case, self.datalist.label_map, self.organs)
+            key = json.dumps([file_digest(case.image), self.pre.to_dict()])
+            self._queries[case.id] = Query(case, self.predictor.preprocess(case.image), masks,
+                                           load_nifti_image(case.image), reference_volume.spacing, key)
+        return self._queries[case.id]
+
+    def features(self, item: Support | Query) -> np.ndarray:
+        image = item.image if isinstance(item, Support) else item.data[IMAGE]
+        return self.store.get(item.key, image, item.case.id)
+
+
+def train(adapted: AdaptedModel, supports: list[Support], run: Adaptation, training: TrainingConfig, seed: int,
+          epochs: tuple[int, int] | None = None, ti: tuple[TransductiveConfig, torch.Tensor, list[float]] | None = None,
+          optimizer_state: dict | None = None, use_feature_cache: bool | None = None) -> TrainResult:
+    """Train ``adapted`` on the supports for epochs ``[start, stop)`` (default: all, with early stopping).
+
+    Frozen-backbone methods read crops of cached features unless ``use_feature_cache`` is False (the
+    reference code's way: the backbone runs on every image crop). With ``ti`` = (settings, pooled query
+    features, target proportions), each epoch ends with one step on lam * L_TI of the query.
+    """
+    cached = adapted.backbone_frozen if use_feature_cache is None else use_feature_cache
+    if cached and not adapted.backbone_frozen:
+        raise ValueError("cached features need a frozen backbone")
+    device = run.device
+    crop = training.crop_size if (cached and training.crop_size) else run.pre.roi
+    sources = [run.features(s) if cached else s.image.numpy() for s in supports]
+    samplers = [CropSampler(s.target, crop, training.pos, training.neg) for s in supports]
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=training.warmup_epochs * len(supports),
+                                     t_total=training.epochs * len(supports))
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+    loss_fn = PartialLabelLoss(training.dice_weight, training.bce_weight)
+    stopper = EarlyStopper(training.early_stop_window, training.early_stop_patience, training.early_stop_min_delta)
+    rng = np.random.RandomState(seed)
+    start, stop = epochs or (0, training.epochs)
+    history: list[float] = []
+    for epoch in range(start, stop):
+        adapted.set_train_mode()
+        losses = []
+        for i in rng.permutation(len(supports)):
+            slices = samplers[i].slices(training.crops_per_volume, rng)
+            x = torch.stack([torch.from_numpy(np.asarray(sources[i][s], dtype=np.float32)) for s in slices]).to(device)
+            y = torch.stack([torch.from_numpy(supports[i].target[s].astype(np.float32)) for s in slices]).to(device)
+            logits = adapted.head_forward(x) if cached else adapted(x)
+            loss = loss_fn(logits, y, torch.ones(y.shape[:2], device=device)).total
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        if ti is not None:
+            settings, pooled, proportions = ti
+            predicted = torch.sigmoid(adapted.head_forward(pooled)).mean(dim=(0, 2, 3, 4))
+            penalty = torch.stack([size_constraint_loss(predicted[k], s, settings.gamma, settings.form)
+                                   for k, s in enumerate(proportions)]).mean()
+            if penalty.item() > 0:
+                optimizer.zero_grad(set_to_none=True)
+                (settings.lam * penalty).backward()
+                optimizer.step()
+        history.append(float(np.mean(losses)))
+        if epochs is None and stopper.should_stop(history[-1]):
+            log.info(f"early stop after epoch {epoch + 1}: loss plateau at {history[-1]:.4f}")
+            break
+    adapted.eval()
+    return TrainResult(history, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+
+
+@torch.no_grad()
+def predict_query(adapted: AdaptedModel, query: Query, run: Adaptation) -> dict[str, np.ndarray]:
+    """Binary masks of the targets on the query's native grid."""
+    adapted.eval()
+    if adapted.backbone_frozen:
+        features = torch.from_numpy(np.array(run.features(query)))
+        inferer = SlidingWindowInferer(roi_size=run.pre.roi, overlap=run.config.overlap, mode="gaussian",
+                                       sw_device=run.device, device=torch.device("cpu"))
+        logits = inferer(features[None], lambda window: adapted.head_forward(window.float()))
+        probabilities = torch.sigmoid(logits[0].float())
+    else:
+        probabilities = run.predictor.model_space_probabilities(query.data, adapted)
+    return run.predictor.finish(query.data, probabilities, query.reference).masks()
+
+
+def size_targets(supports: list[Support], query: Query) -> list[float]:
+    """Each organ's expected size as a proportion of the query's (foreground-cropped) volume."""
+    voxels = float(np.prod(query.data[IMAGE].shape[1:]))
+    return [organ_size_prior([s.target[k] for s in supports]) / voxels for k in range(len(supports[0].target))]
+
+
+def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progress: bool = True) -> dict:
+    """Every (method, K, seed); writes results.json, results.csv and adapter files under ``out``."""
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    run = Adaptation(config, out, device, progress)
+    log.info(f"{run.datalist.name}: {len(run.pool)} support candidates, {len(run.tests)} test cases, "
+             f"targets {', '.join(run.organs)}")
+    rows: list[dict] = []
+    for seed in range(config.seeds):
+        for shots in config.shots:
+            support_cases = sample_support(run.pool, shots, seed, ", ".join(run.organs))
+            supports = [run.support(c) for c in support_cases]
+            log.info(f"seed {seed}, K={shots}: support {', '.join(c.id for c in support_cases)}")
+            for method in config.methods:
+                rows += adapt_one(run, method, shots, seed, supports)
+                _write_results(out, rows, config, run, time.time() - started)
+    table = results_table(rows, config)
+    summary = {"table": table, "rows": len(rows), "seconds": round(time.time() - started, 1)}
+    print(format_table(table, config))
+    return summary
+
+
+def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: list[Support]) -> list[dict]:
+    settings, options = run.settings[method]
+    training = settings.training
+    adapted = adapt_model(run.base, run.template, run.organs, method, options).to(run.device)
+    trainable, total = adapted.parameter_counts()
+    began = time.time()
+    ti = run.config.ti
+    rows = []
+    support_ids = " ".join(s.case.id for s in supports)
+    if ti.enabled:
+        warm = min(ti.warmup_epochs, training.epochs)
+        warmed = train(adapted, supports, run, training, seed, epochs=(0, warm))
+        warm_seconds = time.time() - began
+        for case in run.tests:
+            query = run.query(case)
+            pooled = torch.from_numpy(np.asarray(run.features(query), dtype=np.float32))[None]
+            pooled = F.avg_pool3d(pooled, ti.pool).to(run.device) if ti.pool > 1 else pooled.to(run.device)
+            own = copy.deepcopy(adapted)
+            began_query = time.time()
+            more = train(own, supports, run, training, seed, epochs=(warm, training.epochs),
+                         ti=(ti, pooled, size_targets(supports, query)), optimizer_state=warmed.state)
+            seconds = warm_seconds + time.time() - began_query
+            rows += score_rows(run, own, query, method, shots, seed, trainable, total, seconds,
+                               warmed.epochs + more.epochs, support_ids, transductive=True)
+        return rows
+    ran = train(adapted, supports, run, training, seed).epochs
+    seconds = time.time() - began
+    if run.config.save_adapters:
+        name = f"{'+'.join(run.organs)}_{method}_k{shots}_s{seed}.pt"
+        save_adapter(run.out / "adapters" / name, adapted, method, options, run.config.checkpoint, run.pre,
+                     {"shots": shots, "seed": seed, "support": support_ids.split()})
+    for case in run.tests:
+        rows += score_rows(run, adapted, run.query(case), method, shots, seed, trainable, total, seconds, ran,
+                           support_ids, transductive=False)
+    log.info(f"{method} K={shots} seed {seed}: {ran} epochs, {trainable:,} trainable of {total:,} parameters, "
+             f"mean Dice {np.mean([r['dice'] for r in rows[-len(run.tests) * len(run.organs):]]):.3f}")
+    return rows
+
+
+def score_rows(run: Adaptation, adapted: AdaptedModel, query: Query, method: str, shots: int, seed: int,
+               trainable: int, total: int, seconds: float, epochs: int, support: str, transductive: bool) -> list[dict]:
+    predicted = predict_query(adapted, query, run)
+    rows = []
+    for organ in run.organs:
+        score = score_structure(predicted[organ], query.masks[organ], query.spacing, run.config.nsd_tolerance)
+        rows.append({"organ": organ, "method": method, "shots": shots, "seed": seed, "case": query.case.id,
+                     "dice": round(score.dice, 4), "nsd": round(score.nsd, 4), "hd95": round(score.hd95, 2),
+                     "transductive": transductive, "trainable_params": trainable, "total_params": total,
+                     "train_seconds": round(seconds, 2), "epochs": epochs, "support": support})
+    return rows
+
+
+def results_table(rows: list[dict], config: AdaptConfig) -> dict:
+    """{organ: {method: {K: (mean, std) over seeds of the mean Dice over test cases}}}."""
+    table: dict = {}
+    for organ in dict.fromkeys(r["organ"] for r in rows):
+        for method in config.methods:
+            for shots in config.shots:
+                per_seed = []
+                for seed in range(config.seeds):
+                    dice = [r["dice"] for r in rows if (r["organ"], r["method"], r["shots"], r["seed"]) ==
+                            (organ, method, shots, seed)]
+                    if dice:
+                        per_seed.append(float(np.mean(dice)))
+                if per_seed:
+                    table.setdefault(organ, {}).setdefault(method, {})[shots] = (
+                        float(np.mean(per_seed)), float(np.std(per_seed)))
+    return table
+
+
+def format_table(table: dict, config: AdaptConfig) -> str:
+    lines = []
+    for organ, methods in table.items():
+        lines.append(f"Dice on the test cases, {organ} (mean ± std over {config.seeds} seed(s)):")
+        lines.append(f"{'method':<10}" + "".join(f"{'K=' + str(k):>16}" for k in config.shots))
+        for method, cells in methods.items():
+            lines.append(f"{method:<10}" + "".join(
+                f"{cells[k][0]:>9.3f} ± {cells[k][1]:.3f}" if k in cells else f"{'-':>16}" for k in config.shots))
+    return "\n".join(lines)
+
+
+def _write_results(out: Path, rows: list[dict], config: AdaptConfig, run: Adaptation, seconds: float) -> None:
+    with atomic_path(out / "results.csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = results_table(rows, config)
+    document = {
+        "checkpoint": config.checkpoint, "checkpoint_sha256": run.checkpoint_sha, "data_list": config.data_list,
+        "organs": run.organs, "evaluation_space": "native grid of each test case",
+        "table": {o: {m: {str(k): {"mean": v[0], "std": v[1]} for k, v in c.items()} for m, c in ms.items()}
+                  for o, ms in table.items()},
+        "rows": rows, "seconds": round(seconds, 1),
+    }
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(document, indent=1) + "\n")

@@ -1,0 +1,138 @@
+"""Adapted models and the method registry.
+
+An adaptation method takes a pretrained :class:`~fsseg.models.SegmentationModel`, freezes what it does not
+train, injects what it adds, and returns an :class:`AdaptedModel`: ``head(trunk(features(x)))`` with a new
+head holding one sigmoid channel per target structure. Each method is a config dataclass plus an apply
+function, registered by name (``fsseg-adapt --method`` choices come from here).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fsseg.errors import ConfigError
+from fsseg.models import SegmentationModel
+from fsseg.models.base import new_head
+from fsseg.templates import Template, canonical_name
+
+
+class AdaptedModel(nn.Module):
+    """A pretrained feature extractor, an optional trunk adapter on its features, and a new head.
+
+    ``head_forward`` maps (cached) features to logits, so methods whose backbone is frozen can train on
+    features computed once.
+    """
+
+    def __init__(self, base: SegmentationModel, structures: list[str], trunk: nn.Module | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.trunk = trunk if trunk is not None else nn.Identity()
+        self.head = new_head(base.feature_channels, len(structures))
+        self.structures = list(structures)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.features(x)
+
+    def head_forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F, ...) features -> (B, K, ...) logits."""
+        return self.head(self.trunk(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_forward(self.features(x))
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """True when no parameter of the pretrained feature extractor trains (features can be cached)."""
+        return not any(p.requires_grad for p in self.base.backbone.parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trained tensors: what an adapter file stores."""
+        return {name: p.detach().cpu().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters, the base head excluded (it is not used)."""
+        params = [p for name, p in self.named_parameters() if not name.startswith("base.head.")]
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def set_train_mode(self) -> None:
+        """Train mode only for modules that hold trainable parameters; frozen parts stay in eval mode."""
+        self.train()
+        for module in self.modules():
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+def init_head_from_template(adapted: AdaptedModel, template: Template) -> list[str]:
+    """Copy the pretrained head row of every target structure the template shares (zero-shot start).
+
+    Returns the structures that started from a pretrained row; the others keep the fresh head's init.
+    """
+    if adapted.base.num_classes != len(template):
+        raise ConfigError(f"the model has {adapted.base.num_classes} output channels but template '{template.name}' "
+                          f"has {len(template)} structures")
+    started = []
+    with torch.no_grad():
+        for k, name in enumerate(adapted.structures):
+            channel = template.channel(name)
+            if channel is not None:
+                adapted.head.weight[k] = adapted.base.head.weight[channel]
+                adapted.head.bias[k] = adapted.base.head.bias[channel]
+                started.append(name)
+    return started
+
+
+def freeze(module: nn.Module) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+
+
+ApplyFn = Callable[[SegmentationModel, Template, list, object], AdaptedModel]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered adaptation method."""
+
+    name: str
+    config_cls: type
+    apply: ApplyFn
+    frozen_backbone: bool
+    description: str
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, config_cls: type, frozen_backbone: bool, description: str):
+    """Decorator registering ``apply(base, template, structures, config) -> AdaptedModel`` under ``name``."""
+
+    def decorator(apply: ApplyFn) -> ApplyFn:
+        if name in _METHODS or name != name.lower():
+            raise ValueError(f"method name '{name}' must be lower case and new")
+        _METHODS[name] = Method(name, config_cls, apply, frozen_backbone, description)
+        return apply
+
+    return decorator
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method '{name}'; available: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def list_methods() -> dict[str, str]:
+    return {name: m.description for name, m in sorted(_METHODS.items())}
+
+
+def adapt_model(base: SegmentationModel, template: Template, structures: list[str], method: str, config=None) -> AdaptedModel:
+    """Apply ``method`` to a deep copy of ``base`` (the base itself is left untouched); returned in eval mode."""
+    spec = get_method(method)
+    config = config if config is not None else spec.config_cls()
+    names = [canonical_name(s) for s in structures]
+    return spec.apply(copy.deepcopy(base), template, names, config).eval()

@@ -1,0 +1,109 @@
+"""The registered adaptation methods: what each one trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fsseg.adapters.base import AdaptedModel, freeze, init_head_from_template, register_method
+from fsseg.adapters.lora import inject_lora
+from fsseg.adapters.spatial import SpatialAdapter
+from fsseg.models import SegmentationModel, create_model
+from fsseg.templates import Template
+
+
+@dataclass
+class LinearProbeConfig:
+    """init_from_template: start a structure the pretrained template knows from its head row (zero-shot)."""
+
+    init_from_template: bool = True
+
+
+@dataclass
+class SpatialAdapterConfig:
+    """kernel_size: 3 for the spatial adapter, 1 for the CLIP-Adapter-like variant."""
+
+    kernel_size: int = 3
+    init_from_template: bool = True
+
+
+@dataclass
+class NoOptions:
+    """This method has no options of its own."""
+
+
+@dataclass
+class LoRAConfig:
+    """rank r and alpha (updates scaled by alpha / r) on the linear layers matching ``targets``."""
+
+    rank: int = 4
+    alpha: float = 8.0
+    targets: str = r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.(qkv|proj)$"
+
+
+def _frozen_with_head(base: SegmentationModel, template: Template, structures: list, init: bool,
+                      trunk=None) -> AdaptedModel:
+    freeze(base)
+    adapted = AdaptedModel(base, structures, trunk)
+    if init:
+        init_head_from_template(adapted, template)
+    return adapted
+
+
+@register_method("lp", LinearProbeConfig, frozen_backbone=True,
+                 description="linear probe: a new 1x1x1 head on frozen features")
+def linear_probe(base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig) -> AdaptedModel:
+    return _frozen_with_head(base, template, structures, config.init_from_template)
+
+
+@register_method("adapter", SpatialAdapterConfig, frozen_backbone=True,
+                 description="spatial adapter: residual conv block (identity at start) + head on frozen features")
+def spatial_adapter(base: SegmentationModel, template: Template, structures: list,
+                    config: SpatialAdapterConfig) -> AdaptedModel:
+    trunk = SpatialAdapter(base.feature_channels, config.kernel_size)
+    return _frozen_with_head(base, template, structures, config.init_from_template, trunk)
+
+
+@register_method("ft-last", LinearProbeConfig, frozen_backbone=False,
+                 description="fine-tune the last decoder block and a head")
+def fine_tune_last(base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig) -> AdaptedModel:
+    adapted = _frozen_with_head(base, template, structures, config.init_from_template)
+    for module in base.block_modules("last_decoder_block"):
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+    return adapted
+
+
+@register_method("ft", LinearProbeConfig, frozen_backbone=False, description="fine-tune everything")
+def fine_tune(base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig) -> AdaptedModel:
+    adapted = AdaptedModel(base, structures)
+    if config.init_from_template:
+        init_head_from_template(adapted, template)
+    freeze(base.head)  # the base head is replaced, never used
+    return adapted
+
+
+@register_method("scratch", NoOptions, frozen_backbone=False,
+                 description="train the same architecture from random weights (a baseline)")
+def from_scratch(base: SegmentationModel, template: Template, structures: list, config: NoOptions) -> AdaptedModel:
+    fresh = create_model(base.arch["name"], num_classes=base.num_classes, **base.arch["kwargs"])
+    freeze(fresh.head)
+    return AdaptedModel(fresh, structures)
+
+
+@register_method("lora", LoRAConfig, frozen_backbone=False,
+                 description="LoRA on the attention qkv/proj layers + head (transformer backbones)")
+def lora(base: SegmentationModel, template: Template, structures: list, config: LoRAConfig) -> AdaptedModel:
+    adapted = _frozen_with_head(base, template, structures, True)
+    inject_lora(base.backbone, config.targets, config.rank, config.alpha)
+    return adapted
+
+
+@register_method("bias", NoOptions, frozen_backbone=False,
+                 description="bias terms of the backbone (parameters named 'bias' only) + head")
+def bias_tuning(base: SegmentationModel, template: Template, structures: list, config: NoOptions) -> AdaptedModel:
+    adapted = _frozen_with_head(base, template, structures, True)
+    # Exactly the parameters called "bias": relative-position bias *tables* are not bias terms.
+    for name, parameter in base.backbone.named_parameters():
+        if name.rsplit(".", 1)[-1] == "bias":
+            parameter.requires_grad_(True)
+    return adapted

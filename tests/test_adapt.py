@@ -1,0 +1,232 @@
+"""fsseg-adapt end to end: phantoms and real CT, cached vs live features, transductive runs, bad input."""
+
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from adapt.cli import main
+from adapt.config import AdaptConfig, TrainingConfig
+from adapt.engine import Adaptation, predict_query, train
+from conftest import TOTALSEG_LIST, write_method_configs
+from fsseg.adapters import adapt_model
+from fsseg.adapters.artifact import load_adapted_model
+from fsseg.checkpoint import read_checkpoint
+from fsseg.inference.predict import main as predict
+
+
+def adapt_args(checkpoint, data_list, out, configs, *extra):
+    return ["--checkpoint", str(checkpoint), "--data-list", str(data_list), "--out", str(out),
+            "--set", f"method_configs={configs}", "--set", "overlap=0.25", "--no-progress", *extra]
+
+
+def test_adapt_on_phantoms_writes_table_results_and_adapters(phantom_dir, tiny_checkpoint, tmp_path, capsys):
+    configs = write_method_configs(tmp_path / "configs", epochs=3)
+    out = tmp_path / "run"
+    code = main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
+                           "--organ", "gallbladder", "--shots", "1", "2", "--method", "lp", "adapter", "ft-last",
+                           "--seeds", "2"))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Dice on the test cases, gallbladder" in printed and "K=1" in printed and "K=2" in printed
+    for method in ("lp", "adapter", "ft-last"):
+        assert any(line.startswith(method) for line in printed.splitlines())
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * 2 * 2 * 2  # methods x K x seeds x test cases
+    assert {r["method"] for r in rows} == {"lp", "adapter", "ft-last"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert {r["trainable_params"] for r in rows if r["method"] == "lp"} == {"9"}
+    # Methods of one (K, seed) saw the same support set.
+    supports = {(r["shots"], r["seed"]): set() for r in rows}
+    for r in rows:
+        supports[(r["shots"], r["seed"])].add(r["support"])
+    assert all(len(s) == 1 for s in supports.values())
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["table"]["gallbladder"]) == {"lp", "adapter", "ft-last"}
+    adapters = sorted(p.name for p in (out / "adapters").iterdir())
+    assert len(adapters) == 12 and "gallbladder_lp_k1_s0.pt" in adapters
+    # Features were extracted once per scan and shared by every frozen-backbone run.
+    assert len(list((out / "features").glob("*.npy"))) <= 5
+
+
+def test_adapter_file_reproduces_the_run_predictions(phantom_dir, tiny_checkpoint, tmp_path):
+    configs = write_method_configs(tmp_path / "configs", epochs=4)
+    out = tmp_path / "run"
+    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
+                           "--organ", "liver", "--shots", "1", "--method", "adapter", "--seeds", "1")) == 0
+    adapted, pre, info = load_adapted_model(out / "adapters" / "liver_adapter_k1_s0.pt", tiny_checkpoint)
+    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
+                         organs=["liver"], shots=[1], methods=["adapter"], seeds=1, method_configs=str(configs),
+                         overlap=0.25)
+    run = Adaptation(config, tmp_path / "again", torch.device("cpu"))
+    query = run.query(run.tests[0])
+    predicted = predict_query(adapted, query, run)["liver"]
+    dice = 2 * (predicted & query.masks["liver"]).sum() / (predicted.sum() + query.masks["liver"].sum())
+    with open(out / "results.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["case"] == query.case.id)
+    assert dice == pytest.approx(float(row["dice"]), abs=1e-4)
+    assert info["shots"] == 1 and info["support"] == row["support"].split()
+
+    # fsseg-predict with the adapter file gives the same masks, up to float16 feature storage and window borders.
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / query.case.image.name).symlink_to(query.case.image)
+    adapter = str(out / "adapters" / "liver_adapter_k1_s0.pt")
+    assert predict(["-i", str(scans), "-o", str(tmp_path / "pred"), "-m", str(tiny_checkpoint), "--adapter", adapter,
+                    "--overlap", "0.25", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "pred" / "labels.json").read_text()) == {"0": "background", "1": "liver"}
+    written = np.asanyarray(nib.load(str(tmp_path / "pred" / query.case.image.name)).dataobj) == 1
+    assert (written != predicted).mean() < 0.01  # the 3x3x3 adapter sees window borders differently
+    other = tmp_path / "other.pt"
+    payload = read_checkpoint(tiny_checkpoint)
+    payload["preprocessing"]["overlap_note"] = "changed"
+    torch.save(payload, other)
+    assert predict(["-i", str(scans), "-o", str(tmp_path / "p2"), "-m", str(other), "--adapter", adapter]) == 2
+
+
+def test_cached_features_train_the_linear_probe_exactly_like_live_features(phantom_dir, tiny_checkpoint, tmp_path):
+    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
+                         organs=["liver"], shots=[1], methods=["lp"], seeds=1)
+    run = Adaptation(config, tmp_path, torch.device("cpu"))
+    support = run.support(run.pool[0])
+    # A support exactly one window large: the cached sliding-window features are the live features.
+    centre = np.argwhere(support.target[0]).mean(0).astype(int)
+    shape = support.target.shape[1:]
+    crop = tuple(slice(s, s + 32) for s in (np.clip(c - 16, 0, n - 32) for c, n in zip(centre, shape)))
+    support.image = support.image[(slice(None),) + crop].clone()
+    support.target = np.ascontiguousarray(support.target[(slice(None),) + crop])
+    support.key = "one-window"
+    assert support.target.any()
+    training = TrainingConfig(lr=1e-2, epochs=5, crops_per_volume=1, crop_size=None)
+    heads = {}
+    for cached in (True, False):
+        lp = adapt_model(run.base, run.template, ["liver"], "lp")
+        result = train(lp, [support], run, training, seed=0, use_feature_cache=cached)
+        heads[cached] = (lp.head.weight.detach().clone(), result.losses)
+    assert torch.allclose(heads[True][0], heads[False][0], atol=2e-3)
+    assert np.allclose(heads[True][1], heads[False][1], atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["lp", "adapter", "ft-last", "ft"])
+def test_support_loss_falls(phantom_dir, tiny_checkpoint, tmp_path, method):
+    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
+                         organs=["liver"], shots=[2], methods=[method], seeds=1)
+    run = Adaptation(config, tmp_path, torch.device("cpu"))
+    supports = [run.support(c) for c in run.pool[:2]]
+    torch.manual_seed(0)
+    adapted = adapt_model(run.base, run.template, ["liver"], method)
+    before = fixed_crop_loss(adapted, supports, run)
+    lr = {"lp": 1e-1, "adapter": 1e-1, "ft-last": 1e-2, "ft": 1e-2}[method]  # a random backbone learns slowly
+    train(adapted, supports, run, TrainingConfig(lr=lr, epochs=24, crops_per_volume=2), seed=0)
+    assert fixed_crop_loss(adapted, supports, run) < 0.9 * before
+
+
+def fixed_crop_loss(adapted, supports, run):
+    """The training loss on the same 4 crops of each support (a noise-free yardstick)."""
+    from fsseg.data.sampling import CropSampler
+    from fsseg.losses import PartialLabelLoss
+
+    losses = []
+    with torch.no_grad():
+        for support in supports:
+            for crop in CropSampler(support.target, run.pre.roi).slices(4, np.random.RandomState(123)):
+                x = support.image[crop][None]
+                y = torch.from_numpy(support.target[crop][None].astype(np.float32))
+                losses.append(PartialLabelLoss()(adapted.eval()(x), y, torch.ones(1, 1)).total.item())
+    return float(np.mean(losses))
+
+
+def test_transductive_rows_adapt_once_per_query(phantom_dir, tiny_checkpoint, tmp_path):
+    configs = write_method_configs(tmp_path / "configs", epochs=6)
+    out = tmp_path / "ti"
+    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
+                           "--organ", "liver", "--shots", "2", "--method", "lp", "adapter", "--seeds", "1", "--ti",
+                           "--set", "ti.warmup_epochs=3")) == 0
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 2 and all(r["transductive"] == "True" for r in rows)
+    assert all(int(r["epochs"]) == 6 for r in rows)
+
+
+def test_transductive_needs_a_frozen_backbone(phantom_dir, tiny_checkpoint, tmp_path, capsys):
+    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x", tmp_path,
+                           "--organ", "liver", "--shots", "1", "--method", "ft", "--ti")) == 2
+    assert "--ti needs a frozen backbone" in capsys.readouterr().err
+
+
+def test_adapt_liver_on_real_ct_one_shot(shared_ct, tiny_checkpoint, tmp_path):
+    configs = write_method_configs(tmp_path / "configs", epochs=3)
+    out = tmp_path / "real"
+    assert main(adapt_args(tiny_checkpoint, TOTALSEG_LIST, out, configs, "--organ", "liver", "--shots", "1",
+                           "--method", "lp", "--seeds", "1")) == 0
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["case"] for r in rows} == {"lidc_0001_abd_1p4mm", "lidc_0001_abd"}
+    # The support comes from the other subjects (TS-A, TS-B), never from the LIDC scan being tested.
+    assert all(not r["support"].startswith("lidc") for r in rows)
+
+
+def test_subject_shared_with_a_test_case_is_left_out(shared_ct, tiny_checkpoint, tmp_path):
+    data = json.loads(TOTALSEG_LIST.read_text())
+    data["root"] = str(shared_ct)
+    for case in data["cases"]:
+        if case["id"] == "lidc_0001_abd":
+            case["split"] = "train"  # the same scan as the test case lidc_0001_abd_1p4mm
+    path = tmp_path / "leaky.json"
+    path.write_text(json.dumps(data))
+    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(path), organs=["liver"], shots=[1],
+                         methods=["lp"], seeds=1)
+    run = Adaptation(config, tmp_path / "run", torch.device("cpu"))
+    assert "lidc_0001_abd" not in {c.id for c in run.pool}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--organ", "heart", "--shots", "1"], "no case annotates heart"),
+        (["--organ", "liver", "--shots", "9"], "K=9 shots asked for, but only 3 train case"),
+        (["--organ", "liver", "--shots", "1", "--method", "prompt"], "invalid choice: 'prompt'"),
+    ],
+)
+def test_bad_requests_are_one_line(phantom_dir, tiny_checkpoint, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) if "prompt" in message else _nothing():
+        code = main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x", tmp_path, *extra))
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_empty_support_mask_and_checkpoint_without_preprocessing(phantom_dir, tiny_checkpoint, tmp_path, capsys):
+    data = json.loads((phantom_dir / "phantom_target.json").read_text())
+    data["root"] = str(phantom_dir / "phantom_target")
+    image = data["cases"][0]["image"]
+    data["cases"] = [c for c in data["cases"] if c["split"] == "test"] + [
+        {"id": "blank", "image": image, "labels": {"liver": str(tmp_path / "blank.nii.gz")}}]
+    reference = nib.load(str(phantom_dir / "phantom_target" / image))
+    nib.save(nib.Nifti1Image(np.zeros(reference.shape, np.uint8), reference.affine), str(tmp_path / "blank.nii.gz"))
+    path = tmp_path / "blank.json"
+    path.write_text(json.dumps(data))
+    assert main(adapt_args(tiny_checkpoint, path, tmp_path / "x", tmp_path, "--organ", "liver", "--shots", "1",
+                           "--method", "lp")) == 2
+    assert "support case 'blank': the liver mask is empty" in capsys.readouterr().err
+
+    payload = read_checkpoint(tiny_checkpoint)
+    del payload["preprocessing"]
+    broken = tmp_path / "no_pre.pt"
+    torch.save(payload, broken)
+    assert main(adapt_args(broken, phantom_dir / "phantom_target.json", tmp_path / "y", tmp_path, "--organ", "liver",
+                           "--shots", "1")) == 2
+    assert "checkpoint lacks preprocessing" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""Adaptation methods: what each trains, identity at start, artifacts, TI loss, support sampling."""
+
+import numpy as np
+import pytest
+import torch
+
+from fsseg.adapters import adapt_model, list_methods
+from fsseg.adapters.artifact import load_adapted_model, save_adapter
+from fsseg.adapters.lora import inject_lora
+from fsseg.checkpoint import save_checkpoint
+from fsseg.data.datalist import Case
+from fsseg.data.sampling import sample_support
+from fsseg.data.transforms import Preprocessing
+from fsseg.errors import ConfigError, DataError
+from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
+from fsseg.models import create_model
+from fsseg.templates import load_template
+
+TEMPLATE = load_template()
+
+
+@pytest.fixture(scope="module")
+def swin():
+    torch.manual_seed(0)
+    return create_model("swinunetr_tiny", num_classes=len(TEMPLATE)).eval()
+
+
+def trainable_names(adapted):
+    return {name for name, p in adapted.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", sorted(list_methods()))
+def test_each_method_trains_only_what_it_should(swin, method):
+    adapted = adapt_model(swin, TEMPLATE, ["liver", "heart"], method)
+    names = trainable_names(adapted)
+    head = {"head.weight", "head.bias"}
+    assert head <= names and not any(n.startswith("base.head.") for n in names)
+    backbone = {n for n in names if n.startswith("base.backbone.")}
+    expected = {
+        "lp": lambda n: False,
+        "adapter": lambda n: False,
+        "ft-last": lambda n: n.startswith("base.backbone.decoder1."),
+        "ft": lambda n: True,
+        "scratch": lambda n: True,
+        "lora": lambda n: ".lora_" in n,
+        "bias": lambda n: n.endswith(".bias"),
+    }[method]
+    all_backbone = {n for n, _ in adapted.named_parameters() if n.startswith("base.backbone.")}
+    assert backbone == {n for n in all_backbone if expected(n)}
+    assert ({n for n in names if n.startswith("trunk.")} != set()) == (method == "adapter")
+    assert adapted.backbone_frozen == (method in ("lp", "adapter"))
+    if method == "bias":
+        assert not any("relative_position_bias_table" in n for n in names)
+    adapted.set_train_mode()
+    for module in adapted.modules():
+        assert module.training == any(p.requires_grad for p in module.parameters())
+    # The pretrained model itself is left untouched.
+    assert sum(p.requires_grad for p in swin.parameters()) == len(list(swin.parameters()))
+
+
+def test_trainable_counts_on_the_62m_swinunetr_match_the_reference():
+    base = create_model("swinunetr", num_classes=29)
+    counts = {m: adapt_model(base, TEMPLATE, ["liver"], m).parameter_counts()[0] for m in ("lp", "adapter", "ft-last", "ft")}
+    assert counts == {"lp": 49, "adapter": 124_465, "ft-last": 209_713, "ft": 62_186_659}
+    assert counts["ft"] / counts["ft-last"] > 290  # the "~300x fewer parameters"
+
+
+@pytest.mark.parametrize("method", ["adapter", "ft-last", "lora", "bias", "ft"])
+def test_every_method_starts_from_the_linear_probe_model(swin, method):
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        reference = adapt_model(swin, TEMPLATE, ["liver"], "lp")(x)
+        assert torch.allclose(adapt_model(swin, TEMPLATE, ["liver"], method)(x), reference, atol=1e-5)
+
+
+def test_head_starts_from_the_template_row_or_fresh(swin):
+    adapted = adapt_model(swin, TEMPLATE, ["gall", "heart"], "lp")
+    row = TEMPLATE.channel("gallbladder")
+    assert torch.equal(adapted.head.weight[0], swin.head.weight[row])
+    assert not torch.equal(adapted.head.weight[1], swin.head.weight[row])
+    assert adapted.structures == ["gallbladder", "heart"]
+
+
+def test_lora_needs_matching_layers():
+    unet = create_model("unet_tiny", num_classes=len(TEMPLATE))
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        adapt_model(unet, TEMPLATE, ["liver"], "lora")
+    with pytest.raises(ConfigError, match="unknown method 'prompt'"):
+        adapt_model(unet, TEMPLATE, ["liver"], "prompt")
+    swin = create_model("swinunetr_tiny", num_classes=2)
+    wrapped = inject_lora(swin.backbone, r"attn\.qkv$", rank=2, alpha=4)
+    assert len(wrapped) == 8 and not any("patch_embed" in n for n in wrapped)
+
+
+def test_adapter_file_round_trip_and_base_check(tmp_path, swin):
+    template = TEMPLATE
+    base_path = save_checkpoint(tmp_path / "base.pt", {"arch": swin.arch, "template": template.to_dict(),
+                                "preprocessing": Preprocessing().to_dict(), "state_dict": swin.state_dict()})
+    adapted = adapt_model(swin, template, ["liver"], "adapter")
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    path = save_adapter(tmp_path / "a.pt", adapted, "adapter", adapted_options(), base_path, Preprocessing())
+    size = path.stat().st_size
+    assert size < 200_000 < base_path.stat().st_size  # only the trained tensors
+    loaded, pre, info = load_adapted_model(path, base_path)
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), adapted(x), atol=1e-6)
+    assert info["structures"] == ["liver"] and pre == Preprocessing()
+    other = save_checkpoint(tmp_path / "other.pt", {"arch": swin.arch, "template": template.to_dict(),
+                            "preprocessing": Preprocessing(spacing=(2, 2, 2)).to_dict(), "state_dict": swin.state_dict()})
+    with pytest.raises(DataError, match="was trained on another base checkpoint"):
+        load_adapted_model(path, other)
+
+
+def adapted_options():
+    from fsseg.adapters.methods import SpatialAdapterConfig
+
+    return SpatialAdapterConfig()
+
+
+def test_support_sampling_is_deterministic_and_bounded():
+    pool = [Case(id=f"c{i}", image=f"c{i}.nii.gz") for i in range(10)]
+    first = [c.id for c in sample_support(pool, 3, seed=1)]
+    assert first == [c.id for c in sample_support(list(reversed(pool)), 3, seed=1)]
+    assert first != [c.id for c in sample_support(pool, 3, seed=2)]
+    with pytest.raises(DataError, match="K=11 shots asked for, but only 10 train case"):
+        sample_support(pool, 11, seed=0)
+
+
+def test_size_constraint_values_and_gradient_sign():
+    target = 0.10
+    for form in ("absolute", "relative"):
+        inside = torch.tensor(0.11, requires_grad=True)
+        assert size_constraint_loss(inside, target, gamma=0.3, form=form).item() == 0.0
+        too_big = torch.tensor(0.20, requires_grad=True)
+        loss = size_constraint_loss(too_big, target, gamma=0.3, form=form)
+        loss.backward()
+        assert loss.item() > 0 and too_big.grad > 0  # descending shrinks the prediction
+        too_small = torch.tensor(0.02, requires_grad=True)
+        size_constraint_loss(too_small, target, gamma=0.3, form=form).backward()
+        assert too_small.grad < 0  # descending grows it
+    absolute = size_constraint_loss(torch.tensor(0.20), target, gamma=0.3, form="absolute")
+    assert absolute.item() == pytest.approx(0.10 - 0.03)
+    relative = size_constraint_loss(torch.tensor(0.20), target, gamma=0.3, form="relative")
+    assert relative.item() == pytest.approx(0.5 - 0.3)
+
+
+def test_organ_size_prior_uses_largest_component_and_trims():
+    def mask(size, speck=True):
+        m = np.zeros((20, 20, 20), bool)
+        m[: size // 100, :10, :10] = True
+        if speck:
+            m[19, 19, 19] = True  # a stray voxel: not the organ
+        return m
+
+    assert organ_size_prior([mask(400)]) == 400
+    sizes = [400, 500, 600, 500, 1900]
+    assert organ_size_prior([mask(s) for s in sizes]) == pytest.approx(np.mean([400, 500, 600, 500]))
