@@ -5,12 +5,17 @@
 #   TORCH_INDEX  optional package index for TORCH, e.g. https://download.pytorch.org/whl/cu124 for CUDA.
 #   PYTHON       interpreter used to create the environment (default: python3).
 #   DEMO_DIR     where the demo writes its data and runs (default: demo_out).
+#   DEMO_PHANTOM_ARGS / DEMO_PRETRAIN_ARGS / DEMO_ADAPT_ARGS
+#                extra arguments of the demo's steps (the tests run a reduced demo with them).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_DIR ?= demo_out
+DEMO_PHANTOM_ARGS ?=
+DEMO_PRETRAIN_ARGS ?=
+DEMO_ADAPT_ARGS ?=
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -32,15 +37,27 @@ $(STAMP): setup.cfg pyproject.toml
 	@echo "$(TORCH)" > $@
 
 demo: $(STAMP)
-	@echo "== 1/3 Generating phantom CT data sets in $(DEMO_DIR)/data"
-	$(BIN)/fsseg-phantom --out $(DEMO_DIR)/data
-	@echo "== 2/3 Checking every data list"
+	@echo "== 1/6 Generating phantom CT data sets in $(DEMO_DIR)/data"
+	$(BIN)/fsseg-phantom --out $(DEMO_DIR)/data --no-progress $(DEMO_PHANTOM_ARGS)
+	@echo "== 2/6 Checking every data list"
 	$(BIN)/fsseg-check-data --no-progress $(DEMO_DIR)/data/*.json
-	@echo "== 3/3 Pretraining a tiny model on the partially labelled source data sets"
-	$(BIN)/fsseg-pretrain --config configs/pretrain/tiny.yaml --out $(DEMO_DIR)/pretrain --resume auto \
+	@echo "== 3/6 Pretraining a tiny model on the partially labelled source data sets -> $(DEMO_DIR)/pretrain"
+	$(BIN)/fsseg-pretrain --config configs/pretrain/tiny.yaml --out $(DEMO_DIR)/pretrain --resume auto --no-progress \
 		--data-list $(DEMO_DIR)/data/phantom_source_a.json $(DEMO_DIR)/data/phantom_source_b.json \
-		$(DEMO_DIR)/data/phantom_source_c.json
-	@echo "Data and lists: $(DEMO_DIR)/data; pretrained model: $(DEMO_DIR)/pretrain/checkpoint_latest.pt"
+		$(DEMO_DIR)/data/phantom_source_c.json $(DEMO_PRETRAIN_ARGS)
+	@echo "== 4/6 Adapting to the gallbladder, which no source annotates (5 shots, 2 seeds) -> $(DEMO_DIR)/adapt"
+	$(BIN)/fsseg-adapt --checkpoint $(DEMO_DIR)/pretrain/checkpoint_latest.pt --data-list $(DEMO_DIR)/data/phantom_target.json \
+		--organ gallbladder --shots 5 --method lp adapter ft --seeds 2 --out $(DEMO_DIR)/adapt \
+		--set method_configs=configs/adapt/demo --no-progress $(DEMO_ADAPT_ARGS)
+	@echo "== 5/6 Predicting the target test scans with the best adapter -> $(DEMO_DIR)/predict"
+	$(BIN)/fsseg-predict -i $(DEMO_DIR)/data/phantom_target.json --split test -o $(DEMO_DIR)/predict \
+		-m $(DEMO_DIR)/pretrain/checkpoint_latest.pt --no-progress \
+		--adapter "$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best"]["adapter"])' $(DEMO_DIR)/adapt/results.json)"
+	@echo "== 6/6 Scoring the predictions in native space -> $(DEMO_DIR)/evaluate"
+	$(BIN)/fsseg-evaluate --pred $(DEMO_DIR)/predict --data-list $(DEMO_DIR)/data/phantom_target.json \
+		-o $(DEMO_DIR)/evaluate --no-progress
+	@echo "Done. Data: $(DEMO_DIR)/data  model: $(DEMO_DIR)/pretrain  adaptation: $(DEMO_DIR)/adapt/results.csv" \
+		" masks: $(DEMO_DIR)/predict  scores: $(DEMO_DIR)/evaluate/summary.json"
 
 # pytest exits 5 when it collected no tests, so an empty run fails here too.
 test: $(STAMP)

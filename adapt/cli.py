@@ -10,12 +10,13 @@ from typing import Sequence
 import yaml
 
 from fsseg.adapters import list_methods
-from fsseg.cli import add_common_arguments, run_cli
+from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
 from fsseg.config import load_config, to_dict
-from fsseg.training.runtime import DEVICES, resolve_device, seed_everything
+from fsseg.training.runtime import resolve_device, seed_everything
 from adapt.config import AdaptConfig
 
-DEFAULT_CONFIG = "configs/adapt/default.yaml"
+# The checkout's default run config; the paths inside it are relative to the working folder.
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "adapt" / "default.yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Methods: " + "; ".join(f"{name}: {text}" for name, text in list_methods().items()),
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"run config (default {DEFAULT_CONFIG}: the demo's checkpoint and target data)")
+                        help="run config (default: configs/adapt/default.yaml, the demo's checkpoint and target data)")
     parser.add_argument("--checkpoint", help="pretrained fsseg checkpoint")
     parser.add_argument("--data-list", help="data list with train (support pool) and test cases")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
@@ -38,10 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ti", action=argparse.BooleanOptionalAction, default=None,
                         help="transductive organ-size constraint on each test case (frozen-backbone methods)")
     parser.add_argument("--out", default="runs/adapt", help="run directory (default runs/adapt)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set ti.gamma=0.5 (repeatable)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(parser, "ti.gamma=0.5")
     add_common_arguments(parser)
     return parser
 
@@ -54,7 +52,7 @@ def _command(args: argparse.Namespace) -> int:
                        ("organs", args.organ), ("shots", args.shots), ("methods", args.method),
                        ("seeds", args.seeds), ("ti.enabled", args.ti)):
         if value is not None:
-            overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+            overrides.append(override(key, value))
     config = load_config(AdaptConfig, args.config, overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ class AdaptConfig:
     data_root: str | None = None
     organs: list[str] = field(default_factory=lambda: ["gallbladder"])
     shots: list[int] = field(default_factory=lambda: [1, 5])
-    methods: list[str] = field(default_factory=lambda: ["lp", "adapter", "ft"])
+    methods: list[str] = field(default_factory=lambda: ["lp", "adapter"])
     seeds: int = 3
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
     method_configs: str = "configs/adapt"

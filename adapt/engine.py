@@ -13,6 +13,7 @@ import copy
 import csv
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from monai.optimizers import WarmupCosineSchedule
+from tqdm import tqdm
 
 from fsseg.adapters import AdaptedModel, adapt_model, get_method
 from fsseg.adapters.artifact import save_adapter
@@ -33,13 +35,13 @@ from fsseg.data.cache import file_digest
 from fsseg.data.datalist import Case, DataList, load_datalist
 from fsseg.data.io import atomic_path, load_nifti_image
 from fsseg.data.sampling import CropSampler, sample_support
-from fsseg.data.transforms import IMAGE, LABEL, Preprocessing, case_item, inference_transforms
+from fsseg.data.transforms import IMAGE, LABEL, case_item, inference_transforms
 from fsseg.errors import ConfigError, DataError
 from fsseg.inference import InferenceSettings, Predictor
 from fsseg.losses import PartialLabelLoss
 from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
 from fsseg.metrics import score_structure
-from fsseg.templates import Template, canonical_name
+from fsseg.templates import Template, expand_structures
 from adapt.config import AdaptConfig, MethodSettings, TrainingConfig, TransductiveConfig, load_method_settings
 
 log = logging.getLogger("fsseg.adapt")
@@ -99,13 +101,13 @@ class EarlyStopper:
 class Adaptation:
     """One adaptation run's data and frozen backbone, shared by every method, shot count and seed."""
 
-    def __init__(self, config: AdaptConfig, out: Path, device: torch.device, progress: bool = True) -> None:
-        self.config, self.out, self.device, self.progress = config, out, device, progress
+    def __init__(self, config: AdaptConfig, out: Path, device: torch.device) -> None:
+        self.config, self.out, self.device = config, out, device
         self.base, self.template, self.pre, _ = load_model(config.checkpoint)
         self.base = self.base.to(device).eval()
         self.checkpoint_sha = sha256_file(config.checkpoint)
         self.datalist = load_datalist(config.data_list, config.data_root)
-        self.organs = [canonical_name(o) for o in config.organs]
+        self.organs = expand_structures(config.organs)
         self.targets = Template("targets", tuple(self.organs), tuple(range(1, len(self.organs) + 1)))
         self.pool, self.tests = self._pools(self.datalist)
         self.settings = {m: self._method_settings(m) for m in config.methods}
@@ -152,17 +154,19 @@ class Adaptation:
             empty = [o for o, t in zip(self.organs, target) if not t.any()]
             if empty:
                 raise DataError(f"support case '{case.id}': the {', '.join(empty)} mask is empty")
-            key = json.dumps([file_digest(case.image), self.pre.to_dict()])
-            self._supports[case.id] = Support(case, data[IMAGE].as_tensor(), target, key)
+            self._supports[case.id] = Support(case, data[IMAGE].as_tensor(), target, self._scan_key(case))
         return self._supports[case.id]
 
     def query(self, case: Case) -> Query:
         if case.id not in self._queries:
             masks, reference_volume = load_case_masks(case, self.datalist.label_map, self.organs)
-            key = json.dumps([file_digest(case.image), self.pre.to_dict()])
             self._queries[case.id] = Query(case, self.predictor.preprocess(case.image), masks,
-                                           load_nifti_image(case.image), reference_volume.spacing, key)
+                                           load_nifti_image(case.image), reference_volume.spacing, self._scan_key(case))
         return self._queries[case.id]
+
+    def _scan_key(self, case: Case) -> str:
+        """Identifies a scan's model-space volume: its file content and the preprocessing."""
+        return json.dumps([file_digest(case.image), self.pre.to_dict()])
 
     def features(self, item: Support | Query) -> np.ndarray:
         image = item.image if isinstance(item, Support) else item.data[IMAGE]
@@ -253,21 +257,27 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
     """Every (method, K, seed); writes results.json, results.csv and adapter files under ``out``."""
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    run = Adaptation(config, out, device, progress)
+    run = Adaptation(config, out, device)
     log.info(f"{run.datalist.name}: {len(run.pool)} support candidates, {len(run.tests)} test cases, "
              f"targets {', '.join(run.organs)}")
     rows: list[dict] = []
+    jobs = tqdm(total=config.seeds * len(config.shots) * len(config.methods), desc="adapt", unit="run",
+                disable=not progress, file=sys.stderr)
     for seed in range(config.seeds):
         for shots in config.shots:
             support_cases = sample_support(run.pool, shots, seed, ", ".join(run.organs))
             supports = [run.support(c) for c in support_cases]
             log.info(f"seed {seed}, K={shots}: support {', '.join(c.id for c in support_cases)}")
             for method in config.methods:
+                jobs.set_postfix(method=method, K=shots, seed=seed)
                 rows += adapt_one(run, method, shots, seed, supports)
                 _write_results(out, rows, config, run, time.time() - started)
+                jobs.update()
+    jobs.close()
     table = results_table(rows, config)
     summary = {"table": table, "rows": len(rows), "seconds": round(time.time() - started, 1)}
-    print(format_table(table, config))
+    trainable = {r["method"]: (r["trainable_params"], r["total_params"]) for r in rows}
+    print(format_table(table, config, trainable))
     return summary
 
 
@@ -341,15 +351,35 @@ def results_table(rows: list[dict], config: AdaptConfig) -> dict:
     return table
 
 
-def format_table(table: dict, config: AdaptConfig) -> str:
+def format_table(table: dict, config: AdaptConfig, parameters: dict[str, tuple[int, int]]) -> str:
+    """Rows = method, columns = K (mean ± std over seeds), then trainable parameters and the ratio to all."""
     lines = []
     for organ, methods in table.items():
         lines.append(f"Dice on the test cases, {organ} (mean ± std over {config.seeds} seed(s)):")
-        lines.append(f"{'method':<10}" + "".join(f"{'K=' + str(k):>16}" for k in config.shots))
+        lines.append(f"{'method':<10}" + "".join(f"{'K=' + str(k):>16}" for k in config.shots)
+                     + f"{'trainable':>14}{'fewer':>9}")
         for method, cells in methods.items():
+            trainable, total = parameters[method]
             lines.append(f"{method:<10}" + "".join(
-                f"{cells[k][0]:>9.3f} ± {cells[k][1]:.3f}" if k in cells else f"{'-':>16}" for k in config.shots))
+                f"{cells[k][0]:>9.3f} ± {cells[k][1]:.3f}" if k in cells else f"{'-':>16}" for k in config.shots)
+                + f"{trainable:>14,}{total / trainable:>8.0f}x")
     return "\n".join(lines)
+
+
+def best_adapter(rows: list[dict], out: Path, organs: list[str]) -> dict | None:
+    """The (method, K) with the highest mean Dice and its seed-0 adapter file, for the largest K run."""
+    candidates = [r for r in rows if not r["transductive"]]
+    if not candidates:
+        return None
+    shots = max(r["shots"] for r in candidates)
+    means = {}
+    for method in dict.fromkeys(r["method"] for r in candidates):
+        dice = [r["dice"] for r in candidates if r["method"] == method and r["shots"] == shots]
+        if dice:
+            means[method] = float(np.mean(dice))
+    method = max(means, key=means.get)
+    path = out / "adapters" / f"{'+'.join(organs)}_{method}_k{shots}_s0.pt"
+    return {"method": method, "shots": shots, "mean_dice": means[method], "adapter": str(path) if path.exists() else None}
 
 
 def _write_results(out: Path, rows: list[dict], config: AdaptConfig, run: Adaptation, seconds: float) -> None:
@@ -359,6 +389,7 @@ def _write_results(out: Path, rows: list[dict], config: AdaptConfig, run: Adapta
         writer.writerows(rows)
     table = results_table(rows, config)
     document = {
+        "best": best_adapter(rows, out, run.organs),
         "checkpoint": config.checkpoint, "checkpoint_sha256": run.checkpoint_sha, "data_list": config.data_list,
         "organs": run.organs, "evaluation_space": "native grid of each test case",
         "table": {o: {m: {str(k): {"mean": v[0], "std": v[1]} for k, v in c.items()} for m, c in ms.items()}

@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+import yaml
+
 from fsseg.errors import FssegError
 
 EXIT_USER_ERROR = 2
@@ -17,6 +19,22 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags every fsseg command shares."""
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     parser.add_argument("--quiet", action="store_true", help="only print warnings and errors")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """Flags of the training stages: ``--set`` overrides, ``--device`` and ``--no-progress``."""
+    from fsseg.training.runtime import DEVICES
+
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example} (repeatable)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and clusters)")
+
+
+def override(key: str, value: object) -> str:
+    """A ``key=value`` override whose value is written as YAML (lists, strings with quotes, booleans)."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
 
 
 def _user_error(error: BaseException | None) -> FssegError | None:

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fsseg.cli import add_common_arguments, run_cli
+from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
 from fsseg.config import load_config
 from fsseg.models import list_models
-from fsseg.training.runtime import DEVICES, init_runtime, shutdown
+from fsseg.training.runtime import init_runtime, shutdown
 from pretrain.config import PretrainConfig
 
 
@@ -29,10 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="'auto' continues from <out>/checkpoint_latest.pt when present; or a checkpoint path. "
                         "optim.epochs may be raised when resuming")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and clusters)")
+    add_run_arguments(parser, "optim.lr=3e-4")
     add_common_arguments(parser)
     return parser
 
@@ -42,9 +39,9 @@ def _command(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.data_list:
-        overrides.append(f"data.lists=[{', '.join(repr(p) for p in args.data_list)}]")
+        overrides.append(override("data.lists", args.data_list))
     if args.data_root:
-        overrides.append(f"data.data_root={args.data_root!r}")
+        overrides.append(override("data.data_root", args.data_root))
     config = load_config(PretrainConfig, args.config, overrides)
     runtime = init_runtime(args.device)
     try:

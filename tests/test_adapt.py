@@ -2,7 +2,6 @@
 
 import csv
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -126,15 +125,15 @@ def test_support_loss_falls(phantom_dir, tiny_checkpoint, tmp_path, method):
     assert fixed_crop_loss(adapted, supports, run) < 0.9 * before
 
 
-def fixed_crop_loss(adapted, supports, run):
-    """The training loss on the same 4 crops of each support (a noise-free yardstick)."""
+def fixed_crop_loss(adapted, supports, run, crops=4):
+    """The training loss on the same crops of each support (a noise-free yardstick)."""
     from fsseg.data.sampling import CropSampler
     from fsseg.losses import PartialLabelLoss
 
     losses = []
     with torch.no_grad():
         for support in supports:
-            for crop in CropSampler(support.target, run.pre.roi).slices(4, np.random.RandomState(123)):
+            for crop in CropSampler(support.target, run.pre.roi).slices(crops, np.random.RandomState(123)):
                 x = support.image[crop][None]
                 y = torch.from_numpy(support.target[crop][None].astype(np.float32))
                 losses.append(PartialLabelLoss()(adapted.eval()(x), y, torch.ones(1, 1)).total.item())
@@ -230,3 +229,35 @@ def test_empty_support_mask_and_checkpoint_without_preprocessing(phantom_dir, ti
     assert main(adapt_args(broken, phantom_dir / "phantom_target.json", tmp_path / "y", tmp_path, "--organ", "liver",
                            "--shots", "1")) == 2
     assert "checkpoint lacks preprocessing" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def swin_checkpoint(tmp_path_factory):
+    """A random SwinUNETR-12 checkpoint whose roi (64x64x32) suits the transformer's size constraints."""
+    from fsseg.checkpoint import save_checkpoint
+    from fsseg.data.transforms import Preprocessing
+    from fsseg.models import create_model
+    from fsseg.templates import load_template
+
+    template = load_template()
+    torch.manual_seed(0)
+    model = create_model("swinunetr_tiny", num_classes=len(template))
+    return save_checkpoint(tmp_path_factory.mktemp("swin") / "swin.pt", {
+        "arch": model.arch, "template": template.to_dict(), "state_dict": model.state_dict(),
+        "preprocessing": Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(64, 64, 32)).to_dict()})
+
+
+@pytest.mark.parametrize("method", ["lora", "bias", "scratch"])
+def test_transformer_methods_train_their_own_parameters(phantom_dir, swin_checkpoint, tmp_path, method):
+    config = AdaptConfig(checkpoint=str(swin_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
+                         organs=["liver"], shots=[1], methods=[method], seeds=1)
+    run = Adaptation(config, tmp_path, torch.device("cpu"))
+    supports = [run.support(run.pool[0])]
+    torch.manual_seed(0)
+    adapted = adapt_model(run.base, run.template, ["liver"], method)
+    before = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad and "head" not in n}
+    loss_before = fixed_crop_loss(adapted, supports, run, crops=2)
+    train(adapted, supports, run, TrainingConfig(lr=3e-2, epochs=6, crops_per_volume=1), seed=0)
+    assert fixed_crop_loss(adapted, supports, run, crops=2) < loss_before
+    after = dict(adapted.named_parameters())
+    assert sum(not torch.equal(value, after[name]) for name, value in before.items()) > 0.9 * len(before)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsseg.adapters import adapt_model, list_methods
+from fsseg.adapters import adapt_model, get_method, list_methods
 from fsseg.adapters.artifact import load_adapted_model, save_adapter
 from fsseg.adapters.lora import inject_lora
 from fsseg.checkpoint import save_checkpoint
@@ -92,18 +92,20 @@ def test_lora_needs_matching_layers():
     assert len(wrapped) == 8 and not any("patch_embed" in n for n in wrapped)
 
 
-def test_adapter_file_round_trip_and_base_check(tmp_path, swin):
+@pytest.mark.parametrize("method", sorted(list_methods()))
+def test_adapter_file_round_trip_and_base_check(tmp_path, swin, method):
     template = TEMPLATE
     base_path = save_checkpoint(tmp_path / "base.pt", {"arch": swin.arch, "template": template.to_dict(),
                                 "preprocessing": Preprocessing().to_dict(), "state_dict": swin.state_dict()})
-    adapted = adapt_model(swin, template, ["liver"], "adapter")
+    adapted = adapt_model(swin, template, ["liver"], method)
     with torch.no_grad():
         for p in adapted.parameters():
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
-    path = save_adapter(tmp_path / "a.pt", adapted, "adapter", adapted_options(), base_path, Preprocessing())
-    size = path.stat().st_size
-    assert size < 200_000 < base_path.stat().st_size  # only the trained tensors
+    options = get_method(method).config_cls()
+    path = save_adapter(tmp_path / "a.pt", adapted, method, options, base_path, Preprocessing())
+    if method not in ("ft", "scratch"):
+        assert path.stat().st_size < 500_000 < base_path.stat().st_size  # only the trained tensors
     loaded, pre, info = load_adapted_model(path, base_path)
     x = torch.randn(1, 1, 64, 64, 64)
     with torch.no_grad():
@@ -113,12 +115,6 @@ def test_adapter_file_round_trip_and_base_check(tmp_path, swin):
                             "preprocessing": Preprocessing(spacing=(2, 2, 2)).to_dict(), "state_dict": swin.state_dict()})
     with pytest.raises(DataError, match="was trained on another base checkpoint"):
         load_adapted_model(path, other)
-
-
-def adapted_options():
-    from fsseg.adapters.methods import SpatialAdapterConfig
-
-    return SpatialAdapterConfig()
 
 
 def test_support_sampling_is_deterministic_and_bounded():

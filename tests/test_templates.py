@@ -52,3 +52,13 @@ def test_template_file_with_duplicates_is_rejected(tmp_path):
 def test_round_trip_through_dict():
     template = load_template()
     assert type(template).from_dict(template.to_dict()).structures == template.structures
+
+
+def test_group_names_expand_to_their_members():
+    from fsseg.templates import expand_structures
+
+    flare9 = expand_structures(["flare9"])
+    assert len(flare9) == 9 and flare9[0] == "spleen" and "duodenum" in flare9
+    assert expand_structures(["liver", "abdomen"])[:2] == ["liver", "spleen"]
+    assert len(expand_structures(["abdomen", "liver"])) == 13  # repeats dropped
+    assert expand_structures(["gall", "Heart"]) == ["gallbladder", "heart"]

@@ -17,19 +17,25 @@ from tqdm import tqdm
 from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
 from fsseg.cli import add_common_arguments, run_cli
+from fsseg.data.datalist import load_datalist
 from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, nifti_stem, save_like
 from fsseg.errors import DataError, FssegError
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predictor import InferenceSettings, Predictor
-from fsseg.templates import canonical_name
+from fsseg.templates import expand_structures
 from fsseg.training.runtime import DEVICES, resolve_device
 
 log = logging.getLogger("fsseg.predict")
 REPORT, LABELS = "predictions.json", "labels.json"
 
 
-def find_inputs(source: Path) -> list[Path]:
-    """The NIfTI scans of a folder (sorted), or the one file given."""
+def find_inputs(source: Path, split: str = "test", data_root: str | None = None) -> list[Path]:
+    """The NIfTI scans of a folder (sorted), the one file given, or the ``split`` cases of a data list (.json)."""
+    if source.suffix == ".json":
+        cases = load_datalist(source, data_root).split(split)
+        if not cases:
+            raise DataError(f"{source}: no '{split}' cases")
+        return [case.image for case in cases]
     if source.is_file():
         if not is_nifti(source):
             raise DataError(f"{source}: not a .nii or .nii.gz file")
@@ -47,10 +53,9 @@ def select_structures(template_structures: Sequence[str], requested: Sequence[st
     if not requested:
         return list(range(len(template_structures)))
     channels = []
-    for name in requested:
-        canonical = canonical_name(name)
+    for canonical in expand_structures(requested):
         if canonical not in template_structures:
-            raise DataError(f"structure '{name}' is not predicted by this model; it predicts: "
+            raise DataError(f"structure '{canonical}' is not predicted by this model; it predicts: "
                             f"{', '.join(template_structures)}")
         channels.append(list(template_structures).index(canonical))
     return channels
@@ -104,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(uint8, same file name) has its input's exact shape, affine and header; labels.json names the ids and "
         "predictions.json reports each case. Preprocessing comes from the checkpoint.",
     )
-    parser.add_argument("-i", "--input", required=True, help="folder of scans, or one scan")
+    parser.add_argument("-i", "--input", required=True,
+                        help="folder of scans, one scan, or a data list (.json) whose --split cases are predicted")
+    parser.add_argument("--split", default="test", help="with a data list as input: which split (default test)")
+    parser.add_argument("--data-root", help="with a data list: base folder for relative paths without a 'root'")
     parser.add_argument("-o", "--output", required=True, help="output folder (created)")
     parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
     parser.add_argument("--adapter", nargs="+", metavar="FILE",
@@ -134,7 +142,7 @@ def _command(args: argparse.Namespace) -> int:
         raise DataError(f"--part-id {args.part_id} must lie in [0, --num-parts {args.num_parts})")
     if not 0.0 <= args.overlap < 1.0:
         raise DataError(f"--overlap must lie in [0, 1), got {args.overlap}")
-    scans = find_inputs(Path(args.input))[args.part_id :: args.num_parts]
+    scans = find_inputs(Path(args.input), args.split, args.data_root)[args.part_id :: args.num_parts]
     device = resolve_device(args.device)
     network, structures, preprocessing = build_network(args.model, args.adapter, args.organs, device)
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from tqdm import tqdm
 
 from fsseg.cli import add_common_arguments, run_cli

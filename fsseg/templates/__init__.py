@@ -47,6 +47,22 @@ def canonical_name(name: str) -> str:
     return _alias_table().get(key, key)
 
 
+@lru_cache(maxsize=1)
+def structure_groups() -> dict[str, tuple[str, ...]]:
+    """Named groups of structures (``flare9``, ``abdomen``, ...) from ``groups.json``."""
+    data = json.loads((_DATA_DIR / "groups.json").read_text())
+    return {name: tuple(canonical_name(m) for m in members) for name, members in data["groups"].items()}
+
+
+def expand_structures(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Canonical structure names, group names replaced by their members, repeats dropped, order kept."""
+    out: list[str] = []
+    for name in names:
+        members = structure_groups().get(normalize_name(name), (canonical_name(name),))
+        out.extend(m for m in members if m not in out)
+    return out
+
+
 @dataclass(frozen=True)
 class Template:
     """An ordered list of structures; structure ``ids[i]`` is output channel ``i``."""
@@ -85,7 +101,7 @@ class Template:
 
 def available_templates() -> list[str]:
     """Names of the templates shipped with fsseg."""
-    return sorted(p.stem for p in _DATA_DIR.glob("*.json") if p.stem != "aliases")
+    return sorted(p.stem for p in _DATA_DIR.glob("*.json") if p.stem not in ("aliases", "groups"))
 
 
 def load_template(name_or_path: str | Path = DEFAULT_TEMPLATE) -> Template:

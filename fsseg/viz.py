@@ -1,0 +1,112 @@
+"""Pictures people can look at: slice overlays, Dice-vs-shots curves and Dice box plots (headless PNGs).
+
+matplotlib is an optional extra (``pip install -e .[viz]``); without it the commands say how to get it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from fsseg.data.io import atomic_path
+from fsseg.errors import FssegError
+
+GT_COLOUR, PRED_COLOUR = "#2ca02c", "#d62728"
+DISPLAY_WINDOW_HU = (-175.0, 250.0)
+
+
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend, or a one-line error saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise FssegError("pictures need matplotlib: pip install -e .[viz] (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
+    image = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array), affine))
+    return np.asanyarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
+
+
+def overlay_png(path: str | Path, image: np.ndarray, affine: np.ndarray, masks: Mapping[str, np.ndarray],
+                title: str) -> Path:
+    """Axial, coronal and sagittal slices through the first mask's centroid, each mask drawn as a contour.
+
+    Args:
+        image: the scan (HU) on its own grid; ``affine`` its voxel-to-world matrix.
+        masks: label -> binary mask on the same grid, e.g. ``{"ground truth": gt, "prediction": pred}``;
+            the first non-empty mask chooses the slices.
+    """
+    plt = pyplot()
+    volume, zooms = _canonical(image.astype(np.float32), affine)
+    canonical = {name: _canonical(mask.astype(np.uint8), affine)[0] > 0 for name, mask in masks.items()}
+    anchor = next((m for m in canonical.values() if m.any()), None)
+    centre = np.argwhere(anchor).mean(0).astype(int) if anchor is not None else np.array(volume.shape) // 2
+    views = [("axial", lambda a: a[:, :, centre[2]], zooms[1] / zooms[0]),
+             ("coronal", lambda a: a[:, centre[1], :], zooms[2] / zooms[0]),
+             ("sagittal", lambda a: a[centre[0], :, :], zooms[2] / zooms[1])]
+    colours = [GT_COLOUR, PRED_COLOUR, "#1f77b4", "#ff7f0e"]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for axis, (name, cut, aspect) in zip(axes, views):
+        axis.imshow(np.clip(cut(volume), *DISPLAY_WINDOW_HU).T, cmap="gray", origin="lower", aspect=aspect)
+        for colour, (label, mask) in zip(colours, canonical.items()):
+            section = cut(mask).T.astype(float)
+            if section.any():
+                axis.contour(section, levels=[0.5], colors=[colour], linewidths=1.2)
+        axis.set_title(name)
+        axis.axis("off")
+    handles = [plt.Line2D([], [], color=c, label=label) for c, label in zip(colours, canonical)]
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+def dice_vs_shots_png(path: str | Path, curves: Mapping[str, Mapping[int, tuple[float, float]]], title: str) -> Path:
+    """One line per method: mean Dice (± std band over seeds) against the number of shots K."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    for method, points in curves.items():
+        shots = sorted(points)
+        mean = np.array([points[k][0] for k in shots])
+        std = np.array([points[k][1] for k in shots])
+        axis.plot(shots, mean, marker="o", label=method)
+        axis.fill_between(shots, mean - std, mean + std, alpha=0.2)
+    axis.set_xlabel("shots K")
+    axis.set_ylabel("Dice")
+    axis.set_ylim(0, 1)
+    axis.set_xticks(sorted({k for points in curves.values() for k in points}))
+    axis.grid(alpha=0.3)
+    axis.legend()
+    axis.set_title(title)
+    return _save(figure, path)
+
+
+def dice_boxplot_png(path: str | Path, dice: Mapping[str, Sequence[float]], title: str) -> Path:
+    """A box of per-case Dice for each structure."""
+    plt = pyplot()
+    names = list(dice)
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 4.2))
+    axis.boxplot([list(dice[n]) for n in names])
+    axis.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
+    axis.set_ylabel("Dice")
+    axis.set_ylim(0, 1)
+    axis.grid(axis="y", alpha=0.3)
+    axis.set_title(title)
+    return _save(figure, path)
+
+
+def _save(figure, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=80, format="png")
+    plt.close(figure)
+    return Path(path)
