@@ -45,13 +45,13 @@ demo: $(STAMP)
 	$(BIN)/fsseg-pretrain --config configs/pretrain/tiny.yaml --out $(DEMO_DIR)/pretrain --resume auto --no-progress \
 		--data-list $(DEMO_DIR)/data/phantom_source_a.json $(DEMO_DIR)/data/phantom_source_b.json \
 		$(DEMO_DIR)/data/phantom_source_c.json $(DEMO_PRETRAIN_ARGS)
-	@echo "== 4/6 Adapting to the gallbladder, which no source annotates (5 shots, 2 seeds) -> $(DEMO_DIR)/adapt"
+	@echo "== 4/6 Adapting to the gallbladder, which no source annotates (1 and 5 shots, 2 seeds) -> $(DEMO_DIR)/adapt"
 	$(BIN)/fsseg-adapt --checkpoint $(DEMO_DIR)/pretrain/checkpoint_latest.pt --data-list $(DEMO_DIR)/data/phantom_target.json \
-		--organ gallbladder --shots 5 --method lp adapter ft --seeds 2 --out $(DEMO_DIR)/adapt \
+		--organ gallbladder --shots 1 5 --method lp adapter ft --seeds 2 --out $(DEMO_DIR)/adapt \
 		--set method_configs=configs/adapt/demo --no-progress $(DEMO_ADAPT_ARGS)
 	@echo "== 5/6 Predicting the target test scans with the best adapter -> $(DEMO_DIR)/predict"
 	$(BIN)/fsseg-predict -i $(DEMO_DIR)/data/phantom_target.json --split test -o $(DEMO_DIR)/predict \
-		-m $(DEMO_DIR)/pretrain/checkpoint_latest.pt --no-progress \
+		-m $(DEMO_DIR)/pretrain/checkpoint_latest.pt --preview --no-progress \
 		--adapter "$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best"]["adapter"])' $(DEMO_DIR)/adapt/results.json)"
 	@echo "== 6/6 Scoring the predictions in native space -> $(DEMO_DIR)/evaluate"
 	$(BIN)/fsseg-evaluate --pred $(DEMO_DIR)/predict --data-list $(DEMO_DIR)/data/phantom_target.json \

@@ -83,6 +83,7 @@ class AdaptConfig:
     overlap: float = 0.5
     nsd_tolerance: float = 2.0
     save_adapters: bool = True
+    pictures: bool = True
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or not self.shots or min(self.shots) < 1:

@@ -36,12 +36,13 @@ from fsseg.data.datalist import Case, DataList, load_datalist
 from fsseg.data.io import atomic_path, load_nifti_image
 from fsseg.data.sampling import CropSampler, sample_support
 from fsseg.data.transforms import IMAGE, LABEL, case_item, inference_transforms
-from fsseg.errors import ConfigError, DataError
+from fsseg.errors import ConfigError, DataError, FssegError
 from fsseg.inference import InferenceSettings, Predictor
 from fsseg.losses import PartialLabelLoss
 from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
 from fsseg.metrics import score_structure
 from fsseg.templates import Template, expand_structures
+from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
 from adapt.config import AdaptConfig, MethodSettings, TrainingConfig, TransductiveConfig, load_method_settings
 
 log = logging.getLogger("fsseg.adapt")
@@ -116,6 +117,8 @@ class Adaptation:
         self.support_transform = inference_transforms(self.pre, keys=(IMAGE, LABEL), template=self.targets)
         self._supports: dict[str, Support] = {}
         self._queries: dict[str, Query] = {}
+        self._best: dict[str, float] = {}
+        self.pictures = config.pictures and _pictures_available()
 
     def _pools(self, datalist: DataList) -> tuple[list[Case], list[Case]]:
         missing = [o for o in self.organs if o not in datalist.structures]
@@ -163,6 +166,20 @@ class Adaptation:
             self._queries[case.id] = Query(case, self.predictor.preprocess(case.image), masks,
                                            load_nifti_image(case.image), reference_volume.spacing, self._scan_key(case))
         return self._queries[case.id]
+
+    def keep_if_best(self, method: str, shots: int, seed: int, rows: list[dict],
+                     predictions: dict[str, dict[str, np.ndarray]]) -> None:
+        """Draw the test-case overlays of a method's best run so far (highest mean Dice) into pictures/<method>/."""
+        mean = float(np.mean([r["dice"] for r in rows]))
+        if not self.pictures or mean <= self._best.get(method, -1.0):
+            return
+        self._best[method] = mean
+        for row in rows:
+            query = self._queries[row["case"]]
+            masks = {"ground truth": query.masks[row["organ"]], "prediction": predictions[row["case"]][row["organ"]]}
+            overlay_png(self.out / "pictures" / method / f"{row['case']}_{row['organ']}.png",
+                        np.asanyarray(query.reference.dataobj), query.reference.affine, masks,
+                        f"{row['case']}, {row['organ']}: {method} K={shots} seed {seed}, Dice {row['dice']:.3f}")
 
     def _scan_key(self, case: Case) -> str:
         """Identifies a scan's model-space volume: its file content and the preprocessing."""
@@ -274,6 +291,10 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
                 _write_results(out, rows, config, run, time.time() - started)
                 jobs.update()
     jobs.close()
+    if run.pictures and len(config.shots) > 1:
+        for organ, methods in results_table(rows, config).items():
+            name = "dice_vs_shots.png" if len(run.organs) == 1 else f"dice_vs_shots_{organ}.png"
+            dice_vs_shots_png(out / name, methods, f"{organ}: Dice vs shots (mean ± std over {config.seeds} seeds)")
     table = results_table(rows, config)
     summary = {"table": table, "rows": len(rows), "seconds": round(time.time() - started, 1)}
     trainable = {r["method"]: (r["trainable_params"], r["total_params"]) for r in rows}
@@ -288,7 +309,7 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     trainable, total = adapted.parameter_counts()
     began = time.time()
     ti = run.config.ti
-    rows = []
+    rows, predictions = [], {}
     support_ids = " ".join(s.case.id for s in supports)
     if ti.enabled:
         warm = min(ti.warmup_epochs, training.epochs)
@@ -303,8 +324,10 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
             more = train(own, supports, run, training, seed, epochs=(warm, training.epochs),
                          ti=(ti, pooled, size_targets(supports, query)), optimizer_state=warmed.state)
             seconds = warm_seconds + time.time() - began_query
-            rows += score_rows(run, own, query, method, shots, seed, trainable, total, seconds,
-                               warmed.epochs + more.epochs, support_ids, transductive=True)
+            scored, predictions[case.id] = score_rows(run, own, query, method, shots, seed, trainable, total, seconds,
+                                                      warmed.epochs + more.epochs, support_ids, transductive=True)
+            rows += scored
+        run.keep_if_best(method, shots, seed, rows, predictions)
         return rows
     ran = train(adapted, supports, run, training, seed).epochs
     seconds = time.time() - began
@@ -313,15 +336,19 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
         save_adapter(run.out / "adapters" / name, adapted, method, options, run.config.checkpoint, run.pre,
                      {"shots": shots, "seed": seed, "support": support_ids.split()})
     for case in run.tests:
-        rows += score_rows(run, adapted, run.query(case), method, shots, seed, trainable, total, seconds, ran,
-                           support_ids, transductive=False)
+        scored, predictions[case.id] = score_rows(run, adapted, run.query(case), method, shots, seed, trainable, total,
+                                                  seconds, ran, support_ids, transductive=False)
+        rows += scored
     log.info(f"{method} K={shots} seed {seed}: {ran} epochs, {trainable:,} trainable of {total:,} parameters, "
-             f"mean Dice {np.mean([r['dice'] for r in rows[-len(run.tests) * len(run.organs):]]):.3f}")
+             f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}")
+    run.keep_if_best(method, shots, seed, rows, predictions)
     return rows
 
 
 def score_rows(run: Adaptation, adapted: AdaptedModel, query: Query, method: str, shots: int, seed: int,
-               trainable: int, total: int, seconds: float, epochs: int, support: str, transductive: bool) -> list[dict]:
+               trainable: int, total: int, seconds: float, epochs: int, support: str,
+               transductive: bool) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Result rows of one test case (one per target structure) and the predicted masks."""
     predicted = predict_query(adapted, query, run)
     rows = []
     for organ in run.organs:
@@ -330,7 +357,7 @@ def score_rows(run: Adaptation, adapted: AdaptedModel, query: Query, method: str
                      "dice": round(score.dice, 4), "nsd": round(score.nsd, 4), "hd95": round(score.hd95, 2),
                      "transductive": transductive, "trainable_params": trainable, "total_params": total,
                      "train_seconds": round(seconds, 2), "epochs": epochs, "support": support})
-    return rows
+    return rows, predicted
 
 
 def results_table(rows: list[dict], config: AdaptConfig) -> dict:
@@ -364,6 +391,15 @@ def format_table(table: dict, config: AdaptConfig, parameters: dict[str, tuple[i
                 f"{cells[k][0]:>9.3f} ± {cells[k][1]:.3f}" if k in cells else f"{'-':>16}" for k in config.shots)
                 + f"{trainable:>14,}{total / trainable:>8.0f}x")
     return "\n".join(lines)
+
+
+def _pictures_available() -> bool:
+    try:
+        pyplot()
+    except FssegError as error:
+        log.warning(f"pictures skipped: {error}")
+        return False
+    return True
 
 
 def best_adapter(rows: list[dict], out: Path, organs: list[str]) -> dict | None:

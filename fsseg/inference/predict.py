@@ -23,6 +23,7 @@ from fsseg.errors import DataError, FssegError
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predictor import InferenceSettings, Predictor
 from fsseg.templates import expand_structures
+from fsseg.viz import overlay_png, pyplot
 from fsseg.training.runtime import DEVICES, resolve_device
 
 log = logging.getLogger("fsseg.predict")
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--part-id", type=int, default=0, help="which part this process predicts (0-based)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <case>_probabilities.nii.gz (float32, one volume per structure)")
+    parser.add_argument("--preview", action="store_true",
+                        help="also write <case>_preview.png: axial/coronal/sagittal slices with the predicted contours "
+                        "(needs matplotlib: pip install -e .[viz])")
     parser.add_argument("--largest-component", action="store_true",
                         help="keep the largest connected component of each structure")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,6 +153,8 @@ def _command(args: argparse.Namespace) -> int:
     settings = InferenceSettings(overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp,
                                  largest_component=args.largest_component)
     predictor = Predictor(network, structures, preprocessing, device, settings)
+    if args.preview:
+        pyplot()  # fail now, not after the first case, when matplotlib is missing
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     labels = {"0": "background", **{str(i + 1): name for i, name in enumerate(structures)}}
@@ -171,6 +177,9 @@ def _command(args: argparse.Namespace) -> int:
             if args.save_probabilities:
                 save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference,
                           out / f"{case}_probabilities.nii.gz")
+            if args.preview:
+                overlay_png(out / f"{case}_preview.png", np.asanyarray(prediction.reference.dataobj),
+                            prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict")
         except FssegError as error:
             failed += 1
             log.error(f"{scan}: failed: {error}")

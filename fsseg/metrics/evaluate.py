@@ -17,9 +17,10 @@ from fsseg.data.annotations import load_case_masks
 from fsseg.data.datalist import Case, load_datalist
 from fsseg.data.io import atomic_path, load_volume, nifti_stem, same_geometry
 from fsseg.data.labels import LabelMap
-from fsseg.errors import DataError
+from fsseg.errors import DataError, FssegError
 from fsseg.metrics.segmentation import EMPTY_POLICY, StructureScore, score_structure, summarise
 from fsseg.templates import canonical_name
+from fsseg.viz import dice_boxplot_png
 
 MISSING = StructureScore(0.0, 0.0, math.nan, "missing", 0, 0)
 CSV_FIELDS = ["case", "structure", "dice", "nsd", "hd95", "kind", "gt_voxels", "pred_voxels", "status"]
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--structures", nargs="+", metavar="NAME", help="structures to score (default: all in both)")
     parser.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     parser.add_argument("-o", "--output", required=True, help="report folder (per_case.csv, summary.json)")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="do not draw dice_boxplot.png (drawing needs matplotlib: pip install -e .[viz])")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(parser)
     return parser
@@ -168,6 +171,12 @@ def _command(args: argparse.Namespace) -> int:
         cases, label_map = _gt_folder_cases(Path(args.gt), args.gt_label_map, pred_dir)
     rows, summary = evaluate(pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress)
     write_report(Path(args.output), rows, summary)
+    if not args.no_plot:
+        dice = {s: [r["dice"] for r in rows if r["structure"] == s] for s in summary["structures"]}
+        try:
+            dice_boxplot_png(Path(args.output) / "dice_boxplot.png", dice, f"Dice per structure ({summary['cases']} cases)")
+        except FssegError as error:  # the scores are written; only the picture is missing
+            print(f"fsseg-evaluate: warning: no box plot: {error}", file=sys.stderr)
     print(format_summary(summary))
     if summary["failed_cases"]:
         print(f"failed cases (scored 0): {', '.join(summary['failed_cases'])}", file=sys.stderr)
