@@ -109,6 +109,10 @@ class Adaptation:
         self.checkpoint_sha = sha256_file(config.checkpoint)
         self.datalist = load_datalist(config.data_list, config.data_root)
         self.organs = expand_structures(config.organs)
+        known = [o for o in self.organs if o in self.template]
+        fresh = [o for o in self.organs if o not in self.template]
+        log.info(f"heads: {', '.join(known) or 'none'} start from the checkpoint's '{self.template.name}' rows"
+                 + (f"; fresh head rows for {', '.join(fresh)} (not in the template)" if fresh else ""))
         self.targets = Template("targets", tuple(self.organs), tuple(range(1, len(self.organs) + 1)))
         self.pool, self.tests = self._pools(self.datalist)
         self.settings = {m: self._method_settings(m) for m in config.methods}

@@ -15,6 +15,7 @@ from torch import nn
 
 from fsseg.errors import ConfigError
 from fsseg.models.base import SegmentationModel
+from fsseg.models.unet3d import UNet3D
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ def _basic_unet(features: list[int] | tuple[int, ...], **kwargs) -> tuple[nn.Mod
     return network, int(features[-1])
 
 
+def _unet3d() -> tuple[nn.Module, int]:
+    return UNet3D(), 64
+
+
 _SWIN_BLOCKS = {
     "encoder": ["swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
     "decoder": ["decoder5", "decoder4", "decoder3", "decoder2", "decoder1"],
@@ -83,6 +88,12 @@ _UNET_BLOCKS = {
     "last_decoder_block": ["upcat_1"],
 }
 
+register_model("unet3d", _unet3d, {}, {
+    "encoder": ["down_tr64", "down_tr128", "down_tr256", "down_tr512"],
+    "decoder": ["up_tr256", "up_tr128", "up_tr64"],
+    "last_decoder_block": ["up_tr64"],
+}, "Models-Genesis 3D U-Net (19M parameters; the SuPreM / CLIP-Driven UNet backbone), 64 feature channels. "
+   "Spatial sizes must be divisible by 8.")
 register_model("swinunetr", _swinunetr, {"feature_size": 48}, _SWIN_BLOCKS,
                "MONAI SwinUNETR, feature_size 48 (62M parameters; the FSEFT/CLIP-Driven backbone). Spatial sizes "
                "must be divisible by 32.")

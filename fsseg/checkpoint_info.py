@@ -1,0 +1,74 @@
+"""``fsseg-inspect``: what a checkpoint (or adapter file) holds, without running it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import torch
+
+from fsseg.adapters.artifact import KIND as ADAPTER_KIND
+from fsseg.checkpoint import FORMAT, model_from_checkpoint
+from fsseg.cli import add_common_arguments, run_cli
+from fsseg.errors import DataError
+
+
+def describe(payload: dict, source: str) -> str:
+    """A readable summary of an fsseg checkpoint or adapter file."""
+    lines = [f"{source}: {payload.get('kind', 'checkpoint')}"]
+    if payload.get("kind") == ADAPTER_KIND:
+        counts = payload.get("parameters", {})
+        lines += [f"  method: {payload['method']} {payload.get('options', {})}",
+                  f"  structures: {', '.join(payload['structures'])}",
+                  f"  trained tensors: {len(payload['state_dict'])} ({counts.get('trainable', '?'):,} of "
+                  f"{counts.get('total', '?'):,} parameters)" if counts else "",
+                  f"  base checkpoint sha256: {payload['base_sha256']}"]
+    else:
+        model = model_from_checkpoint(payload, source)
+        lines.append(f"  architecture: {payload['arch']['name']} {payload['arch']['kwargs']}")
+        lines.append(f"  parameters: {sum(p.numel() for p in model.parameters()):,}")
+        for group, params in model.parameter_groups().items():
+            lines.append(f"    {group:<20} {sum(p.numel() for p in params):>12,}")
+        template = payload["template"]
+        lines.append(f"  template: {template['name']} ({len(template['structures'])} structures: "
+                     f"{', '.join(template['structures'][:8])}{', ...' if len(template['structures']) > 8 else ''})")
+        for key in ("epoch", "step", "source"):
+            if key in payload:
+                lines.append(f"  {key}: {payload[key]}")
+    pre = payload.get("preprocessing", {})
+    lines.append("  preprocessing: " + ", ".join(f"{k} {v}" for k, v in pre.items()))
+    lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in payload.get("versions", {}).items()))
+    return "\n".join(line for line in lines if line)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsseg-inspect", description="Print what an fsseg checkpoint or adapter "
+                                     "file holds: architecture, parameters per block, template, preprocessing, versions.")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="checkpoint(s) or adapter file(s)")
+    add_common_arguments(parser)
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    for path in args.files:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except Exception as error:  # damaged zip or pickle data
+            raise DataError(f"{path}: cannot read ({type(error).__name__}); not an fsseg file?") from None
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise DataError(f"{path}: not an fsseg checkpoint or adapter (convert published weights with "
+                            "fsseg-import-checkpoint)")
+        print(describe(payload, str(path)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fsseg-inspect``."""
+    return run_cli("fsseg-inspect", build_parser(), _command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Import published CT foundation-model weights into fsseg checkpoints, by explicit key layouts.
+
+Each supported layout names how its keys map onto fsseg's (``backbone.*`` and ``head.*``), which tensors must
+all be present, and what preprocessing the model expects. The import fails, naming the block, when a required
+backbone tensor is missing or has the wrong shape; nothing is loaded silently. Layouts (key facts from the
+published files and their loaders):
+
+* ``fseft``: FSEFT's raw DDP state dict, ``module.swinViT...``, ``module.classifier.*`` (29 structures).
+* ``clip-driven``: ``{'net': ...}`` with ``module.backbone.*`` (SwinUNETR) and a text-conditioned head
+  (``organ_embedding`` [32, 512], ``controller``, ...), which is not a per-structure 1x1x1 head and is dropped.
+* ``suprem-swinunetr`` / ``suprem-unet``: SuPreM's ``{'net': ...}`` with ``module.backbone.*`` (SwinUNETR or
+  the Models-Genesis UNet3D, ``down_tr64...``) and the same kind of text-conditioned head.
+* ``monai-ssl-swin``: MONAI's self-supervised Swin encoder (``module.layers1...``, ``mlp.fc1``): the encoder
+  only; the decoder and head are initialised.
+
+All of them expect RAS, 1.5 mm, HU [-175, 250] -> [0, 1] and 96^3 windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from fsseg.checkpoint import save_checkpoint, sha256_file
+from fsseg.cli import add_common_arguments, run_cli
+from fsseg.data.transforms import Preprocessing
+from fsseg.errors import DataError
+from fsseg.models import SegmentationModel, create_model
+from fsseg.models.base import BLOCK_GROUPS
+from fsseg.templates import Template, load_template
+
+# Buffers every model recomputes identically: their absence is no loss.
+DERIVED_BUFFERS = ("relative_position_index", "num_batches_tracked")
+CONTAINER_KEYS = ("state_dict", "net", "model", "network_weights")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A published key layout: how to recognise it and how its keys map onto an fsseg model."""
+
+    name: str
+    detect: Callable[[dict], bool]
+    rename: Callable[[str], str | None]  # published key (without "module.") -> fsseg key, or None to drop
+    arch: Callable[[dict], tuple[str, dict]]  # mapped state dict -> (model name, kwargs)
+    template: str
+    required_prefix: str  # fsseg keys that must all load
+    head_note: str | None = None  # why this layout's head cannot be kept, when it cannot
+
+
+def _swin_arch(state: dict) -> tuple[str, dict]:
+    feature_size = state["backbone.swinViT.patch_embed.proj.weight"].shape[0]
+    kwargs = {"feature_size": int(feature_size)}
+    if any(".layers1c." in key for key in state):
+        kwargs["use_v2"] = True
+    return "swinunetr", kwargs
+
+
+def _universal_rename(key: str) -> str | None:
+    return key if key.startswith("backbone.") else None
+
+
+def _ssl_rename(key: str) -> str | None:
+    if not re.match(r"(patch_embed|layers\d)", key):
+        return None  # the self-supervision heads (rotation, contrastive, reconstruction)
+    return "backbone.swinViT." + key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+
+
+def _embedding_rows(state: dict) -> int:
+    embedding = state.get("organ_embedding")
+    return int(embedding.shape[0]) if embedding is not None else -1
+
+
+TEXT_HEAD = ("its head is conditioned on CLIP text embeddings (a generated per-structure convolution stack), not a "
+             "1x1x1 convolution per structure, so it is left out; adapt a new head with fsseg-adapt")
+
+LAYOUTS = {
+    layout.name: layout
+    for layout in (
+        Layout("fseft", lambda s: "swinViT.patch_embed.proj.weight" in s and "classifier.weight" in s,
+               lambda k: "head." + k[len("classifier."):] if k.startswith("classifier.") else "backbone." + k,
+               _swin_arch, "fseft29", "backbone."),
+        Layout("clip-driven", lambda s: "backbone.swinViT.patch_embed.proj.weight" in s and _embedding_rows(s) == 32,
+               _universal_rename, _swin_arch, "clip32", "backbone.", TEXT_HEAD),
+        Layout("suprem-swinunetr",
+               lambda s: "backbone.swinViT.patch_embed.proj.weight" in s and _embedding_rows(s) != 32,
+               _universal_rename, _swin_arch, "abdomenatlas25", "backbone.", TEXT_HEAD),
+        Layout("suprem-unet", lambda s: "backbone.down_tr64.ops.0.conv1.weight" in s,
+               _universal_rename, lambda s: ("unet3d", {}), "abdomenatlas25", "backbone.", TEXT_HEAD),
+        Layout("monai-ssl-swin", lambda s: "layers1.0.blocks.0.mlp.fc1.weight" in s, _ssl_rename, _swin_arch,
+               "fseft29", "backbone.swinViT.",
+               "a self-supervised encoder has no segmentation head; the decoder and head start initialised"),
+    )
+}
+
+
+def read_published(path: str | Path, unsafe: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a published file, unwrapped from ``{'net': ...}``-style containers, ``module.`` stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except Exception as error:  # corrupt zip/pickle, or objects weights_only refuses
+        hint = "" if unsafe else " (if it holds non-tensor objects and you trust its source, add --unsafe-load)"
+        raise DataError(f"{path}: cannot read ({type(error).__name__}: {str(error).splitlines()[0][:120]}){hint}") from None
+    while isinstance(payload, dict):
+        inner = next((payload[k] for k in CONTAINER_KEYS if isinstance(payload.get(k), dict)), None)
+        if inner is None:
+            break
+        payload = inner
+    if not isinstance(payload, dict) or not any(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise DataError(f"{path}: no state dict of tensors found")
+    return {re.sub(r"^(module\.)+", "", k): v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+
+
+def detect_layout(state: dict) -> Layout:
+    """The one layout whose signature the keys match."""
+    matches = [layout for layout in LAYOUTS.values() if layout.detect(state)]
+    if len(matches) != 1:
+        sample = ", ".join(list(state)[:4])
+        raise DataError(f"cannot tell the layout from the keys (first: {sample}); give --format "
+                        f"({', '.join(LAYOUTS)})")
+    return matches[0]
+
+
+@dataclass
+class Coverage:
+    """Per block: tensors loaded, missing, unexpected and of the wrong shape."""
+
+    rows: dict[str, dict[str, list[str]]]
+
+    def block(self, key: str, model: SegmentationModel) -> str:
+        if key.startswith("head."):
+            return "head"
+        name = key.split(".")[1] if key.startswith("backbone.") else key.split(".")[0]
+        for group in BLOCK_GROUPS[:2]:
+            if name in model.blocks.get(group, ()):
+                return f"{group}:{name}"
+        return name
+
+    def format(self) -> str:
+        lines = [f"{'block':<28} {'loaded':>7} {'missing':>8} {'unexpected':>11} {'shape':>6}"]
+        for block, kinds in self.rows.items():
+            lines.append(f"{block:<28} {len(kinds['loaded']):>7} {len(kinds['missing']):>8} "
+                         f"{len(kinds['unexpected']):>11} {len(kinds['mismatched']):>6}")
+        return "\n".join(lines)
+
+
+def convert(state: dict[str, torch.Tensor], layout: Layout, template: Template, drop_head: bool,
+            log: Callable[[str], None] = print) -> tuple[SegmentationModel, Coverage]:
+    """Build the fsseg model ``layout`` describes and load ``state`` into it, strictly.
+
+    Raises:
+        DataError: a required tensor is missing or mismatched (naming the blocks), or the head would be left out
+            without ``drop_head``.
+    """
+    mapped, dropped = {}, []
+    for key, value in state.items():
+        target = layout.rename(key)
+        if target is None:
+            dropped.append(key)
+        else:
+            mapped[target] = value
+    name, kwargs = layout.arch(mapped)
+    model = create_model(name, num_classes=len(template), **kwargs)
+    own = model.state_dict()
+    if "head.weight" in mapped and template.name != layout.template:
+        mapped.update(_head_by_name(mapped, load_template(layout.template), template, own, log))
+    coverage = Coverage({})
+    usable = {}
+    for key, value in mapped.items():
+        kind = "unexpected" if key not in own else ("mismatched" if own[key].shape != value.shape else "loaded")
+        coverage.rows.setdefault(coverage.block(key, model), {k: [] for k in ("loaded", "missing", "unexpected",
+                                                                         "mismatched")})[kind].append(key)
+        if kind == "loaded":
+            usable[key] = value
+    for key in own:
+        if key not in mapped and not key.endswith(DERIVED_BUFFERS):
+            coverage.rows.setdefault(coverage.block(key, model), {k: [] for k in ("loaded", "missing", "unexpected",
+                                                                             "mismatched")})["missing"].append(key)
+    log(coverage.format())
+    broken = sorted({block for block, kinds in coverage.rows.items() if block != "head"
+                     and any(k.startswith(layout.required_prefix) for k in kinds["missing"] + kinds["mismatched"])})
+    if broken:
+        first = next(k for block in broken for k in coverage.rows[block]["missing"] + coverage.rows[block]["mismatched"])
+        raise DataError(f"backbone tensors missing or of the wrong shape in block(s) {', '.join(broken)} "
+                        f"(e.g. {first}); this file does not fit the '{layout.name}' layout")
+    unexpected = [k for kinds in coverage.rows.values() for k in kinds["unexpected"]]
+    if unexpected:
+        raise DataError(f"{len(unexpected)} tensor(s) have no place in the model, e.g. {unexpected[0]}")
+    head = coverage.rows.get("head", {})
+    head_complete = len(head.get("loaded", [])) == 2
+    if not head_complete:
+        if layout.head_note:
+            log(f"head: {layout.head_note}")
+        elif not drop_head:
+            problem = "has the wrong shape" if head.get("mismatched") else "is missing"
+            raise DataError(f"the head {problem} for template '{template.name}' ({len(template)} structures); "
+                            "add --drop-head to import the backbone alone with a fresh head")
+        usable = {k: v for k, v in usable.items() if not k.startswith("head.")}
+    if dropped:
+        log(f"left out {len(dropped)} tensor(s) outside the segmentation network: "
+            f"{', '.join(sorted({k.split('.')[0] for k in dropped}))}")
+    result = model.load_state_dict(usable, strict=False)
+    assert not result.unexpected_keys
+    return model, coverage
+
+
+def _head_by_name(mapped: dict, source: Template, target: Template, own: dict, log) -> dict:
+    """Head rows of the target template's structures copied from the source's rows of the same structure."""
+    if mapped["head.weight"].shape[0] != len(source):
+        return {}
+    weight, bias = own["head.weight"].clone(), own["head.bias"].clone()
+    shared = [name for name in target.structures if name in source]
+    for name in shared:
+        weight[target.channel(name)] = mapped["head.weight"][source.channel(name)]
+        bias[target.channel(name)] = mapped["head.bias"][source.channel(name)]
+    fresh = [name for name in target.structures if name not in source]
+    log(f"head: {len(shared)} structure(s) of '{target.name}' taken from the '{source.name}' head by name"
+        + (f"; fresh rows for {', '.join(fresh)}" if fresh else ""))
+    return {"head.weight": weight, "head.bias": bias}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsseg-import-checkpoint",
+        description="Convert published weights (FSEFT, CLIP-Driven Universal Model, SuPreM, MONAI self-supervised "
+        "Swin) into an fsseg checkpoint, with a per-block coverage report. Fails when any backbone tensor is "
+        "missing or mismatched.",
+    )
+    parser.add_argument("source", help="the published file (.pt/.pth)")
+    parser.add_argument("--format", default="auto", choices=["auto", *LAYOUTS],
+                        help="its key layout (default auto: detected from the keys, and said)")
+    parser.add_argument("-o", "--output", required=True, help="fsseg checkpoint to write")
+    parser.add_argument("--template", help="structure template of the head (default: the layout's own)")
+    parser.add_argument("--drop-head", action="store_true",
+                        help="import the backbone alone when the head is missing or does not fit the template")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="allow files that pickle non-tensor objects (only for files from a source you trust)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_common_arguments(parser)
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise DataError(f"{output}: already exists (use --force to overwrite)")
+    state = read_published(args.source, args.unsafe_load)
+    if args.format == "auto":
+        layout = detect_layout(state)
+        print(f"format: {layout.name} (detected from the keys)")
+    else:
+        layout = LAYOUTS[args.format]
+    template = load_template(args.template or layout.template)
+    model, coverage = convert(state, layout, template, args.drop_head)
+    save_checkpoint(output, {
+        "kind": "imported", "arch": model.arch, "template": template.to_dict(),
+        "preprocessing": Preprocessing().to_dict(), "state_dict": model.state_dict(),
+        "source": {"file": str(Path(args.source).resolve()), "sha256": sha256_file(args.source),
+                   "format": layout.name},
+    })
+    print(f"wrote {output}: {model.arch['name']} {model.arch['kwargs']}, template {template.name}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fsseg-import-checkpoint``."""
+    return run_cli("fsseg-import-checkpoint", build_parser(), _command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
