@@ -90,6 +90,15 @@ def test_geometry_round_trip_and_oracle_dice(tmp_path):
             assert dice == 1.0, name
     report = json.loads((out / "predictions.json").read_text())
     assert report["cases"]["identity"]["structures_found"] == ["liver"]
+
+    # fsseg-evaluate against a folder of ground-truth label maps named like the predictions.
+    gt = tmp_path / "gt"
+    for name, (path, blob) in truth.items():
+        write_nifti(gt / path.name, blob.astype(np.uint8), nib.load(str(path)).affine)
+    assert evaluate(["--pred", str(out), "--gt", str(gt), "-o", str(tmp_path / "report"), "--no-progress",
+                     "--no-plot"]) == 0
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["structures"]["liver"]["n"] == 5 and summary["structures"]["liver"]["dice"]["median"] == 1.0
     assert report["cases"]["identity"]["volume_ml"]["liver"] == pytest.approx(truth["identity"][1].sum() * 1.5**3 / 1000, abs=0.01)
 
 
