@@ -125,6 +125,17 @@ def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, capsys):
     assert report["broken"]["status"] == "failed"
 
 
+def test_cpu_bf16_gives_the_same_oracle_masks(tmp_path):
+    scans = tmp_path / "scans"
+    path, blob = phantom_scan(scans, "identity", AFFINES["identity"])
+    ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
+    out = tmp_path / "pred"
+    assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--organs", "liver", "--cpu-bf16",
+                    "--no-progress"]) == 0
+    predicted = np.asanyarray(nib.load(str(out / path.name)).dataobj) == 1
+    assert 2 * (predicted & blob).sum() / (predicted.sum() + blob.sum()) > 0.99
+
+
 def test_parts_split_the_folder(tmp_path):
     scans = tmp_path / "scans"
     for i in range(3):

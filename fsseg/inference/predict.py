@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="float16 autocast on CUDA (default on; no effect on the CPU)")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="bfloat16 autocast on the CPU: faster, with slightly different probabilities")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="skip cases whose output already exists and is valid")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts")
@@ -151,6 +153,7 @@ def _command(args: argparse.Namespace) -> int:
     network, structures, preprocessing = build_network(args.model, args.adapter, args.organs, device)
 
     settings = InferenceSettings(overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp,
+                                 cpu_bf16=args.cpu_bf16,
                                  largest_component=args.largest_component)
     predictor = Predictor(network, structures, preprocessing, device, settings)
     if args.preview:

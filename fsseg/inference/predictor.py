@@ -28,11 +28,16 @@ GPU_STITCH_MAX_BYTES = 2 * 1024**3
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """Sliding-window settings (the roi comes from the checkpoint's preprocessing)."""
+    """Sliding-window settings (the roi comes from the checkpoint's preprocessing).
+
+    ``amp``: float16 autocast on CUDA. ``cpu_bf16``: bfloat16 autocast on the CPU (about 1.8x faster for a UNet
+    here, masks agreeing on > 99.99 % of voxels with random weights; off by default: check it on your model).
+    """
 
     overlap: float = 0.5
     sw_batch_size: int = 1
     amp: bool = True
+    cpu_bf16: bool = False
     threshold: float = 0.5
     largest_component: bool = False
 
@@ -91,8 +96,11 @@ class Predictor:
         """Sigmoid probabilities (K, *model grid) of a preprocessed ``data[IMAGE]`` (by default with ``self.network``)."""
         image = data[IMAGE]
         batch = image.as_tensor()[None].to(self.device)
-        autocast = self.settings.amp and self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+        if self.device.type == "cuda":
+            autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.settings.amp)
+        else:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.cpu_bf16)
+        with autocast:
             logits = self._inferer(image.shape[1:])(batch, network or self.network)
         return torch.sigmoid(logits[0].float()).cpu()
 
