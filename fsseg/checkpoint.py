@@ -76,19 +76,29 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     return Path(path)
 
 
+def load_torch_file(path: str | Path, what: str = "checkpoint", unsafe: bool = False, hint: str = "") -> object:
+    """``torch.load`` onto the CPU with one-line errors; only tensors and plain data unless ``unsafe``.
+
+    Raises:
+        DataError: the file is missing, truncated or corrupt, or pickles objects ``weights_only`` refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except Exception as error:  # torch raises many types for damaged zip/pickle data
+        raise DataError(f"{path}: cannot read {what}, the file is truncated or corrupt "
+                        f"({type(error).__name__}){hint}") from None
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load an fsseg checkpoint onto the CPU.
 
     Raises:
         DataError: missing, truncated or corrupt file, or a file that is not an fsseg checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for damaged zip/pickle data
-        raise DataError(f"{path}: cannot read checkpoint, the file is truncated or corrupt ({type(error).__name__})") from None
+    payload = load_torch_file(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{path}: not an fsseg checkpoint (published weights must be converted first)")
     missing = [key for key in ("arch", "template", "preprocessing", "state_dict") if key not in payload]

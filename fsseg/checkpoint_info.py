@@ -6,10 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
-import torch
-
 from fsseg.adapters.artifact import KIND as ADAPTER_KIND
-from fsseg.checkpoint import FORMAT, model_from_checkpoint
+from fsseg.checkpoint import FORMAT, load_torch_file, model_from_checkpoint
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.errors import DataError
 
@@ -52,12 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     for path in args.files:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise DataError(f"{path}: file not found") from None
-        except Exception as error:  # damaged zip or pickle data
-            raise DataError(f"{path}: cannot read ({type(error).__name__}); not an fsseg file?") from None
+        payload = load_torch_file(path, "file")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise DataError(f"{path}: not an fsseg checkpoint or adapter (convert published weights with "
                             "fsseg-import-checkpoint)")

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fsseg.checkpoint import save_checkpoint, sha256_file
+from fsseg.checkpoint import load_torch_file, save_checkpoint, sha256_file
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
@@ -101,14 +101,8 @@ LAYOUTS = {
 
 def read_published(path: str | Path, unsafe: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a published file, unwrapped from ``{'net': ...}``-style containers, ``module.`` stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except Exception as error:  # corrupt zip/pickle, or objects weights_only refuses
-        hint = "" if unsafe else " (if it holds non-tensor objects and you trust its source, add --unsafe-load)"
-        raise DataError(f"{path}: cannot read ({type(error).__name__}: {str(error).splitlines()[0][:120]}){hint}") from None
+    hint = "" if unsafe else "; if it holds non-tensor objects and you trust its source, add --unsafe-load"
+    payload = load_torch_file(path, "file", unsafe, hint)
     while isinstance(payload, dict):
         inner = next((payload[k] for k in CONTAINER_KEYS if isinstance(payload.get(k), dict)), None)
         if inner is None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from fsseg.adapters.base import AdaptedModel, adapt_model, get_method
-from fsseg.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint, sha256_file
+from fsseg.checkpoint import load_torch_file, model_from_checkpoint, read_checkpoint, save_checkpoint, sha256_file
 from fsseg.config import from_dict, to_dict
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
@@ -30,13 +28,7 @@ def save_adapter(path: str | Path, adapted: AdaptedModel, method: str, options, 
 
 def read_adapter(path: str | Path) -> dict:
     """An adapter file's contents; DataError when it is missing, damaged or not an adapter."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: adapter file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # damaged zip or pickle data
-        raise DataError(f"{path}: cannot read adapter, the file is truncated or corrupt ({type(error).__name__})") from None
+    payload = load_torch_file(path, "adapter file")
     if not isinstance(payload, dict) or payload.get("kind") != KIND:
         raise DataError(f"{path}: not an fsseg adapter file")
     return payload
