@@ -115,6 +115,7 @@ def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, capsys):
     assert report["broken"]["status"] == "failed" and "broken.nii.gz" in report["broken"]["error"]
     assert "expected a 3D volume" in report["flat"]["error"]
     assert not (out / "broken.nii.gz").exists() and not list(out.glob(".*part*"))
+    assert (out / "good.nii.gz").stat().st_mode & 0o044 == 0o044  # readable by others, like any new file
     assert "broken.nii.gz: failed" in capsys.readouterr().err
 
     # --continue skips finished cases and retries the failed ones.
