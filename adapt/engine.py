@@ -129,9 +129,7 @@ class Adaptation:
         if missing:
             raise DataError(f"{datalist.path}: no case annotates {', '.join(missing)}; it annotates: "
                             f"{', '.join(datalist.structures)}")
-        def annotating_all(split: str) -> list[Case]:
-            return [c for c in datalist.split(split) if set(self.organs) <= set(c.annotated_structures(datalist.label_map))]
-        tests, pool = annotating_all("test"), annotating_all("train")
+        tests, pool = datalist.cases_annotating(self.organs, "test"), datalist.cases_annotating(self.organs, "train")
         if not tests:
             raise DataError(f"{datalist.path}: no 'test' case annotates {', '.join(self.organs)}")
         test_groups = {c.group for c in tests}

@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from fsseg.data.labels import LabelMap
 from fsseg.errors import DataError
@@ -88,11 +89,11 @@ class DataList:
             names.extend(n for n in case.annotated_structures(self.label_map) if n not in names)
         return names
 
-    def cases_annotating(self, structure: str, split: str | None = None) -> list[Case]:
-        """Cases (optionally of one split) whose annotation includes ``structure``."""
-        name = canonical_name(structure)
+    def cases_annotating(self, structures: str | Sequence[str], split: str | None = None) -> list[Case]:
+        """Cases (optionally of one split) whose annotation includes every one of ``structures``."""
+        names = {canonical_name(s) for s in ([structures] if isinstance(structures, str) else structures)}
         pool = self.cases if split is None else self.split(split)
-        return [case for case in pool if name in case.annotated_structures(self.label_map)]
+        return [case for case in pool if names <= set(case.annotated_structures(self.label_map))]
 
     def template_coverage(self, template: Template) -> tuple[list[str], list[str]]:
         """(structures trained against ``template``, structures outside it)."""
