@@ -17,7 +17,8 @@ class TrainingConfig:
 
     An epoch visits every support volume once, taking ``crops_per_volume`` crops of ``crop_size`` voxels
     (default: the checkpoint's roi; frozen-backbone methods train on cached features and may use smaller
-    crops). AdamW with warm-up then cosine decay. Training stops early when the moving average (over
+    crops, or read every ``voxel_stride``-th voxel of each crop when their head is per-voxel). AdamW with
+    warm-up then cosine decay. Training stops early when the moving average (over
     ``early_stop_window`` epochs) of the loss improved by less than ``early_stop_min_delta`` over the last
     ``early_stop_patience`` epochs.
     """
@@ -28,6 +29,7 @@ class TrainingConfig:
     warmup_epochs: int = 1
     crops_per_volume: int = 6
     crop_size: tuple[int, int, int] | None = None
+    voxel_stride: int = 1
     pos: float = 1.0
     neg: float = 1.0
     dice_weight: float = 1.0
@@ -35,6 +37,10 @@ class TrainingConfig:
     early_stop_window: int = 10
     early_stop_patience: int = 20
     early_stop_min_delta: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.voxel_stride < 1 or self.crops_per_volume < 1 or self.epochs < 1:
+            raise ConfigError("training.voxel_stride, crops_per_volume and epochs must be at least 1")
 
 
 @dataclass

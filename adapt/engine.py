@@ -198,16 +198,21 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Adaptation, train
     """Train ``adapted`` on the supports for epochs ``[start, stop)`` (default: all, with early stopping).
 
     Frozen-backbone methods read crops of cached features unless ``use_feature_cache`` is False (the
-    reference code's way: the backbone runs on every image crop). With ``ti`` = (settings, pooled query
+    reference code's way: the backbone runs on every full image crop; ``crop_size`` and ``voxel_stride``
+    apply to cached features only). With ``ti`` = (settings, pooled query
     features, target proportions), each epoch ends with one step on lam * L_TI of the query.
     """
     cached = adapted.backbone_frozen if use_feature_cache is None else use_feature_cache
     if cached and not adapted.backbone_frozen:
         raise ValueError("cached features need a frozen backbone")
+    stride = training.voxel_stride if cached else 1
+    if stride > 1 and not adapted.per_voxel_head:
+        raise ConfigError(f"training.voxel_stride={stride} needs a per-voxel head (1x1x1 convolutions only), "
+                          "e.g. lp; this method's adapter looks at neighbouring voxels: use a smaller crop_size")
     device = run.device
     crop = training.crop_size if (cached and training.crop_size) else run.pre.roi
     sources = [run.features(s) if cached else s.image.numpy() for s in supports]
-    samplers = [CropSampler(s.target, crop, training.pos, training.neg) for s in supports]
+    samplers = [CropSampler(s.target, crop, training.pos, training.neg, stride) for s in supports]
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=training.warmup_epochs * len(supports),

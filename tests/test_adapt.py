@@ -15,6 +15,7 @@ from conftest import TOTALSEG_LIST, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import read_checkpoint
+from fsseg.errors import ConfigError
 from fsseg.inference.predict import main as predict
 
 
@@ -111,8 +112,17 @@ def test_cached_features_train_the_linear_probe_exactly_like_live_features(phant
     assert np.allclose(heads[True][1], heads[False][1], atol=2e-3)
 
 
-@pytest.mark.parametrize("method", ["lp", "adapter", "ft-last", "ft"])
-def test_support_loss_falls(phantom_dir, tiny_checkpoint, tmp_path, method):
+def test_voxel_stride_is_refused_for_an_adapter_that_sees_neighbours(phantom_dir, tiny_checkpoint, tmp_path):
+    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
+                         organs=["liver"], shots=[1], methods=["adapter"], seeds=1)
+    run = Adaptation(config, tmp_path, torch.device("cpu"))
+    adapter = adapt_model(run.base, run.template, ["liver"], "adapter")
+    with pytest.raises(ConfigError, match="voxel_stride=2 needs a per-voxel head"):
+        train(adapter, [run.support(run.pool[0])], run, TrainingConfig(epochs=1, voxel_stride=2), seed=0)
+
+
+@pytest.mark.parametrize("method, stride", [("lp", 1), ("lp", 2), ("adapter", 1), ("ft-last", 1), ("ft", 1)])
+def test_support_loss_falls(phantom_dir, tiny_checkpoint, tmp_path, method, stride):
     config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
                          organs=["liver"], shots=[2], methods=[method], seeds=1)
     run = Adaptation(config, tmp_path, torch.device("cpu"))
@@ -121,7 +131,7 @@ def test_support_loss_falls(phantom_dir, tiny_checkpoint, tmp_path, method):
     adapted = adapt_model(run.base, run.template, ["liver"], method)
     before = fixed_crop_loss(adapted, supports, run)
     lr = {"lp": 1e-1, "adapter": 1e-1, "ft-last": 1e-2, "ft": 1e-2}[method]  # a random backbone learns slowly
-    train(adapted, supports, run, TrainingConfig(lr=lr, epochs=24, crops_per_volume=2), seed=0)
+    train(adapted, supports, run, TrainingConfig(lr=lr, epochs=24, crops_per_volume=2, voxel_stride=stride), seed=0)
     assert fixed_crop_loss(adapted, supports, run) < 0.9 * before
 
 

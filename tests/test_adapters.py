@@ -9,7 +9,7 @@ from fsseg.adapters.artifact import load_adapted_model, save_adapter
 from fsseg.adapters.lora import inject_lora
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data.datalist import Case
-from fsseg.data.sampling import sample_support
+from fsseg.data.sampling import CropSampler, sample_support
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import ConfigError, DataError
 from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
@@ -124,6 +124,29 @@ def test_support_sampling_is_deterministic_and_bounded():
     assert first != [c.id for c in sample_support(pool, 3, seed=2)]
     with pytest.raises(DataError, match="K=11 shots asked for, but only 10 train case"):
         sample_support(pool, 11, seed=0)
+
+
+def test_strided_crops_cover_the_full_crop_region_at_every_nth_voxel():
+    label = np.zeros((1, 60, 50, 40), np.uint8)
+    label[0, 20:40, 20:30, 10:30] = 1
+    full = CropSampler(label, (32, 32, 32)).slices(50, np.random.RandomState(0))
+    strided = CropSampler(label, (32, 32, 32), stride=2).slices(50, np.random.RandomState(0))
+    offsets = set()
+    for whole, every2nd in zip(full, strided):
+        for a, b in zip(whole[1:], every2nd[1:]):
+            assert b.step == 2 and a.start <= b.start <= a.start + 1 and b.stop == a.stop
+            offsets.add(b.start - a.start)
+        assert label[every2nd].shape[1:] == (16, 16, 16)
+    assert offsets == {0, 1}
+    with pytest.raises(ValueError, match="stride"):
+        CropSampler(label, (32, 32, 32), stride=0)
+
+
+def test_only_pointwise_heads_count_as_per_voxel(swin):
+    assert adapt_model(swin, TEMPLATE, ["liver"], "lp").per_voxel_head
+    assert not adapt_model(swin, TEMPLATE, ["liver"], "adapter").per_voxel_head
+    config = get_method("adapter").config_cls(kernel_size=1)
+    assert adapt_model(swin, TEMPLATE, ["liver"], "adapter", config).per_voxel_head
 
 
 def test_size_constraint_values_and_gradient_sign():

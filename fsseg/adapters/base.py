@@ -50,6 +50,14 @@ class AdaptedModel(nn.Module):
         """True when no parameter of the pretrained feature extractor trains (features can be cached)."""
         return not any(p.requires_grad for p in self.base.backbone.parameters())
 
+    @property
+    def per_voxel_head(self) -> bool:
+        """True when ``head_forward`` treats each voxel's features on their own (1x1x1 convolutions and
+        pointwise activations only), so it can train on any subset of voxels."""
+        leaves = [m for part in (self.trunk, self.head) for m in part.modules() if not list(m.children())]
+        return all(isinstance(m, (nn.Identity, nn.ReLU)) or (isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1))
+                   for m in leaves)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trained tensors: what an adapter file stores."""
         return {name: p.detach().cpu().clone() for name, p in self.named_parameters() if p.requires_grad}

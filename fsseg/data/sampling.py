@@ -29,13 +29,20 @@ def sample_support(pool: Sequence[Case], shots: int, seed: int, structure: str =
 class CropSampler:
     """Random crops of a (C, X, Y, Z) volume, centred on foreground with probability pos / (pos + neg).
 
-    Uses MONAI's positive/negative centre sampling, with the foreground indices computed once.
+    Uses MONAI's positive/negative centre sampling, with the foreground indices computed once. With
+    ``stride`` > 1 each crop keeps every ``stride``-th voxel along each axis from a random offset: the same
+    region and foreground/background balance as the full crop at a fraction of the voxels, for heads that
+    classify each voxel on its own (a linear probe on cached features).
     """
 
-    def __init__(self, label: np.ndarray, crop: Sequence[int], pos: float = 1.0, neg: float = 1.0) -> None:
+    def __init__(self, label: np.ndarray, crop: Sequence[int], pos: float = 1.0, neg: float = 1.0,
+                 stride: int = 1) -> None:
+        if stride < 1:
+            raise ValueError(f"stride must be at least 1, got {stride}")
         self.shape = tuple(label.shape[1:])
         self.crop = tuple(min(c, s) for c, s in zip(crop, self.shape))
         self.pos_ratio = pos / (pos + neg)
+        self.stride = stride
         self.fg, self.bg = map_binary_to_indices(label.any(0)[None])
 
     def slices(self, count: int, rng: np.random.RandomState) -> list[tuple[slice, ...]]:
@@ -45,5 +52,7 @@ class CropSampler:
         out = []
         for centre in centres:
             starts = [int(c) - s // 2 for c, s in zip(centre, self.crop)]
-            out.append((slice(None),) + tuple(slice(a, a + s) for a, s in zip(starts, self.crop)))
+            offsets = rng.randint(self.stride, size=len(starts)) if self.stride > 1 else [0] * len(starts)
+            out.append((slice(None),) + tuple(slice(a + o, a + s, self.stride)
+                                              for a, o, s in zip(starts, offsets, self.crop)))
         return out
