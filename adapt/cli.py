@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ti", action=argparse.BooleanOptionalAction, default=None,
                         help="transductive organ-size constraint on each test case (frozen-backbone methods)")
     parser.add_argument("--out", default="runs/adapt", help="run directory (default runs/adapt)")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="keep the (method, K, seed) runs that OUT/results.json already holds for the same "
+                        "checkpoint, data list, structures and method settings; run only the rest")
     add_run_arguments(parser, "ti.gamma=0.5")
     add_common_arguments(parser)
     return parser
@@ -58,7 +61,8 @@ def _command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     seed_everything(0)
-    run_adaptation(config, out, resolve_device(args.device), progress=not args.no_progress)
+    run_adaptation(config, out, resolve_device(args.device), progress=not args.no_progress,
+                   resume=args.resume)
     print(f"results: {out / 'results.csv'}, {out / 'results.json'}; adapters in {out / 'adapters'}")
     return 0
 

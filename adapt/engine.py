@@ -29,7 +29,7 @@ from fsseg.adapters import AdaptedModel, adapt_model, get_method
 from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.feature_cache import FeatureStore
 from fsseg.checkpoint import load_model, sha256_file
-from fsseg.config import from_dict
+from fsseg.config import from_dict, to_dict
 from fsseg.data.annotations import load_case_masks
 from fsseg.data.cache import file_digest
 from fsseg.data.datalist import Case, DataList, load_datalist
@@ -149,6 +149,9 @@ class Adaptation:
         options = from_dict(spec.config_cls, settings.options, where=f"{method}.options")
         if self.config.ti.enabled and not spec.frozen_backbone:
             raise ConfigError(f"--ti needs a frozen backbone; method '{method}' trains it (use lp or adapter)")
+        if settings.training.voxel_stride > 1:
+            check_voxel_stride(adapt_model(self.base, self.template, self.organs, method, options),
+                               settings.training, f"'{method}'")
         return settings, options
 
     def support(self, case: Case) -> Support:
@@ -206,9 +209,8 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Adaptation, train
     if cached and not adapted.backbone_frozen:
         raise ValueError("cached features need a frozen backbone")
     stride = training.voxel_stride if cached else 1
-    if stride > 1 and not adapted.per_voxel_head:
-        raise ConfigError(f"training.voxel_stride={stride} needs a per-voxel head (1x1x1 convolutions only), "
-                          "e.g. lp; this method's adapter looks at neighbouring voxels: use a smaller crop_size")
+    if stride > 1:
+        check_voxel_stride(adapted, training)
     device = run.device
     crop = training.crop_size if (cached and training.crop_size) else run.pre.roi
     sources = [run.features(s) if cached else s.image.numpy() for s in supports]
@@ -256,6 +258,14 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Adaptation, train
     return TrainResult(history, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
 
 
+def check_voxel_stride(adapted: AdaptedModel, training: TrainingConfig, method: str = "this method") -> None:
+    """Strided crops skip voxels, which only a head that looks at each voxel on its own can train on."""
+    if training.voxel_stride > 1 and not adapted.per_voxel_head:
+        raise ConfigError(f"training.voxel_stride={training.voxel_stride} needs a per-voxel head (1x1x1 "
+                          f"convolutions only, e.g. lp); {method}'s adapter looks at neighbouring voxels: "
+                          "use a smaller crop_size instead")
+
+
 @torch.no_grad()
 def predict_query(adapted: AdaptedModel, query: Query, run: Adaptation) -> dict[str, np.ndarray]:
     """Binary masks of the targets on the query's native grid."""
@@ -277,13 +287,19 @@ def size_targets(supports: list[Support], query: Query) -> list[float]:
     return [organ_size_prior([s.target[k] for s in supports]) / voxels for k in range(len(supports[0].target))]
 
 
-def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progress: bool = True) -> dict:
-    """Every (method, K, seed); writes results.json, results.csv and adapter files under ``out``."""
+def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progress: bool = True,
+                   resume: bool = False) -> dict:
+    """Every (method, K, seed); writes results.json, results.csv and adapter files under ``out``.
+
+    With ``resume``, the runs that ``out/results.json`` already holds for the same inputs and method settings
+    are kept instead of being run again.
+    """
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     run = Adaptation(config, out, device)
     log.info(f"{run.datalist.name}: {len(run.pool)} support candidates, {len(run.tests)} test cases, "
              f"targets {', '.join(run.organs)}")
+    finished = finished_runs(out / "results.json", run) if resume else {}
     rows: list[dict] = []
     jobs = tqdm(total=config.seeds * len(config.shots) * len(config.methods), desc="adapt", unit="run",
                 disable=not progress, file=sys.stderr)
@@ -294,10 +310,14 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
             log.info(f"seed {seed}, K={shots}: support {', '.join(c.id for c in support_cases)}")
             for method in config.methods:
                 jobs.set_postfix(method=method, K=shots, seed=seed)
-                rows += adapt_one(run, method, shots, seed, supports)
+                kept = finished.pop((method, shots, seed), None)
+                rows += kept or adapt_one(run, method, shots, seed, supports)
                 _write_results(out, rows, config, run, time.time() - started)
                 jobs.update()
     jobs.close()
+    if finished:
+        log.warning(f"results.json no longer lists earlier runs that were not asked for this time: "
+                    f"{', '.join(f'{m} K={k} seed {s}' for m, k, s in finished)}")
     if run.pictures and len(config.shots) > 1:
         for organ, methods in results_table(rows, config).items():
             name = "dice_vs_shots.png" if len(run.organs) == 1 else f"dice_vs_shots_{organ}.png"
@@ -307,6 +327,51 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
     trainable = {r["method"]: (r["trainable_params"], r["total_params"]) for r in rows}
     print(format_table(table, config, trainable))
     return summary
+
+
+def run_signature(run: Adaptation) -> dict:
+    """What every result row depends on besides its method's settings (compared by ``--continue``)."""
+    config = run.config
+    return _plain({"checkpoint_sha256": run.checkpoint_sha, "data_list": str(Path(run.datalist.path).resolve()),
+                   "organs": run.organs, "tests": [case.id for case in run.tests], "overlap": config.overlap,
+                   "nsd_tolerance": config.nsd_tolerance, "ti": to_dict(config.ti)})
+
+
+def method_signatures(run: Adaptation) -> dict:
+    return _plain({method: to_dict(settings) for method, (settings, _) in run.settings.items()})
+
+
+def _plain(data: object) -> object:
+    """As it reads back from JSON (tuples as lists), so that saved and current signatures compare equal."""
+    return json.loads(json.dumps(data))
+
+
+def finished_runs(path: Path, run: Adaptation) -> dict[tuple[str, int, int], list[dict]]:
+    """The complete (method, K, seed) runs of an earlier ``results.json`` made with the same inputs and settings.
+
+    Raises:
+        ConfigError: the file is unreadable or comes from other inputs (checkpoint, data list, structures, ...).
+    """
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--continue: {path} cannot be read ({error}); remove it to start afresh") from None
+    if document.get("signature") != run_signature(run):
+        raise ConfigError(f"--continue: {path} comes from another checkpoint, data list, target structures, TI or "
+                          "scoring settings; choose another --out or drop --continue to start afresh")
+    saved, current = document.get("method_settings", {}), method_signatures(run)
+    groups: dict[tuple[str, int, int], list[dict]] = {}
+    for row in document.get("rows", []):
+        groups.setdefault((row["method"], row["shots"], row["seed"]), []).append(row)
+    complete = len(run.tests) * len(run.organs)
+    kept = {job: rows for job, rows in groups.items()
+            if len(rows) == complete and job[0] in current and saved.get(job[0]) == current[job[0]]}
+    changed = sorted({job[0] for job in groups if job[0] in current and saved.get(job[0]) != current[job[0]]})
+    log.info(f"--continue: keeping {len(kept)} finished run(s) of {path}"
+             + (f"; running again those of {', '.join(changed)} (settings changed)" if changed else ""))
+    return kept
 
 
 def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: list[Support]) -> list[dict]:
@@ -435,6 +500,7 @@ def _write_results(out: Path, rows: list[dict], config: AdaptConfig, run: Adapta
         "best": best_adapter(rows, out, run.organs),
         "checkpoint": config.checkpoint, "checkpoint_sha256": run.checkpoint_sha, "data_list": config.data_list,
         "organs": run.organs, "evaluation_space": "native grid of each test case",
+        "signature": run_signature(run), "method_settings": method_signatures(run),
         "table": {o: {m: {str(k): {"mean": v[0], "std": v[1]} for k, v in c.items()} for m, c in ms.items()}
                   for o, ms in table.items()},
         "rows": rows, "seconds": round(seconds, 1),

@@ -1,4 +1,4 @@
-"""Adaptation speed at equal Dice: the reference code's loop vs fsseg's frozen-feature cache, `lp` and `adapter`.
+"""Adaptation speed without loss of Dice: the reference code's loop vs fsseg's frozen-feature cache, `lp` and `adapter`.
 
 SwinUNETR-48 (random weights), K = 5 phantom supports at real size (1.5 mm, about 200x140x155 voxels after
 the foreground crop) and two test scans. Both loops take the same optimiser steps on the same supports,
@@ -9,10 +9,13 @@ with the method's settings from configs/adapt/ except the schedule:
   config reads of them (lp: 96^3 crops at every 2nd voxel; adapter: 48^3 crops).
 
 Both run ``--epochs`` epochs with a cosine decay to zero and a raised learning rate (FSEFT v1's: LP 1e-1,
-spatial adapter 1e-2) so that a short run reaches a usable Dice; the Dice of both on the test cases
-(predicted from the cached test features, the same way for both) must agree within 0.01. Timings are
-per epoch over those epochs, extrapolated to ``--extrapolate`` epochs (FSEFT trains up to 200 with early
-stopping); fsseg's total includes extracting the support features once. The output says so.
+spatial adapter 1e-2) so that a short run reaches a usable Dice. The Dice of both on the test cases is
+predicted from the cached test features, the same way for both (for a linear head this equals the reference's
+sliding window over the whole model); fsseg's must not be lower than the reference's by more than 0.01.
+The two loops also differ in the features they train on: the reference on the features of each crop
+computed alone, fsseg on the blended sliding-window features that inference uses; the output reports how
+far apart the two are. Timings are per epoch over those epochs, extrapolated to ``--extrapolate`` epochs (FSEFT trains
+up to 200 with early stopping); fsseg's total includes extracting the support features once.
 
     python bench/adapt_speed.py --out bench/results/adapt_speed.json [--work DIR to keep and reuse features]
 """
@@ -34,6 +37,7 @@ from adapt.engine import Adaptation, predict_query, train
 from fsseg.adapters import adapt_model
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data import phantom
+from fsseg.data.sampling import CropSampler
 from fsseg.data.transforms import Preprocessing
 from fsseg.metrics import score_structure
 from fsseg.models import create_model
@@ -70,6 +74,36 @@ def mean_dice(adapted, run: Adaptation) -> float:
     return float(np.mean(scores))
 
 
+def extract_features(run: Adaptation, supports: list, work: Path) -> float:
+    """Seconds to compute the supports' features once; a kept ``--work`` folder remembers the run that did."""
+    record = work / "feature_extraction_s.json"
+    paths = [run.store.path(support.key) for support in supports]
+    if record.is_file() and all(path.exists() for path in paths):
+        return json.loads(record.read_text())["seconds"]
+    for path in paths:  # features of unknown cost are recomputed, so the time is always measured
+        path.unlink(missing_ok=True)
+    began = time.perf_counter()
+    for support in supports:
+        run.features(support)
+    seconds = time.perf_counter() - began
+    record.write_text(json.dumps({"seconds": seconds}) + "\n")
+    return seconds
+
+
+@torch.no_grad()
+def feature_mismatch(run: Adaptation, supports: list) -> float:
+    """Relative L2 difference between the backbone's features of one 96^3 crop per support, computed on the
+    crop alone (what the reference loop trains on), and the blended sliding-window features of that region
+    (what both loops predict from)."""
+    differences = []
+    for i, support in enumerate(supports):
+        crop = CropSampler(support.target, run.pre.roi, pos=1, neg=0).slices(1, np.random.RandomState(i))[0]
+        live = run.base.features(support.image[crop][None])[0]
+        cached = torch.from_numpy(np.asarray(run.features(support)[crop], dtype=np.float32))
+        differences.append(float(torch.linalg.vector_norm(live - cached) / torch.linalg.vector_norm(cached)))
+    return float(np.mean(differences))
+
+
 def crop_read(training, run: Adaptation, cached: bool) -> str:
     """What one training crop is, e.g. '96x96x96 /2' (every 2nd voxel)."""
     size = (training.crop_size or run.pre.roi) if cached else run.pre.roi
@@ -97,16 +131,16 @@ def main() -> None:
     print(f"\nBoth loops ran {args.epochs} epoch(s) of {args.shots} steps (lr as FSEFT v1, cosine decay); timings "
           f"extrapolated to {args.extrapolate} epochs; fsseg's total includes extracting the support features once.")
     print(f"{'method':<8} {'fsseg reads':>12} {'extract s':>9} {'fsseg s/ep':>10} {'ref s/ep':>9} {'fsseg tot':>10} "
-          f"{'ref tot':>9} {'speedup':>8} {'target':>7} {'Dice fsseg':>10} {'Dice ref':>9} {'equal':>6}")
+          f"{'ref tot':>9} {'speedup':>8} {'target':>7} {'Dice fsseg':>10} {'Dice ref':>9} {'not lower':>9}")
     for r in rows:
         print(f"{r['method']:<8} {r['fsseg_crop']:>12} {r['feature_extraction_s']:>9} {r['fsseg_s_per_epoch']:>10} "
               f"{r['reference_s_per_epoch']:>9} {r['fsseg_total_s']:>10} {r['reference_total_s']:>9} "
               f"{r['speedup']:>7}x {r['target']:>6}x {r['dice_fsseg']:>10} {r['dice_reference']:>9} "
-              f"{'yes' if r['dice_equal'] else 'NO':>6}")
+              f"{'yes' if r['dice_not_lower'] else 'NO':>9}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "adapt_speed", "targets": {"lp": ">= 20x", "adapter": ">= 4x",
-                                                                       "dice": "|fsseg - reference| <= 0.01"},
+                                                                       "dice": "fsseg >= reference - 0.01"},
                                "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 
@@ -117,10 +151,8 @@ def measure(work: Path, args: argparse.Namespace) -> list[dict]:
                          shots=[args.shots], methods=args.methods, seeds=1, overlap=0.25)
     run = Adaptation(config, work / "run", torch.device("cpu"))
     supports = [run.support(case) for case in run.pool[: args.shots]]
-    began = time.perf_counter()
-    for support in supports:
-        run.features(support)
-    extraction = time.perf_counter() - began
+    extraction = extract_features(run, supports, work)
+    mismatch = feature_mismatch(run, supports)
     rows = []
     for method in args.methods:
         training = load_method_settings(REPO / "configs" / "adapt", method).training
@@ -146,7 +178,8 @@ def measure(work: Path, args: argparse.Namespace) -> list[dict]:
             "fsseg_total_s": round(fsseg_total, 1), "reference_total_s": round(reference_total, 1),
             "speedup": round(reference_total / fsseg_total, 1), "target": TARGETS[method],
             "dice_fsseg": round(dice["fsseg"], 4), "dice_reference": round(dice["reference"], 4),
-            "dice_equal": abs(dice["fsseg"] - dice["reference"]) <= 0.01,
+            "dice_not_lower": dice["fsseg"] >= dice["reference"] - 0.01,
+            "live_vs_cached_feature_difference": round(mismatch, 3),
         })
         print(rows[-1], flush=True)
     return rows

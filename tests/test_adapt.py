@@ -15,7 +15,6 @@ from conftest import TOTALSEG_LIST, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import read_checkpoint
-from fsseg.errors import ConfigError
 from fsseg.inference.predict import main as predict
 
 
@@ -52,6 +51,37 @@ def test_adapt_on_phantoms_writes_table_results_and_adapters(phantom_dir, tiny_c
     assert len(adapters) == 12 and "gallbladder_lp_k1_s0.pt" in adapters
     # Features were extracted once per scan and shared by every frozen-backbone run.
     assert len(list((out / "features").glob("*.npy"))) <= 5
+
+
+def read_rows(out):
+    with open(out / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_continue_keeps_finished_runs_and_redoes_changed_ones(phantom_dir, tiny_checkpoint, tmp_path, capsys):
+    import yaml
+
+    configs = write_method_configs(tmp_path / "configs", epochs=2)
+    out = tmp_path / "run"
+    args = adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
+                      "--organ", "liver", "--shots", "1", "--seeds", "1")
+    assert main(args + ["--method", "lp"]) == 0
+    first = read_rows(out)
+    lp_file = out / "adapters" / "liver_lp_k1_s0.pt"
+    stamp = lp_file.stat().st_mtime_ns
+    assert main(args + ["--method", "lp", "adapter", "--continue"]) == 0
+    second = read_rows(out)
+    assert [r for r in second if r["method"] == "lp"] == first and lp_file.stat().st_mtime_ns == stamp
+    assert sum(r["method"] == "adapter" for r in second) == len(first)
+    (configs / "lp.yaml").write_text(yaml.safe_dump({"training": {"epochs": 3, "crops_per_volume": 2}}))
+    assert main(args + ["--method", "lp", "adapter", "--continue"]) == 0
+    third = read_rows(out)
+    assert {r["epochs"] for r in third if r["method"] == "lp"} == {"3"}
+    assert [r for r in third if r["method"] == "adapter"] == [r for r in second if r["method"] == "adapter"]
+    capsys.readouterr()
+    assert main(args + ["--method", "lp", "--continue", "--set", "overlap=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "comes from another checkpoint, data list" in err and "Traceback" not in err
 
 
 def test_adapter_file_reproduces_the_run_predictions(phantom_dir, tiny_checkpoint, tmp_path):
@@ -112,13 +142,15 @@ def test_cached_features_train_the_linear_probe_exactly_like_live_features(phant
     assert np.allclose(heads[True][1], heads[False][1], atol=2e-3)
 
 
-def test_voxel_stride_is_refused_for_an_adapter_that_sees_neighbours(phantom_dir, tiny_checkpoint, tmp_path):
-    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[1], methods=["adapter"], seeds=1)
-    run = Adaptation(config, tmp_path, torch.device("cpu"))
-    adapter = adapt_model(run.base, run.template, ["liver"], "adapter")
-    with pytest.raises(ConfigError, match="voxel_stride=2 needs a per-voxel head"):
-        train(adapter, [run.support(run.pool[0])], run, TrainingConfig(epochs=1, voxel_stride=2), seed=0)
+def test_voxel_stride_is_refused_at_start_for_an_adapter_that_sees_neighbours(phantom_dir, tiny_checkpoint,
+                                                                              tmp_path, capsys):
+    configs = write_method_configs(tmp_path / "configs", voxel_stride=2)
+    out = tmp_path / "run"
+    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
+                           "--organ", "liver", "--shots", "1", "--method", "lp", "adapter")) == 2
+    err = capsys.readouterr().err
+    assert "voxel_stride=2 needs a per-voxel head" in err and "'adapter'" in err and "Traceback" not in err
+    assert not (out / "features").exists()
 
 
 @pytest.mark.parametrize("method, stride", [("lp", 1), ("lp", 2), ("adapter", 1), ("ft-last", 1), ("ft", 1)])
