@@ -338,6 +338,7 @@ def run_signature(run: Adaptation) -> dict:
 
 
 def method_signatures(run: Adaptation) -> dict:
+    """Each method's options and training settings, as compared by ``--continue``."""
     return _plain({method: to_dict(settings) for method, (settings, _) in run.settings.items()})
 
 
