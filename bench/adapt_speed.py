@@ -14,8 +14,8 @@ predicted from the cached test features, the same way for both (for a linear hea
 sliding window over the whole model); fsseg's must not be lower than the reference's by more than 0.01.
 The two loops also differ in the features they train on: the reference on the features of each crop
 computed alone, fsseg on the blended sliding-window features that inference uses; the output reports how
-far apart the two are. Timings are per epoch over those epochs, extrapolated to ``--extrapolate`` epochs (FSEFT trains
-up to 200 with early stopping); fsseg's total includes extracting the support features once.
+far apart the two are. Timings are per epoch over those epochs, extrapolated to ``--extrapolate`` epochs
+(FSEFT trains up to 200 with early stopping); fsseg's total includes extracting the support features once.
 
     python bench/adapt_speed.py --out bench/results/adapt_speed.json [--work DIR to keep and reuse features]
 """
