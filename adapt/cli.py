@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
 from fsseg.adapters import list_methods
 from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
-from fsseg.config import load_config, to_dict
+from fsseg.config import load_config
+from fsseg.outputs import check_outputs, prepare_output_dir
 from fsseg.training.runtime import resolve_device, seed_everything
 from adapt.config import AdaptConfig
+
+RUN_FILES = ("config.yaml", "results.json", "results.csv")
 
 # The checkout's default run config; the paths inside it are relative to the working folder.
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "adapt" / "default.yaml")
@@ -58,8 +59,9 @@ def _command(args: argparse.Namespace) -> int:
             overrides.append(override(key, value))
     config = load_config(AdaptConfig, args.config, overrides)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    check_outputs([out / name for name in RUN_FILES], [config.checkpoint, config.data_list, args.config],
+                  option="--out")
+    prepare_output_dir(out, "--out")
     seed_everything(0)
     run_adaptation(config, out, resolve_device(args.device), progress=not args.no_progress,
                    resume=args.resume)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from monai.inferers import SlidingWindowInferer
 from monai.optimizers import WarmupCosineSchedule
 from tqdm import tqdm
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from fsseg.adapters import AdaptedModel, adapt_model, get_method
 from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.feature_cache import FeatureStore
-from fsseg.checkpoint import load_model, sha256_file
+from fsseg.checkpoint import NonFiniteWeights, load_model, sha256_file
 from fsseg.config import from_dict, to_dict
 from fsseg.data.annotations import load_case_masks
 from fsseg.data.cache import file_digest
@@ -109,10 +110,14 @@ class Adaptation:
         self.checkpoint_sha = sha256_file(config.checkpoint)
         self.datalist = load_datalist(config.data_list, config.data_root)
         self.organs = expand_structures(config.organs)
-        known = [o for o in self.organs if o in self.template]
-        fresh = [o for o in self.organs if o not in self.template]
-        log.info(f"heads: {', '.join(known) or 'none'} start from the checkpoint's '{self.template.name}' rows"
-                 + (f"; fresh head rows for {', '.join(fresh)} (not in the template)" if fresh else ""))
+        if self.base.head_trained:
+            known = [o for o in self.organs if o in self.template]
+            fresh = [o for o in self.organs if o not in self.template]
+            log.info(f"heads: {', '.join(known) or 'none'} start from the checkpoint's '{self.template.name}' rows"
+                     + (f"; fresh head rows for {', '.join(fresh)} (not in the template)" if fresh else ""))
+        else:
+            log.info(f"heads: fresh rows for {', '.join(self.organs)} (the checkpoint's head was not trained: "
+                     "it was imported without one)")
         self.targets = Template("targets", tuple(self.organs), tuple(range(1, len(self.organs) + 1)))
         self.pool, self.tests = self._pools(self.datalist)
         self.settings = {m: self._method_settings(m) for m in config.methods}
@@ -236,6 +241,9 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Adaptation, train
             y = torch.stack([torch.from_numpy(supports[i].target[s].astype(np.float32)) for s in slices]).to(device)
             logits = adapted.head_forward(x) if cached else adapted(x)
             loss = loss_fn(logits, y, torch.ones(y.shape[:2], device=device)).total
+            if not torch.isfinite(loss):
+                raise NonFiniteWeights(f"non-finite loss in epoch {epoch + 1} on support '{supports[i].case.id}'; "
+                                       "nothing of this run was saved")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -300,6 +308,8 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
     log.info(f"{run.datalist.name}: {len(run.pool)} support candidates, {len(run.tests)} test cases, "
              f"targets {', '.join(run.organs)}")
     finished = finished_runs(out / "results.json", run) if resume else {}
+    with atomic_path(out / "config.yaml") as tmp:  # only once the run is accepted: a refused --continue keeps it
+        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     rows: list[dict] = []
     jobs = tqdm(total=config.seeds * len(config.shots) * len(config.methods), desc="adapt", unit="run",
                 disable=not progress, file=sys.stderr)

@@ -69,8 +69,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class NonFiniteWeights(DataError):
+    """Training diverged: a tensor about to be saved holds NaN or infinite values."""
+
+
+def check_finite_weights(state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteWeights` naming the first tensor of ``state_dict`` with NaN or infinite values."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeights(f"{what}: tensor {name} holds NaN or infinite values (training diverged; "
+                                   "check the input scans, or lower the learning rate); nothing was saved")
+
+
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` (plus format and versions) atomically to ``path``."""
+    """Write ``payload`` (plus format and versions) atomically to ``path``; never one with non-finite weights."""
+    check_finite_weights(payload.get("state_dict", {}), str(path))
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **payload}, tmp)
     return Path(path)
@@ -107,8 +120,17 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def head_trained(payload: dict) -> bool:
+    """False for a checkpoint whose head was not carried over from its source (imported backbones)."""
+    return bool(payload.get("head_trained", True))
+
+
 def model_from_checkpoint(payload: dict, source: str = "checkpoint") -> SegmentationModel:
-    """Rebuild the model a checkpoint describes and load its weights strictly."""
+    """Rebuild the model a checkpoint describes and load its weights strictly.
+
+    Raises:
+        DataError: the architecture is unknown or its tensors do not fit it (naming the first one).
+    """
     template = Template.from_dict(payload["template"])
     model = create_model(payload["arch"]["name"], num_classes=len(template), **payload["arch"]["kwargs"])
     result = model.load_state_dict(payload["state_dict"], strict=False)
@@ -116,6 +138,7 @@ def model_from_checkpoint(payload: dict, source: str = "checkpoint") -> Segmenta
         raise DataError(f"{source}: weights do not fit architecture '{payload['arch']['name']}' "
                         f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected tensors, "
                         f"e.g. {(result.missing_keys or result.unexpected_keys)[0]})")
+    model.head_trained = head_trained(payload)
     return model
 
 

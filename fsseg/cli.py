@@ -37,12 +37,17 @@ def override(key: str, value: object) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
 
 
-def _user_error(error: BaseException | None) -> FssegError | None:
-    """The FssegError behind ``error``: MONAI's Compose re-raises a transform's error as a RuntimeError."""
+def user_error(error: BaseException | None) -> FssegError | None:
+    """The user error behind ``error`` (MONAI's Compose re-raises a transform's error as a RuntimeError).
+
+    An OSError naming a file (permission denied, disk full, a folder where a file should be) counts as one.
+    """
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, FssegError):
             return error
+        if isinstance(error, OSError) and error.filename:  # unreadable input, unwritable output, full disk
+            return FssegError(f"{error.filename}: {error.strerror or error}")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
@@ -64,10 +69,10 @@ def run_cli(
     try:
         return command(args)
     except Exception as error:
-        user_error = _user_error(error)
-        if user_error is None or getattr(args, "debug", False):
+        found = user_error(error)
+        if found is None or getattr(args, "debug", False):
             raise
-        print(f"{prog}: error: {user_error}", file=sys.stderr)
+        print(f"{prog}: error: {found}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

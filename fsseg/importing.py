@@ -33,6 +33,7 @@ from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
 from fsseg.models import SegmentationModel, create_model
 from fsseg.models.base import BLOCK_GROUPS
+from fsseg.outputs import check_output_file, check_outputs
 from fsseg.templates import Template, load_template
 
 # Buffers every model recomputes identically: their absence is no loss.
@@ -150,6 +151,8 @@ def convert(state: dict[str, torch.Tensor], layout: Layout, template: Template, 
             log: Callable[[str], None] = print) -> tuple[SegmentationModel, Coverage]:
     """Build the fsseg model ``layout`` describes and load ``state`` into it, strictly.
 
+    The model's ``head_trained`` says whether the head came from the file (else it is initialisation).
+
     Raises:
         DataError: a required tensor is missing or mismatched (naming the blocks), or the head would be left out
             without ``drop_head``.
@@ -198,6 +201,8 @@ def convert(state: dict[str, torch.Tensor], layout: Layout, template: Template, 
             raise DataError(f"the head {problem} for template '{template.name}' ({len(template)} structures); "
                             "add --drop-head to import the backbone alone with a fresh head")
         usable = {k: v for k, v in usable.items() if not k.startswith("head.")}
+        log("head: not trained; fsseg-predict refuses it until fsseg-adapt has trained new head rows")
+    model.head_trained = head_complete
     if dropped:
         log(f"left out {len(dropped)} tensor(s) outside the segmentation network: "
             f"{', '.join(sorted({k.split('.')[0] for k in dropped}))}")
@@ -244,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    if output.exists() and not args.force:
-        raise DataError(f"{output}: already exists (use --force to overwrite)")
+    check_outputs([output], [args.source])
+    check_output_file(output, args.force)
     state = read_published(args.source, args.unsafe_load)
     if args.format == "auto":
         layout = detect_layout(state)
@@ -255,7 +260,7 @@ def _command(args: argparse.Namespace) -> int:
     template = load_template(args.template or layout.template)
     model, coverage = convert(state, layout, template, args.drop_head)
     save_checkpoint(output, {
-        "kind": "imported", "arch": model.arch, "template": template.to_dict(),
+        "kind": "imported", "arch": model.arch, "template": template.to_dict(), "head_trained": model.head_trained,
         "preprocessing": Preprocessing().to_dict(), "state_dict": model.state_dict(),
         "source": {"file": str(Path(args.source).resolve()), "sha256": sha256_file(args.source),
                    "format": layout.name},

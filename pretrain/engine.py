@@ -24,19 +24,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fsseg.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state, versions
+from fsseg.checkpoint import NonFiniteWeights, read_checkpoint, rng_state, save_checkpoint, set_rng_state, versions
 from fsseg.config import to_dict
 from fsseg.data.cache import cached_dataset
 from fsseg.data.datalist import load_datalist
+from fsseg.data.io import atomic_path
 from fsseg.data.transforms import IMAGE, LABEL, TASK_MASK, case_item, train_transforms
 from fsseg.errors import ConfigError
 from fsseg.losses import PartialLabelLoss
 from fsseg.models import create_model
+from fsseg.outputs import prepare_output_dir
 from fsseg.templates import Template, load_template
 from fsseg.training.runtime import Runtime, seed_everything
 from pretrain.config import PretrainConfig
 
 log = logging.getLogger("fsseg.pretrain")
+# What a checkpoint must hold to continue training from it.
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best_loss", "history")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,10 @@ def build_dataset(cfg: PretrainConfig, template: Template, out: Path) -> tuple[D
 
 
 def _check_resumable(payload: dict, model_arch: dict, template: Template, cfg: PretrainConfig, source: Path) -> None:
+    missing = [key for key in RESUME_KEYS if key not in payload]
+    if missing:
+        raise ConfigError(f"{source}: cannot resume from it, it holds no training state ({', '.join(missing)}; "
+                          f"kind '{payload.get('kind', 'unknown')}'); only fsseg-pretrain checkpoints resume")
     expected = {"arch": model_arch, "template": template.to_dict(), "preprocessing": cfg.preprocessing.to_dict()}
     for key, value in expected.items():
         if payload[key] != value:
@@ -120,8 +128,7 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
         _check_resumable(payload, model.arch, template, cfg, resume_path)
 
     if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        prepare_output_dir(out, "--out")
         _log_to_file(paths.log)
     runtime.barrier()  # the cache folder exists before other ranks use it
     dataset, weights, lines = build_dataset(cfg, template, out)
@@ -153,6 +160,9 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
         set_rng_state(payload["rng"])
         start_epoch, step, best, history = payload["epoch"], payload["step"], payload["best_loss"], payload["history"]
         log.info(f"resumed from {resume_path} after epoch {start_epoch} (step {step})")
+    if runtime.is_main:  # only once the run is accepted: a refused --resume keeps the run's own config
+        with atomic_path(paths.config) as tmp:
+            tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if start_epoch >= cfg.optim.epochs:
         log.info(f"nothing to do: {start_epoch} epochs done, optim.epochs is {cfg.optim.epochs} (raise it to continue)")
     network = DistributedDataParallel(model) if runtime.distributed else model
@@ -183,6 +193,10 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
             with runtime.autocast(use_amp):
                 logits = network(images)
             result = loss_fn(logits, targets, masks)
+            if not use_amp and not torch.isfinite(result.total):  # with AMP, GradScaler skips such a step
+                raise NonFiniteWeights(f"non-finite loss at epoch {epoch + 1}, step {step + 1} (cases "
+                                       f"{', '.join(map(str, batch['id']))}); stopped without saving, "
+                                       f"{paths.latest} keeps the last finite state")
             scaler.scale(result.total).backward()
             if cfg.optim.grad_clip:
                 scaler.unscale_(optimizer)
@@ -239,7 +253,8 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     if runtime.is_main:
         if writer is not None:
             writer.close()
-        paths.summary.write_text(json.dumps(summary, indent=1) + "\n")
+        with atomic_path(paths.summary) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
         log.info(f"done: {paths.latest} (loss {summary['final_loss']}), summary in {paths.summary}")
     return summary
 

@@ -157,7 +157,7 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert predict(["-i", str(scans), "-o", str(tmp_path / "o"), "-m", str(ckpt), "--organs", "heart"]) == 2
     assert "structure 'heart' is not predicted by this model" in capsys.readouterr().err
     assert predict(["-i", str(scans), "-o", str(scans), "-m", str(ckpt)]) == 2
-    assert "would overwrite its input" in capsys.readouterr().err
+    assert "this folder holds input" in capsys.readouterr().err
 
 
 def test_real_ct_prediction_keeps_exact_geometry_and_evaluates(shared_ct, tmp_path, capsys):

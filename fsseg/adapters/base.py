@@ -78,12 +78,15 @@ class AdaptedModel(nn.Module):
 def init_head_from_template(adapted: AdaptedModel, template: Template) -> list[str]:
     """Copy the pretrained head row of every target structure the template shares (zero-shot start).
 
-    Returns the structures that started from a pretrained row; the others keep the fresh head's init.
+    Returns the structures that started from a pretrained row; the others keep the fresh head's init. A base
+    whose head was never trained (an imported backbone) gives no rows: they would be random, not zero-shot.
     """
     if adapted.base.num_classes != len(template):
         raise ConfigError(f"the model has {adapted.base.num_classes} output channels but template '{template.name}' "
                           f"has {len(template)} structures")
     started = []
+    if not adapted.base.head_trained:
+        return started
     with torch.no_grad():
         for k, name in enumerate(adapted.structures):
             channel = template.channel(name)

@@ -12,12 +12,8 @@ from tqdm import tqdm
 
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.datalist import Case, DataList, load_datalist
-from fsseg.data.io import Volume, load_volume, same_geometry
+from fsseg.data.io import Volume, hu_problem, load_volume, same_geometry
 from fsseg.errors import DataError
-
-# CT in HU holds air (about -1000) and soft tissue (tens of HU); a [0, 1] or [0, 255] volume lacks the air.
-HU_AIR_MAX = -400.0
-HU_TISSUE_MIN = 0.0
 
 
 @dataclass
@@ -44,9 +40,9 @@ def check_case(case: Case, datalist: DataList, allow_empty: bool = False) -> Cas
         report.problems.append(str(error))
         return report
     report.shape, report.spacing = image.array.shape, image.spacing
-    hu_problem = _hu_problem(image)
-    if hu_problem:
-        report.problems.append(hu_problem)
+    problem = hu_problem(image.array, image.path)
+    if problem:
+        report.problems.append(problem)
     if case.label is not None:
         label = _load_on_grid(case.label, image, report)
         if label is not None:
@@ -64,17 +60,6 @@ def check_case(case: Case, datalist: DataList, allow_empty: bool = False) -> Cas
     if not case.has_annotation and case.split != "test":
         report.warnings.append(f"no annotation for a '{case.split}' case")
     return report
-
-
-def _hu_problem(image: Volume) -> str | None:
-    sample = image.array[::2, ::2, ::2]
-    low, high = float(sample.min()), float(sample.max())
-    if low > HU_AIR_MAX or high < HU_TISSUE_MIN:
-        return (
-            f"{image.path}: intensities span [{low:.4g}, {high:.4g}], which does not look like CT in HU "
-            f"(expected air below {HU_AIR_MAX:.0f} and tissue above {HU_TISSUE_MIN:.0f}); give the original HU values"
-        )
-    return None
 
 
 def _load_on_grid(path, image: Volume, report: CaseReport) -> Volume | None:

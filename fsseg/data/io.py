@@ -12,10 +12,18 @@ from typing import Iterator
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from fsseg.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# CT voxels lie between a few hundredths of a mm (micro-CT) and 10-15 mm (thick slices); a body is at most
+# about 2 m long. Outside these, the header is wrong, and resampling would need minutes and tens of GB.
+VOXEL_MM_RANGE = (0.01, 20.0)
+MAX_EXTENT_MM = 2500.0
+# CT in HU holds air (about -1000) and soft tissue (tens of HU); a [0, 1] or [0, 255] volume lacks the air.
+HU_AIR_MAX = -400.0
+HU_TISSUE_MIN = 0.0
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -53,11 +61,13 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
     A trailing singleton 4th dimension (x, y, z, 1) counts as 3D.
 
     Raises:
-        DataError: the file is missing, not NIfTI, or not a 3D volume.
+        DataError: the file is missing, unreadable, not NIfTI, not a 3D volume or on an implausible grid.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: not readable (permission denied)")
     try:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises several unrelated types for unreadable files
@@ -70,7 +80,49 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: expected a 3D volume, got a {kind} image of shape {tuple(image.shape)}")
     if min(shape) < 2:
         raise DataError(f"{path}: expected a 3D volume, got shape {tuple(image.shape)} (a single slice?)")
+    check_grid(image.affine, shape, path)
     return image
+
+
+def check_grid(affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> None:
+    """Refuse a voxel size or field of view no CT has (zero, NaN or 40 mm voxels, a 10 m scan).
+
+    Raises:
+        DataError: naming the file and the voxel size or extent found.
+    """
+    spacing = np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+    low, high = VOXEL_MM_RANGE
+    if not np.all(np.isfinite(spacing)) or spacing.min() < low or spacing.max() > high:
+        shown = "x".join(f"{s:.4g}" for s in spacing)
+        raise DataError(f"{path}: voxel size {shown} mm is implausible for CT (expected {low:g} to {high:g} mm per "
+                        "axis); fix the header's pixdim/affine")
+    extent = spacing * np.asarray(shape[:3], dtype=float)
+    if extent.max() > MAX_EXTENT_MM:
+        shown = "x".join(f"{e:.0f}" for e in extent)
+        raise DataError(f"{path}: field of view {shown} mm exceeds {MAX_EXTENT_MM:.0f} mm; the voxel size in the "
+                        "header is likely wrong")
+
+
+def check_finite(array: np.ndarray | torch.Tensor, path: str | Path) -> None:
+    """Refuse NaN or infinite voxels, which turn training losses into NaN and silently empty predictions."""
+    if isinstance(array, torch.Tensor):
+        finite = bool(torch.isfinite(array).all()) if array.is_floating_point() else True
+    else:
+        finite = array.dtype.kind not in "fc" or bool(np.isfinite(array).all())
+    if not finite:
+        count = int((~np.isfinite(np.asarray(array))).sum())
+        raise DataError(f"{path}: {count} voxel(s) are NaN or infinite; fix or remove this scan")
+
+
+def hu_problem(array: np.ndarray | torch.Tensor, path: str | Path) -> str | None:
+    """Why a scan does not look like CT in Hounsfield units, or None when it does."""
+    sample = np.asarray(array)[..., ::2, ::2, ::2]
+    low, high = float(sample.min()), float(sample.max())
+    if low > HU_AIR_MAX or high < HU_TISSUE_MIN:
+        return (f"{path}: intensities span [{low:.4g}, {high:.4g}], which does not look like CT in HU "
+                f"(expected air below {HU_AIR_MAX:.0f} and tissue above {HU_TISSUE_MIN:.0f}); give the original "
+                "HU values")
+    return None
 
 
 def load_volume(path: str | Path, dtype: np.dtype | type | None = None) -> Volume:
@@ -82,7 +134,8 @@ def load_volume(path: str | Path, dtype: np.dtype | type | None = None) -> Volum
             header scales them, else the stored type).
 
     Raises:
-        DataError: missing, corrupt or truncated file, or not a 3D volume.
+        DataError: missing, unreadable, corrupt or truncated file, not a 3D volume, an implausible grid or
+            non-finite voxels.
     """
     image = load_nifti_image(path)
     try:
@@ -90,6 +143,7 @@ def load_volume(path: str | Path, dtype: np.dtype | type | None = None) -> Volum
     except (EOFError, zlib.error, OSError, ValueError) as error:
         raise DataError(f"{path}: file is truncated or corrupt ({_reason(error)})") from None
     array = array.reshape(array.shape[:3])
+    check_finite(array, path)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return Volume(array=array, affine=image.affine.copy(), header=image.header, path=Path(path))
@@ -112,9 +166,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A crash or Ctrl-C leaves no half-written file at ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, cannot write a file there")
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write ({error.strerror or error})") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -122,7 +181,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as error:
+            raise DataError(f"{path}: cannot write ({error.strerror or error})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -39,7 +39,7 @@ class LabelMap:
         """
         if not isinstance(raw, Mapping):
             raise DataError(f"{source}: 'label_map' must be an object of id -> structure name")
-        entries, background = [], set()
+        entries, background, seen = [], set(), {}
         for key, value in raw.items():
             try:
                 file_id = int(key)
@@ -47,6 +47,9 @@ class LabelMap:
                 raise DataError(f"{source}: label_map key '{key}' is not an integer label id") from None
             if file_id < 0:
                 raise DataError(f"{source}: label_map id {file_id} is negative")
+            if file_id in seen:
+                raise DataError(f"{source}: label_map gives id {file_id} twice ('{seen[file_id]}' and '{key}')")
+            seen[file_id] = key
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{source}: label_map id {file_id} must name a structure, got {value!r}")
             if file_id == 0 or value.strip().lower() in BACKGROUND_NAMES:

@@ -11,6 +11,7 @@ Two pipelines share one deterministic core (load -> template labels -> orientati
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Hashable, Mapping, Sequence
 
@@ -33,12 +34,13 @@ from monai.transforms import (
 )
 
 from fsseg.data.datalist import Case
-from fsseg.data.io import load_nifti_image, same_geometry
+from fsseg.data.io import check_finite, hu_problem, load_nifti_image, same_geometry
 from fsseg.data.labels import LabelMap, structure_masks, task_mask, to_template_index
 from fsseg.errors import ConfigError, DataError
 from fsseg.templates import Template
 
 IMAGE, LABEL, TASK_MASK = "image", "label", "task_mask"
+log = logging.getLogger("fsseg.data")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def case_item(case: Case, label_map: LabelMap | None = None) -> dict:
 
 
 class LoadVolumed(MapTransform):
-    """MONAI ``LoadImage`` (channel first, float32) that rejects non-3D and unreadable files in one line."""
+    """MONAI ``LoadImage`` (channel first, float32) that rejects, in one line, files that are not 3D, unreadable,
+    on an implausible grid or with non-finite voxels, and warns when the image does not look like CT in HU."""
 
     def __init__(self, keys: Sequence[str], allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -120,13 +123,17 @@ class LoadVolumed(MapTransform):
             raise DataError(f"{path}: file is truncated or corrupt ({type(error).__name__}: {error})") from None
         if volume.ndim == 5:  # (1, x, y, z, 1): a 4D file with one volume
             volume = volume[..., 0]
+        check_finite(volume, path)
         return volume
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             if isinstance(d[key], str):
-                d[key] = self.load(d[key])
+                path, d[key] = d[key], self.load(d[key])
+                problem = hu_problem(d[key], path) if key == IMAGE else None
+                if problem:
+                    log.warning(f"warning: {problem}")
         return d
 
 

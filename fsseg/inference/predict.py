@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,10 +17,11 @@ from tqdm import tqdm
 
 from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
-from fsseg.cli import add_common_arguments, run_cli
+from fsseg.cli import add_common_arguments, run_cli, user_error
 from fsseg.data.datalist import load_datalist
 from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, nifti_stem, save_like
-from fsseg.errors import DataError, FssegError
+from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
+from fsseg.errors import DataError
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predictor import InferenceSettings, Predictor
 from fsseg.templates import expand_structures
@@ -30,23 +32,46 @@ log = logging.getLogger("fsseg.predict")
 REPORT, LABELS = "predictions.json", "labels.json"
 
 
-def find_inputs(source: Path, split: str = "test", data_root: str | None = None) -> list[Path]:
-    """The NIfTI scans of a folder (sorted), the one file given, or the ``split`` cases of a data list (.json)."""
+@dataclass(frozen=True)
+class Inputs:
+    """The scans to predict, each under the name of its outputs, and every file the command reads."""
+
+    scans: dict[str, Path]  # output name (case id for data lists, file stem for folders) -> scan
+    files: list[Path]  # images and labels a data list names, or the scans: never to be written over
+
+
+def find_inputs(source: Path, split: str = "test", data_root: str | None = None) -> Inputs:
+    """The ``split`` cases of a data list (.json, named by case id), the NIfTI scans of a folder or the one
+    file given (named by file stem).
+
+    Raises:
+        DataError: nothing to predict, or two scans of a folder with one stem (``a.nii`` and ``a.nii.gz``).
+    """
     if source.suffix == ".json":
-        cases = load_datalist(source, data_root).split(split)
+        datalist = load_datalist(source, data_root)
+        cases = datalist.split(split)
         if not cases:
             raise DataError(f"{source}: no '{split}' cases")
-        return [case.image for case in cases]
+        every = [source] + [p for case in datalist.cases
+                            for p in (case.image, case.label, *case.labels.values()) if p is not None]
+        return Inputs({case.id: case.image for case in cases}, every)
     if source.is_file():
         if not is_nifti(source):
             raise DataError(f"{source}: not a .nii or .nii.gz file")
-        return [source]
+        return Inputs({nifti_stem(source): source}, [source])
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
-    scans = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
-    if not scans:
+    files = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    if not files:
         raise DataError(f"{source}: no .nii or .nii.gz files in this folder")
-    return scans
+    scans: dict[str, Path] = {}
+    for path in files:
+        stem = nifti_stem(path)
+        if stem in scans:
+            raise DataError(f"{scans[stem]} and {path} would both be predicted to {stem}.nii.gz; "
+                            "rename or move one of them")
+        scans[stem] = path
+    return Inputs(scans, files)
 
 
 def select_structures(template_structures: Sequence[str], requested: Sequence[str] | None) -> list[int]:
@@ -71,6 +96,9 @@ def build_network(checkpoint: str, adapters: Sequence[str] | None, organs: Seque
     """
     if not adapters:
         model, template, preprocessing, _ = load_model(checkpoint)
+        if not model.head_trained:
+            raise DataError(f"{checkpoint}: its head was not trained (the weights were imported without one), so its "
+                            "masks would be noise; adapt it first with fsseg-adapt and predict with --adapter")
         model = model.to(device).eval()
         channels = select_structures(template.structures, organs)
         return (lambda x: model(x)[:, channels]), [template.structures[c] for c in channels], preprocessing
@@ -80,6 +108,9 @@ def build_network(checkpoint: str, adapters: Sequence[str] | None, organs: Seque
     if any(pre != preprocessing for _, pre, _ in loaded):
         raise DataError("the adapters were trained with different preprocessing; predict them separately")
     structures = [s for m in models for s in m.structures]
+    repeated = sorted({s for s in structures if structures.count(s) > 1})
+    if repeated:
+        raise DataError(f"more than one adapter predicts {', '.join(repeated)}; give one adapter per structure")
     channels = select_structures(structures, organs)
 
     def network(x: torch.Tensor) -> torch.Tensor:
@@ -93,28 +124,46 @@ def build_network(checkpoint: str, adapters: Sequence[str] | None, organs: Seque
     return network, [structures[c] for c in channels], preprocessing
 
 
-def output_is_valid(output: Path, source: Path) -> bool:
-    """True when ``output`` exists, loads and lies on ``source``'s grid (for ``--continue``)."""
+def case_outputs(out: Path, case: str, probabilities: bool, preview: bool) -> list[Path]:
+    """Every file written for one case: the mask first, then what was asked for besides."""
+    paths = [out / f"{case}.nii.gz"]
+    if probabilities:
+        paths.append(out / f"{case}_probabilities.nii.gz")
+    if preview:
+        paths.append(out / f"{case}_preview.png")
+    return paths
+
+
+def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
+    """True when every output of a case exists and its volumes load on ``source``'s grid (for ``--continue``)."""
     try:
-        predicted, scan = load_nifti_image(output), load_nifti_image(source)
-        np.asanyarray(predicted.dataobj)
+        scan = load_nifti_image(source)
+        for output in outputs:
+            if not is_nifti(output):
+                if not output.is_file():
+                    return False
+                continue
+            predicted = load_nifti_image(output)
+            np.asanyarray(predicted.dataobj)
+            if predicted.shape[:3] != scan.shape[:3] or not np.allclose(predicted.affine, scan.affine, atol=1e-4):
+                return False
     except Exception:  # any unreadable output is redone
         return False
-    return predicted.shape[:3] == scan.shape[:3] and np.allclose(predicted.affine, scan.affine, atol=1e-4)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-predict",
         description="Segment every .nii/.nii.gz scan of a folder with an fsseg checkpoint. Each output label map "
-        "(uint8, same file name) has its input's exact shape, affine and header; labels.json names the ids and "
+        "(uint8, <case>.nii.gz: the case id for a data list, the file name otherwise) has its input's exact shape, affine and header; labels.json names the ids and "
         "predictions.json reports each case. Preprocessing comes from the checkpoint.",
     )
     parser.add_argument("-i", "--input", required=True,
                         help="folder of scans, one scan, or a data list (.json) whose --split cases are predicted")
     parser.add_argument("--split", default="test", help="with a data list as input: which split (default test)")
     parser.add_argument("--data-root", help="with a data list: base folder for relative paths without a 'root'")
-    parser.add_argument("-o", "--output", required=True, help="output folder (created)")
+    parser.add_argument("-o", "--output", required=True, help="output folder (created); it must not hold any input")
     parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
     parser.add_argument("--adapter", nargs="+", metavar="FILE",
                         help="adapter file(s) written by fsseg-adapt for this checkpoint: predict their structures")
@@ -148,7 +197,14 @@ def _command(args: argparse.Namespace) -> int:
         raise DataError(f"--part-id {args.part_id} must lie in [0, --num-parts {args.num_parts})")
     if not 0.0 <= args.overlap < 1.0:
         raise DataError(f"--overlap must lie in [0, 1), got {args.overlap}")
-    scans = find_inputs(Path(args.input), args.split, args.data_root)[args.part_id :: args.num_parts]
+    inputs = find_inputs(Path(args.input), args.split, args.data_root)
+    out = Path(args.output)
+    planned = {case: case_outputs(out, case, args.save_probabilities, args.preview) for case in inputs.scans}
+    check_unique_outputs({f"{inputs.scans[case]} ({case})": paths[0] for case, paths in planned.items()})
+    check_outputs([out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths)], inputs.files,
+                  folder=out)
+    prepare_output_dir(out)
+    scans = list(inputs.scans.items())[args.part_id :: args.num_parts]
     device = resolve_device(args.device)
     network, structures, preprocessing = build_network(args.model, args.adapter, args.organs, device)
 
@@ -158,40 +214,37 @@ def _command(args: argparse.Namespace) -> int:
     predictor = Predictor(network, structures, preprocessing, device, settings)
     if args.preview:
         pyplot()  # fail now, not after the first case, when matplotlib is missing
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     labels = {"0": "background", **{str(i + 1): name for i, name in enumerate(structures)}}
     with atomic_path(out / LABELS) as tmp:
         tmp.write_text(json.dumps(labels, indent=1) + "\n")
 
     report = {"model": str(args.model), "device": str(device), "structures": structures, "cases": {}}
     failed = 0
-    for scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
-        case, target = nifti_stem(scan), out / scan.name
-        if target.resolve() == scan.resolve():
-            raise DataError(f"{target}: output would overwrite its input; choose another --output")
-        if args.resume and output_is_valid(target, scan):
-            report["cases"][case] = {"status": "skipped", "output": str(target)}
+    for case, scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
+        target, *extras = planned[case]
+        if args.resume and outputs_are_valid(planned[case], scan):
+            report["cases"][case] = {"status": "skipped", "image": str(scan), "output": str(target)}
             continue
         started = time.perf_counter()
         try:
             prediction = predictor(scan)
             save_like(prediction.label, prediction.reference, target)
             if args.save_probabilities:
-                save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference,
-                          out / f"{case}_probabilities.nii.gz")
+                save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, extras.pop(0))
             if args.preview:
-                overlay_png(out / f"{case}_preview.png", np.asanyarray(prediction.reference.dataobj),
+                overlay_png(extras.pop(0), np.asanyarray(prediction.reference.dataobj),
                             prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict")
-        except FssegError as error:
+        except Exception as error:  # one bad scan must not stop the batch; MONAI wraps the cause in RuntimeError
             failed += 1
-            log.error(f"{scan}: failed: {error}")
-            report["cases"][case] = {"status": "failed", "error": str(error)}
+            found = user_error(error)
+            message = str(found) if found else f"{type(error).__name__}: {error}"
+            log.error(f"{scan}: failed: {message}")
+            report["cases"][case] = {"status": "failed", "image": str(scan), "error": message}
             continue
         voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
         counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
         report["cases"][case] = {
-            "status": "ok", "output": str(target), "seconds": round(time.perf_counter() - started, 2),
+            "status": "ok", "image": str(scan), "output": str(target), "seconds": round(time.perf_counter() - started, 2),
             "device": str(device),
             "structures_found": [s for i, s in enumerate(structures) if counts[i + 1]],
             "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)},

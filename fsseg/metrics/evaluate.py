@@ -7,9 +7,11 @@ import csv
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from fsseg.cli import add_common_arguments, run_cli
@@ -18,28 +20,70 @@ from fsseg.data.datalist import Case, load_datalist
 from fsseg.data.io import atomic_path, load_volume, nifti_stem, same_geometry
 from fsseg.data.labels import LabelMap
 from fsseg.errors import DataError, FssegError
+from fsseg.outputs import check_outputs, prepare_output_dir
 from fsseg.metrics.segmentation import EMPTY_POLICY, StructureScore, score_structure, summarise
 from fsseg.templates import canonical_name
 from fsseg.viz import dice_boxplot_png
 
+LABELS = "labels.json"
+REPORT_FILES = ("per_case.csv", "summary.json", "dice_boxplot.png")
 MISSING = StructureScore(0.0, 0.0, math.nan, "missing", 0, 0)
 CSV_FIELDS = ["case", "structure", "dice", "nsd", "hd95", "kind", "gt_voxels", "pred_voxels", "status"]
 
 
-def read_label_names(path: Path) -> dict[int, str]:
-    """``labels.json`` (id -> structure name) of a prediction folder, background left out."""
+def read_label_names(path: Path, what: str = "label map") -> dict[int, str]:
+    """A JSON label map (id -> structure name) whose ids and names are unique, background left out.
+
+    Raises:
+        DataError: missing or malformed file, an id given twice ("1" and "01") or a structure named twice.
+    """
     if not path.is_file():
-        raise DataError(f"{path}: not found (fsseg-predict writes it next to the masks)")
+        raise DataError(f"{path}: {what} not found")
     try:
         raw = json.loads(path.read_text())
-        return {int(k): canonical_name(v) for k, v in raw.items() if int(k) != 0}
-    except (ValueError, AttributeError) as error:
-        raise DataError(f"{path}: not a JSON object of id -> structure name ({error})") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: {what} is not valid JSON ({error})") from None
+    label_map = LabelMap.parse(raw, str(path))
+    names: dict[int, str] = {}
+    for file_id, pair in label_map.entries:
+        if len(pair) != 1:
+            raise DataError(f"{path}: id {file_id} names a left/right pair; a prediction has one structure per id")
+        if pair[0] in names.values():
+            raise DataError(f"{path}: structure '{pair[0]}' is given two ids; scores would count it twice")
+        names[file_id] = pair[0]
+    return names
 
 
-def find_prediction(folder: Path, case: Case) -> Path | None:
-    """The prediction of ``case``: named like its image (as fsseg-predict writes), else like its id."""
-    for stem in dict.fromkeys((nifti_stem(case.image), case.id)):
+def prediction_names(pred_dir: Path, pred_label_map: str | None, gt_label_map: LabelMap | None) -> dict[int, str]:
+    """What the ids of the predictions mean: ``--pred-label-map``, else the folder's ``labels.json`` (written by
+    fsseg-predict), else the ground truth's own ids (masks of nnU-Net, TotalSegmentator and other tools).
+
+    Raises:
+        DataError: none of them is available, or the one used is malformed.
+    """
+    if pred_label_map:
+        return read_label_names(Path(pred_label_map), "--pred-label-map")
+    if (pred_dir / LABELS).is_file():
+        return read_label_names(pred_dir / LABELS, LABELS)
+    if gt_label_map is None:
+        raise DataError(f"{pred_dir}: no {LABELS}; give --pred-label-map (or --gt-label-map when the predictions "
+                        "use the ground truth's ids)")
+    return _gt_ids_as_names(gt_label_map, str(pred_dir))
+
+
+def _gt_ids_as_names(label_map: LabelMap, source: str) -> dict[int, str]:
+    """The ground truth's ids read as prediction ids (a left/right pair under one id cannot be matched)."""
+    names = {file_id: pair[0] for file_id, pair in label_map.entries if len(pair) == 1}
+    if not names:
+        raise DataError(f"{source}: the ground truth's label map names no structure by a single id")
+    return names
+
+
+def find_prediction(folder: Path, case: Case, unique_stem: bool) -> Path | None:
+    """The prediction of ``case``: named by its id (as fsseg-predict names data-list cases), else like its image
+    when no other case's image has that name (TotalSegmentator's ``ct.nii.gz`` never matches)."""
+    stems = (case.id, nifti_stem(case.image)) if unique_stem else (case.id,)
+    for stem in dict.fromkeys(stems):
         for suffix in (".nii.gz", ".nii"):
             if (folder / f"{stem}{suffix}").is_file():
                 return folder / f"{stem}{suffix}"
@@ -56,6 +100,8 @@ def score_case(prediction: Path | None, case: Case, label_map: LabelMap, pred_na
         predicted = load_volume(prediction)
     except DataError as error:
         return {s: MISSING for s in structures}, f"unreadable prediction: {error}"
+    if predicted.array.dtype.kind == "f" and not np.array_equal(predicted.array, np.round(predicted.array)):
+        return {s: MISSING for s in structures}, f"prediction {prediction.name} holds non-integer values, not label ids"
     mismatch = same_geometry(predicted.array.shape, predicted.affine, reference.array.shape, reference.affine)
     if mismatch:
         return {s: MISSING for s in structures}, f"prediction not on the ground truth's grid: {mismatch}"
@@ -65,9 +111,14 @@ def score_case(prediction: Path | None, case: Case, label_map: LabelMap, pred_na
 
 
 def evaluate(pred_dir: Path, cases: Sequence[Case], label_map: LabelMap, structures: Sequence[str] | None,
-             tolerance_mm: float, progress: bool = False) -> tuple[list[dict], dict]:
-    """Rows of per-case scores and the summary (per structure and overall)."""
-    pred_names = read_label_names(pred_dir / "labels.json")
+             tolerance_mm: float, progress: bool = False,
+             pred_names: dict[int, str] | None = None) -> tuple[list[dict], dict]:
+    """Rows of per-case scores and the summary (per structure and overall).
+
+    ``pred_names``: what the prediction ids mean (default: :func:`prediction_names` without a label map option).
+    """
+    if pred_names is None:
+        pred_names = prediction_names(pred_dir, None, label_map)
     if structures:
         chosen = [canonical_name(s) for s in structures]
         absent = [s for s in chosen if s not in pred_names.values()]
@@ -81,11 +132,12 @@ def evaluate(pred_dir: Path, cases: Sequence[Case], label_map: LabelMap, structu
             raise DataError(f"{pred_dir}: no predicted structure ({', '.join(pred_names.values())}) is annotated "
                             "in the ground truth")
     rows, per_structure = [], {s: [] for s in chosen}
+    stem_counts = Counter(nifti_stem(case.image) for case in cases)
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
         needed = [s for s in chosen if s in case.annotated_structures(label_map)]
         if not needed:
             continue
-        scores, status = score_case(find_prediction(pred_dir, case), case, label_map, pred_names, needed, tolerance_mm)
+        scores, status = score_case(find_prediction(pred_dir, case, stem_counts[nifti_stem(case.image)] == 1), case, label_map, pred_names, needed, tolerance_mm)
         for structure, score in scores.items():
             per_structure[structure].append(score)
             rows.append({"case": case.id, "structure": structure, **score.to_dict(), "status": status})
@@ -123,15 +175,19 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> None:
         tmp.write_text(json.dumps(summary, indent=1, default=lambda v: None) + "\n")
 
 
-def _gt_folder_cases(gt_dir: Path, label_map_path: str | None, pred_dir: Path) -> tuple[list[Case], LabelMap]:
+def _gt_folder_cases(gt_dir: Path, label_map_path: str | None, pred_label_map: str | None,
+                     pred_dir: Path) -> tuple[list[Case], LabelMap]:
     if not gt_dir.is_dir():
         raise DataError(f"{gt_dir}: ground-truth folder not found")
-    raw = json.loads(Path(label_map_path).read_text()) if label_map_path else \
-        {str(i): n for i, n in read_label_names(pred_dir / "labels.json").items()}
+    if label_map_path:
+        names = read_label_names(Path(label_map_path), "--gt-label-map")
+    else:  # the ground truth uses the predictions' ids
+        names = prediction_names(pred_dir, pred_label_map, None)
     files = sorted(p for p in gt_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
     if not files:
         raise DataError(f"{gt_dir}: no .nii/.nii.gz ground-truth files")
-    return [Case(id=nifti_stem(p), image=p, label=p, split="test") for p in files], LabelMap.parse(raw, str(gt_dir))
+    label_map = LabelMap.parse({str(i): n for i, n in names.items()}, str(label_map_path or gt_dir))
+    return [Case(id=nifti_stem(p), image=p, label=p, split="test") for p in files], label_map
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,11 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
         "per case and structure, in the ground truth's native grid with its voxel spacing. Writes per_case.csv and "
         "summary.json and prints a table. A missing prediction counts as a failure. " + EMPTY_POLICY,
     )
-    parser.add_argument("--pred", required=True, help="folder written by fsseg-predict (masks + labels.json)")
+    parser.add_argument("--pred", required=True,
+                        help="folder of predicted label maps named by case id (or like the case's image): "
+                        "fsseg-predict's, or another tool's (nnU-Net, TotalSegmentator)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--gt", help="folder of ground-truth label maps named like the predictions")
     source.add_argument("--data-list", help="data list whose cases give the ground truth")
     parser.add_argument("--gt-label-map", help="with --gt: JSON id -> structure name (default: the predictions' ids)")
+    parser.add_argument("--pred-label-map",
+                        help="JSON id -> structure name of the predictions (default: the folder's labels.json, "
+                        "else the ground truth's ids); e.g. for nnU-Net output, its dataset.json labels inverted")
     parser.add_argument("--split", default="test", help="with --data-list: which split to score (default test)")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
     parser.add_argument("--structures", nargs="+", metavar="NAME", help="structures to score (default: all in both)")
@@ -168,9 +229,15 @@ def _command(args: argparse.Namespace) -> int:
         if not cases:
             raise DataError(f"{args.data_list}: no '{args.split}' cases")
     else:
-        cases, label_map = _gt_folder_cases(Path(args.gt), args.gt_label_map, pred_dir)
-    rows, summary = evaluate(pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress)
-    write_report(Path(args.output), rows, summary)
+        cases, label_map = _gt_folder_cases(Path(args.gt), args.gt_label_map, args.pred_label_map, pred_dir)
+    pred_names = prediction_names(pred_dir, args.pred_label_map, label_map)
+    out = Path(args.output)
+    reads = [p for case in cases for p in (case.image, case.label, *case.labels.values()) if p is not None]
+    check_outputs([out / name for name in REPORT_FILES], [*reads, *pred_dir.glob("*.nii*")])
+    prepare_output_dir(out)
+    rows, summary = evaluate(pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress,
+                             pred_names)
+    write_report(out, rows, summary)
     if not args.no_plot:
         dice = {s: [r["dice"] for r in rows if r["structure"] == s] for s in summary["structures"]}
         try:

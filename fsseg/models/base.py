@@ -51,6 +51,7 @@ class SegmentationModel(nn.Module):
         arch: ``{"name": ..., "kwargs": ...}``, enough to rebuild the model from a checkpoint.
 
     ``model.features(x)`` and ``model.head(f)`` are public: adaptation trains new heads and adapters on them.
+    ``head_trained`` is False for a backbone imported without its head: its rows are initialisation, not a model.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class SegmentationModel(nn.Module):
         self.num_classes = num_classes
         self.blocks = {group: tuple(names) for group, names in blocks.items()}
         self.arch = arch
+        self.head_trained = True
         for group in BLOCK_GROUPS[:-1]:
             for name in self.blocks.get(group, ()):
                 if not hasattr(backbone, name):

@@ -1,0 +1,90 @@
+"""One guard for every command that writes: outputs never replace inputs, and bad output paths fail at start-up.
+
+Each writing command names its inputs and its planned outputs before its first write; :func:`check_outputs`
+refuses any output that is (or links to) an input, and any output folder that holds an input file, since the
+command would then mix its files with the user's data. :func:`prepare_output_dir` and
+:func:`check_output_file` turn unwritable folders, files in the place of folders and folders in the place of
+files into one line at start-up instead of a traceback hours later.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from fsseg.errors import DataError
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path], folder: str | Path | None = None,
+                  option: str = "--output") -> None:
+    """Refuse outputs that would replace an input, and an output ``folder`` that holds input files.
+
+    Raises:
+        DataError: naming the first output that collides and the input it would replace.
+    """
+    inputs = [Path(p) for p in inputs]
+    if folder is not None:
+        folder = Path(folder).resolve()
+        inside = next((p for p in inputs if p.resolve().parent == folder), None)
+        if inside is not None:
+            raise DataError(f"{option} {folder}: this folder holds input {inside}; write outputs to another folder")
+    resolved = {p.resolve(): p for p in inputs}
+    for output in (Path(p) for p in outputs):
+        hit = resolved.get(output.resolve()) or next((p for p in inputs if _same_file(output, p)), None)
+        if hit is not None:
+            raise DataError(f"{output}: writing it would replace input {hit}; choose another {option}")
+
+
+def check_unique_outputs(outputs: dict[str, Path]) -> None:
+    """Refuse two inputs (named by the keys) that would be written to one output path."""
+    seen: dict[Path, str] = {}
+    for source, output in outputs.items():
+        key = Path(output).resolve()
+        if key in seen:
+            raise DataError(f"{seen[key]} and {source} would both be written to {output}; rename one of them")
+        seen[key] = source
+
+
+def prepare_output_dir(path: str | Path, option: str = "--output") -> Path:
+    """Create the output folder if needed and check that files can be written in it.
+
+    Raises:
+        DataError: the path is a file, cannot be created, or is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fsseg-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise DataError(f"{option} {path}: cannot write here ({error.strerror or error})") from None
+    return path
+
+
+def check_output_file(path: str | Path, force: bool = False, option: str = "--output") -> Path:
+    """Check a single output file's path: not a folder, not existing unless ``force``, its folder writable.
+
+    Raises:
+        DataError: naming the path and what is wrong with it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not force:
+        raise DataError(f"{path}: already exists (use --force to overwrite)")
+    prepare_output_dir(path.parent, option)
+    return path
