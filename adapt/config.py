@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsseg.config import from_dict, load_yaml
+from fsseg.config import from_dict, load_yaml, ranged
 from fsseg.errors import ConfigError
 from fsseg.losses.size_prior import FORMS
 
@@ -23,24 +23,28 @@ class TrainingConfig:
     ``early_stop_patience`` epochs.
     """
 
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    epochs: int = 100
-    warmup_epochs: int = 1
-    crops_per_volume: int = 6
-    crop_size: tuple[int, int, int] | None = None
-    voxel_stride: int = 1
-    pos: float = 1.0
-    neg: float = 1.0
-    dice_weight: float = 1.0
-    bce_weight: float = 1.0
-    early_stop_window: int = 10
-    early_stop_patience: int = 20
-    early_stop_min_delta: float = 1e-3
+    lr: float = ranged(1e-2, "(0, inf)")
+    weight_decay: float = ranged(0.0)
+    epochs: int = ranged(100, "[1, inf)")
+    warmup_epochs: int = ranged(1)
+    crops_per_volume: int = ranged(6, "[1, inf)")
+    crop_size: tuple[int, int, int] | None = ranged(None, "[1, inf)")
+    voxel_stride: int = ranged(1, "[1, inf)")
+    pos: float = ranged(1.0)
+    neg: float = ranged(1.0)
+    dice_weight: float = ranged(1.0)
+    bce_weight: float = ranged(1.0)
+    early_stop_window: int = ranged(10, "[1, inf)")
+    early_stop_patience: int = ranged(20, "[1, inf)")
+    early_stop_min_delta: float = ranged(1e-3)
 
     def __post_init__(self) -> None:
         if self.voxel_stride < 1 or self.crops_per_volume < 1 or self.epochs < 1:
             raise ConfigError("training.voxel_stride, crops_per_volume and epochs must be at least 1")
+        if self.pos + self.neg <= 0:
+            raise ConfigError("training.pos and training.neg cannot both be 0: no crop could be drawn")
+        if self.dice_weight + self.bce_weight <= 0:
+            raise ConfigError("training.dice_weight and training.bce_weight cannot both be 0: nothing would train")
 
 
 @dataclass
@@ -60,17 +64,15 @@ class TransductiveConfig:
     """
 
     enabled: bool = False
-    gamma: float = 0.3
-    lam: float = 0.1
+    gamma: float = ranged(0.3, "[0, 1)")
+    lam: float = ranged(0.1)
     form: str = "relative"
-    warmup_epochs: int = 50
-    pool: int = 2
+    warmup_epochs: int = ranged(50)
+    pool: int = ranged(2, "[1, inf)")
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise ConfigError(f"ti.form '{self.form}' is not one of {', '.join(FORMS)}")
-        if not 0 <= self.gamma < 1 or self.lam < 0 or self.pool < 1:
-            raise ConfigError("ti.gamma must lie in [0, 1), ti.lam must be >= 0 and ti.pool >= 1")
 
 
 @dataclass
@@ -81,13 +83,13 @@ class AdaptConfig:
     data_list: str = "demo_out/data/phantom_target.json"
     data_root: str | None = None
     organs: list[str] = field(default_factory=lambda: ["gallbladder"])
-    shots: list[int] = field(default_factory=lambda: [1, 5])
+    shots: list[int] = ranged(interval="[1, inf)", default_factory=lambda: [1, 5])
     methods: list[str] = field(default_factory=lambda: ["lp", "adapter"])
-    seeds: int = 3
+    seeds: int = ranged(3, "[1, inf)")
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
     method_configs: str = "configs/adapt"
-    overlap: float = 0.5
-    nsd_tolerance: float = 2.0
+    overlap: float = ranged(0.5, "[0, 1)")
+    nsd_tolerance: float = ranged(2.0, "(0, inf)")
     save_adapters: bool = True
     pictures: bool = True
 
@@ -96,6 +98,11 @@ class AdaptConfig:
             raise ConfigError("seeds and every shot count must be at least 1")
         if not self.organs or not self.methods:
             raise ConfigError("name at least one organ and one method")
+        for key in ("organs", "shots", "methods"):
+            values = getattr(self, key)
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:  # each (method, K, seed) run would be trained and counted more than once
+                raise ConfigError(f"{key} lists {', '.join(repeated)} more than once")
 
 
 def load_method_settings(folder: str | Path, method: str) -> MethodSettings:

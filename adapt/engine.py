@@ -31,7 +31,7 @@ from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.feature_cache import FeatureStore
 from fsseg.checkpoint import NonFiniteWeights, load_model, sha256_file
 from fsseg.config import from_dict, to_dict
-from fsseg.data.annotations import load_case_masks
+from fsseg.data.annotations import check_case_grid, load_case_masks
 from fsseg.data.cache import file_digest
 from fsseg.data.datalist import Case, DataList, load_datalist
 from fsseg.data.io import atomic_path, load_nifti_image
@@ -142,6 +142,8 @@ class Adaptation:
         if leaking:
             log.info(f"left out of the support pool (same subject as a test case): {', '.join(leaking)}")
         pool = [c for c in pool if c.group not in test_groups]
+        for case in tests + pool:  # at start-up, not after hours of training
+            check_case_grid(case)
         too_many = [k for k in self.config.shots if k > len(pool)]
         if too_many:
             raise DataError(f"K={max(too_many)} shots asked for, but only {len(pool)} train case(s) of "
@@ -369,12 +371,18 @@ def finished_runs(path: Path, run: Adaptation) -> dict[tuple[str, int, int], lis
         document = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ConfigError(f"--continue: {path} cannot be read ({error}); remove it to start afresh") from None
+    rows = document.get("rows") if isinstance(document, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"method", "shots", "seed"} <= set(r)
+                                             for r in rows):
+        raise ConfigError(f"--continue: {path} is not a results file of fsseg-adapt (no list of rows with "
+                          "method, shots and seed); remove it to start afresh")
     if document.get("signature") != run_signature(run):
         raise ConfigError(f"--continue: {path} comes from another checkpoint, data list, target structures, TI or "
                           "scoring settings; choose another --out or drop --continue to start afresh")
-    saved, current = document.get("method_settings", {}), method_signatures(run)
+    saved, current = document.get("method_settings"), method_signatures(run)
+    saved = saved if isinstance(saved, dict) else {}
     groups: dict[tuple[str, int, int], list[dict]] = {}
-    for row in document.get("rows", []):
+    for row in rows:
         groups.setdefault((row["method"], row["shots"], row["seed"]), []).append(row)
     complete = len(run.tests) * len(run.organs)
     kept = {job: rows for job, rows in groups.items()

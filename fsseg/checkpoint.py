@@ -9,8 +9,12 @@ epoch/step and RNG states. It is written atomically: a crash never leaves a half
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
 import platform
 import random
+import re
+import zipfile
 from pathlib import Path
 
 import monai
@@ -20,7 +24,7 @@ import torch
 import fsseg
 from fsseg.data.io import atomic_path
 from fsseg.data.transforms import Preprocessing
-from fsseg.errors import DataError
+from fsseg.errors import DataError, FssegError
 from fsseg.models import SegmentationModel, create_model
 from fsseg.templates import Template
 
@@ -92,17 +96,31 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
 def load_torch_file(path: str | Path, what: str = "checkpoint", unsafe: bool = False, hint: str = "") -> object:
     """``torch.load`` onto the CPU with one-line errors; only tensors and plain data unless ``unsafe``.
 
+    ``hint`` is added only when a well-formed file was refused for holding other Python objects.
+
     Raises:
-        DataError: the file is missing, truncated or corrupt, or pickles objects ``weights_only`` refuses.
+        DataError: the file is missing, unreadable, not a PyTorch file, truncated, or refused by ``weights_only``.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: {what} is not readable (permission denied)")
+    if not zipfile.is_zipfile(path) and not unsafe:
+        with open(path, "rb") as handle:
+            magic = handle.read(2)
+        kind = "it holds gzip data, a NIfTI perhaps" if magic == b"\x1f\x8b" else "no zip archive, or a truncated one"
+        raise DataError(f"{path}: not a PyTorch {what} ({kind}); torch.save writes zip archives")
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused:
+            raise DataError(f"{path}: {what} holds a Python object of type {refused.group(1)} besides tensors; "
+                            f"it is not loaded because unpickling it could run code{hint}") from None
+        raise DataError(f"{path}: cannot read {what}, its data is damaged (UnpicklingError)") from None
     except Exception as error:  # torch raises many types for damaged zip/pickle data
-        raise DataError(f"{path}: cannot read {what}, the file is truncated or corrupt "
-                        f"({type(error).__name__}){hint}") from None
+        raise DataError(f"{path}: cannot read {what}, the file is truncated or corrupt ({type(error).__name__})") from None
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -117,12 +135,37 @@ def read_checkpoint(path: str | Path) -> dict:
     missing = [key for key in ("arch", "template", "preprocessing", "state_dict") if key not in payload]
     if missing:
         raise DataError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    arch = payload["arch"]
+    if not (isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(arch.get("kwargs"), dict)):
+        raise DataError(f"{path}: checkpoint's 'arch' must be {{'name': ..., 'kwargs': {{...}}}}, got {arch!r:.80}")
+    try:
+        Template.from_dict(payload["template"])
+        Preprocessing.from_dict(payload["preprocessing"])
+    except (KeyError, TypeError, ValueError, AttributeError, FssegError) as error:
+        raise DataError(f"{path}: checkpoint's template or preprocessing is malformed ({type(error).__name__}: "
+                        f"{error})") from None
+    if not isinstance(payload["state_dict"], dict):
+        raise DataError(f"{path}: checkpoint's 'state_dict' is not a mapping of tensors")
     return payload
 
 
 def head_trained(payload: dict) -> bool:
     """False for a checkpoint whose head was not carried over from its source (imported backbones)."""
     return bool(payload.get("head_trained", True))
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, source: str):
+    """``load_state_dict(strict=False)`` with a tensor of the wrong shape reported as one line.
+
+    Raises:
+        DataError: naming the first tensor whose shape does not fit (e.g. a head for another template).
+    """
+    own = model.state_dict()
+    for name, tensor in state_dict.items():
+        if name in own and (not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise DataError(f"{source}: tensor {name} has shape {shape}, the model expects {tuple(own[name].shape)}")
+    return model.load_state_dict(state_dict, strict=False)
 
 
 def model_from_checkpoint(payload: dict, source: str = "checkpoint") -> SegmentationModel:
@@ -133,7 +176,7 @@ def model_from_checkpoint(payload: dict, source: str = "checkpoint") -> Segmenta
     """
     template = Template.from_dict(payload["template"])
     model = create_model(payload["arch"]["name"], num_classes=len(template), **payload["arch"]["kwargs"])
-    result = model.load_state_dict(payload["state_dict"], strict=False)
+    result = load_weights(model, payload["state_dict"], source)
     if result.missing_keys or result.unexpected_keys:
         raise DataError(f"{source}: weights do not fit architecture '{payload['arch']['name']}' "
                         f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected tensors, "

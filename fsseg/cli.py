@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Callable, Sequence
 
@@ -13,6 +14,28 @@ from fsseg.errors import FssegError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+def number_in(interval: str, kind: type = float) -> Callable[[str], float | int]:
+    """An argparse ``type`` for a number in ``interval`` (``"[0, 1)"``, ``"[1, inf)"``): out of range is a usage
+    error naming the option, not a traceback later."""
+    from fsseg.config import check_interval
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+        try:
+            check_interval(value, interval, "the value")
+        except FssegError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the expected type after the function
+    return parse
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ hours into a run. Values of ``--set`` are parsed as YAML (``--set optim.lr=3e-4 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -25,11 +26,14 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty; give at least one setting, or leave --config out "
+                          "for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     return data
@@ -65,6 +69,27 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+def ranged(default: Any = dataclasses.MISSING, interval: str = "[0, inf)", **kwargs: Any) -> Any:
+    """A dataclass field whose number (or each number of a list) must lie in ``interval``, e.g. ``"(0, inf)"``
+    or ``"[0, 1)"``; :func:`from_dict` checks it and names the key."""
+    return dataclasses.field(default=default, metadata={"interval": interval}, **kwargs)
+
+
+def check_interval(value: Any, interval: str, where: str) -> None:
+    """Raise ConfigError when ``value`` (a number, or each number of a list) lies outside ``interval``."""
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            check_interval(item, interval, where)
+        return
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    if not (above and below):
+        raise ConfigError(f"{where} must lie in {interval}, got {value!r}")
+
+
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
     if not isinstance(data, dict):
@@ -78,7 +103,10 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
-        values[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+        key = f"{where}.{name}" if where else name
+        values[name] = _convert(hints[name], value, key)
+        if "interval" in fields[name].metadata:
+            check_interval(values[name], fields[name].metadata["interval"], key)
     missing = [n for n, f in fields.items() if n not in values and _required(f)]
     if missing:
         raise ConfigError(f"missing config key(s): {', '.join((where + '.' if where else '') + m for m in missing)}")
@@ -133,11 +161,13 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

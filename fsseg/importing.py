@@ -102,7 +102,7 @@ LAYOUTS = {
 
 def read_published(path: str | Path, unsafe: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a published file, unwrapped from ``{'net': ...}``-style containers, ``module.`` stripped."""
-    hint = "" if unsafe else "; if it holds non-tensor objects and you trust its source, add --unsafe-load"
+    hint = "" if unsafe else "; if you trust the file's source, add --unsafe-load"
     payload = load_torch_file(path, "file", unsafe, hint)
     while isinstance(payload, dict):
         inner = next((payload[k] for k in CONTAINER_KEYS if isinstance(payload.get(k), dict)), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fsseg.config import ranged
 from fsseg.data.transforms import Augmentation, Preprocessing
 from fsseg.errors import ConfigError
 
@@ -35,28 +36,32 @@ class SamplingConfig:
     """
 
     uniform_datasets: bool = True
-    volumes_per_epoch: int | None = None
+    volumes_per_epoch: int | None = ranged(None, "[1, inf)")
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay, stepped every iteration."""
 
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    warmup_epochs: int = 10
-    epochs: int = 100
-    batch_size: int = 2
-    grad_clip: float | None = 12.0
+    lr: float = ranged(1e-4, "(0, inf)")
+    weight_decay: float = ranged(1e-5)
+    warmup_epochs: int = ranged(10)
+    epochs: int = ranged(100, "[1, inf)")
+    batch_size: int = ranged(2, "[1, inf)")
+    grad_clip: float | None = ranged(12.0, "(0, inf)")
 
 
 @dataclass
 class LossConfig:
     """Weights of the partial-label loss terms (``bce_weight: 0`` is FSEFT's Dice-only loss)."""
 
-    dice_weight: float = 1.0
-    bce_weight: float = 1.0
-    smooth: float = 1.0
+    dice_weight: float = ranged(1.0)
+    bce_weight: float = ranged(1.0)
+    smooth: float = ranged(1.0, "(0, inf)")
+
+    def __post_init__(self) -> None:
+        if self.dice_weight + self.bce_weight <= 0:
+            raise ConfigError("loss.dice_weight and loss.bce_weight cannot both be 0: nothing would train")
 
 
 @dataclass
@@ -72,9 +77,9 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     amp: bool = True
-    checkpoint_every: int = 10
-    seed: int = 0
-    num_workers: int = 0
+    checkpoint_every: int = ranged(10, "[1, inf)")
+    seed: int = ranged(0, "[0, 4294967295]")
+    num_workers: int = ranged(0)
 
     def __post_init__(self) -> None:
         if self.optim.epochs < 1 or self.optim.batch_size < 1 or self.checkpoint_every < 1:

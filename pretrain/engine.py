@@ -32,7 +32,7 @@ from fsseg.data.io import atomic_path
 from fsseg.data.transforms import IMAGE, LABEL, TASK_MASK, case_item, train_transforms
 from fsseg.errors import ConfigError
 from fsseg.losses import PartialLabelLoss
-from fsseg.models import create_model
+from fsseg.models import check_roi, create_model
 from fsseg.outputs import prepare_output_dir
 from fsseg.templates import Template, load_template
 from fsseg.training.runtime import Runtime, seed_everything
@@ -120,6 +120,7 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     paths = RunPaths(out)
     started = time.time()
     template = load_template(cfg.template)
+    check_roi(cfg.model.name, cfg.preprocessing.roi)
     seed_everything(cfg.seed)
     model = create_model(cfg.model.name, num_classes=len(template), **cfg.model.kwargs).to(runtime.device)
     resume_path = _resume_path(resume, paths)

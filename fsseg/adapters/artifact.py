@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from fsseg.adapters.base import AdaptedModel, adapt_model, get_method
-from fsseg.checkpoint import load_torch_file, model_from_checkpoint, read_checkpoint, save_checkpoint, sha256_file
+from fsseg.checkpoint import load_torch_file, load_weights, model_from_checkpoint, read_checkpoint, save_checkpoint, sha256_file
 from fsseg.config import from_dict, to_dict
 from fsseg.data.transforms import Preprocessing
-from fsseg.errors import DataError
+from fsseg.errors import DataError, FssegError
 from fsseg.templates import Template
 
 KIND = "adapter"
+ADAPTER_KEYS = ("method", "options", "structures", "base_sha256", "preprocessing", "state_dict")
 
 
 def save_adapter(path: str | Path, adapted: AdaptedModel, method: str, options, base_checkpoint: str | Path,
@@ -31,6 +32,12 @@ def read_adapter(path: str | Path) -> dict:
     payload = load_torch_file(path, "adapter file")
     if not isinstance(payload, dict) or payload.get("kind") != KIND:
         raise DataError(f"{path}: not an fsseg adapter file")
+    missing = [key for key in ADAPTER_KEYS if key not in payload]
+    if missing:
+        raise DataError(f"{path}: adapter file lacks {', '.join(missing)}")
+    if not isinstance(payload["structures"], list) or not payload["structures"] \
+            or not all(isinstance(s, str) for s in payload["structures"]):
+        raise DataError(f"{path}: adapter file's 'structures' must be a non-empty list of names")
     return payload
 
 
@@ -47,10 +54,14 @@ def load_adapted_model(adapter_path: str | Path, checkpoint_path: str | Path) ->
     payload = read_checkpoint(checkpoint_path)
     base = model_from_checkpoint(payload, str(checkpoint_path))
     method = get_method(adapter["method"])
-    options = from_dict(method.config_cls, adapter["options"])
+    options = from_dict(method.config_cls, adapter["options"], where=f"{adapter_path}: options")
     adapted = adapt_model(base, Template.from_dict(payload["template"]), adapter["structures"], adapter["method"], options)
-    result = adapted.load_state_dict(adapter["state_dict"], strict=False)
+    result = load_weights(adapted, adapter["state_dict"], str(adapter_path))
     trained = {name for name, p in adapted.named_parameters() if p.requires_grad}
     if result.unexpected_keys or trained - set(adapter["state_dict"]):
         raise DataError(f"{adapter_path}: tensors do not fit method '{adapter['method']}' on this checkpoint")
-    return adapted, Preprocessing.from_dict(adapter["preprocessing"]), adapter
+    try:
+        preprocessing = Preprocessing.from_dict(adapter["preprocessing"])
+    except (TypeError, AttributeError, FssegError) as error:
+        raise DataError(f"{adapter_path}: adapter's preprocessing is malformed ({error})") from None
+    return adapted, preprocessing, adapter

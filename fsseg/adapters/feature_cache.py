@@ -54,12 +54,17 @@ class FeatureStore:
         ``scan_key`` identifies the scan's content and preprocessing; ``name`` is only for the log.
         """
         path = self.path(scan_key)
-        if not path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            plain = torch.as_tensor(image).as_subclass(torch.Tensor)
-            features = self.inferer(plain[None].to(self.device), self.model.features)
-            with atomic_path(path) as tmp:
-                np.save(tmp, features[0].to(torch.float16).numpy())
-            log.info(f"cached features of {name or path.stem}: {tuple(features.shape[1:])}, "
-                     f"{path.stat().st_size / 2**20:.0f} MB")
+        if path.exists():
+            try:
+                return np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as error:  # truncated by a kill or a full disk
+                log.warning(f"cached features {path} are damaged ({type(error).__name__}); recomputing them")
+                path.unlink()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        plain = torch.as_tensor(image).as_subclass(torch.Tensor)
+        features = self.inferer(plain[None].to(self.device), self.model.features)
+        with atomic_path(path) as tmp:
+            np.save(tmp, features[0].to(torch.float16).numpy())
+        log.info(f"cached features of {name or path.stem}: {tuple(features.shape[1:])}, "
+                 f"{path.stat().st_size / 2**20:.0f} MB")
         return np.load(path, mmap_mode="r")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +17,10 @@ from typing import Callable, Sequence
 
 from monai.data import PersistentDataset
 
+from fsseg.errors import FssegError
+
 _CHUNK = 1 << 20
+log = logging.getLogger("fsseg.cache")
 
 
 @lru_cache(maxsize=4096)
@@ -54,6 +58,22 @@ def content_hash(fingerprint: str) -> Callable[[dict], bytes]:
     return hash_item
 
 
+class RecomputingDataset(PersistentDataset):
+    """A PersistentDataset that recomputes a damaged cache file (truncated by a full disk or a kill) instead of
+    failing; MONAI itself recovers only from a bad magic number."""
+
+    def _cachecheck(self, item_transformed):
+        try:
+            return super()._cachecheck(item_transformed)
+        except Exception as error:  # torch raises many types for damaged files
+            cached = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode('utf-8')}.pt"
+            if not cached.is_file() or isinstance(error, FssegError):
+                raise
+            log.warning(f"cache file {cached} is damaged ({type(error).__name__}); recomputing it")
+            cached.unlink()
+            return super()._cachecheck(item_transformed)
+
+
 def cached_dataset(items: Sequence[dict], transform, cache_dir: str | Path, fingerprint: str) -> PersistentDataset:
     """A PersistentDataset over ``items`` whose cache keys change with file content and ``fingerprint``.
 
@@ -61,4 +81,4 @@ def cached_dataset(items: Sequence[dict], transform, cache_dir: str | Path, fing
     settings and the template), e.g. ``json.dumps([pre.to_dict(), template.to_dict()])``.
     """
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    return PersistentDataset(list(items), transform=transform, cache_dir=cache_dir, hash_func=content_hash(fingerprint))
+    return RecomputingDataset(list(items), transform=transform, cache_dir=cache_dir, hash_func=content_hash(fingerprint))

@@ -121,6 +121,9 @@ def load_datalist(path: str | Path, data_root: str | Path | None = None) -> Data
     unknown = sorted(set(raw) - _LIST_KEYS)
     if unknown:
         raise DataError(f"{path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(_LIST_KEYS))}")
+    for key in ("name", "root", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise DataError(f"{path}: '{key}' must be a string, got {raw[key]!r}")
     name = raw.get("name") or path.stem
     root = _resolve_root(path, raw.get("root"), data_root)
     label_map = LabelMap.parse(raw.get("label_map", {}), source=str(path))
@@ -156,6 +159,8 @@ def _parse_case(entry: object, index: int, path: Path, root: Path, dataset: str,
     for key in ("id", "image"):
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise DataError(f"{where}: missing or empty '{key}'")
+    if "group" in entry and not isinstance(entry["group"], (str, int)):
+        raise DataError(f"{where}: 'group' must be a string")
     split = entry.get("split", "train")
     if split not in SPLITS:
         raise DataError(f"{where}: split '{split}' is not one of {', '.join(SPLITS)}")

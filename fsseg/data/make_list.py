@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import re
+import string
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,9 +27,12 @@ from typing import Sequence
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.datalist import SPLITS, load_datalist
 from fsseg.data.io import atomic_path, nifti_stem
+from fsseg.data.labels import LabelMap
+from fsseg.outputs import check_output_file, check_outputs
 from fsseg.errors import ConfigError, DataError
 
 SPECS_ENV = "FSSEG_DATASET_SPECS"
+CSV_KEYS = ("file", "id_column", "split_column")
 
 
 def specs_dir() -> Path:
@@ -50,17 +54,51 @@ def load_spec(name_or_path: str) -> dict:
                               "(or give the path to a spec JSON)")
     try:
         spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path}: cannot read dataset spec ({error})") from None
-    for i, layout in enumerate(spec.get("layouts", [])):
-        for key in ("image_glob", "id_pattern"):
-            if key not in layout:
-                raise ConfigError(f"{path}: layout #{i + 1} lacks '{key}'")
-        if layout.get("split", "train") not in SPLITS:
-            raise ConfigError(f"{path}: layout #{i + 1} has split '{layout['split']}', not one of {', '.join(SPLITS)}")
-    if not spec.get("layouts"):
-        raise ConfigError(f"{path}: spec has no 'layouts'")
+    _check_spec(spec, path)
     return spec
+
+
+def _check_spec(spec: object, path: Path) -> None:
+    """Refuse a spec whose fields would fail later, naming the field."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a dataset spec is a JSON object with 'name', 'label_map' and 'layouts'")
+    if not isinstance(spec.get("name", ""), str):
+        raise ConfigError(f"{path}: 'name' must be a string")
+    LabelMap.parse(spec.get("label_map", {}), str(path))
+    layouts = spec.get("layouts")
+    if not isinstance(layouts, list) or not layouts:
+        raise ConfigError(f"{path}: spec has no 'layouts' (a non-empty list)")
+    for i, layout in enumerate(layouts):
+        where = f"{path}: layout #{i + 1}"
+        if not isinstance(layout, dict):
+            raise ConfigError(f"{where} must be an object")
+        for key in ("image_glob", "id_pattern"):
+            if not isinstance(layout.get(key), str) or not layout[key]:
+                raise ConfigError(f"{where} lacks '{key}' (a string)")
+        try:
+            pattern = re.compile(layout["id_pattern"])
+        except re.error as error:
+            raise ConfigError(f"{where}: id_pattern is not a valid regular expression ({error})") from None
+        if "id" not in pattern.groupindex:
+            raise ConfigError(f"{where}: id_pattern must capture the case id as (?P<id>...)")
+        known = set(pattern.groupindex) | {"dir"}
+        for key in ("label", "labels_glob"):
+            if key not in layout:
+                continue
+            if not isinstance(layout[key], str):
+                raise ConfigError(f"{where}: '{key}' must be a string")
+            fields = {name for _, name, _, _ in string.Formatter().parse(layout[key]) if name is not None}
+            if fields - known:
+                raise ConfigError(f"{where}: '{key}' uses {{{', '.join(sorted(fields - known))}}}, which the "
+                                  f"id_pattern does not capture (known: {', '.join(sorted(known))})")
+        if layout.get("split", "train") not in SPLITS:
+            raise ConfigError(f"{where} has split '{layout['split']}', not one of {', '.join(SPLITS)}")
+    csv_spec = spec.get("split_csv")
+    if csv_spec is not None and (not isinstance(csv_spec, dict)
+                                 or not all(isinstance(csv_spec.get(k), str) for k in CSV_KEYS)):
+        raise ConfigError(f"{path}: 'split_csv' must be an object with {', '.join(CSV_KEYS)} (strings)")
 
 
 def scan(spec: dict, root: Path) -> list[dict]:
@@ -111,6 +149,9 @@ def _read_split_csv(config: dict | None, root: Path) -> dict[str, str]:
         return {}
     with path.open(newline="") as handle:
         rows = csv.DictReader(handle, delimiter=config.get("delimiter", ","))
+        absent = [config[k] for k in ("id_column", "split_column") if config[k] not in (rows.fieldnames or [])]
+        if absent:
+            raise DataError(f"{path}: no column {', '.join(absent)} (columns: {', '.join(rows.fieldnames or [])})")
         return {row[config["id_column"]]: row[config["split_column"]] for row in rows
                 if row.get(config["split_column"]) in SPLITS}
 
@@ -134,8 +175,8 @@ def _command(args: argparse.Namespace) -> int:
     spec = load_spec(args.dataset)
     root = Path(args.root).expanduser().resolve()
     output = Path(args.output)
-    if output.exists() and not args.force:
-        raise DataError(f"{output}: already exists (use --force to overwrite)")
+    check_outputs([output], [args.dataset] if args.dataset.endswith(".json") else [])
+    check_output_file(output, args.force)
     cases = scan(spec, root)
     datalist = {"name": spec["name"], "description": spec.get("description", ""), "root": str(root),
                 "label_map": spec.get("label_map", {}), "cases": cases}

@@ -20,8 +20,9 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from fsseg.cli import add_common_arguments, run_cli
-from fsseg.data.io import save_nifti
+from fsseg.cli import add_common_arguments, number_in, run_cli
+from fsseg.data.io import atomic_path, save_nifti
+from fsseg.outputs import prepare_output_dir
 
 # World frame: RAS mm centred on the body; +x patient right, +y anterior, +z superior.
 FIELD_OF_VIEW_MM = ((-185.0, 185.0), (-145.0, 145.0), (-110.0, 120.0))
@@ -203,7 +204,8 @@ def write_dataset(
         "cases": cases,
     }
     list_path = out / f"{dataset.name}.json"
-    list_path.write_text(json.dumps(datalist, indent=1) + "\n")
+    with atomic_path(list_path) as tmp:
+        tmp.write_text(json.dumps(datalist, indent=1) + "\n")
     return list_path
 
 
@@ -214,19 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
         "data sets for pretraining and a fully labelled target data set with train/test splits.",
     )
     parser.add_argument("--out", required=True, help="output folder (data sets and <name>.json lists)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same volumes")
-    parser.add_argument("--source-cases", type=int, default=4, help="volumes per source data set (default 4)")
-    parser.add_argument("--target-train", type=int, default=8, help="target train volumes (default 8)")
-    parser.add_argument("--target-test", type=int, default=4, help="target test volumes (default 4)")
-    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                        help="voxel size in mm for every volume (default: a mix of 1.5-3 mm, anisotropic)")
+    parser.add_argument("--seed", type=number_in("[0, 4294967295]", int), default=0,
+                        help="random seed; the same seed gives the same volumes")
+    parser.add_argument("--source-cases", type=number_in("[1, inf)", int), default=4,
+                        help="volumes per source data set (default 4)")
+    parser.add_argument("--target-train", type=number_in("[1, inf)", int), default=8,
+                        help="target train volumes (default 8)")
+    parser.add_argument("--target-test", type=number_in("[1, inf)", int), default=4,
+                        help="target test volumes (default 4)")
+    parser.add_argument("--spacing", type=number_in("[0.5, 8]"), nargs=3, metavar=("X", "Y", "Z"),
+                        help="voxel size in mm for every volume, 0.5 to 8 (default: a mix of 1.5-3 mm, anisotropic)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(parser)
     return parser
 
 
 def _command(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = prepare_output_dir(args.out, "--out")
     for dataset in default_datasets(args.source_cases, args.target_train, args.target_test):
         path = write_dataset(out, dataset, args.seed, args.spacing, progress=not args.no_progress)
         print(f"wrote {path}")

@@ -33,6 +33,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from fsseg.config import ranged
 from fsseg.data.datalist import Case
 from fsseg.data.io import check_finite, hu_problem, load_nifti_image, same_geometry
 from fsseg.data.labels import LabelMap, structure_masks, task_mask, to_template_index
@@ -56,17 +57,21 @@ class Preprocessing:
     """
 
     orientation: str = "RAS"
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    spacing: tuple[float, float, float] = ranged((1.5, 1.5, 1.5), "(0, inf)")
     hu_window: tuple[float, float] = (-175.0, 250.0)
-    roi: tuple[int, int, int] = (96, 96, 96)
+    roi: tuple[int, int, int] = ranged((96, 96, 96), "[1, inf)")
     crop_foreground: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
         object.__setattr__(self, "hu_window", tuple(float(h) for h in self.hu_window))
         object.__setattr__(self, "roi", tuple(int(r) for r in self.roi))
-        if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RLAPSI"):
-            raise ConfigError(f"preprocessing.orientation '{self.orientation}' is not three axis codes like RAS")
+        codes = self.orientation.upper()
+        axes = sorted(next((i for i, pair in enumerate(("LR", "AP", "SI")) if c in pair), -1) for c in codes)
+        if axes != [0, 1, 2]:
+            raise ConfigError(f"preprocessing.orientation '{self.orientation}' is not three axis codes, one of each "
+                              "pair L/R, A/P, S/I (like RAS or LPS)")
+        object.__setattr__(self, "orientation", codes)
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ConfigError(f"preprocessing.spacing must be three positive numbers (mm), got {self.spacing}")
         if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
@@ -89,11 +94,15 @@ class Preprocessing:
 class Augmentation:
     """Random parts of the training pipeline."""
 
-    crops_per_volume: int = 2
-    pos: float = 1.0
-    neg: float = 1.0
-    intensity_shift: float = 0.1
-    intensity_shift_prob: float = 0.2
+    crops_per_volume: int = ranged(2, "[1, inf)")
+    pos: float = ranged(1.0)
+    neg: float = ranged(1.0)
+    intensity_shift: float = ranged(0.1)
+    intensity_shift_prob: float = ranged(0.2, "[0, 1]")
+
+    def __post_init__(self) -> None:
+        if self.pos + self.neg <= 0:
+            raise ConfigError("augmentation.pos and augmentation.neg cannot both be 0: no crop could be drawn")
 
 
 def case_item(case: Case, label_map: LabelMap | None = None) -> dict:
@@ -180,6 +189,21 @@ class TemplateLabelsd(MapTransform):
         return volume
 
 
+class RequireTissued(MapTransform):
+    """Refuse an image with no voxel above the HU window's lower bound (all air, or no CT at all): the
+    foreground crop would leave nothing to segment or to sample crops from."""
+
+    def __init__(self) -> None:
+        super().__init__([IMAGE])
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        image = data[IMAGE]
+        if not bool((image > 0).any()):
+            raise DataError(f"{image.meta.get('filename_or_obj', 'image')}: no voxel lies above the HU window's "
+                            "lower bound (an all-air or blank scan); nothing to segment")
+        return dict(data)
+
+
 class TemplateOneHotd(MapTransform):
     """(1, X, Y, Z) template index map -> (C, X, Y, Z) float binary channels, background dropped."""
 
@@ -204,6 +228,7 @@ def _core(pre: Preprocessing, keys: Sequence[str], template: Template | None) ->
         Orientationd(keys, axcodes=pre.orientation, labels=None, allow_missing_keys=True),
         Spacingd(keys, pixdim=pre.spacing, mode=modes, allow_missing_keys=True),
         ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+        RequireTissued(),
     ]
     if pre.crop_foreground:
         steps.append(CropForegroundd(keys, source_key=IMAGE, allow_smaller=True, allow_missing_keys=True,

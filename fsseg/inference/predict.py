@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
-from fsseg.cli import add_common_arguments, run_cli, user_error
+from fsseg.cli import add_common_arguments, number_in, run_cli, user_error
 from fsseg.data.datalist import load_datalist
 from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, nifti_stem, save_like
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
@@ -170,16 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--overlap", type=number_in("[0, 1)"), default=0.5,
+                        help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int), default=1,
+                        help="windows per forward pass (default 1)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="float16 autocast on CUDA (default on; no effect on the CPU)")
     parser.add_argument("--cpu-bf16", action="store_true",
                         help="bfloat16 autocast on the CPU: faster, with slightly different probabilities")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="skip cases whose output already exists and is valid")
-    parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts")
-    parser.add_argument("--part-id", type=int, default=0, help="which part this process predicts (0-based)")
+    parser.add_argument("--num-parts", type=number_in("[1, inf)", int), default=1,
+                        help="split the cases into this many parts")
+    parser.add_argument("--part-id", type=number_in("[0, inf)", int), default=0,
+                        help="which part this process predicts (0-based)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <case>_probabilities.nii.gz (float32, one volume per structure)")
     parser.add_argument("--preview", action="store_true",
@@ -195,8 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _command(args: argparse.Namespace) -> int:
     if not 0 <= args.part_id < args.num_parts:
         raise DataError(f"--part-id {args.part_id} must lie in [0, --num-parts {args.num_parts})")
-    if not 0.0 <= args.overlap < 1.0:
-        raise DataError(f"--overlap must lie in [0, 1), got {args.overlap}")
     inputs = find_inputs(Path(args.input), args.split, args.data_root)
     out = Path(args.output)
     planned = {case: case_outputs(out, case, args.save_probabilities, args.preview) for case in inputs.scans}

@@ -26,16 +26,29 @@ class ModelSpec:
     defaults: dict
     blocks: dict
     description: str
+    roi_multiple: int = 1  # window sizes must be multiples of the network's total down-sampling
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, factory, defaults: dict, blocks: dict, description: str) -> None:
+def register_model(name: str, factory, defaults: dict, blocks: dict, description: str, roi_multiple: int = 1) -> None:
     """Add a backbone under a lower-case ``name``; a name can be registered once."""
     if name != name.lower() or name in _REGISTRY:
         raise ValueError(f"model name '{name}' must be lower case and new")
-    _REGISTRY[name] = ModelSpec(factory, dict(defaults), blocks, description)
+    _REGISTRY[name] = ModelSpec(factory, dict(defaults), blocks, description, roi_multiple)
+
+
+def check_roi(name: str, roi: tuple[int, ...]) -> None:
+    """Refuse a window size the network cannot process (not a multiple of its down-sampling).
+
+    Raises:
+        ConfigError: naming the model, the roi and the multiple it needs.
+    """
+    multiple = _REGISTRY[name].roi_multiple if name in _REGISTRY else 1
+    if any(size % multiple for size in roi):
+        raise ConfigError(f"preprocessing.roi {list(roi)}: model '{name}' needs window sizes that are multiples of "
+                          f"{multiple}")
 
 
 def list_models() -> dict[str, str]:
@@ -93,13 +106,14 @@ register_model("unet3d", _unet3d, {}, {
     "decoder": ["up_tr256", "up_tr128", "up_tr64"],
     "last_decoder_block": ["up_tr64"],
 }, "Models-Genesis 3D U-Net (19M parameters; the SuPreM / CLIP-Driven UNet backbone), 64 feature channels. "
-   "Spatial sizes must be divisible by 8.")
+   "Spatial sizes must be divisible by 8.", roi_multiple=8)
 register_model("swinunetr", _swinunetr, {"feature_size": 48}, _SWIN_BLOCKS,
                "MONAI SwinUNETR, feature_size 48 (62M parameters; the FSEFT/CLIP-Driven backbone). Spatial sizes "
-               "must be divisible by 32.")
+               "must be divisible by 32.", roi_multiple=32)
 register_model("swinunetr_tiny", _swinunetr, {"feature_size": 12}, _SWIN_BLOCKS,
-               "SwinUNETR with feature_size 12 (4M parameters), for tests and demos.")
+               "SwinUNETR with feature_size 12 (4M parameters), for tests and demos.", roi_multiple=32)
 register_model("unet", _basic_unet, {"features": [32, 32, 64, 128, 256, 32]}, _UNET_BLOCKS,
-               "MONAI BasicUNet (5.8M parameters), 32 feature channels at full resolution.")
+               "MONAI BasicUNet (5.8M parameters), 32 feature channels at full resolution. Spatial sizes must be "
+               "divisible by 16.", roi_multiple=16)
 register_model("unet_tiny", _basic_unet, {"features": [8, 8, 16, 32, 64, 8]}, _UNET_BLOCKS,
-               "BasicUNet with 8..64 channels (0.36M parameters), for tests and the CPU demo.")
+               "BasicUNet with 8..64 channels (0.36M parameters), for tests and the CPU demo.", roi_multiple=16)
