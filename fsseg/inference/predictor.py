@@ -115,7 +115,10 @@ class Predictor:
         native = self.invert(data)[PROBABILITIES].as_tensor().float().clamp_(0, 1)
         hard = native > self.settings.threshold
         if self.settings.largest_component:
-            hard = KeepLargestConnectedComponent(is_onehot=True, independent=True)(hard).bool()
+            # Every channel is a structure: by default MONAI would take channel 0 for background and skip it.
+            keep = KeepLargestConnectedComponent(applied_labels=list(range(hard.shape[0])), is_onehot=True,
+                                                 independent=True)
+            hard = keep(hard).bool()
         best = torch.where(hard, native, torch.zeros_like(native))
         label = torch.where(hard.any(0), best.argmax(0) + 1, 0).numpy().astype(np.uint8)
         return Prediction(label=label, probabilities=native.numpy(), reference=reference, structures=self.structures)
