@@ -14,6 +14,7 @@ from adapt.cli import main as adapt
 from conftest import SHARED_CT, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import save_adapter
+from fsseg.adapters.feature_cache import FeatureStore
 from fsseg.adapters.methods import LinearProbeConfig
 from fsseg.checkpoint import load_model, read_checkpoint
 from fsseg.data.check import main as check_data
@@ -294,3 +295,11 @@ def test_damaged_caches_are_recomputed(phantom_dir, tmp_path):
         path.write_bytes(path.read_bytes()[:100])
     assert pretrain(pretrain_args(out, lists, 2) + ["--resume", "auto"]) == 0
     assert all(zipfile.is_zipfile(p) for p in (out / "cache").glob("*.pt"))
+
+    model = load_model(out / "checkpoint_latest.pt")[0]
+    store = FeatureStore(tmp_path / "features", model, "key", (32, 32, 32), torch.device("cpu"))
+    image = torch.rand(1, 40, 36, 24)
+    first = np.array(store.get("scan", image))
+    path = store.path("scan")
+    path.write_bytes(path.read_bytes()[:200])
+    assert np.array_equal(np.array(store.get("scan", image)), first)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TOTALSEG_LIST, ct_like, write_nifti
+from conftest import SHARED_CT, TOTALSEG_LIST, ct_like, write_nifti
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predict import main as predict
@@ -106,6 +106,9 @@ def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, capsys):
     scans = tmp_path / "scans"
     phantom_scan(scans, "good", AFFINES["identity"])
     (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    # A gzip whose header reads but whose data is cut: it fails inside MONAI's Compose, not in the header check.
+    whole = (SHARED_CT / "images" / "ts_example_ct_sm.nii.gz").read_bytes()
+    (scans / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
     write_nifti(scans / "flat.nii.gz", ct_like((20, 20, 6))[..., 3])
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
     out = tmp_path / "pred"
@@ -114,6 +117,7 @@ def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, capsys):
     assert report["good"]["status"] == "ok" and (out / "good.nii.gz").is_file()
     assert report["broken"]["status"] == "failed" and "broken.nii.gz" in report["broken"]["error"]
     assert "expected a 3D volume" in report["flat"]["error"]
+    assert report["cut"]["status"] == "failed" and "cut.nii.gz" in report["cut"]["error"]
     assert not (out / "broken.nii.gz").exists() and not list(out.glob(".*part*"))
     assert (out / "good.nii.gz").stat().st_mode & 0o044 == 0o044  # readable by others, like any new file
     assert "broken.nii.gz: failed" in capsys.readouterr().err

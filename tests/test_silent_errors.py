@@ -13,11 +13,12 @@ import torch
 from adapt.cli import main as adapt
 from adapt.config import AdaptConfig
 from adapt.engine import Adaptation
-from conftest import SHARED_CT, write_method_configs, write_nifti
+from conftest import SHARED_CT, TOTALSEG_LIST, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.methods import LinearProbeConfig
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
+from fsseg.cli import user_error
 from fsseg.data.check import main as check_data
 from fsseg.data.datalist import load_datalist
 from fsseg.errors import DataError
@@ -66,6 +67,20 @@ def test_non_finite_voxels_are_refused_wherever_volumes_are_read(shared_ct, tmp_
     cases = json.loads((out / "predictions.json").read_text())["cases"]
     assert cases[REAL]["status"] == "failed" and "NaN or infinite" in cases[REAL]["error"]
     assert cases["good"]["status"] == "ok"
+
+    # Adaptation refuses it as a support case before training on it.
+    data = json.loads(TOTALSEG_LIST.read_text())
+    data["root"] = str(SHARED_CT)
+    for case in data["cases"]:
+        if case["id"] == REAL:
+            case["image"] = str(scan)
+    adapt_list = tmp_path / "adapt.json"
+    adapt_list.write_text(json.dumps(data))
+    config = AdaptConfig(checkpoint=str(ckpt), data_list=str(adapt_list), organs=["liver"], shots=[1], methods=["lp"])
+    run = Adaptation(config, tmp_path / "adapt", torch.device("cpu"))
+    with pytest.raises(Exception) as raised:  # MONAI's Compose wraps it; the CLI prints the cause
+        run.support(next(c for c in run.pool if c.id == REAL))
+    assert "NaN or infinite" in str(user_error(raised.value))
 
     # Pretraining refuses the case in one line and saves no checkpoint.
     run = tmp_path / "run"
