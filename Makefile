@@ -59,9 +59,10 @@ demo: $(STAMP)
 	@echo "Done. Data: $(DEMO_DIR)/data  model: $(DEMO_DIR)/pretrain  adaptation: $(DEMO_DIR)/adapt/results.csv" \
 		" masks: $(DEMO_DIR)/predict  scores: $(DEMO_DIR)/evaluate/summary.json"
 
-# pytest exits 5 when it collected no tests, so an empty run fails here too.
+# pytest exits 5 when it collected no tests, so an empty run fails here too. tests/test_installed.py builds the
+# wheel and installs it into .venv-installed/ with the same PyTorch requirement.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	FSSEG_TORCH="$(TORCH)" FSSEG_TORCH_INDEX="$(TORCH_INDEX)" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -16,8 +16,8 @@ from adapt.config import AdaptConfig
 
 RUN_FILES = ("config.yaml", "results.json", "results.csv")
 
-# The checkout's default run config; the paths inside it are relative to the working folder.
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "adapt" / "default.yaml")
+# The shipped default run config (the demo's outputs); the data paths inside it are relative to the working folder.
+DEFAULT_CONFIG = "configs/adapt/default.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:

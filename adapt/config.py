@@ -1,5 +1,5 @@
 """The adaptation configuration: the run (configs/adapt/default.yaml) and each method's defaults
-(configs/adapt/<method>.yaml), validated into these dataclasses at start-up."""
+(configs/adapt/<method>.yaml, shipped with the package), validated into these dataclasses at start-up."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from fsseg.config import from_dict, load_yaml, ranged
 from fsseg.errors import ConfigError
 from fsseg.losses.size_prior import FORMS
+from fsseg.resources import find_config
 
 
 @dataclass
@@ -105,13 +106,23 @@ class AdaptConfig:
                 raise ConfigError(f"{key} lists {', '.join(repeated)} more than once")
 
 
-def load_method_settings(folder: str | Path, method: str) -> MethodSettings:
-    """``<folder>/<method>.yaml`` when it exists, else the built-in defaults."""
-    path = Path(folder) / f"{method}.yaml"
+def method_settings_file(folder: str | Path, method: str) -> Path:
+    """``<folder>/<method>.yaml``, ``configs/...`` folders falling back to the shipped ones.
+
+    Raises:
+        ConfigError: the file does not exist (a method never trains on silent built-in defaults).
+    """
+    path = find_config(folder) / f"{method}.yaml"
     if not path.is_file():
-        return MethodSettings()
-    data = load_yaml(path)
+        raise ConfigError(f"{path}: no settings for method '{method}' (method_configs is {folder}); add the file "
+                          f"or point method_configs at a folder that has it")
+    return path
+
+
+def load_method_settings(folder: str | Path, method: str) -> MethodSettings:
+    """The settings of ``method`` from :func:`method_settings_file`, validated."""
+    path = method_settings_file(folder, method)
     try:
-        return from_dict(MethodSettings, data)
+        return from_dict(MethodSettings, load_yaml(path))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None

@@ -109,8 +109,8 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", unsafe: bool = F
     if not zipfile.is_zipfile(path) and not unsafe:
         with open(path, "rb") as handle:
             magic = handle.read(2)
-        kind = "it holds gzip data, a NIfTI perhaps" if magic == b"\x1f\x8b" else "no zip archive, or a truncated one"
-        raise DataError(f"{path}: not a PyTorch {what} ({kind}); torch.save writes zip archives")
+        kind = "it holds gzip data, a NIfTI perhaps" if magic == b"\x1f\x8b" else "torch.save writes zip archives"
+        raise DataError(f"{path}: cannot read {what}: truncated, or not a PyTorch file ({kind})")
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as error:

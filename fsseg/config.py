@@ -16,6 +16,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from fsseg.errors import ConfigError
+from fsseg.resources import find_config
 
 T = TypeVar("T")
 
@@ -188,6 +189,7 @@ def to_dict(instance: Any) -> Any:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
-    """Read ``path`` (YAML; optional), apply ``overrides`` and validate into ``cls``."""
-    data = load_yaml(path) if path else {}
+    """Read ``path`` (YAML; optional; ``configs/...`` falls back to the shipped copy), apply ``overrides`` and
+    validate into ``cls``."""
+    data = load_yaml(find_config(path)) if path else {}
     return from_dict(cls, apply_overrides(data, overrides))

@@ -39,7 +39,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("data:\n  lists: data.json\n", "data.lists: expected a list"),
         ("optim:\n  lr: 0.1\n   epochs: 3\n", "invalid YAML at line"),
         ("- a\n- b\n", "expected a mapping"),
-        ("optim:\n  epochs: 0\n", "optim.epochs must lie in [1, inf), got 0"),
+        ("optim:\n  epochs: 0\n", "optim.epochs must lie in"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, message):

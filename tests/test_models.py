@@ -79,5 +79,5 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     good = save_checkpoint(tmp_path / "good.pt", {"arch": model.arch, "template": {"name": "t", "structures": ["a", "b"],
                            "ids": [1, 2]}, "preprocessing": Preprocessing().to_dict(), "state_dict": model.state_dict()})
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:5000])
-    with pytest.raises(DataError, match="truncated or corrupt"):
+    with pytest.raises(DataError, match="cannot read checkpoint: truncated"):
         read_checkpoint(tmp_path / "cut.pt")

@@ -29,6 +29,7 @@ from fsseg.data.datalist import SPLITS, load_datalist
 from fsseg.data.io import atomic_path, nifti_stem
 from fsseg.data.labels import LabelMap
 from fsseg.outputs import check_output_file, check_outputs
+from fsseg.resources import shipped_dir
 from fsseg.errors import ConfigError, DataError
 
 SPECS_ENV = "FSSEG_DATASET_SPECS"
@@ -36,8 +37,8 @@ CSV_KEYS = ("file", "id_column", "split_column")
 
 
 def specs_dir() -> Path:
-    """Folder of the dataset specs: ``$FSSEG_DATASET_SPECS``, else ``data_lists/datasets`` of the checkout."""
-    return Path(os.environ.get(SPECS_ENV) or Path(__file__).resolve().parents[2] / "data_lists" / "datasets")
+    """Folder of the dataset specs: ``$FSSEG_DATASET_SPECS``, else the shipped ``data_lists/datasets``."""
+    return Path(os.environ.get(SPECS_ENV) or shipped_dir("datasets"))
 
 
 def available_datasets() -> list[str]:
