@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from monai.data import DataLoader, Dataset, DistributedWeightedRandomSampler
 from monai.optimizers import WarmupCosineSchedule
@@ -157,6 +156,11 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
         model.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        if scheduler.t_total != cfg.optim.epochs * steps_per_epoch:
+            # The saved state holds the old end, past which MONAI's cosine climbs back to the peak: move it, so the
+            # learning rate decays from here to 0 at the new end, as if the run had been planned this long.
+            scheduler.t_total = cfg.optim.epochs * steps_per_epoch
+            log.info(f"optim.epochs is now {cfg.optim.epochs}: the cosine decay ends at step {scheduler.t_total}")
         scaler.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
         start_epoch, step, best, history = payload["epoch"], payload["step"], payload["best_loss"], payload["history"]
@@ -213,9 +217,7 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
             data_seconds, compute_seconds = data_seconds + loaded - tick, compute_seconds + done - loaded
             tick = done
             bar.set_postfix(loss=f"{result.total.item():.4f}")
-        if runtime.distributed:
-            for tensor in (totals, channel_sums, channel_batches):
-                dist.all_reduce(tensor)
+        totals, channel_sums, channel_batches = (runtime.all_reduce(t) for t in (totals, channel_sums, channel_batches))
         epoch_loss = float(totals[0] / totals[1].clamp(min=1))
         history.append(epoch_loss)
         if runtime.is_main:
@@ -274,6 +276,10 @@ def _resume_path(resume: str | None, paths: RunPaths) -> Path | None:
 
 
 def _log_to_file(path: Path) -> None:
+    """Copy the log to ``path``: one file per run, also when several runs share a process (notebooks, tests)."""
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)

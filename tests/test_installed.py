@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,14 @@ def run(command: list, cwd: Path | None = None, env: dict | None = None) -> subp
 def installed(tmp_path_factory) -> Path:
     """The bin folder of a virtual environment holding the freshly built wheel (the environment is kept between
     runs; the wheel is reinstalled every time)."""
-    wheels = tmp_path_factory.mktemp("wheel")
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, REPO])
+    # Built from a copy of the working tree's files (not build/ leftovers, which a wheel would pick up).
+    source, wheels = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO).stdout.splitlines()
+    for name in files:
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, source])
     wheel = next(wheels.glob("fsseg-*.whl"))
     python = VENV / "bin" / "python"
     if not python.exists():

@@ -1,6 +1,7 @@
 """Pretraining end to end on phantoms and real CT, with tiny networks."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,28 @@ def test_killed_run_resumes_to_the_same_weights(phantom_dir, tmp_path):
     # Epochs may be raised on resume; the run continues from where it stopped.
     assert main(args(killed, lists, epochs + 1) + ["--resume", "auto"]) == 0
     assert torch.load(killed / "checkpoint_latest.pt", weights_only=True)["epoch"] == epochs + 1
+
+
+def logged_lr(out) -> list[float]:
+    """The learning rate at the end of every epoch, as train.log records it (resumed runs append)."""
+    by_epoch = {}
+    for line in (out / "train.log").read_text().splitlines():
+        found = re.search(r"epoch (\d+)/\d+: loss .*, lr ([0-9.e+-]+),", line)
+        if found:
+            by_epoch[int(found.group(1))] = float(found.group(2))
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def test_raising_epochs_on_resume_decays_the_learning_rate_to_the_new_end(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    lists = source_lists(phantom_dir)[:1]
+    assert main(args(out, lists, 3, "optim.lr=1e-2")) == 0
+    assert main(args(out, lists, 8, "optim.lr=1e-2") + ["--resume", "auto"]) == 0
+    lr = logged_lr(out)
+    assert len(lr) == 8 and lr[2] == 0.0  # the first run decayed to 0 at its end (epoch 3)
+    resumed = lr[3:]  # the extension: one decay from below the peak down to 0 at the new end, never rising
+    assert all(b <= a for a, b in zip(resumed, resumed[1:])), lr
+    assert 0 < resumed[0] < 0.8e-2 and lr[-1] == 0.0
 
 
 def test_two_process_gloo_ddp(phantom_dir, tmp_path):

@@ -39,6 +39,14 @@ class Runtime:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every process, reduced on this process's device (NCCL reduces CUDA tensors only)."""
+        if not self.distributed:
+            return tensor
+        on_device = tensor.to(self.device)
+        dist.all_reduce(on_device)
+        return on_device.to(tensor.device)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
