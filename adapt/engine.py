@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import sys
@@ -395,9 +396,17 @@ def finished_runs(path: Path, run: Adaptation) -> dict[tuple[str, int, int], lis
     return kept
 
 
+def run_seed(organs: list[str], method: str, shots: int, seed: int) -> int:
+    """The torch seed of one run, from its identity alone: fresh head rows, adapter and ``scratch`` weights do not
+    depend on which runs came before it, in which order, or on ``--continue``."""
+    key = json.dumps([list(organs), method, shots, seed]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
+
+
 def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: list[Support]) -> list[dict]:
     settings, options = run.settings[method]
     training = settings.training
+    torch.manual_seed(run_seed(run.organs, method, shots, seed))
     adapted = adapt_model(run.base, run.template, run.organs, method, options).to(run.device)
     trainable, total = adapted.parameter_counts()
     began = time.time()

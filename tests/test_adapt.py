@@ -84,6 +84,26 @@ def test_continue_keeps_finished_runs_and_redoes_changed_ones(phantom_dir, tiny_
     assert "comes from another checkpoint, data list" in err and "Traceback" not in err
 
 
+def test_a_runs_dice_does_not_depend_on_what_else_is_asked(phantom_dir, tiny_checkpoint, tmp_path):
+    configs = write_method_configs(tmp_path / "configs", epochs=2)
+
+    def scratch_run(out, *methods, resume=False):
+        """Dice rows and trained weights of the scratch run (random weights: they show any shift of the RNG)."""
+        args = adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
+                          "--shots", "1", "--seeds", "1", "--method", *methods, "--set", "pictures=false")
+        assert main(args + (["--continue"] if resume else [])) == 0
+        weights = torch.load(out / "adapters" / "liver_scratch_k1_s0.pt", weights_only=True)["state_dict"]
+        return [(r["case"], r["dice"], r["nsd"]) for r in read_rows(out) if r["method"] == "scratch"], weights
+
+    rows, weights = scratch_run(tmp_path / "alone", "scratch")
+    # The adapter's first convolution is drawn before scratch's weights here: they must not shift.
+    after_rows, after_weights = scratch_run(tmp_path / "after", "adapter", "scratch")
+    assert after_rows == rows and all(torch.equal(weights[k], after_weights[k]) for k in weights)
+    scratch_run(tmp_path / "continued", "scratch")
+    continued_rows, _ = scratch_run(tmp_path / "continued", "adapter", "scratch", resume=True)
+    assert continued_rows == rows
+
+
 def test_adapter_file_reproduces_the_run_predictions(phantom_dir, tiny_checkpoint, tmp_path):
     configs = write_method_configs(tmp_path / "configs", epochs=4)
     out = tmp_path / "run"
