@@ -215,7 +215,7 @@ def test_transductive_rows_adapt_once_per_query(phantom_dir, tiny_checkpoint, tm
 
 
 def test_transductive_needs_a_frozen_backbone(phantom_dir, tiny_checkpoint, tmp_path, capsys):
-    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x", tmp_path,
+    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x", write_method_configs(tmp_path / "m"),
                            "--organ", "liver", "--shots", "1", "--method", "ft", "--ti")) == 2
     assert "--ti needs a frozen backbone" in capsys.readouterr().err
 
@@ -252,11 +252,15 @@ def test_subject_shared_with_a_test_case_is_left_out(shared_ct, tiny_checkpoint,
         (["--organ", "heart", "--shots", "1"], "no case annotates heart"),
         (["--organ", "liver", "--shots", "9"], "K=9 shots asked for, but only 3 train case"),
         (["--organ", "liver", "--shots", "1", "--method", "prompt"], "invalid choice: 'prompt'"),
+        # A folder without lp.yaml: never the built-in defaults in silence.
+        (["--organ", "liver", "--shots", "1", "--method", "lp", "--set", "method_configs=elsewhere"],
+         "elsewhere/lp.yaml: no settings for method 'lp'"),
     ],
 )
 def test_bad_requests_are_one_line(phantom_dir, tiny_checkpoint, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) if "prompt" in message else _nothing():
-        code = main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x", tmp_path, *extra))
+        code = main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x",
+                               write_method_configs(tmp_path / "m"), *extra))
         assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -280,7 +284,7 @@ def test_empty_support_mask_and_checkpoint_without_preprocessing(phantom_dir, ti
     nib.save(nib.Nifti1Image(np.zeros(reference.shape, np.uint8), reference.affine), str(tmp_path / "blank.nii.gz"))
     path = tmp_path / "blank.json"
     path.write_text(json.dumps(data))
-    assert main(adapt_args(tiny_checkpoint, path, tmp_path / "x", tmp_path, "--organ", "liver", "--shots", "1",
+    assert main(adapt_args(tiny_checkpoint, path, tmp_path / "x", write_method_configs(tmp_path / "m"), "--organ", "liver", "--shots", "1",
                            "--method", "lp")) == 2
     assert "support case 'blank': the liver mask is empty" in capsys.readouterr().err
 
@@ -288,7 +292,7 @@ def test_empty_support_mask_and_checkpoint_without_preprocessing(phantom_dir, ti
     del payload["preprocessing"]
     broken = tmp_path / "no_pre.pt"
     torch.save(payload, broken)
-    assert main(adapt_args(broken, phantom_dir / "phantom_target.json", tmp_path / "y", tmp_path, "--organ", "liver",
+    assert main(adapt_args(broken, phantom_dir / "phantom_target.json", tmp_path / "y", write_method_configs(tmp_path / "m"), "--organ", "liver",
                            "--shots", "1")) == 2
     assert "checkpoint lacks preprocessing" in capsys.readouterr().err
 
