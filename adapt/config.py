@@ -35,6 +35,8 @@ class TrainingConfig:
     neg: float = ranged(1.0)
     dice_weight: float = ranged(1.0)
     bce_weight: float = ranged(1.0)
+    micro_batch: int | None = ranged(None, "[1, inf)")
+    activation_checkpointing: bool = False
     early_stop_window: int = ranged(10, "[1, inf)")
     early_stop_patience: int = ranged(20, "[1, inf)")
     early_stop_min_delta: float = ranged(1e-3)

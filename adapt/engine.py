@@ -44,6 +44,7 @@ from fsseg.losses import PartialLabelLoss
 from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
 from fsseg.metrics import score_structure
 from fsseg.templates import Template, expand_structures
+from fsseg.training.runtime import MixedPrecision, enable_activation_checkpointing
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
 from adapt.config import (AdaptConfig, MethodSettings, TrainingConfig, TransductiveConfig, load_method_settings,
                           method_settings_file)
@@ -233,6 +234,10 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Adaptation, train
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
     loss_fn = PartialLabelLoss(training.dice_weight, training.bce_weight)
+    precision = MixedPrecision(device)
+    micro = training.micro_batch or training.crops_per_volume
+    if training.activation_checkpointing and not cached and not enable_activation_checkpointing(adapted):
+        log.warning("training.activation_checkpointing: this network offers none; training without it")
     stopper = EarlyStopper(training.early_stop_window, training.early_stop_patience, training.early_stop_min_delta)
     rng = np.random.RandomState(seed)
     start, stop = epochs or (0, training.epochs)
@@ -242,18 +247,27 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Adaptation, train
         losses = []
         for i in rng.permutation(len(supports)):
             slices = samplers[i].slices(training.crops_per_volume, rng)
-            x = torch.stack([torch.from_numpy(np.asarray(sources[i][s], dtype=np.float32)) for s in slices]).to(device)
-            y = torch.stack([torch.from_numpy(supports[i].target[s].astype(np.float32)) for s in slices]).to(device)
-            logits = adapted.head_forward(x) if cached else adapted(x)
-            loss = loss_fn(logits, y, torch.ones(y.shape[:2], device=device)).total
-            if not torch.isfinite(loss):
-                raise NonFiniteWeights(f"non-finite loss in epoch {epoch + 1} on support '{supports[i].case.id}'; "
-                                       "nothing of this run was saved")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = 0.0
+            # One optimizer step per support volume; its crops go through in micro-batches whose gradients add
+            # up to the whole batch's (the loss is a mean over crops).
+            for first in range(0, len(slices), micro):
+                part = slices[first : first + micro]
+                x = torch.stack([torch.from_numpy(np.asarray(sources[i][s], dtype=np.float32)) for s in part])
+                y = torch.stack([torch.from_numpy(supports[i].target[s].astype(np.float32)) for s in part])
+                x, y = x.to(device), y.to(device)
+                with precision.autocast():
+                    logits = adapted.head_forward(x) if cached else adapted(x)
+                share = loss_fn(logits.float(), y, torch.ones(y.shape[:2], device=device)).total
+                share = share * len(part) / len(slices)
+                if not torch.isfinite(share):
+                    raise NonFiniteWeights(f"non-finite loss in epoch {epoch + 1} on support '{supports[i].case.id}'; "
+                                           "nothing of this run was saved")
+                precision.scaler.scale(share).backward()
+                loss += share.item()
+            precision.step(optimizer)
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(loss)
         if ti is not None:
             settings, pooled, proportions = ti
             predicted = torch.sigmoid(adapted.head_forward(pooled)).mean(dim=(0, 2, 3, 4))
@@ -261,8 +275,8 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Adaptation, train
                                    for k, s in enumerate(proportions)]).mean()
             if penalty.item() > 0:
                 optimizer.zero_grad(set_to_none=True)
-                (settings.lam * penalty).backward()
-                optimizer.step()
+                precision.scaler.scale(settings.lam * penalty).backward()
+                precision.step(optimizer)
         history.append(float(np.mean(losses)))
         if epochs is None and stopper.should_stop(history[-1]):
             log.info(f"early stop after epoch {epoch + 1}: loss plateau at {history[-1]:.4f}")

@@ -159,6 +159,7 @@ def test_continue_writes_what_a_killed_run_left_missing(tmp_path):
     assert predict(command + ["--continue"]) == 0
     report = json.loads((out / "predictions.json").read_text())
     assert report["cases"]["a"]["status"] == "ok" and probabilities.is_file()
+    assert not list(out.glob(".*part*"))
     assert nib.load(str(probabilities)).shape == (40, 36, 24, 1)
     assert predict(command + ["--continue"]) == 0
     assert json.loads((out / "predictions.json").read_text())["cases"]["a"]["status"] == "skipped"

@@ -226,7 +226,7 @@ def _core(pre: Preprocessing, keys: Sequence[str], template: Template | None) ->
     low, high = pre.hu_window
     steps += [
         Orientationd(keys, axcodes=pre.orientation, labels=None, allow_missing_keys=True),
-        Spacingd(keys, pixdim=pre.spacing, mode=modes, allow_missing_keys=True),
+        Spacingd(keys, pixdim=pre.spacing, mode=modes, dtype=np.float32, allow_missing_keys=True),
         ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
         RequireTissued(),
     ]

@@ -227,9 +227,11 @@ def _command(args: argparse.Namespace) -> int:
         if args.resume and outputs_are_valid(planned[case], scan):
             report["cases"][case] = {"status": "skipped", "image": str(scan), "output": str(target)}
             continue
+        for leftover in (p for path in planned[case] for p in out.glob(f".{path.name}.*.part*")):
+            leftover.unlink()  # a killed run's half-written file of this case (each case belongs to one part)
         started = time.perf_counter()
         try:
-            prediction = predictor(scan)
+            prediction = predictor(scan, keep_probabilities=args.save_probabilities)
             save_like(prediction.label, prediction.reference, target)
             if args.save_probabilities:
                 save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, extras.pop(0))

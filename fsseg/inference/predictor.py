@@ -2,7 +2,11 @@
 
 image file -> deterministic preprocessing (RAS, spacing, HU window, crop, pad) -> MONAI sliding window with
 gaussian blending, only the requested structures' logits kept -> sigmoid -> ``Invertd`` resamples the
-probabilities onto the input grid -> threshold 0.5 -> one label map (ids 1..K in the order of ``structures``).
+probabilities onto the input grid one structure at a time -> threshold 0.5 -> one label map (ids 1..K in the
+order of ``structures``; where several pass, the most probable).
+
+Host memory: the model-space probabilities (K x model grid, float32) plus a constant few native-size volumes;
+native-grid probabilities of every structure are kept only when asked for (``--save-probabilities``).
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ class InferenceSettings:
 
 @dataclass
 class Prediction:
-    """A prediction on the input grid: ``label`` (X, Y, Z) uint8, ``probabilities`` (K, X, Y, Z) float32."""
+    """A prediction on the input grid: ``label`` (X, Y, Z) uint8 and, when asked for, ``probabilities``
+    (K, X, Y, Z) float32."""
 
     label: np.ndarray
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None
     reference: nib.Nifti1Image
     structures: list[str]
 
@@ -82,6 +87,8 @@ class Predictor:
         self.settings = settings
         self.transform = inference_transforms(preprocessing)
         self.invert = Invertd(PROBABILITIES, transform=self.transform, orig_keys=IMAGE, nearest_interp=False)
+        # Applied to each structure's mask as a one-channel stack; by default MONAI skips channel 0 as background.
+        self.keep_largest = KeepLargestConnectedComponent(applied_labels=[0], is_onehot=True, independent=True)
 
     def _inferer(self, spatial_shape: Sequence[int]) -> SlidingWindowInferer:
         output_bytes = 4 * len(self.structures) * int(np.prod(spatial_shape))
@@ -102,29 +109,34 @@ class Predictor:
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.cpu_bf16)
         with autocast:
             logits = self._inferer(image.shape[1:])(batch, network or self.network)
-        return torch.sigmoid(logits[0].float()).cpu()
+        return logits[0].float().sigmoid_().cpu()  # in place: a second K x volume copy is what a CT cannot afford
 
     def preprocess(self, path: str | Path) -> dict:
         """The scan in model space (``data[IMAGE]``, (1, X, Y, Z)), with what is needed to map back."""
         return self.transform({IMAGE: str(path)})
 
-    def finish(self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image) -> Prediction:
-        """Map model-space ``probabilities`` (K, *model grid) of ``data`` back onto the scan's grid and threshold."""
-        data = dict(data)
-        data[PROBABILITIES] = MetaTensor(probabilities, meta=dict(data[IMAGE].meta))
-        native = self.invert(data)[PROBABILITIES].as_tensor().float().clamp_(0, 1)
-        hard = native > self.settings.threshold
-        if self.settings.largest_component:
-            # Every channel is a structure: by default MONAI would take channel 0 for background and skip it.
-            keep = KeepLargestConnectedComponent(applied_labels=list(range(hard.shape[0])), is_onehot=True,
-                                                 independent=True)
-            hard = keep(hard).bool()
-        best = torch.where(hard, native, torch.zeros_like(native))
-        label = torch.where(hard.any(0), best.argmax(0) + 1, 0).numpy().astype(np.uint8)
-        return Prediction(label=label, probabilities=native.numpy(), reference=reference, structures=self.structures)
+    def finish(self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image,
+               keep_probabilities: bool = False) -> Prediction:
+        """Map model-space ``probabilities`` (K, *model grid) of ``data`` back onto the scan's grid, one structure
+        at a time, and threshold them into one label map."""
+        shape = tuple(reference.shape[:3])
+        label, best, kept = torch.zeros(shape, dtype=torch.uint8), torch.zeros(shape), []
+        for k in range(probabilities.shape[0]):
+            channel = dict(data)
+            channel[PROBABILITIES] = MetaTensor(probabilities[k : k + 1], meta=dict(data[IMAGE].meta))
+            native = self.invert(channel)[PROBABILITIES].as_tensor()[0].float().clamp_(0, 1)
+            hard = native > self.settings.threshold
+            if self.settings.largest_component:
+                hard = self.keep_largest(hard[None])[0].bool()
+            wins = hard & (native > best)  # ties keep the earlier structure, as argmax does
+            label[wins], best[wins] = k + 1, native[wins]
+            if keep_probabilities:
+                kept.append(native.numpy())
+        return Prediction(label=label.numpy(), probabilities=np.stack(kept) if keep_probabilities else None,
+                          reference=reference, structures=self.structures)
 
-    def __call__(self, path: str | Path) -> Prediction:
+    def __call__(self, path: str | Path, keep_probabilities: bool = False) -> Prediction:
         """Predict one scan; the result lies on the scan's own grid (shape and affine)."""
         reference = load_nifti_image(path)
         data = self.preprocess(path)
-        return self.finish(data, self.model_space_probabilities(data), reference)
+        return self.finish(data, self.model_space_probabilities(data), reference, keep_probabilities)
