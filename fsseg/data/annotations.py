@@ -20,7 +20,7 @@ def check_case_grid(case: Case) -> None:
         DataError: a file is unreadable, or its shape or affine differs from the image's.
     """
     image = load_nifti_image(case.image)
-    for path in ([case.label] if case.label is not None else []) + list(case.labels.values()):
+    for path in case.annotation_files:
         label = load_nifti_image(path)
         mismatch = same_geometry(label.shape, label.affine, image.shape, image.affine)
         if mismatch:

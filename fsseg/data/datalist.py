@@ -52,6 +52,16 @@ class Case:
     def has_annotation(self) -> bool:
         return self.label is not None or bool(self.labels)
 
+    @property
+    def annotation_files(self) -> list[Path]:
+        """The label map or the per-structure masks."""
+        return ([self.label] if self.label is not None else []) + list(self.labels.values())
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the case names: its image and annotation."""
+        return [self.image, *self.annotation_files]
+
     def annotated_structures(self, label_map: LabelMap) -> list[str]:
         """Canonical names of the structures this case annotates."""
         if self.labels:

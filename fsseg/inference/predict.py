@@ -52,9 +52,7 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
         cases = datalist.split(split)
         if not cases:
             raise DataError(f"{source}: no '{split}' cases")
-        every = [source] + [p for case in datalist.cases
-                            for p in (case.image, case.label, *case.labels.values()) if p is not None]
-        return Inputs({case.id: case.image for case in cases}, every)
+        return Inputs({case.id: case.image for case in cases}, [source, *(p for c in datalist.cases for p in c.files)])
     if source.is_file():
         if not is_nifti(source):
             raise DataError(f"{source}: not a .nii or .nii.gz file")

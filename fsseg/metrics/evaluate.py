@@ -137,7 +137,8 @@ def evaluate(pred_dir: Path, cases: Sequence[Case], label_map: LabelMap, structu
         needed = [s for s in chosen if s in case.annotated_structures(label_map)]
         if not needed:
             continue
-        scores, status = score_case(find_prediction(pred_dir, case, stem_counts[nifti_stem(case.image)] == 1), case, label_map, pred_names, needed, tolerance_mm)
+        prediction = find_prediction(pred_dir, case, unique_stem=stem_counts[nifti_stem(case.image)] == 1)
+        scores, status = score_case(prediction, case, label_map, pred_names, needed, tolerance_mm)
         for structure, score in scores.items():
             per_structure[structure].append(score)
             rows.append({"case": case.id, "structure": structure, **score.to_dict(), "status": status})
@@ -233,8 +234,8 @@ def _command(args: argparse.Namespace) -> int:
         cases, label_map = _gt_folder_cases(Path(args.gt), args.gt_label_map, args.pred_label_map, pred_dir)
     pred_names = prediction_names(pred_dir, args.pred_label_map, label_map)
     out = Path(args.output)
-    reads = [p for case in cases for p in (case.image, case.label, *case.labels.values()) if p is not None]
-    check_outputs([out / name for name in REPORT_FILES], [*reads, *pred_dir.glob("*.nii*")])
+    inputs = [*(p for case in cases for p in case.files), *pred_dir.glob("*.nii*")]
+    check_outputs([out / name for name in REPORT_FILES], inputs)
     prepare_output_dir(out)
     rows, summary = evaluate(pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress,
                              pred_names)
