@@ -34,7 +34,7 @@ from fsseg.losses import PartialLabelLoss
 from fsseg.models import check_roi, create_model
 from fsseg.outputs import prepare_output_dir
 from fsseg.templates import Template, load_template
-from fsseg.training.runtime import Runtime, seed_everything
+from fsseg.training.runtime import MixedPrecision, Runtime, seed_everything
 from pretrain.config import PretrainConfig
 
 log = logging.getLogger("fsseg.pretrain")
@@ -147,8 +147,8 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
                                      t_total=cfg.optim.epochs * steps_per_epoch)
-    use_amp = cfg.amp and runtime.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = MixedPrecision(runtime.device, enabled=cfg.amp)
+    scaler = precision.scaler
     loss_fn = PartialLabelLoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.smooth)
 
     start_epoch, step, best, history = 0, 0, math.inf, []
@@ -161,7 +161,8 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
             # learning rate decays from here to 0 at the new end, as if the run had been planned this long.
             scheduler.t_total = cfg.optim.epochs * steps_per_epoch
             log.info(f"optim.epochs is now {cfg.optim.epochs}: the cosine decay ends at step {scheduler.t_total}")
-        scaler.load_state_dict(payload["scaler"])
+        if payload["scaler"] and scaler.is_enabled():  # empty when saved without float16 (CPU, bfloat16)
+            scaler.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
         start_epoch, step, best, history = payload["epoch"], payload["step"], payload["best_loss"], payload["history"]
         log.info(f"resumed from {resume_path} after epoch {start_epoch} (step {step})")
@@ -195,10 +196,10 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
             targets = batch[LABEL].to(runtime.device)
             masks = batch[TASK_MASK].to(runtime.device)
             optimizer.zero_grad(set_to_none=True)
-            with runtime.autocast(use_amp):
+            with precision.autocast():
                 logits = network(images)
             result = loss_fn(logits, targets, masks)
-            if not use_amp and not torch.isfinite(result.total):  # with AMP, GradScaler skips such a step
+            if not scaler.is_enabled() and not torch.isfinite(result.total):  # else the scaler skips the step
                 raise NonFiniteWeights(f"non-finite loss at epoch {epoch + 1}, step {step + 1} (cases "
                                        f"{', '.join(map(str, batch['id']))}); stopped without saving, "
                                        f"{paths.latest} keeps the last finite state")
@@ -206,8 +207,7 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
             if cfg.optim.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            precision.step(optimizer)
             scheduler.step()
             step += 1
             totals += torch.tensor([result.total.item(), 1.0], dtype=torch.float64)

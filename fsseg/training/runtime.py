@@ -33,12 +33,6 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def autocast(self, enabled: bool):
-        """Mixed precision on CUDA (float16 with a GradScaler); a no-op on the CPU, where it changes results."""
-        if enabled and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over every process, reduced on this process's device (NCCL reduces CUDA tensors only)."""
         if not self.distributed:
@@ -55,13 +49,13 @@ class Runtime:
 class MixedPrecision:
     """Autocast for training on a GPU: bfloat16 where the device supports it, else float16 with a GradScaler.
 
-    On the CPU it does nothing (bfloat16 there changes results for little speed in training).
+    On the CPU, or with ``enabled=False``, it does nothing (bfloat16 on a CPU changes results for little speed).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
         self.device = device
         self.dtype = None
-        if device.type == "cuda":
+        if enabled and device.type == "cuda":
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
