@@ -40,6 +40,7 @@ from fsseg.data.sampling import CropSampler, sample_support
 from fsseg.data.transforms import IMAGE, LABEL, case_item, inference_transforms
 from fsseg.errors import ConfigError, DataError, FssegError
 from fsseg.inference import InferenceSettings, Predictor
+from fsseg.inference.predictor import probabilities_of
 from fsseg.losses import PartialLabelLoss
 from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
 from fsseg.metrics import score_structure
@@ -302,7 +303,7 @@ def predict_query(adapted: AdaptedModel, query: Query, run: Adaptation) -> dict[
         inferer = SlidingWindowInferer(roi_size=run.pre.roi, overlap=run.config.overlap, mode="gaussian",
                                        sw_device=run.device, device=torch.device("cpu"))
         logits = inferer(features[None], lambda window: adapted.head_forward(window.float()))
-        probabilities = torch.sigmoid(logits[0].float())
+        probabilities = probabilities_of(logits[0])
     else:
         probabilities = run.predictor.model_space_probabilities(query.data, adapted)
     return run.predictor.finish(query.data, probabilities, query.reference).masks()

@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="sliding-window overlap (memory does not depend on it; time does)")
     parser.add_argument("--work", help="keep the synthetic scan and checkpoints here (default: a temporary folder)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "predict_memory.json"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "predict_memory.json"),
+                        help="JSON to write; the results of models measured earlier in it are kept")
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fsseg-predict-memory-"))
@@ -93,7 +94,8 @@ def main() -> None:
         ckpt = checkpoint(work / f"{model}.pt", model)
         for organs in (None, ["liver"]):
             measured = run_predict(scan, ckpt, work / f"pred_{model}_{len(organs or [0] * 29)}", args.overlap, organs)
-            results.append({"model": model, "structures": 29 if organs is None else 1, **measured})
+            results.append({"model": model, "structures": 29 if organs is None else 1, "overlap": args.overlap,
+                            **measured})
             print(f"{model:<10} {results[-1]['structures']:>2} structures: peak {measured['peak_rss_gb']:.2f} GB, "
                   f"{measured['seconds']:.0f} s", flush=True)
     growth = {}
@@ -105,10 +107,14 @@ def main() -> None:
         print(f"{r['model']:<10} {r['structures']:>10} {r['peak_rss_gb']:>12.2f} {r['seconds']:>8.0f}")
     for model, mb in growth.items():
         print(f"{model}: {mb} MB per extra structure (target < 100); peak with 29 structures target <= 6 GB")
-    document = {"scan": {"shape": SHAPE, "spacing_mm": SPACING}, "overlap": args.overlap, "device": "cpu",
-                "torch": str(torch.__version__), "machine": platform.processor() or platform.machine(),
-                "date": time.strftime("%Y-%m-%d"), "results": results, "growth_mb_per_structure": growth}
-    Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
+    out = Path(args.out)
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    results = [r for r in earlier.get("results", []) if r["model"] not in args.models] + results
+    growth = {**{m: g for m, g in earlier.get("growth_mb_per_structure", {}).items() if m not in args.models}, **growth}
+    document = {"scan": {"shape": SHAPE, "spacing_mm": SPACING}, "device": "cpu", "torch": str(torch.__version__),
+                "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+                "results": results, "growth_mb_per_structure": growth}
+    out.write_text(json.dumps(document, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -5,8 +5,9 @@ gaussian blending, only the requested structures' logits kept -> sigmoid -> ``In
 probabilities onto the input grid one structure at a time -> threshold 0.5 -> one label map (ids 1..K in the
 order of ``structures``; where several pass, the most probable).
 
-Host memory: the model-space probabilities (K x model grid, float32) plus a constant few native-size volumes;
-native-grid probabilities of every structure are kept only when asked for (``--save-probabilities``).
+Host memory: the stitched logits (K x model grid, float32) while the window slides, then the probabilities in
+float16, plus a constant few native-size volumes; native-grid probabilities of every structure are kept only
+when asked for (``--save-probabilities``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ from fsseg.data.transforms import IMAGE, Preprocessing, inference_transforms
 PROBABILITIES = "probabilities"
 # Stitch on the GPU only while the output (channels x voxels, float32) stays under this size.
 GPU_STITCH_MAX_BYTES = 2 * 1024**3
+
+
+def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
+    """Sigmoid of stitched (K, X, Y, Z) logits, kept in float16 on the CPU, one channel at a time: the K x volume
+    float32 copies are what a full-size CT with many structures cannot afford (the threshold lies far from
+    float16's resolution, 5e-4 at 0.5)."""
+    probabilities = torch.empty(logits.shape, dtype=torch.float16)
+    for k in range(logits.shape[0]):
+        probabilities[k] = torch.sigmoid(logits[k].float()).cpu()
+    return probabilities
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,8 @@ class Predictor:
 
     @torch.no_grad()
     def model_space_probabilities(self, data: dict, network: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Sigmoid probabilities (K, *model grid) of a preprocessed ``data[IMAGE]`` (by default with ``self.network``)."""
+        """Sigmoid probabilities (K, *model grid, float16) of a preprocessed ``data[IMAGE]`` (by default with
+        ``self.network``)."""
         image = data[IMAGE]
         batch = image.as_tensor()[None].to(self.device)
         if self.device.type == "cuda":
@@ -109,7 +121,7 @@ class Predictor:
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.cpu_bf16)
         with autocast:
             logits = self._inferer(image.shape[1:])(batch, network or self.network)
-        return logits[0].float().sigmoid_().cpu()  # in place: a second K x volume copy is what a CT cannot afford
+        return probabilities_of(logits[0])
 
     def preprocess(self, path: str | Path) -> dict:
         """The scan in model space (``data[IMAGE]``, (1, X, Y, Z)), with what is needed to map back."""
@@ -123,7 +135,7 @@ class Predictor:
         label, best, kept = torch.zeros(shape, dtype=torch.uint8), torch.zeros(shape), []
         for k in range(probabilities.shape[0]):
             channel = dict(data)
-            channel[PROBABILITIES] = MetaTensor(probabilities[k : k + 1], meta=dict(data[IMAGE].meta))
+            channel[PROBABILITIES] = MetaTensor(probabilities[k : k + 1].float(), meta=dict(data[IMAGE].meta))
             native = self.invert(channel)[PROBABILITIES].as_tensor()[0].float().clamp_(0, 1)
             hard = native > self.settings.threshold
             if self.settings.largest_component:
