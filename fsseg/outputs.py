@@ -17,31 +17,34 @@ from typing import Iterable
 from fsseg.errors import DataError
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file: the same for every link to it, hard links included."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+        stat = path.stat()
     except OSError:
-        return False
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path], folder: str | Path | None = None,
                   option: str = "--output") -> None:
     """Refuse outputs that would replace an input, and an output ``folder`` that holds input files.
 
+    Each input is looked at once (a data list may name a hundred thousand masks), each output once.
+
     Raises:
         DataError: naming the first output that collides and the input it would replace.
     """
     inputs = [Path(p) for p in inputs]
+    by_path = {p.resolve(): p for p in inputs}
     if folder is not None:
         folder = Path(folder).resolve()
-        inside = next((p for p in inputs if p.resolve().parent == folder), None)
+        inside = next((p for real, p in by_path.items() if folder in (real.parent, p.absolute().parent)), None)
         if inside is not None:
             raise DataError(f"{option} {folder}: this folder holds input {inside}; write outputs to another folder")
-    resolved = {p.resolve(): p for p in inputs}
+    by_id = {key: p for p in inputs if (key := _file_id(p)) is not None}
     for output in (Path(p) for p in outputs):
-        hit = resolved.get(output.resolve()) or next((p for p in inputs if _same_file(output, p)), None)
+        hit = by_path.get(output.resolve()) or by_id.get(_file_id(output))
         if hit is not None:
             raise DataError(f"{output}: writing it would replace input {hit}; choose another {option}")
 
