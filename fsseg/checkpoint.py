@@ -120,7 +120,8 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", unsafe: bool = F
                             f"it is not loaded because unpickling it could run code{hint}") from None
         raise DataError(f"{path}: cannot read {what}, its data is damaged (UnpicklingError)") from None
     except Exception as error:  # torch raises many types for damaged zip/pickle data
-        raise DataError(f"{path}: cannot read {what}, the file is truncated or corrupt ({type(error).__name__})") from None
+        raise DataError(f"{path}: cannot read {what}, the file is truncated or corrupt "
+                        f"({type(error).__name__})") from None
 
 
 def read_checkpoint(path: str | Path) -> dict:

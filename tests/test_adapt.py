@@ -242,7 +242,8 @@ def test_transductive_rows_adapt_once_per_query(phantom_dir, tiny_checkpoint, tm
 
 
 def test_transductive_needs_a_frozen_backbone(phantom_dir, tiny_checkpoint, tmp_path, capsys):
-    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x", write_method_configs(tmp_path / "m"),
+    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x",
+                           write_method_configs(tmp_path / "m"),
                            "--organ", "liver", "--shots", "1", "--method", "ft", "--ti")) == 2
     assert "--ti needs a frozen backbone" in capsys.readouterr().err
 
@@ -311,7 +312,8 @@ def test_empty_support_mask_and_checkpoint_without_preprocessing(phantom_dir, ti
     nib.save(nib.Nifti1Image(np.zeros(reference.shape, np.uint8), reference.affine), str(tmp_path / "blank.nii.gz"))
     path = tmp_path / "blank.json"
     path.write_text(json.dumps(data))
-    assert main(adapt_args(tiny_checkpoint, path, tmp_path / "x", write_method_configs(tmp_path / "m"), "--organ", "liver", "--shots", "1",
+    assert main(adapt_args(tiny_checkpoint, path, tmp_path / "x",
+                           write_method_configs(tmp_path / "m"), "--organ", "liver", "--shots", "1",
                            "--method", "lp")) == 2
     assert "support case 'blank': the liver mask is empty" in capsys.readouterr().err
 
@@ -319,7 +321,8 @@ def test_empty_support_mask_and_checkpoint_without_preprocessing(phantom_dir, ti
     del payload["preprocessing"]
     broken = tmp_path / "no_pre.pt"
     torch.save(payload, broken)
-    assert main(adapt_args(broken, phantom_dir / "phantom_target.json", tmp_path / "y", write_method_configs(tmp_path / "m"), "--organ", "liver",
+    assert main(adapt_args(broken, phantom_dir / "phantom_target.json", tmp_path / "y",
+                           write_method_configs(tmp_path / "m"), "--organ", "liver",
                            "--shots", "1")) == 2
     assert "checkpoint lacks preprocessing" in capsys.readouterr().err
 

@@ -113,29 +113,28 @@ def test_every_writer_refuses_a_bad_output_path_in_one_line(command, tmp_path, b
 
 
 OUT_OF_RANGE = {
-    "pretrain": [("optim.lr=.nan", "expected a finite number"), ("optim.weight_decay=-1", "must lie in [0, inf)"),
-                 ("num_workers=-2", "must lie in [0, inf)"), ("augmentation.pos=0", None),
-                 ("preprocessing.roi=[8, 8, 8]", "multiples of 16"), ("preprocessing.orientation=RRS", "one of each pair"),
-                 ("loss.smooth=0", "must lie in (0, inf)"), ("augmentation.intensity_shift_prob=1.5", "[0, 1]"),
-                 ("optim.grad_clip=-1", "(0, inf)"), ("sampling.volumes_per_epoch=0", "[1, inf)")],
-    "adapt": [("overlap=1.0", "[0, 1)"), ("nsd_tolerance=-1", "(0, inf)"), ("ti.gamma=2", "[0, 1)"),
-              ("seeds=0", "[1, inf)"), ("shots=[0]", "[1, inf)")],
+    "pretrain": [(["optim.lr=.nan"], "expected a finite number"), (["optim.weight_decay=-1"], "must lie in [0, inf)"),
+                 (["num_workers=-2"], "must lie in [0, inf)"),
+                 (["augmentation.pos=0", "augmentation.neg=0"], "cannot both be 0"),
+                 (["preprocessing.roi=[8, 8, 8]"], "multiples of 16"),
+                 (["preprocessing.orientation=RRS"], "one of each pair"), (["loss.smooth=0"], "must lie in (0, inf)"),
+                 (["augmentation.intensity_shift_prob=1.5"], "[0, 1]"), (["optim.grad_clip=-1"], "(0, inf)"),
+                 (["sampling.volumes_per_epoch=0"], "[1, inf)")],
+    "adapt": [(["overlap=1.0"], "[0, 1)"), (["nsd_tolerance=-1"], "(0, inf)"), (["ti.gamma=2"], "[0, 1)"),
+              (["seeds=0"], "[1, inf)"), (["shots=[0]"], "[1, inf)")],
 }
 
 
-@pytest.mark.parametrize("stage, override, expected", [(s, o, e) for s, cases in OUT_OF_RANGE.items() for o, e in cases])
-def test_out_of_range_settings_are_one_line(stage, override, expected, phantom_dir, tiny_checkpoint, tmp_path, capsys):
-    if override == "augmentation.pos=0":
-        override, expected = "augmentation.neg=0", "cannot both be 0"
-        extra = ["--set", "augmentation.pos=0"]
-    else:
-        extra = []
+@pytest.mark.parametrize("stage, overrides, expected",
+                         [(stage, o, e) for stage, cases in OUT_OF_RANGE.items() for o, e in cases])
+def test_out_of_range_settings_are_one_line(stage, overrides, expected, phantom_dir, tiny_checkpoint, tmp_path,
+                                            capsys):
     if stage == "pretrain":
-        argv = pretrain_args(tmp_path / "run", [str(phantom_dir / "phantom_source_a.json")], 1, override) + extra
-        code = pretrain(argv)
+        code = pretrain(pretrain_args(tmp_path / "run", [str(phantom_dir / "phantom_source_a.json")], 1, *overrides))
     else:
+        sets = [arg for override in overrides for arg in ("--set", override)]
         code = adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-                      "--out", str(tmp_path / "run"), "--set", override, "--no-progress"])
+                      "--out", str(tmp_path / "run"), *sets, "--no-progress"])
     assert code == 2
     one_line(capsys, expected)
 

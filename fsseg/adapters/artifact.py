@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fsseg.adapters.base import AdaptedModel, adapt_model, get_method
-from fsseg.checkpoint import load_torch_file, load_weights, model_from_checkpoint, read_checkpoint, save_checkpoint, sha256_file
+from fsseg.checkpoint import (load_torch_file, load_weights, model_from_checkpoint, read_checkpoint, save_checkpoint,
+                              sha256_file)
 from fsseg.config import from_dict, to_dict
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError

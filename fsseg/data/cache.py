@@ -81,4 +81,5 @@ def cached_dataset(items: Sequence[dict], transform, cache_dir: str | Path, fing
     settings and the template), e.g. ``json.dumps([pre.to_dict(), template.to_dict()])``.
     """
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    return RecomputingDataset(list(items), transform=transform, cache_dir=cache_dir, hash_func=content_hash(fingerprint))
+    return RecomputingDataset(list(items), transform=transform, cache_dir=cache_dir,
+                              hash_func=content_hash(fingerprint))

@@ -52,7 +52,8 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
         cases = datalist.split(split)
         if not cases:
             raise DataError(f"{source}: no '{split}' cases")
-        return Inputs({case.id: case.image for case in cases}, [source, *(p for c in datalist.cases for p in c.files)])
+        every = [source, *(path for case in datalist.cases for path in case.files)]
+        return Inputs({case.id: case.image for case in cases}, every)
     if source.is_file():
         if not is_nifti(source):
             raise DataError(f"{source}: not a .nii or .nii.gz file")
@@ -154,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-predict",
         description="Segment every .nii/.nii.gz scan of a folder with an fsseg checkpoint. Each output label map "
-        "(uint8, <case>.nii.gz: the case id for a data list, the file name otherwise) has its input's exact shape, affine and header; labels.json names the ids and "
-        "predictions.json reports each case. Preprocessing comes from the checkpoint.",
+        "(uint8, <case>.nii.gz: the case id for a data list, the file name otherwise) has its input's exact shape, "
+        "affine and header; labels.json names the ids and predictions.json reports each case. Preprocessing comes "
+        "from the checkpoint.",
     )
     parser.add_argument("-i", "--input", required=True,
                         help="folder of scans, one scan, or a data list (.json) whose --split cases are predicted")
@@ -246,8 +248,8 @@ def _command(args: argparse.Namespace) -> int:
         voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
         counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
         report["cases"][case] = {
-            "status": "ok", "image": str(scan), "output": str(target), "seconds": round(time.perf_counter() - started, 2),
-            "device": str(device),
+            "status": "ok", "image": str(scan), "output": str(target),
+            "seconds": round(time.perf_counter() - started, 2), "device": str(device),
             "structures_found": [s for i, s in enumerate(structures) if counts[i + 1]],
             "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)},
         }
