@@ -123,7 +123,11 @@ def method_settings_file(folder: str | Path, method: str) -> Path:
 
 def load_method_settings(folder: str | Path, method: str) -> MethodSettings:
     """The settings of ``method`` from :func:`method_settings_file`, validated."""
-    path = method_settings_file(folder, method)
+    return read_method_settings(method_settings_file(folder, method))
+
+
+def read_method_settings(path: Path) -> MethodSettings:
+    """One method's settings file, validated."""
     try:
         return from_dict(MethodSettings, load_yaml(path))
     except ConfigError as error:

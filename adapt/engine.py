@@ -47,8 +47,8 @@ from fsseg.metrics import score_structure
 from fsseg.templates import Template, expand_structures
 from fsseg.training.runtime import MixedPrecision, enable_activation_checkpointing
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
-from adapt.config import (AdaptConfig, MethodSettings, TrainingConfig, TransductiveConfig, load_method_settings,
-                          method_settings_file)
+from adapt.config import (AdaptConfig, MethodSettings, TrainingConfig, TransductiveConfig, method_settings_file,
+                          read_method_settings)
 
 log = logging.getLogger("fsseg.adapt")
 RESULT_FIELDS = ["organ", "method", "shots", "seed", "case", "dice", "nsd", "hd95", "transductive",
@@ -156,8 +156,9 @@ class Adaptation:
 
     def _method_settings(self, method: str) -> tuple[MethodSettings, object]:
         spec = get_method(method)
-        settings = load_method_settings(self.config.method_configs, method)
-        log.info(f"{method}: settings from {method_settings_file(self.config.method_configs, method).resolve()}")
+        path = method_settings_file(self.config.method_configs, method)
+        settings = read_method_settings(path)
+        log.info(f"{method}: settings from {path.resolve()}")
         options = from_dict(spec.config_cls, settings.options, where=f"{method}.options")
         if self.config.ti.enabled and not spec.frozen_backbone:
             raise ConfigError(f"--ti needs a frozen backbone; method '{method}' trains it (use lp or adapter)")

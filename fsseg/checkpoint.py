@@ -9,7 +9,6 @@ epoch/step and RNG states. It is written atomically: a crash never leaves a half
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import platform
 import random
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 import fsseg
-from fsseg.data.io import atomic_path
+from fsseg.data.io import atomic_path, require_file
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError
 from fsseg.models import SegmentationModel, create_model
@@ -101,11 +100,7 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", unsafe: bool = F
     Raises:
         DataError: the file is missing, unreadable, not a PyTorch file, truncated, or refused by ``weights_only``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    if not os.access(path, os.R_OK):
-        raise DataError(f"{path}: {what} is not readable (permission denied)")
+    path = require_file(path, what)
     if not zipfile.is_zipfile(path) and not unsafe:
         with open(path, "rb") as handle:
             magic = handle.read(2)

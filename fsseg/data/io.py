@@ -55,6 +55,20 @@ class Volume:
         return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
 
 
+def require_file(path: str | Path, what: str = "file") -> Path:
+    """``path`` when it is a file this process may read.
+
+    Raises:
+        DataError: it is missing, or not readable (a chmod 000 file is unreadable, not corrupt).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: {what} is not readable (permission denied)")
+    return path
+
+
 def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
     """Open a NIfTI file and check that it is 3D, without reading the voxels.
 
@@ -63,11 +77,7 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
     Raises:
         DataError: the file is missing, unreadable, not NIfTI, not a 3D volume or on an implausible grid.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    if not os.access(path, os.R_OK):
-        raise DataError(f"{path}: not readable (permission denied)")
+    path = require_file(path)
     try:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises several unrelated types for unreadable files
