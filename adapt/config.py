@@ -80,7 +80,12 @@ class TransductiveConfig:
 
 @dataclass
 class AdaptConfig:
-    """An adaptation run: every (method, shots, seed) on one data list's train/test splits."""
+    """An adaptation run: every (method, shots, seed) on one data list's train/test splits.
+
+    ``overlap``, ``sw_batch_size``, ``amp`` and ``cpu_bf16`` are the sliding-window settings of feature extraction
+    and scoring (see :class:`fsseg.inference.InferenceSettings`); adapter files record them, and fsseg-predict
+    uses them by default so that it delivers the masks scored here.
+    """
 
     checkpoint: str = "demo_out/pretrain/checkpoint_latest.pt"
     data_list: str = "demo_out/data/phantom_target.json"
@@ -92,6 +97,9 @@ class AdaptConfig:
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
     method_configs: str = "configs/adapt"
     overlap: float = ranged(0.5, "[0, 1)")
+    sw_batch_size: int | None = ranged(None, "[1, inf)")
+    amp: bool = True
+    cpu_bf16: bool = False
     nsd_tolerance: float = ranged(2.0, "(0, inf)")
     save_adapters: bool = True
     pictures: bool = True

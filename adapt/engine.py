@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from monai.inferers import SlidingWindowInferer
 from monai.optimizers import WarmupCosineSchedule
 from tqdm import tqdm
 
@@ -40,7 +39,7 @@ from fsseg.data.sampling import CropSampler, sample_support
 from fsseg.data.transforms import IMAGE, LABEL, case_item, inference_transforms
 from fsseg.errors import ConfigError, DataError, FssegError
 from fsseg.inference import InferenceSettings, Predictor
-from fsseg.inference.predictor import probabilities_of
+from fsseg.inference.predictor import FrozenBackbone
 from fsseg.losses import PartialLabelLoss
 from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
 from fsseg.metrics import score_structure
@@ -125,8 +124,12 @@ class Adaptation:
         self.targets = Template("targets", tuple(self.organs), tuple(range(1, len(self.organs) + 1)))
         self.pool, self.tests = self._pools(self.datalist)
         self.settings = {m: self._method_settings(m) for m in config.methods}
-        self.store = FeatureStore(out / "features", self.base, self.checkpoint_sha, self.pre.roi, device, config.overlap)
-        self.predictor = Predictor(self.base, self.organs, self.pre, device, InferenceSettings(overlap=config.overlap))
+        self.inference = InferenceSettings(overlap=config.overlap, sw_batch_size=config.sw_batch_size, amp=config.amp,
+                                           cpu_bf16=config.cpu_bf16)
+        self.predictor = Predictor(self.base, self.organs, self.pre, device, self.inference)
+        backbone = FrozenBackbone(self.base.features, self.base.feature_channels, self.base.head)
+        self.store = FeatureStore(out / "features", json.dumps([self.checkpoint_sha, self.predictor.precision]),
+                                  lambda image: self.predictor.stitched_features(image, backbone))
         self.support_transform = inference_transforms(self.pre, keys=(IMAGE, LABEL), template=self.targets)
         self._supports: dict[str, Support] = {}
         self._queries: dict[str, Query] = {}
@@ -297,14 +300,12 @@ def check_voxel_stride(adapted: AdaptedModel, training: TrainingConfig, method: 
 
 @torch.no_grad()
 def predict_query(adapted: AdaptedModel, query: Query, run: Adaptation) -> dict[str, np.ndarray]:
-    """Binary masks of the targets on the query's native grid."""
+    """Binary masks of the targets on the query's native grid, computed as fsseg-predict does with the adapter
+    file (frozen backbones: the heads over the cached stitched features, which are fsseg-predict's first pass)."""
     adapted.eval()
     if adapted.backbone_frozen:
         features = torch.from_numpy(np.array(run.features(query)))
-        inferer = SlidingWindowInferer(roi_size=run.pre.roi, overlap=run.config.overlap, mode="gaussian",
-                                       sw_device=run.device, device=torch.device("cpu"))
-        logits = inferer(features[None], lambda window: adapted.head_forward(window.float()))
-        probabilities = probabilities_of(logits[0])
+        probabilities = run.predictor.head_probabilities(features, adapted.head_forward)
     else:
         probabilities = run.predictor.model_space_probabilities(query.data, adapted)
     return run.predictor.finish(query.data, probabilities, query.reference).masks()
@@ -365,6 +366,7 @@ def run_signature(run: Adaptation) -> dict:
     config = run.config
     return _plain({"checkpoint_sha256": run.checkpoint_sha, "data_list": str(Path(run.datalist.path).resolve()),
                    "organs": run.organs, "tests": [case.id for case in run.tests], "overlap": config.overlap,
+                   "precision": run.predictor.precision,
                    "nsd_tolerance": config.nsd_tolerance, "ti": to_dict(config.ti)})
 
 
@@ -452,7 +454,8 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     if run.config.save_adapters:
         name = f"{'+'.join(run.organs)}_{method}_k{shots}_s{seed}.pt"
         save_adapter(run.out / "adapters" / name, adapted, method, options, run.config.checkpoint, run.pre,
-                     {"shots": shots, "seed": seed, "support": support_ids.split()})
+                     {"shots": shots, "seed": seed, "support": support_ids.split(),
+                      "inference": run.inference.record()})
     for case in run.tests:
         scored, predictions[case.id] = score_rows(run, adapted, run.query(case), method, shots, seed, trainable, total,
                                                   seconds, ran, support_ids, transductive=False)

@@ -105,39 +105,58 @@ def test_a_runs_dice_does_not_depend_on_what_else_is_asked(phantom_dir, tiny_che
     assert continued_rows == rows
 
 
-def test_adapter_file_reproduces_the_run_predictions(phantom_dir, tiny_checkpoint, tmp_path):
-    configs = write_method_configs(tmp_path / "configs", epochs=4)
+@pytest.mark.parametrize("method", ["lp", "adapter", "ft"])
+def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored(phantom_dir, tiny_checkpoint,
+                                                                                  tmp_path, method):
+    # The 3x3x3 spatial adapter is where stitching features and stitching per-window logits part ways; the run
+    # scores at overlap 0.25 and fsseg-predict is not told so: the adapter file carries it.
+    # learning rates at which the random-weight tiny UNet finds some liver within 15 steps
+    configs = write_method_configs(tmp_path / "configs", epochs=15, crops_per_volume=4,
+                                   lr={"lp": 1.0, "adapter": 0.1, "ft": 1e-2}[method])
     out = tmp_path / "run"
     assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                           "--organ", "liver", "--shots", "1", "--method", "adapter", "--seeds", "1")) == 0
-    adapted, pre, info = load_adapted_model(out / "adapters" / "liver_adapter_k1_s0.pt", tiny_checkpoint)
+                           "--organ", "liver", "--shots", "1", "--method", method, "--seeds", "1")) == 0
+    adapter = out / "adapters" / f"liver_{method}_k1_s0.pt"
+    adapted, pre, info = load_adapted_model(adapter, tiny_checkpoint)
+    assert info["inference"]["overlap"] == 0.25
     config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[1], methods=["adapter"], seeds=1, method_configs=str(configs),
+                         organs=["liver"], shots=[1], methods=[method], seeds=1, method_configs=str(configs),
                          overlap=0.25)
-    run = Adaptation(config, tmp_path / "again", torch.device("cpu"))
-    query = run.query(run.tests[0])
-    predicted = predict_query(adapted, query, run)["liver"]
-    dice = 2 * (predicted & query.masks["liver"]).sum() / (predicted.sum() + query.masks["liver"].sum())
+    run = Adaptation(config, out, torch.device("cpu"))  # the run's own feature cache
     with open(out / "results.csv") as handle:
-        row = next(r for r in csv.DictReader(handle) if r["case"] == query.case.id)
-    assert dice == pytest.approx(float(row["dice"]), abs=1e-4)
-    assert info["shots"] == 1 and info["support"] == row["support"].split()
-
-    # fsseg-predict with the adapter file gives the same masks, up to float16 feature storage and window borders.
+        rows = {r["case"]: r for r in csv.DictReader(handle)}
+    found = []
     scans = tmp_path / "scans"
     scans.mkdir()
-    (scans / query.case.image.name).symlink_to(query.case.image)
-    adapter = str(out / "adapters" / "liver_adapter_k1_s0.pt")
-    assert predict(["-i", str(scans), "-o", str(tmp_path / "pred"), "-m", str(tiny_checkpoint), "--adapter", adapter,
-                    "--overlap", "0.25", "--no-progress"]) == 0
+    for case in run.tests:
+        (scans / f"{case.id}.nii.gz").symlink_to(case.image)
+    assert predict(["-i", str(scans), "-o", str(tmp_path / "pred"), "-m", str(tiny_checkpoint), "--adapter",
+                    str(adapter), "--no-progress"]) == 0
     assert json.loads((tmp_path / "pred" / "labels.json").read_text()) == {"0": "background", "1": "liver"}
-    written = np.asanyarray(nib.load(str(tmp_path / "pred" / query.case.image.name)).dataobj) == 1
-    assert (written != predicted).mean() < 0.01  # the 3x3x3 adapter sees window borders differently
+    for case in run.tests:
+        query = run.query(case)
+        scored = predict_query(adapted, query, run)["liver"]
+        dice = 2 * (scored & query.masks["liver"]).sum() / (scored.sum() + query.masks["liver"].sum())
+        assert dice == pytest.approx(float(rows[case.id]["dice"]), abs=1e-4)
+        written = np.asanyarray(nib.load(str(tmp_path / "pred" / f"{case.id}.nii.gz")).dataobj) == 1
+        assert np.array_equal(written, scored), f"{case.id}: {(written != scored).sum()} voxels differ"
+        found.append(scored.sum())
+    assert sum(found) > 0  # two empty masks would agree whatever the paths do
+    assert info["shots"] == 1 and info["support"] == rows[run.tests[0].id]["support"].split()
+
+
+def test_adapter_on_another_checkpoint_is_refused(phantom_dir, tiny_checkpoint, tmp_path):
+    configs = write_method_configs(tmp_path / "configs", epochs=1)
+    out = tmp_path / "run"
+    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
+                           "--organ", "liver", "--shots", "1", "--method", "lp", "--seeds", "1")) == 0
     other = tmp_path / "other.pt"
     payload = read_checkpoint(tiny_checkpoint)
     payload["preprocessing"]["overlap_note"] = "changed"
     torch.save(payload, other)
-    assert predict(["-i", str(scans), "-o", str(tmp_path / "p2"), "-m", str(other), "--adapter", adapter]) == 2
+    image = phantom_dir / "phantom_target" / json.loads((phantom_dir / "phantom_target.json").read_text())["cases"][0]["image"]
+    assert predict(["-i", str(image), "-o", str(tmp_path / "p2"), "-m", str(other), "--adapter",
+                    str(out / "adapters" / "liver_lp_k1_s0.pt")]) == 2
 
 
 def test_cached_features_train_the_linear_probe_exactly_like_live_features(phantom_dir, tiny_checkpoint, tmp_path):

@@ -21,6 +21,7 @@ from fsseg.data.check import main as check_data
 from fsseg.data.make_list import main as make_list
 from fsseg.data.phantom import main as phantom
 from fsseg.importing import main as import_checkpoint
+from fsseg.inference.predictor import FrozenBackbone, Predictor
 from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate
 from pretrain.cli import main as pretrain
@@ -295,8 +296,10 @@ def test_damaged_caches_are_recomputed(phantom_dir, tmp_path):
     assert pretrain(pretrain_args(out, lists, 2) + ["--resume", "auto"]) == 0
     assert all(zipfile.is_zipfile(p) for p in (out / "cache").glob("*.pt"))
 
-    model = load_model(out / "checkpoint_latest.pt")[0]
-    store = FeatureStore(tmp_path / "features", model, "key", (32, 32, 32), torch.device("cpu"))
+    model, _, pre, _ = load_model(out / "checkpoint_latest.pt")
+    predictor = Predictor(model, [], pre, torch.device("cpu"))
+    backbone = FrozenBackbone(model.features, model.feature_channels, model.head)
+    store = FeatureStore(tmp_path / "features", "key", lambda image: predictor.stitched_features(image, backbone))
     image = torch.rand(1, 40, 36, 24)
     first = np.array(store.get("scan", image))
     path = store.path("scan")

@@ -7,9 +7,9 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, nifti_stem, s
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
 from fsseg.errors import DataError
 from fsseg.data.transforms import Preprocessing
-from fsseg.inference.predictor import InferenceSettings, Predictor
+from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, Network, Predictor
 from fsseg.templates import expand_structures
 from fsseg.viz import overlay_png, pyplot
 from fsseg.training.runtime import DEVICES, resolve_device
@@ -86,12 +86,24 @@ def select_structures(template_structures: Sequence[str], requested: Sequence[st
     return channels
 
 
-def build_network(checkpoint: str, adapters: Sequence[str] | None, organs: Sequence[str] | None,
-                  device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[str], Preprocessing]:
-    """The function from image windows to the logits of the requested structures, their names and preprocessing.
+@dataclass(frozen=True)
+class Model:
+    """What predicts: the network, the names of its output channels, the preprocessing and, for adapters, the
+    sliding-window settings they were scored with in fsseg-adapt (empty when they do not agree)."""
 
-    Without adapters: the checkpoint's own head. With adapters: each adapter's structures, the frozen backbone
-    run once per window when every adapter keeps it frozen.
+    network: Network | FrozenBackbone
+    structures: list[str]
+    preprocessing: Preprocessing
+    recorded: dict
+
+
+def build_model(checkpoint: str, adapters: Sequence[str] | None, organs: Sequence[str] | None,
+                  device: torch.device) -> Model:
+    """The network from image windows to the logits of the requested structures.
+
+    Without adapters: the checkpoint's own head. With adapters: each adapter's structures; when every adapter
+    keeps the backbone frozen, its features are stitched over the scan once and every adapter's head slides
+    over them (the features these adapters were trained and scored on).
     """
     if not adapters:
         model, template, preprocessing, _ = load_model(checkpoint)
@@ -100,7 +112,7 @@ def build_network(checkpoint: str, adapters: Sequence[str] | None, organs: Seque
                             "masks would be noise; adapt it first with fsseg-adapt and predict with --adapter")
         model = model.to(device).eval()
         channels = select_structures(template.structures, organs)
-        return (lambda x: model(x)[:, channels]), [template.structures[c] for c in channels], preprocessing
+        return Model(lambda x: model(x)[:, channels], [template.structures[c] for c in channels], preprocessing, {})
     loaded = [load_adapted_model(path, checkpoint) for path in adapters]
     models = [adapted.to(device).eval() for adapted, _, _ in loaded]
     preprocessing = loaded[0][1]
@@ -111,16 +123,30 @@ def build_network(checkpoint: str, adapters: Sequence[str] | None, organs: Seque
     if repeated:
         raise DataError(f"more than one adapter predicts {', '.join(repeated)}; give one adapter per structure")
     channels = select_structures(structures, organs)
+    records = [info.get("inference") for _, _, info in loaded]
+    recorded = records[0] if isinstance(records[0], dict) and all(r == records[0] for r in records) else {}
+    if not recorded and any(records):
+        log.warning("the adapters were scored with different sliding-window settings; using the command's")
 
-    def network(x: torch.Tensor) -> torch.Tensor:
-        if all(m.backbone_frozen for m in models):
-            features = models[0].features(x)
-            logits = torch.cat([m.head_forward(features) for m in models], dim=1)
-        else:
-            logits = torch.cat([m(x) for m in models], dim=1)
-        return logits[:, channels]
+    def heads(features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.head_forward(features) for m in models], dim=1)[:, channels]
 
-    return network, [structures[c] for c in channels], preprocessing
+    def whole(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in models], dim=1)[:, channels]
+
+    if all(m.backbone_frozen for m in models):
+        network = FrozenBackbone(models[0].features, models[0].base.feature_channels, heads)
+    else:
+        network = whole
+    return Model(network, [structures[c] for c in channels], preprocessing, recorded)
+
+
+def inference_settings(args: argparse.Namespace, recorded: dict) -> InferenceSettings:
+    """The command's settings; those it leaves unset come from the adapters' record, then the defaults."""
+    given = {"overlap": args.overlap, "amp": args.amp, "cpu_bf16": args.cpu_bf16}
+    chosen = {name: value if value is not None else recorded.get(name) for name, value in given.items()}
+    return InferenceSettings(sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
+                             **{name: value for name, value in chosen.items() if value is not None})
 
 
 def case_outputs(out: Path, case: str, probabilities: bool, preview: bool) -> list[Path]:
@@ -170,14 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--overlap", type=number_in("[0, 1)"), default=0.5,
-                        help="sliding-window overlap in [0, 1) (default 0.5)")
-    parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int), default=1,
-                        help="windows per forward pass (default 1)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="float16 autocast on CUDA (default on; no effect on the CPU)")
-    parser.add_argument("--cpu-bf16", action="store_true",
-                        help="bfloat16 autocast on the CPU: faster, with slightly different probabilities")
+    parser.add_argument("--overlap", type=number_in("[0, 1)"),
+                        help="sliding-window overlap in [0, 1) (default: what the adapters were scored with in "
+                        "fsseg-adapt, else 0.5)")
+    parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int),
+                        help="windows per forward pass (default 4 on CUDA, 1 on the CPU)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                        help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)")
+    parser.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
+                        help="bfloat16 autocast on the CPU: faster, with slightly different probabilities (default: "
+                        "the adapters' setting, else off)")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="skip cases whose output already exists and is valid")
     parser.add_argument("--num-parts", type=number_in("[1, inf)", int), default=1,
@@ -208,19 +236,18 @@ def _command(args: argparse.Namespace) -> int:
     prepare_output_dir(out)
     scans = list(inputs.scans.items())[args.part_id :: args.num_parts]
     device = resolve_device(args.device)
-    network, structures, preprocessing = build_network(args.model, args.adapter, args.organs, device)
-
-    settings = InferenceSettings(overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp,
-                                 cpu_bf16=args.cpu_bf16,
-                                 largest_component=args.largest_component)
-    predictor = Predictor(network, structures, preprocessing, device, settings)
+    model = build_model(args.model, args.adapter, args.organs, device)
+    settings = inference_settings(args, model.recorded)
+    structures = model.structures
+    predictor = Predictor(model.network, structures, model.preprocessing, device, settings)
     if args.preview:
         pyplot()  # fail now, not after the first case, when matplotlib is missing
     labels = {"0": "background", **{str(i + 1): name for i, name in enumerate(structures)}}
     with atomic_path(out / LABELS) as tmp:
         tmp.write_text(json.dumps(labels, indent=1) + "\n")
 
-    report = {"model": str(args.model), "device": str(device), "structures": structures, "cases": {}}
+    report = {"model": str(args.model), "device": str(device), "structures": structures,
+              "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size}, "cases": {}}
     failed = 0
     for case, scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
         target, *extras = planned[case]

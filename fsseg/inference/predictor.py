@@ -5,9 +5,15 @@ gaussian blending, only the requested structures' logits kept -> sigmoid -> ``In
 probabilities onto the input grid one structure at a time -> threshold 0.5 -> one label map (ids 1..K in the
 order of ``structures``; where several pass, the most probable).
 
+A network whose backbone is frozen (:class:`FrozenBackbone`) runs in two passes instead: the backbone's
+features are stitched over the whole scan (float16), then the heads slide over them. Frozen-backbone adapters
+are trained on exactly these features (fsseg-adapt caches them), so fsseg-adapt scores its runs and
+fsseg-predict delivers their masks through this one path.
+
 Host memory: the stitched logits (K x model grid, float32) while the window slides, then the probabilities in
 float16, plus a constant few native-size volumes; native-grid probabilities of every structure are kept only
-when asked for (``--save-probabilities``).
+when asked for (``--save-probabilities``). The two-pass path adds the stitched features (F x model grid,
+float32 while stitching, then float16).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from fsseg.data.transforms import IMAGE, Preprocessing, inference_transforms
 PROBABILITIES = "probabilities"
 # Stitch on the GPU only while the output (channels x voxels, float32) stays under this size.
 GPU_STITCH_MAX_BYTES = 2 * 1024**3
+RECORDED = ("overlap", "amp", "cpu_bf16")
 
 
 def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
@@ -45,16 +52,23 @@ def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
 class InferenceSettings:
     """Sliding-window settings (the roi comes from the checkpoint's preprocessing).
 
-    ``amp``: float16 autocast on CUDA. ``cpu_bf16``: bfloat16 autocast on the CPU (about 1.8x faster for a UNet
-    here, masks agreeing on > 99.99 % of voxels with random weights; off by default: check it on your model).
+    ``sw_batch_size``: windows per forward pass; None picks 4 on CUDA and 1 on the CPU (where a batch saves no
+    time and multiplies the activations' memory). ``amp``: float16 autocast on CUDA. ``cpu_bf16``: bfloat16
+    autocast on the CPU (about 1.8x faster for a UNet here, masks agreeing on > 99.99 % of voxels with random
+    weights; off by default: check it on your model).
     """
 
     overlap: float = 0.5
-    sw_batch_size: int = 1
+    sw_batch_size: int | None = None
     amp: bool = True
     cpu_bf16: bool = False
     threshold: float = 0.5
     largest_component: bool = False
+
+    def record(self) -> dict:
+        """The settings that shape the masks besides the weights, as adapter files keep them (fsseg-predict's
+        defaults for an adapter, so that it delivers the masks fsseg-adapt scored)."""
+        return {name: getattr(self, name) for name in RECORDED}
 
 
 @dataclass
@@ -72,11 +86,25 @@ class Prediction:
         return {name: self.label == i + 1 for i, name in enumerate(self.structures)}
 
 
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FrozenBackbone:
+    """A network predicted in two passes: ``features`` (image windows -> (B, ``channels``, ...)) stitched over the
+    whole scan, then ``heads`` (feature windows -> logits) sliding over the stitched features."""
+
+    features: Network
+    channels: int
+    heads: Network
+
+
 class Predictor:
     """Runs a network over whole scans.
 
     Args:
-        network: (B, 1, *roi) image -> (B, K, *roi) logits of the K requested structures.
+        network: (B, 1, *roi) image -> (B, K, *roi) logits of the K requested structures, or a
+            :class:`FrozenBackbone` to predict in two passes.
         structures: names of the K channels, in order.
         preprocessing: the checkpoint's preprocessing.
         device: where the network runs.
@@ -85,7 +113,7 @@ class Predictor:
 
     def __init__(
         self,
-        network: Callable[[torch.Tensor], torch.Tensor],
+        network: Network | FrozenBackbone,
         structures: Sequence[str],
         preprocessing: Preprocessing,
         device: torch.device,
@@ -101,26 +129,56 @@ class Predictor:
         # Applied to each structure's mask as a one-channel stack; by default MONAI skips channel 0 as background.
         self.keep_largest = KeepLargestConnectedComponent(applied_labels=[0], is_onehot=True, independent=True)
 
-    def _inferer(self, spatial_shape: Sequence[int]) -> SlidingWindowInferer:
-        output_bytes = 4 * len(self.structures) * int(np.prod(spatial_shape))
+    def _inferer(self, spatial_shape: Sequence[int], channels: int) -> SlidingWindowInferer:
+        output_bytes = 4 * channels * int(np.prod(spatial_shape))
         stitch = self.device if self.device.type == "cuda" and output_bytes < GPU_STITCH_MAX_BYTES else torch.device("cpu")
-        return SlidingWindowInferer(
-            roi_size=self.preprocessing.roi, sw_batch_size=self.settings.sw_batch_size,
-            overlap=self.settings.overlap, mode="gaussian", sw_device=self.device, device=stitch,
-        )
+        return SlidingWindowInferer(roi_size=self.preprocessing.roi, sw_batch_size=self.sw_batch_size,
+                                    overlap=self.settings.overlap, mode="gaussian", sw_device=self.device, device=stitch)
+
+    @property
+    def sw_batch_size(self) -> int:
+        return self.settings.sw_batch_size or (4 if self.device.type == "cuda" else 1)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16, enabled=self.settings.amp)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.cpu_bf16)
+
+    @property
+    def precision(self) -> str:
+        """What the forward passes compute in (features made with other settings differ)."""
+        if self.device.type == "cuda" and self.settings.amp:
+            return "cuda-float16"
+        return "cpu-bfloat16" if self.device.type == "cpu" and self.settings.cpu_bf16 else "float32"
 
     @torch.no_grad()
-    def model_space_probabilities(self, data: dict, network: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def stitched_features(self, image: torch.Tensor, backbone: FrozenBackbone) -> torch.Tensor:
+        """The backbone's features (F, *model grid) of a preprocessed (1, X, Y, Z) image, blended over windows
+        and kept in float16 on the CPU: what frozen-backbone adapters train on and are predicted from."""
+        plain = torch.as_tensor(image).as_subclass(torch.Tensor)
+        with self._autocast():
+            features = self._inferer(plain.shape[1:], backbone.channels)(plain[None].to(self.device), backbone.features)
+        return features[0].to(device="cpu", dtype=torch.float16)
+
+    @torch.no_grad()
+    def head_probabilities(self, features: torch.Tensor, heads: Network) -> torch.Tensor:
+        """Sigmoid probabilities (K, *model grid, float16) of the ``heads`` slid over stitched ``features``, in
+        float32 (the heads are small)."""
+        inferer = self._inferer(features.shape[1:], len(self.structures))
+        logits = inferer(features[None], lambda window: heads(window.float()))
+        return probabilities_of(logits[0])
+
+    @torch.no_grad()
+    def model_space_probabilities(self, data: dict, network: Network | FrozenBackbone | None = None) -> torch.Tensor:
         """Sigmoid probabilities (K, *model grid, float16) of a preprocessed ``data[IMAGE]`` (by default with
         ``self.network``)."""
+        network = network or self.network
         image = data[IMAGE]
-        batch = image.as_tensor()[None].to(self.device)
-        if self.device.type == "cuda":
-            autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.settings.amp)
-        else:
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.cpu_bf16)
-        with autocast:
-            logits = self._inferer(image.shape[1:])(batch, network or self.network)
+        if isinstance(network, FrozenBackbone):
+            return self.head_probabilities(self.stitched_features(image, network), network.heads)
+        with self._autocast():
+            logits = self._inferer(image.shape[1:], len(self.structures))(image.as_tensor()[None].to(self.device),
+                                                                          network)
         return probabilities_of(logits[0])
 
     def preprocess(self, path: str | Path) -> dict:
