@@ -174,7 +174,8 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     network = DistributedDataParallel(model) if runtime.distributed else model
     writer = SummaryWriter(str(paths.tensorboard)) if runtime.is_main else None
     log.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {runtime.device}"
-             f" x{runtime.world_size}; {steps_per_epoch} steps per epoch")
+             f" x{runtime.world_size}" + (f" (process group: {runtime.backend})" if runtime.distributed else "")
+             + f"; {steps_per_epoch} steps per epoch")
 
     data_seconds = compute_seconds = 0.0
     for epoch in range(start_epoch, cfg.optim.epochs):

@@ -105,16 +105,19 @@ def test_raising_epochs_on_resume_decays_the_learning_rate_to_the_new_end(phanto
     assert 0 < resumed[0] < 0.8e-2 and lr[-1] == 0.0
 
 
-def test_two_process_gloo_ddp(phantom_dir, tmp_path):
+@pytest.mark.parametrize("processes", [2, 1])
+def test_torchrun_gloo_ddp(phantom_dir, tmp_path, processes):
+    # One process under torchrun joins a group too, so that a one-GPU machine runs a multi-GPU job's collectives.
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "pretrain", *args(out, source_lists(phantom_dir), 1)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] >= 1
+    assert summary["world_size"] == processes and summary["steps"] >= 1
     assert read_checkpoint(out / "checkpoint_latest.pt")["epoch"] == 1
-    assert (out / "train.log").read_text().count("epoch 1/1") == 1  # rank 0 alone logs
+    log = (out / "train.log").read_text()
+    assert log.count("epoch 1/1") == 1 and f"x{processes} (process group: gloo)" in log  # rank 0 alone logs
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class Runtime:
-    """Device and process group of this process (world size 1 without torchrun)."""
+    """Device and process group of this process (world size 1 and no group without torchrun)."""
 
     device: torch.device
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str = ""  # of the process group; empty outside one
 
     @property
     def is_main(self) -> bool:
@@ -31,7 +32,8 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """In a process group (started by torchrun, even with one process: the collectives run as with many)."""
+        return bool(self.backend)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over every process, reduced on this process's device (NCCL reduces CUDA tensors only)."""
@@ -94,19 +96,24 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def init_runtime(device: str = "auto") -> Runtime:
-    """Join torchrun's process group when its environment is set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
+    """Join torchrun's process group when started by torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), also
+    with one process, so that ``torchrun --nproc_per_node=1`` runs the collectives of a multi-GPU job.
 
     The rendezvous address comes from torchrun (``MASTER_ADDR``/``MASTER_PORT``); nothing here picks a port.
-    NCCL on CUDA, gloo on the CPU.
+    On CUDA the group reduces CUDA tensors with NCCL and CPU tensors with gloo (NCCL alone cannot reduce a CPU
+    tensor); gloo only on the CPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    backend = ""
+    if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        backend = "cpu:gloo,cuda:nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
-    return Runtime(device=resolved, rank=rank, world_size=world_size, local_rank=local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+    return Runtime(device=resolved, rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
 
 
 def seed_everything(seed: int) -> None:
