@@ -36,16 +36,16 @@ print(json.dumps({"exit": code, "seconds": time.perf_counter() - began,
 """
 
 
-def synthetic_ct(path: Path) -> Path:
-    """An abdomen-like int16 volume: air, an elliptic body of soft tissue, a brighter organ and bone."""
-    x, y = np.meshgrid(np.linspace(-1, 1, SHAPE[0]), np.linspace(-1, 1, SHAPE[1]), indexing="ij")
+def synthetic_ct(path: Path, shape: tuple[int, int, int] = SHAPE) -> Path:
+    """An abdomen-like int16 volume at SPACING: air, an elliptic body of soft tissue, a brighter organ and bone."""
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
     body = (x / 0.85) ** 2 + (y / 0.65) ** 2 < 1
     organ = ((x + 0.3) / 0.35) ** 2 + ((y - 0.1) / 0.3) ** 2 < 1
     spine = (x ** 2 + (y + 0.45) ** 2) < 0.01
-    axial = np.full(SHAPE[:2], -1000, np.int16)
+    axial = np.full(shape[:2], -1000, np.int16)
     axial[body], axial[organ], axial[spine] = 40, 120, 700
-    volume = np.repeat(axial[:, :, None], SHAPE[2], axis=2)
-    volume[..., : SHAPE[2] // 10] = -1000  # air below the body, as in a scan's first slices
+    volume = np.repeat(axial[:, :, None], shape[2], axis=2)
+    volume[..., : shape[2] // 10] = -1000  # air below the body, as in a scan's first slices
     affine = np.diag([*SPACING, 1.0])
     nib.save(nib.Nifti1Image(volume, affine), str(path))
     return path
