@@ -19,7 +19,8 @@ class TrainingConfig:
     An epoch visits every support volume once, taking ``crops_per_volume`` crops of ``crop_size`` voxels
     (default: the checkpoint's roi; frozen-backbone methods train on cached features and may use smaller
     crops, or read every ``voxel_stride``-th voxel of each crop when their head is per-voxel). AdamW with
-    warm-up then cosine decay. Training stops early when the moving average (over
+    warm-up then cosine decay; on a GPU with autocast (bfloat16, else float16), on the CPU in float32 unless
+    ``cpu_bf16``. Training stops early when the moving average (over
     ``early_stop_window`` epochs) of the loss improved by less than ``early_stop_min_delta`` over the last
     ``early_stop_patience`` epochs.
     """
@@ -37,6 +38,7 @@ class TrainingConfig:
     bce_weight: float = ranged(1.0)
     micro_batch: int | None = ranged(None, "[1, inf)")
     activation_checkpointing: bool = False
+    cpu_bf16: bool = False
     early_stop_window: int = ranged(10, "[1, inf)")
     early_stop_patience: int = ranged(20, "[1, inf)")
     early_stop_min_delta: float = ranged(1e-3)
