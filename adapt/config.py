@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fsseg.adapters.base import Composition
 from fsseg.config import from_dict, load_yaml, ranged
 from fsseg.errors import ConfigError
 from fsseg.losses.size_prior import FORMS
@@ -16,24 +17,40 @@ from fsseg.resources import find_config
 class TrainingConfig:
     """How one method trains on the support set.
 
-    An epoch visits every support volume once, taking ``crops_per_volume`` crops of ``crop_size`` voxels
-    (default: the checkpoint's roi; frozen-backbone methods train on cached features and may use smaller
-    crops, or read every ``voxel_stride``-th voxel of each crop when their head is per-voxel). AdamW with
-    warm-up then cosine decay; on a GPU with autocast (bfloat16, else float16), on the CPU in float32 unless
-    ``cpu_bf16``. Training stops early when the moving average (over
-    ``early_stop_window`` epochs) of the loss improved by less than ``early_stop_min_delta`` over the last
-    ``early_stop_patience`` epochs.
+    An epoch is ``steps_per_epoch`` optimizer steps, each on ``crops_per_volume`` crops of one support volume
+    (supports visited in shuffled rounds), so the schedule means the same number of steps whatever K is;
+    ``steps_per_epoch: null`` makes an epoch one pass over the K supports (the reference code's epoch). Crops
+    are ``crop_size`` voxels (default: the checkpoint's roi; frozen-backbone methods train on cached features and
+    may use smaller crops, or read every ``voxel_stride``-th voxel of each crop when their head is per-voxel).
+    AdamW with a linear warm-up over ``warmup_epochs`` from ``warmup_start`` x lr, then a cosine decay that reaches 0
+    after ``cosine_epochs`` (default: ``epochs``); on a GPU with autocast (bfloat16, else float16), on the CPU in
+    float32 unless ``cpu_bf16``. Negative crops (``neg`` of ``pos + neg``) are centred on background inside the
+    body (``neg_in_body``: above the HU window's floor) rather than anywhere, air and padding included. Image crops
+    (methods that run the backbone) get a random intensity shift of up to ``intensity_shift`` with probability
+    ``intensity_shift_prob``; cached features have no image to shift. Training stops early when the moving
+    average (over ``early_stop_window`` epochs) of the loss improved by less than ``early_stop_min_delta`` over the
+    last ``early_stop_patience`` epochs, and never before ``early_stop_window + early_stop_patience`` epochs.
+
+    The reference code (FSEFT): ``steps_per_epoch: null``, ``warmup_start: 1.0`` (its warm-up starts at lr),
+    ``cosine_epochs: 200`` over at most 199 epochs, ``bce_weight: 0`` (Dice only), ``neg_in_body: true``,
+    ``intensity_shift: 0.1`` with ``intensity_shift_prob: 0.2``.
     """
 
     lr: float = ranged(1e-2, "(0, inf)")
     weight_decay: float = ranged(0.0)
     epochs: int = ranged(100, "[1, inf)")
+    steps_per_epoch: int | None = ranged(10, "[1, inf)")
     warmup_epochs: int = ranged(1)
+    warmup_start: float = ranged(0.0, "[0, 1]")
+    cosine_epochs: int | None = ranged(None, "[1, inf)")
     crops_per_volume: int = ranged(6, "[1, inf)")
     crop_size: tuple[int, int, int] | None = ranged(None, "[1, inf)")
     voxel_stride: int = ranged(1, "[1, inf)")
     pos: float = ranged(1.0)
     neg: float = ranged(1.0)
+    neg_in_body: bool = True
+    intensity_shift: float = ranged(0.0)
+    intensity_shift_prob: float = ranged(0.0, "[0, 1]")
     dice_weight: float = ranged(1.0)
     bce_weight: float = ranged(1.0)
     micro_batch: int | None = ranged(None, "[1, inf)")
@@ -50,13 +67,18 @@ class TrainingConfig:
             raise ConfigError("training.pos and training.neg cannot both be 0: no crop could be drawn")
         if self.dice_weight + self.bce_weight <= 0:
             raise ConfigError("training.dice_weight and training.bce_weight cannot both be 0: nothing would train")
+        if self.cosine_epochs is not None and self.cosine_epochs < self.epochs:
+            raise ConfigError(f"training.cosine_epochs={self.cosine_epochs} must be at least epochs={self.epochs}: "
+                              "past its end the cosine would climb back up")
 
 
 @dataclass
 class MethodSettings:
-    """One configs/adapt/<method>.yaml: the method's own options and its training defaults."""
+    """One configs/adapt/<method>.yaml: the method's own options, what becomes of the decoder and bottleneck
+    (``compose``), and its training defaults."""
 
     options: dict = field(default_factory=dict)
+    compose: Composition = field(default_factory=Composition)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 from adapt.config import AdaptConfig, load_method_settings
-from adapt.engine import Adaptation, predict_query, train
+from adapt.engine import Adaptation, predict_query
+from adapt.training import train
 from fsseg.adapters import adapt_model
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data import phantom
@@ -105,6 +107,14 @@ def feature_mismatch(run: Adaptation, supports: list) -> float:
     return float(np.mean(differences))
 
 
+def commit() -> str:
+    """The checkout's commit, marked when files differ from it."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return (head.stdout.strip() or "unknown") + ("+changes" if dirty.stdout.strip() else "")
+
+
 def crop_read(training, run: Adaptation, cached: bool) -> str:
     """What one training crop is, e.g. '96x96x96 /2' (every 2nd voxel)."""
     size = (training.crop_size or run.pre.roi) if cached else run.pre.roi
@@ -142,8 +152,9 @@ def main() -> None:
               f"{'yes' if r['dice_not_lower'] else 'NO':>9}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "adapt_speed", "date": time.strftime("%Y-%m-%d"),
-                               "torch_threads": torch.get_num_threads(), "fsseg_bf16": args.fsseg_bf16,
+    earlier = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
+    rows = [r for r in earlier if r["method"] not in args.methods] + rows  # methods measured earlier are kept
+    out.write_text(json.dumps({"benchmark": "adapt_speed", "torch_threads": torch.get_num_threads(),
                                "targets": {m: f">= {t}x" for m, t in TARGETS.items()} | {
                                    "dice": "fsseg >= reference - 0.01"}, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
@@ -164,19 +175,21 @@ def measure(work: Path, args: argparse.Namespace) -> list[dict]:
     for method in args.methods:
         training = load_method_settings(REPO / "configs" / "adapt", method).training
         training.epochs, training.warmup_epochs, training.lr = args.epochs, 0, LEARNING_RATES[method]
+        training.steps_per_epoch = None  # the reference's epoch: one step per support
         timings, dice = {}, {}
         for style, cached in (("fsseg", True), ("reference", False)):
             training.cpu_bf16 = args.fsseg_bf16 and style == "fsseg"
             torch.manual_seed(0)
             adapted = adapt_model(fast.base, fast.template, ["liver"], method)
             began = time.perf_counter()
-            train(adapted, supports, runs[style], training, seed=0, epochs=(0, args.epochs), use_feature_cache=cached)
+            train(adapted, supports, runs[style], training, seed=0, use_feature_cache=cached)
             timings[style] = (time.perf_counter() - began) / args.epochs
             dice[style] = mean_dice(adapted, runs[style])
         fsseg_total = extraction + timings["fsseg"] * args.extrapolate
         reference_total = timings["reference"] * args.extrapolate
         rows.append({
-            "method": method, "model": args.model, "shots": args.shots,
+            "method": method, "date": time.strftime("%Y-%m-%d"), "commit": commit(), "fsseg_bf16": args.fsseg_bf16,
+            "model": args.model, "shots": args.shots,
             "support_shape": list(supports[0].image.shape[1:]), "epochs_run": args.epochs,
             "steps_run": args.epochs * len(supports), "lr": training.lr, "crops_per_step": training.crops_per_volume,
             "fsseg_crop": crop_read(training, fast, True), "reference_crop": crop_read(training, fast, False),

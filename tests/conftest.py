@@ -79,6 +79,8 @@ def write_method_configs(folder: Path, epochs: int = 8, **training) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     for method in list_methods():
-        settings = {"epochs": epochs, "warmup_epochs": 1, "crops_per_volume": 2, "lr": 1e-2, **training}
+        # two steps an epoch: a K=1 epoch revisits its support, a K=3 round runs on into the next epoch
+        settings = {"epochs": epochs, "steps_per_epoch": 2, "warmup_epochs": 1, "crops_per_volume": 2, "lr": 1e-2,
+                    **training}
         (folder / f"{method}.yaml").write_text(yaml.safe_dump({"training": settings}))
     return folder

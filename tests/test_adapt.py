@@ -11,7 +11,8 @@ import torch
 
 from adapt.cli import main
 from adapt.config import AdaptConfig, TrainingConfig
-from adapt.engine import Adaptation, predict_query, train
+from adapt.engine import Adaptation, predict_query
+from adapt.training import train
 from conftest import TOTALSEG_LIST, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import load_adapted_model
@@ -172,7 +173,7 @@ def test_cached_features_train_the_linear_probe_exactly_like_live_features(phant
     support.target = np.ascontiguousarray(support.target[(slice(None),) + crop])
     support.key = "one-window"
     assert support.target.any()
-    training = TrainingConfig(lr=1e-2, epochs=5, crops_per_volume=1, crop_size=None)
+    training = TrainingConfig(lr=1e-2, epochs=5, crops_per_volume=1, crop_size=None, steps_per_epoch=None)
     heads = {}
     for cached in (True, False):
         lp = adapt_model(run.base, run.template, ["liver"], "lp")
@@ -203,7 +204,8 @@ def test_support_loss_falls(phantom_dir, tiny_checkpoint, tmp_path, method, stri
     adapted = adapt_model(run.base, run.template, ["liver"], method)
     before = fixed_crop_loss(adapted, supports, run)
     lr = {"lp": 1e-1, "adapter": 1e-1, "ft-last": 1e-2, "ft": 1e-2}[method]  # a random backbone learns slowly
-    train(adapted, supports, run, TrainingConfig(lr=lr, epochs=24, crops_per_volume=2, voxel_stride=stride), seed=0)
+    train(adapted, supports, run, TrainingConfig(lr=lr, epochs=24, crops_per_volume=2, voxel_stride=stride,
+                                                 steps_per_epoch=None), seed=0)
     assert fixed_crop_loss(adapted, supports, run) < 0.9 * before
 
 
@@ -221,8 +223,8 @@ def test_micro_batches_train_like_the_whole_batch(phantom_dir, tiny_checkpoint, 
     outputs, losses = {}, {}
     for micro in (None, 1):
         adapted = copy.deepcopy(start)
-        result = train(adapted, supports, run, TrainingConfig(lr=1e-2, epochs=3, crops_per_volume=3, micro_batch=micro),
-                       seed=0)
+        result = train(adapted, supports, run, TrainingConfig(lr=1e-2, epochs=3, crops_per_volume=3, micro_batch=micro,
+                                                              steps_per_epoch=None), seed=0)
         losses[micro] = result.losses
         with torch.no_grad():
             outputs[micro] = adapted.eval()(image)
@@ -231,6 +233,58 @@ def test_micro_batches_train_like_the_whole_batch(phantom_dir, tiny_checkpoint, 
     # noise that Adam scales up, and the norm removes them.
     change = (outputs[None] - before).abs().max()
     assert change > 0.1 and (outputs[1] - outputs[None]).abs().max() < 1e-3 * change
+
+
+def steps_taken(result):
+    return result.state["scheduler"]["last_epoch"]
+
+
+def test_schedule_and_early_stop_take_as_many_steps_at_one_shot_as_at_three(phantom_dir, tiny_checkpoint, tmp_path):
+    """The plateau stop never fires before window + patience epochs of steps_per_epoch steps, whatever K is."""
+    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
+                         organs=["liver"], shots=[1], methods=["lp"], seeds=1)
+    run = Adaptation(config, tmp_path, torch.device("cpu"))
+    training = TrainingConfig(lr=1e-2, epochs=50, steps_per_epoch=4, crops_per_volume=1, crop_size=(16, 16, 16),
+                              early_stop_window=2, early_stop_patience=3, early_stop_min_delta=10.0)  # always flat
+    taken = {}
+    for shots in (1, 3):
+        supports = [run.support(case) for case in run.pool[:shots]]
+        result = train(adapt_model(run.base, run.template, ["liver"], "lp"), supports, run, training, seed=0)
+        assert result.stopped and result.epochs == 2 + 3
+        taken[shots] = steps_taken(result)
+    assert taken == {1: 5 * 4, 3: 5 * 4}
+
+
+def test_resumed_training_continues_the_crops_instead_of_replaying_them(phantom_dir, tiny_checkpoint, tmp_path):
+    """What the transductive arm does after its support-only epochs: the same run as one straight call."""
+    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
+                         organs=["liver"], shots=[3], methods=["adapter"], seeds=1)
+    run = Adaptation(config, tmp_path, torch.device("cpu"))
+    supports = [run.support(case) for case in run.pool[:3]]  # 2 steps an epoch: a round spans two epochs
+    training = TrainingConfig(lr=1e-2, epochs=6, steps_per_epoch=2, crops_per_volume=2, crop_size=(16, 16, 16))
+    torch.manual_seed(0)
+    start = adapt_model(run.base, run.template, ["liver"], "adapter")
+    straight, halves = copy.deepcopy(start), copy.deepcopy(start)
+    whole = train(straight, supports, run, training, seed=0)
+    first = train(halves, supports, run, training, seed=0, until=3)
+    second = train(halves, supports, run, training, seed=0, resume=first)
+    assert second.losses == pytest.approx(whole.losses, rel=1e-5) and steps_taken(second) == 12
+    for (name, a), b in zip(straight.state_dict().items(), halves.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_transductive_and_plain_runs_stop_by_the_same_rule(phantom_dir, tiny_checkpoint, tmp_path, caplog):
+    configs = write_method_configs(tmp_path / "configs", epochs=8, early_stop_window=1, early_stop_patience=2,
+                                   early_stop_min_delta=10.0)  # the plateau stop fires as soon as it may: epoch 3
+    epochs = {}
+    for ti in ("--no-ti", "--ti"):
+        out = tmp_path / ti
+        assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
+                               "--shots", "1", "--method", "lp", "--seeds", "1", ti,
+                               "--set", "ti.warmup_epochs=2")) == 0
+        with open(out / "results.csv") as handle:
+            epochs[ti] = {int(r["epochs"]) for r in csv.DictReader(handle)}
+    assert epochs == {"--no-ti": {3}, "--ti": {3}}
 
 
 def fixed_crop_loss(adapted, supports, run, crops=4):
@@ -372,7 +426,7 @@ def test_transformer_methods_train_their_own_parameters(phantom_dir, swin_checkp
     adapted = adapt_model(run.base, run.template, ["liver"], method)
     before = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad and "head" not in n}
     loss_before = fixed_crop_loss(adapted, supports, run, crops=2)
-    train(adapted, supports, run, TrainingConfig(lr=3e-2, epochs=6, crops_per_volume=1), seed=0)
+    train(adapted, supports, run, TrainingConfig(lr=3e-2, epochs=6, crops_per_volume=1, steps_per_epoch=None), seed=0)
     assert fixed_crop_loss(adapted, supports, run, crops=2) < loss_before
     after = dict(adapted.named_parameters())
     assert sum(not torch.equal(value, after[name]) for name, value in before.items()) > 0.9 * len(before)

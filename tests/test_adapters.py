@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from fsseg.adapters import adapt_model, get_method, list_methods
+from fsseg.adapters import Composition, adapt_model, get_method, list_methods
 from fsseg.adapters.artifact import load_adapted_model, save_adapter
 from fsseg.adapters.lora import inject_lora
+from fsseg.adapters.methods import BiasConfig, LoRAConfig
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data.datalist import Case
 from fsseg.data.sampling import CropSampler, sample_support
@@ -44,11 +45,17 @@ def test_each_method_trains_only_what_it_should(swin, method):
         "scratch": lambda n: True,
         "lora": lambda n: ".lora_" in n,
         "bias": lambda n: n.endswith(".bias"),
+        "affine-ln": lambda n: ".norm" in n and n.startswith("base.backbone.swinViT."),
+        "adaptformer": lambda n: ".adaptformer." in n,
     }[method]
     all_backbone = {n for n, _ in adapted.named_parameters() if n.startswith("base.backbone.")}
     assert backbone == {n for n in all_backbone if expected(n)}
     assert ({n for n in names if n.startswith("trunk.")} != set()) == (method == "adapter")
     assert adapted.backbone_frozen == (method in ("lp", "adapter"))
+    x = torch.rand(1, 1, 64, 64, 32)
+    if method in ("lora", "adaptformer"):  # injected identity at start: the pretrained features are unchanged
+        with torch.no_grad():
+            assert torch.allclose(adapted.features(x), swin.features(x), atol=1e-6)
     if method == "bias":
         assert not any("relative_position_bias_table" in n for n in names)
     adapted.set_train_mode()
@@ -140,6 +147,59 @@ def test_strided_crops_cover_the_full_crop_region_at_every_nth_voxel():
     assert offsets == {0, 1}
     with pytest.raises(ValueError, match="stride"):
         CropSampler(label, (32, 32, 32), stride=0)
+
+
+def test_negative_crops_are_centred_inside_the_body_not_in_air_or_padding():
+    label = np.zeros((1, 60, 50, 40), np.uint8)
+    label[0, 25:30, 20:25, 15:20] = 1
+    image = np.zeros((1, 60, 50, 40), np.float32)  # 0: air and padding after the HU window
+    image[0, 15:45, 10:40, 5:35] = 0.4
+    crop = (8, 8, 8)
+    centres = [tuple(s.start + c // 2 for s, c in zip(slices[1:], crop))
+               for slices in CropSampler(label, crop, pos=0, neg=1, body=image).slices(200, np.random.RandomState(0))]
+    assert all(image[(0, *c)] > 0 and not label[(0, *c)] for c in centres)
+    anywhere = CropSampler(label, crop, pos=0, neg=1).slices(200, np.random.RandomState(0))
+    assert any(image[(0, *(s.start + c // 2 for s, c in zip(slices[1:], crop)))] == 0 for slices in anywhere)
+
+
+@pytest.fixture(scope="module")
+def swin48():
+    return create_model("swinunetr", num_classes=len(TEMPLATE)).eval()
+
+
+@pytest.mark.parametrize("method, options, compose, trainable", [
+    ("lp", None, None, 49),
+    ("adapter", None, None, 124_465),
+    ("ft-last", None, None, 209_713),
+    ("ft", None, None, 62_186_659),
+    ("lora", None, None, 34_609),
+    ("lora", LoRAConfig(rank=12, alpha=12, targets=r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.qkv$"), None, 69_169),
+    ("bias", None, None, 21_697),
+    ("bias", BiasConfig("reference"), None, 210_739),
+    ("affine-ln", None, None, 17_329),
+    ("adaptformer", None, None, 47_697),
+    ("lp", None, Composition(decoder="fine-tuned"), 19_597_873),
+    ("lora", LoRAConfig(rank=12, alpha=12, targets=r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.qkv$"),
+     Composition(decoder="fine-tuned"), 19_666_993),
+])
+def test_trainable_parameters_match_the_reference_counts_on_swinunetr_48(swin48, method, options, compose, trainable):
+    # The reference's table for one binary structure (method.md section 3.2); its head row is 48 + 1.
+    assert adapt_model(swin48, TEMPLATE, ["liver"], method, options, compose).parameter_counts()[0] == trainable
+
+
+def test_composition_freezes_fine_tunes_or_renews_the_decoder_and_bottleneck(swin):
+    decoder = {n for n, _ in swin.named_block_parameters("decoder")}
+    bottleneck = {n for n, _ in swin.named_block_parameters("bottleneck")}
+    new = adapt_model(swin, TEMPLATE, ["liver"], "lora", None, Composition(decoder="new", bottleneck="fine-tuned"))
+    names = {n.removeprefix("base.") for n in trainable_names(new)}
+    assert decoder | bottleneck <= names and any(".lora_" in n for n in names)
+    pretrained, renewed = dict(swin.named_parameters()), dict(new.base.named_parameters())
+    assert all(torch.equal(pretrained[n], renewed[n]) for n in bottleneck)
+    assert not any(torch.equal(pretrained[n], renewed[n]) for n in decoder if n.endswith("conv.weight"))
+    frozen = adapt_model(swin, TEMPLATE, ["liver"], "ft", None, Composition(bottleneck="frozen"))
+    assert not {n.removeprefix("base.") for n in trainable_names(frozen)} & bottleneck
+    with pytest.raises(ConfigError, match="compose.decoder 'tuned' is not one of"):
+        Composition(decoder="tuned")
 
 
 def test_only_pointwise_heads_count_as_per_voxel(swin):

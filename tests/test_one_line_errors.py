@@ -26,7 +26,6 @@ from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate
 from pretrain.cli import main as pretrain
 from test_predict import oracle_checkpoint
-from test_pretrain import TINY
 from test_pretrain import args as pretrain_args
 
 REAL = "ts_example_ct_sm"

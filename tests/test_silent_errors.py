@@ -104,7 +104,7 @@ def test_adapt_refuses_a_test_label_on_another_grid(phantom_dir, tiny_checkpoint
                   "--set", f"method_configs={write_method_configs(tmp_path / 'm')}", "--organ", "liver",
                   "--shots", "1", "--method", "lp", "--no-progress"])
     assert code == 2
-    assert f"moved.nii.gz: does not match its image" in capsys.readouterr().err
+    assert "moved.nii.gz: does not match its image" in capsys.readouterr().err
     assert not (tmp_path / "run" / "results.json").exists()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fsseg.adapters.base import AdaptedModel, adapt_model, get_method
+from fsseg.adapters.base import AdaptedModel, Composition, adapt_model, get_method
 from fsseg.checkpoint import (load_torch_file, load_weights, model_from_checkpoint, read_checkpoint, save_checkpoint,
                               sha256_file)
 from fsseg.config import from_dict, to_dict
@@ -56,7 +56,9 @@ def load_adapted_model(adapter_path: str | Path, checkpoint_path: str | Path) ->
     base = model_from_checkpoint(payload, str(checkpoint_path))
     method = get_method(adapter["method"])
     options = from_dict(method.config_cls, adapter["options"], where=f"{adapter_path}: options")
-    adapted = adapt_model(base, Template.from_dict(payload["template"]), adapter["structures"], adapter["method"], options)
+    composition = from_dict(Composition, adapter.get("compose") or {}, where=f"{adapter_path}: compose")
+    adapted = adapt_model(base, Template.from_dict(payload["template"]), adapter["structures"], adapter["method"], options,
+                          composition)
     result = load_weights(adapted, adapter["state_dict"], str(adapter_path))
     trained = {name for name, p in adapted.named_parameters() if p.requires_grad}
     if result.unexpected_keys or trained - set(adapter["state_dict"]):

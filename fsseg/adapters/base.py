@@ -141,9 +141,50 @@ def list_methods() -> dict[str, str]:
     return {name: m.description for name, m in sorted(_METHODS.items())}
 
 
-def adapt_model(base: SegmentationModel, template: Template, structures: list[str], method: str, config=None) -> AdaptedModel:
-    """Apply ``method`` to a deep copy of ``base`` (the base itself is left untouched); returned in eval mode."""
+BLOCK_CHOICES = ("frozen", "fine-tuned", "new")
+
+
+@dataclass
+class Composition:
+    """What becomes of the decoder and the bottleneck on top of a method, as the reference's ``--decoder`` and
+    ``--bottleneck`` (e.g. LoRA in the encoder with the decoder fine-tuned). ``None`` leaves a part as the method
+    has it; ``frozen``, ``fine-tuned`` (trained from the pretrained weights) or ``new`` (re-initialised and
+    trained)."""
+
+    decoder: str | None = None
+    bottleneck: str | None = None
+
+    def __post_init__(self) -> None:
+        for part in ("decoder", "bottleneck"):
+            choice = getattr(self, part)
+            if choice is not None and choice not in BLOCK_CHOICES:
+                raise ConfigError(f"compose.{part} '{choice}' is not one of {', '.join(BLOCK_CHOICES)}")
+
+
+def compose(adapted: AdaptedModel, composition: Composition) -> AdaptedModel:
+    """Freeze, unfreeze or re-initialise the decoder and bottleneck blocks of ``adapted``'s backbone."""
+    for group in ("decoder", "bottleneck"):
+        choice = getattr(composition, group)
+        if choice is None:
+            continue
+        if group not in adapted.base.blocks:
+            raise ConfigError(f"compose.{group}: model '{adapted.base.arch.get('name')}' names no {group} blocks")
+        for block in adapted.base.block_modules(group):
+            if choice == "new":
+                for module in block.modules():
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+            for parameter in block.parameters():
+                parameter.requires_grad_(choice != "frozen")
+    return adapted
+
+
+def adapt_model(base: SegmentationModel, template: Template, structures: list[str], method: str, config=None,
+                composition: Composition | None = None) -> AdaptedModel:
+    """Apply ``method`` (then ``composition``) to a deep copy of ``base`` (the base itself is left untouched);
+    returned in eval mode."""
     spec = get_method(method)
     config = config if config is not None else spec.config_cls()
     names = [canonical_name(s) for s in structures]
-    return spec.apply(copy.deepcopy(base), template, names, config).eval()
+    adapted = spec.apply(copy.deepcopy(base), template, names, config)
+    return compose(adapted, composition or Composition()).eval()

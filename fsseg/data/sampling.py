@@ -32,18 +32,20 @@ class CropSampler:
     Uses MONAI's positive/negative centre sampling, with the foreground indices computed once. With
     ``stride`` > 1 each crop keeps every ``stride``-th voxel along each axis from a random offset: the same
     region and foreground/background balance as the full crop at a fraction of the voxels, for heads that
-    classify each voxel on its own (a linear probe on cached features).
+    classify each voxel on its own (a linear probe on cached features). With ``body`` (the preprocessed image,
+    (1, X, Y, Z), scaled so that the HU window's floor is 0), negative centres lie where it is above 0, as
+    MONAI's ``RandCropByPosNegLabeld(image_threshold=0)`` draws them: inside the body, not in air or padding.
     """
 
     def __init__(self, label: np.ndarray, crop: Sequence[int], pos: float = 1.0, neg: float = 1.0,
-                 stride: int = 1) -> None:
+                 stride: int = 1, body: np.ndarray | None = None) -> None:
         if stride < 1:
             raise ValueError(f"stride must be at least 1, got {stride}")
         self.shape = tuple(label.shape[1:])
         self.crop = tuple(min(c, s) for c, s in zip(crop, self.shape))
         self.pos_ratio = pos / (pos + neg)
         self.stride = stride
-        self.fg, self.bg = map_binary_to_indices(label.any(0)[None])
+        self.fg, self.bg = map_binary_to_indices(label.any(0)[None], body, image_threshold=0.0)
 
     def slices(self, count: int, rng: np.random.RandomState) -> list[tuple[slice, ...]]:
         centres = generate_pos_neg_label_crop_centers(

@@ -12,7 +12,9 @@ from torch import nn
 from fsseg.errors import ConfigError
 
 # Names of the parameter groups every registered model provides.
-BLOCK_GROUPS = ("encoder", "decoder", "last_decoder_block", "head")
+# ``bottleneck``: the encoder's blocks between its first stage and the decoder (for SwinUNETR the convolution
+# blocks beside the Swin transformer, what the reference's --bottleneck acts on); a part of ``encoder``.
+BLOCK_GROUPS = ("encoder", "decoder", "last_decoder_block", "bottleneck", "head")
 # A structure fills a small share of a CT: a new head starts at this foreground probability, so training
 # does not spend its first hundreds of steps pulling every logit down (RetinaNet's prior initialisation).
 HEAD_PRIOR_PROBABILITY = 0.01
@@ -97,8 +99,10 @@ class SegmentationModel(nn.Module):
         return [getattr(self.backbone, name) for name in self.blocks[group]]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per block group; ``last_decoder_block`` is a subset of ``decoder``."""
-        return {group: [p for m in self.block_modules(group) for p in m.parameters()] for group in BLOCK_GROUPS}
+        """Parameters per block group this model has; ``last_decoder_block`` is a part of ``decoder``,
+        ``bottleneck`` of ``encoder``."""
+        return {group: [p for m in self.block_modules(group) for p in m.parameters()] for group in BLOCK_GROUPS
+                if group == "head" or group in self.blocks}
 
     def named_block_parameters(self, group: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(full parameter name, parameter) pairs of one group, as named in ``state_dict``."""

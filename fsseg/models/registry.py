@@ -94,17 +94,20 @@ _SWIN_BLOCKS = {
     "encoder": ["swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
     "decoder": ["decoder5", "decoder4", "decoder3", "decoder2", "decoder1"],
     "last_decoder_block": ["decoder1"],
+    "bottleneck": ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
 }
 _UNET_BLOCKS = {
     "encoder": ["conv_0", "down_1", "down_2", "down_3", "down_4"],
     "decoder": ["upcat_4", "upcat_3", "upcat_2", "upcat_1"],
     "last_decoder_block": ["upcat_1"],
+    "bottleneck": ["down_4"],
 }
 
 register_model("unet3d", _unet3d, {}, {
     "encoder": ["down_tr64", "down_tr128", "down_tr256", "down_tr512"],
     "decoder": ["up_tr256", "up_tr128", "up_tr64"],
     "last_decoder_block": ["up_tr64"],
+    "bottleneck": ["down_tr512"],
 }, "Models-Genesis 3D U-Net (19M parameters; the SuPreM / CLIP-Driven UNet backbone), 64 feature channels. "
    "Spatial sizes must be divisible by 8.", roi_multiple=8)
 register_model("swinunetr", _swinunetr, {"feature_size": 48}, _SWIN_BLOCKS,

@@ -1,0 +1,215 @@
+"""The training loop of one adaptation run: support crops -> optimizer steps, on a schedule that does not depend on K.
+
+An epoch is ``training.steps_per_epoch`` optimizer steps (default 10), each on one support volume's crops, the
+supports visited in seeded shuffled rounds that run on across epochs; so the learning-rate schedule (warm-up,
+cosine) and the loss-plateau stop, both counted in epochs, mean the same number of steps at K=1 as at K=10.
+``steps_per_epoch: null`` is the reference code's epoch: one pass over the K supports.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from monai.optimizers import WarmupCosineSchedule
+from monai.transforms import RandShiftIntensity
+
+from adapt.config import TrainingConfig, TransductiveConfig
+from fsseg.adapters import AdaptedModel
+from fsseg.checkpoint import NonFiniteWeights
+from fsseg.data.datalist import Case
+from fsseg.data.sampling import CropSampler
+from fsseg.data.transforms import Preprocessing
+from fsseg.errors import ConfigError
+from fsseg.losses import PartialLabelLoss
+from fsseg.losses.size_prior import size_constraint_loss
+from fsseg.training.runtime import MixedPrecision, enable_activation_checkpointing
+
+log = logging.getLogger("fsseg.adapt")
+
+
+@dataclass
+class Support:
+    """A support case in model space: image (1, X, Y, Z) and binary targets (K, X, Y, Z)."""
+
+    case: Case
+    image: torch.Tensor
+    target: np.ndarray
+    key: str
+
+
+class Source(Protocol):
+    """What the loop needs of the run: the device, the preprocessing (its roi) and the cached features of a
+    support."""
+
+    device: torch.device
+    pre: Preprocessing
+
+    def features(self, item: Support) -> np.ndarray: ...
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the support loss of every epoch so far, whether the plateau stop fired, and the
+    state to continue from (optimizer, scheduler, crop RNG, the supports still due in the current round)."""
+
+    losses: list[float]
+    stopped: bool
+    state: dict = field(repr=False)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.losses)
+
+
+class EarlyStopper:
+    """Stop when the moving average of the loss improved by less than ``min_delta`` over ``patience`` epochs;
+    never before ``window + patience`` epochs."""
+
+    def __init__(self, window: int, patience: int, min_delta: float, losses: list[float] | None = None) -> None:
+        self.window, self.patience, self.min_delta = window, patience, min_delta
+        self.losses: list[float] = list(losses or [])
+
+    @property
+    def minimum(self) -> int:
+        return self.window + self.patience
+
+    def should_stop(self, loss: float) -> bool:
+        self.losses.append(loss)
+        if len(self.losses) < self.minimum:
+            return False
+        smooth = np.convolve(self.losses, np.ones(self.window) / self.window, mode="valid")
+        return smooth[-self.patience - 1] - smooth[-1] < self.min_delta
+
+
+def steps_per_epoch(training: TrainingConfig, supports: int) -> int:
+    """Optimizer steps in one epoch: the configured count, or one pass over the supports."""
+    return training.steps_per_epoch or supports
+
+
+def visits(rng: np.random.RandomState, supports: int, count: int, pending: list[int]) -> list[int]:
+    """The next ``count`` supports to step on: the rest of the current shuffled round, then new rounds."""
+    order = list(pending)
+    while len(order) < count:
+        order += rng.permutation(supports).tolist()
+    pending[:] = order[count:]
+    return order[:count]
+
+
+def check_voxel_stride(adapted: AdaptedModel, training: TrainingConfig, method: str = "this method") -> None:
+    """Strided crops skip voxels, which only a head that looks at each voxel on its own can train on."""
+    if training.voxel_stride > 1 and not adapted.per_voxel_head:
+        raise ConfigError(f"training.voxel_stride={training.voxel_stride} needs a per-voxel head (1x1x1 "
+                          f"convolutions only, e.g. lp); {method}'s adapter looks at neighbouring voxels: "
+                          "use a smaller crop_size instead")
+
+
+def train(adapted: AdaptedModel, supports: list[Support], run: Source, training: TrainingConfig, seed: int,
+          until: int | None = None, ti: tuple[TransductiveConfig, torch.Tensor, list[float]] | None = None,
+          resume: TrainResult | None = None, use_feature_cache: bool | None = None) -> TrainResult:
+    """Train ``adapted`` on the supports up to epoch ``until`` (default ``training.epochs``) or the plateau stop.
+
+    Frozen-backbone methods read crops of cached features unless ``use_feature_cache`` is False (the
+    reference code's way: the backbone runs on every full image crop of the roi; ``crop_size`` and
+    ``voxel_stride`` apply to cached features only). ``resume`` continues an earlier call's run where it ended
+    (schedule, crop RNG, plateau stop), on a copy of the model it trained. With ``ti`` = (settings, pooled query
+    features, target proportions), each epoch ends with one step on lam * L_TI of the query; the plateau stop
+    watches the support loss alone, as without ``ti``.
+    """
+    cached = adapted.backbone_frozen if use_feature_cache is None else use_feature_cache
+    if cached and not adapted.backbone_frozen:
+        raise ValueError("cached features need a frozen backbone")
+    stride = training.voxel_stride if cached else 1
+    if stride > 1:
+        check_voxel_stride(adapted, training)
+    device = run.device
+    crop = training.crop_size if (cached and training.crop_size) else run.pre.roi
+    sources = [run.features(s) if cached else s.image.numpy() for s in supports]
+    samplers = [CropSampler(s.target, crop, training.pos, training.neg, stride,
+                            body=s.image.numpy() if training.neg_in_body else None) for s in supports]
+    per_epoch = steps_per_epoch(training, len(supports))
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=training.warmup_epochs * per_epoch,
+                                     t_total=(training.cosine_epochs or training.epochs) * per_epoch,
+                                     warmup_multiplier=training.warmup_start)
+    rng, pending = np.random.RandomState(seed), []
+    shift = RandShiftIntensity(training.intensity_shift, prob=training.intensity_shift_prob)
+    shift.set_random_state(state=rng)  # one random stream for crops and shifts, continued by ``resume``
+    if cached and training.intensity_shift and training.intensity_shift_prob:
+        log.info("training.intensity_shift: not applied, this method trains on cached features (no image to shift)")
+    stopper = EarlyStopper(training.early_stop_window, training.early_stop_patience, training.early_stop_min_delta,
+                           resume.losses if resume else None)
+    if resume:
+        optimizer.load_state_dict(resume.state["optimizer"])
+        scheduler.load_state_dict(resume.state["scheduler"])
+        rng.set_state(resume.state["rng"])
+        pending = list(resume.state["pending"])
+    loss_fn = PartialLabelLoss(training.dice_weight, training.bce_weight)
+    precision = MixedPrecision(device, cpu_bf16=training.cpu_bf16)
+    # Convolutions over cached features run 1.2x faster channels-last on the CPU; inference stays contiguous.
+    layout = torch.channels_last_3d if cached else torch.contiguous_format
+    for part in (adapted.trunk, adapted.head):
+        part.to(memory_format=layout)
+    micro = training.micro_batch or training.crops_per_volume
+    if training.activation_checkpointing and not cached and not enable_activation_checkpointing(adapted):
+        log.warning("training.activation_checkpointing: this network offers none; training without it")
+    stopped = bool(resume and resume.stopped)
+    for epoch in range(len(stopper.losses), until or training.epochs):
+        if stopped:
+            break
+        adapted.set_train_mode()
+        losses = []
+        for i in visits(rng, len(supports), per_epoch, pending):
+            slices = samplers[i].slices(training.crops_per_volume, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            # One optimizer step per support volume; its crops go through in micro-batches whose gradients add
+            # up to the whole batch's (the loss is a mean over crops).
+            for first in range(0, len(slices), micro):
+                part = slices[first : first + micro]
+                x = torch.stack([torch.from_numpy(np.asarray(sources[i][s], dtype=np.float32)) for s in part])
+                if not cached and training.intensity_shift_prob:
+                    x = torch.stack([torch.as_tensor(shift(crop)) for crop in x])
+                y = torch.stack([torch.from_numpy(supports[i].target[s].astype(np.float32)) for s in part])
+                x, y = x.to(device, memory_format=layout), y.to(device)
+                with precision.autocast():
+                    logits = adapted.head_forward(x) if cached else adapted(x)
+                share = loss_fn(logits.float(), y, torch.ones(y.shape[:2], device=device)).total
+                share = share * len(part) / len(slices)
+                if not torch.isfinite(share):
+                    raise NonFiniteWeights(f"non-finite loss in epoch {epoch + 1} on support '{supports[i].case.id}'; "
+                                           "nothing of this run was saved")
+                precision.scaler.scale(share).backward()
+                loss += share.item()
+            precision.step(optimizer)
+            scheduler.step()
+            losses.append(loss)
+        if ti is not None:
+            transductive_step(adapted, optimizer, precision, *ti)
+        stopped = stopper.should_stop(float(np.mean(losses)))
+        if stopped:
+            log.info(f"early stop after epoch {epoch + 1} ({(epoch + 1) * per_epoch} steps): loss plateau at "
+                     f"{stopper.losses[-1]:.4f}")
+    for part in (adapted.trunk, adapted.head):
+        part.to(memory_format=torch.contiguous_format)
+    adapted.eval()
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng.get_state(),
+             "pending": list(pending)}
+    return TrainResult(stopper.losses, stopped, state)
+
+
+def transductive_step(adapted: AdaptedModel, optimizer: torch.optim.Optimizer, precision: MixedPrecision,
+                      settings: TransductiveConfig, pooled: torch.Tensor, proportions: list[float]) -> None:
+    """One step on lam * L_TI: the predicted soft size of each structure on the (pooled) query features against
+    its expected proportion; no step when every size lies inside its band."""
+    predicted = torch.sigmoid(adapted.head_forward(pooled)).mean(dim=(0, 2, 3, 4))
+    penalty = torch.stack([size_constraint_loss(predicted[k], s, settings.gamma, settings.form)
+                           for k, s in enumerate(proportions)]).mean()
+    if penalty.item() > 0:
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(settings.lam * penalty).backward()
+        precision.step(optimizer)
