@@ -158,7 +158,7 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
     if training.activation_checkpointing and not cached and not enable_activation_checkpointing(adapted):
         log.warning("training.activation_checkpointing: this network offers none; training without it")
     stopped = bool(resume and resume.stopped)
-    for epoch in range(len(stopper.losses), until or training.epochs):
+    for epoch in range(len(stopper.losses), training.epochs if until is None else until):
         if stopped:
             break
         adapted.set_train_mode()

@@ -172,7 +172,7 @@ class Predictor:
     def model_space_probabilities(self, data: dict, network: Network | FrozenBackbone | None = None) -> torch.Tensor:
         """Sigmoid probabilities (K, *model grid, float16) of a preprocessed ``data[IMAGE]`` (by default with
         ``self.network``)."""
-        network = network or self.network
+        network = network if network is not None else self.network
         image = data[IMAGE]
         if isinstance(network, FrozenBackbone):
             return self.head_probabilities(self.stitched_features(image, network), network.heads)
