@@ -23,7 +23,7 @@ from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, nifti_stem, s
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
 from fsseg.errors import DataError
 from fsseg.data.transforms import Preprocessing
-from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, Network, Predictor
+from fsseg.inference.predictor import RECORDED, FrozenBackbone, InferenceSettings, Network, Predictor
 from fsseg.templates import expand_structures
 from fsseg.viz import overlay_png, pyplot
 from fsseg.training.runtime import DEVICES, resolve_device
@@ -98,7 +98,7 @@ class Model:
 
 
 def build_model(checkpoint: str, adapters: Sequence[str] | None, organs: Sequence[str] | None,
-                  device: torch.device) -> Model:
+                device: torch.device) -> Model:
     """The network from image windows to the logits of the requested structures.
 
     Without adapters: the checkpoint's own head. With adapters: each adapter's structures; when every adapter
@@ -143,7 +143,7 @@ def build_model(checkpoint: str, adapters: Sequence[str] | None, organs: Sequenc
 
 def inference_settings(args: argparse.Namespace, recorded: dict) -> InferenceSettings:
     """The command's settings; those it leaves unset come from the adapters' record, then the defaults."""
-    given = {"overlap": args.overlap, "amp": args.amp, "cpu_bf16": args.cpu_bf16}
+    given = {name: getattr(args, name) for name in RECORDED}
     chosen = {name: value if value is not None else recorded.get(name) for name, value in given.items()}
     return InferenceSettings(sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
                              **{name: value for name, value in chosen.items() if value is not None})
