@@ -107,6 +107,23 @@ def check_voxel_stride(adapted: AdaptedModel, training: TrainingConfig, method: 
                           "use a smaller crop_size instead")
 
 
+def crop_batch(source: np.ndarray, crops: list[tuple[slice, ...]], layout: torch.memory_format,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``crops`` of a (C, X, Y, Z) array as one batch of ``dtype`` in ``layout``, each crop converted and laid
+    out in one copy by torch (numpy's float16 conversion and a separate stack and layout change took 0.3 s of a
+    0.4 s linear-probe step on SwinUNETR-48 features)."""
+    blocks = []
+    for index in crops:
+        *lead, last = index
+        # A strided crop reads the last axis whole (contiguous runs of the memory map) and subsamples it after.
+        block = torch.from_numpy(np.array(source[(*lead, slice(last.start, last.stop))]))
+        blocks.append(block[..., :: last.step or 1])
+    batch = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, memory_format=layout)
+    for out, block in zip(batch, blocks):
+        out.copy_(block)
+    return batch
+
+
 def train(adapted: AdaptedModel, supports: list[Support], run: Source, training: TrainingConfig, seed: int,
           until: int | None = None, ti: tuple[TransductiveConfig, torch.Tensor, list[float]] | None = None,
           resume: TrainResult | None = None, use_feature_cache: bool | None = None) -> TrainResult:
@@ -152,6 +169,8 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
     precision = MixedPrecision(device, cpu_bf16=training.cpu_bf16)
     # Convolutions over cached features run 1.2x faster channels-last on the CPU; inference stays contiguous.
     layout = torch.channels_last_3d if cached else torch.contiguous_format
+    # Cached features go in at the autocast precision: the convolutions would cast them to it anyway.
+    features_dtype = (precision.dtype or torch.float32) if cached else torch.float32
     for part in (adapted.trunk, adapted.head):
         part.to(memory_format=layout)
     micro = training.micro_batch or training.crops_per_volume
@@ -171,11 +190,11 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
             # up to the whole batch's (the loss is a mean over crops).
             for first in range(0, len(slices), micro):
                 part = slices[first : first + micro]
-                x = torch.stack([torch.from_numpy(np.asarray(sources[i][s], dtype=np.float32)) for s in part])
+                x = crop_batch(sources[i], part, layout, features_dtype)
                 if not cached and training.intensity_shift_prob:
                     x = torch.stack([torch.as_tensor(shift(crop)) for crop in x])
                 y = torch.stack([torch.from_numpy(supports[i].target[s].astype(np.float32)) for s in part])
-                x, y = x.to(device, memory_format=layout), y.to(device)
+                x, y = x.to(device), y.to(device)
                 with precision.autocast():
                     logits = adapted.head_forward(x) if cached else adapted(x)
                 share = loss_fn(logits.float(), y, torch.ones(y.shape[:2], device=device)).total
