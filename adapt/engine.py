@@ -79,6 +79,10 @@ class Adaptation:
         else:
             log.info(f"heads: fresh rows for {', '.join(self.organs)} (the checkpoint's head was not trained: "
                      "it was imported without one)")
+        if not self.base.decoder_trained:
+            log.warning("warning: the checkpoint's decoder was never trained (an encoder imported alone): methods "
+                        "that keep it frozen read features of initial decoder weights; train it first with "
+                        "fsseg-pretrain (model.init: this checkpoint, model.freeze: [encoder])")
         self.targets = Template("targets", tuple(self.organs), tuple(range(1, len(self.organs) + 1)))
         self.pool, self.tests = self._pools(self.datalist)
         self.settings = {m: self._method_settings(m) for m in config.methods}

@@ -150,6 +150,11 @@ def head_trained(payload: dict) -> bool:
     return bool(payload.get("head_trained", True))
 
 
+def decoder_trained(payload: dict) -> bool:
+    """False for a checkpoint imported from an encoder published alone (its decoder is initialisation)."""
+    return bool(payload.get("decoder_trained", True))
+
+
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str):
     """``load_state_dict(strict=False)`` with a tensor of the wrong shape reported as one line.
 
@@ -178,6 +183,7 @@ def model_from_checkpoint(payload: dict, source: str = "checkpoint") -> Segmenta
                         f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected tensors, "
                         f"e.g. {(result.missing_keys or result.unexpected_keys)[0]})")
     model.head_trained = head_trained(payload)
+    model.decoder_trained = decoder_trained(payload)
     return model
 
 

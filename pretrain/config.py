@@ -7,14 +7,28 @@ from dataclasses import dataclass, field
 from fsseg.config import ranged
 from fsseg.data.transforms import Augmentation, Preprocessing
 from fsseg.errors import ConfigError
+from fsseg.models.base import BLOCK_GROUPS
 
 
 @dataclass
 class ModelConfig:
-    """A registered model (``fsseg.models.list_models()``) and keyword arguments for it."""
+    """A registered model (``fsseg.models.list_models()``) and keyword arguments for it.
+
+    ``init``: an fsseg checkpoint to start from (e.g. an encoder imported with fsseg-import-checkpoint); its model
+    and preprocessing must be the config's. ``freeze``: block groups that keep their weights (``[encoder]``
+    trains the decoder and head of a published encoder).
+    """
 
     name: str = "swinunetr"
     kwargs: dict = field(default_factory=dict)
+    init: str | None = None
+    freeze: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = [g for g in self.freeze if g not in BLOCK_GROUPS or g == "head"]
+        if unknown:
+            raise ConfigError(f"model.freeze: unknown block group(s) {', '.join(map(str, unknown))}; expected some "
+                              f"of {', '.join(g for g in BLOCK_GROUPS if g != 'head')}")
 
 
 @dataclass
@@ -25,6 +39,9 @@ class DataConfig:
     data_root: str | None = None
     cache: bool = True
     cache_dir: str | None = None  # default: <out>/cache
+    # With model.freeze: [encoder] on a model that splits at its encoder (i3resnet), compute the encoder's
+    # features once per scan and train on crops of them (no augmentation but the crop); false: run it every step.
+    encoder_cache: bool = True
 
 
 @dataclass

@@ -4,6 +4,10 @@ Data lists -> cached preprocessing + random crops -> uniform-over-datasets sampl
 Dice + BCE -> AdamW with warm-up and cosine decay. Rank 0 writes checkpoints (atomically), TensorBoard
 events, ``train.log`` and ``summary.json``. Every epoch re-seeds the sampler and the random transforms from
 (seed, epoch, rank), so a run resumed from a checkpoint continues exactly as an uninterrupted one would.
+
+A run can start from a checkpoint (``model.init``) with block groups frozen (``model.freeze``); with the encoder
+frozen on a network that splits there, the crops are read from encoder features cached per scan
+(:mod:`pretrain.encoder_features`).
 """
 
 from __future__ import annotations
@@ -23,19 +27,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fsseg.checkpoint import NonFiniteWeights, read_checkpoint, rng_state, save_checkpoint, set_rng_state, versions
+from fsseg.checkpoint import (NonFiniteWeights, head_trained, load_weights, read_checkpoint, rng_state,
+                              save_checkpoint, set_rng_state, sha256_file, versions)
 from fsseg.config import to_dict
-from fsseg.data.cache import cached_dataset
+from fsseg.data.cache import cached_dataset, content_hash
 from fsseg.data.datalist import load_datalist
 from fsseg.data.io import atomic_path
-from fsseg.data.transforms import IMAGE, LABEL, TASK_MASK, case_item, train_transforms
+from fsseg.data.transforms import IMAGE, LABEL, TASK_MASK, case_item, inference_transforms, train_transforms
 from fsseg.errors import ConfigError
 from fsseg.losses import PartialLabelLoss
-from fsseg.models import check_roi, create_model
+from fsseg.models import SegmentationModel, check_roi, create_model
 from fsseg.outputs import prepare_output_dir
 from fsseg.templates import Template, load_template
+from fsseg.training.freezing import freeze_groups, train_trainable_parts
 from fsseg.training.runtime import MixedPrecision, Runtime, seed_everything
 from pretrain.config import PretrainConfig
+from pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset, splits_at_encoder
 
 log = logging.getLogger("fsseg.pretrain")
 # What a checkpoint must hold to continue training from it.
@@ -76,8 +83,10 @@ class RunPaths:
         return self.out / "tensorboard"
 
 
-def build_dataset(cfg: PretrainConfig, template: Template, out: Path) -> tuple[Dataset, list[float], list[str]]:
-    """The training cases of every list, with their sampling weights and a line per dataset for the log."""
+def build_dataset(cfg: PretrainConfig, template: Template, out: Path,
+                  frozen_encoder: SegmentationModel | None = None) -> tuple[Dataset, list[float], list[str]]:
+    """The training cases of every list, with their sampling weights and a line per dataset for the log; with
+    ``frozen_encoder``, crops of its features cached per scan."""
     if not cfg.data.lists:
         raise ConfigError("no data lists: set data.lists in the config or pass --data-list")
     items, weights, lines = [], [], []
@@ -93,13 +102,43 @@ def build_dataset(cfg: PretrainConfig, template: Template, out: Path) -> tuple[D
         weights += [1.0 / len(cases) if cfg.sampling.uniform_datasets else 1.0] * len(cases)
         note = f"; not in the template: {', '.join(outside)}" if outside else ""
         lines.append(f"{datalist.name}: {len(cases)} train cases, annotates {', '.join(inside)}{note}")
+    fingerprint = json.dumps([cfg.preprocessing.to_dict(), template.to_dict()], sort_keys=True)
+    cache_dir = Path(cfg.data.cache_dir or out / "cache")
+    if frozen_encoder is not None:
+        scans = cached_dataset(items, inference_transforms(cfg.preprocessing, (IMAGE, LABEL), template), cache_dir,
+                               fingerprint)
+        keys = [content_hash(fingerprint)(item).decode() for item in items]
+        encoder_key = json.dumps([sha256_file(cfg.model.init) if cfg.model.init else f"seed {cfg.seed}",
+                                  frozen_encoder.arch])
+        aug = cfg.augmentation
+        dataset = EncoderFeatureDataset(scans, keys, frozen_encoder, encoder_key, cache_dir / "encoder_features",
+                                        cfg.preprocessing.roi, aug.crops_per_volume, aug.pos, aug.neg, len(template))
+        return dataset, weights, lines
     transform = train_transforms(cfg.preprocessing, template, cfg.augmentation)
-    if cfg.data.cache:
-        fingerprint = json.dumps([cfg.preprocessing.to_dict(), template.to_dict()], sort_keys=True)
-        dataset = cached_dataset(items, transform, cfg.data.cache_dir or out / "cache", fingerprint)
-    else:
-        dataset = Dataset(items, transform)
+    dataset = cached_dataset(items, transform, cache_dir, fingerprint) if cfg.data.cache else Dataset(items, transform)
     return dataset, weights, lines
+
+
+def start_from(model: SegmentationModel, cfg: PretrainConfig, template: Template) -> None:
+    """Load ``model.init``'s weights; its head only when trained for the same template (else it starts fresh).
+
+    Raises:
+        ConfigError: the checkpoint holds another model or was made for other preprocessing.
+    """
+    init = cfg.model.init
+    payload = read_checkpoint(init)
+    if payload["arch"] != model.arch:
+        raise ConfigError(f"model.init {init} holds model {payload['arch']}, the config asks for {model.arch}; set "
+                          f"model.name (and model.kwargs) to the checkpoint's")
+    if payload["preprocessing"] != cfg.preprocessing.to_dict():
+        raise ConfigError(f"model.init {init} was made for preprocessing {payload['preprocessing']}; set the "
+                          f"config's preprocessing to it (it has {cfg.preprocessing.to_dict()})")
+    state = dict(payload["state_dict"])
+    if not head_trained(payload) or payload["template"] != template.to_dict():
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        log.info(f"model.init {init}: a fresh head for template '{template.name}'")
+    load_weights(model, state, str(init))
+    log.info(f"model.init: started from {init}")
 
 
 def _check_resumable(payload: dict, model_arch: dict, template: Template, cfg: PretrainConfig, source: Path) -> None:
@@ -130,10 +169,22 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     if runtime.is_main:
         prepare_output_dir(out, "--out")
         _log_to_file(paths.log)
+    if cfg.model.init and payload is None:
+        start_from(model, cfg, template)
+    trainable = freeze_groups(model, cfg.model.freeze)
+    cached = "encoder" in cfg.model.freeze and cfg.data.encoder_cache and splits_at_encoder(model)
+    if cfg.model.freeze:
+        log.info(f"frozen: {', '.join(cfg.model.freeze)}; {trainable:,} parameters train"
+                 + ("; crops read the encoder's features, cached per scan" if cached else ""))
     runtime.barrier()  # the cache folder exists before other ranks use it
-    dataset, weights, lines = build_dataset(cfg, template, out)
+    dataset, weights, lines = build_dataset(cfg, template, out, model if cached else None)
     for line in lines:
         log.info(line)
+    if cached:
+        if runtime.is_main:
+            for index in tqdm(range(len(dataset)), desc="encoder features", unit="scan", disable=not progress):
+                dataset.prepare(index)
+        runtime.barrier()
 
     volumes = cfg.sampling.volumes_per_epoch or len(weights)
     generator = torch.Generator()
@@ -144,7 +195,8 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.num_workers)
     steps_per_epoch = len(loader)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
                                      t_total=cfg.optim.epochs * steps_per_epoch)
     precision = MixedPrecision(runtime.device, enabled=cfg.amp)
@@ -171,7 +223,8 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
             tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if start_epoch >= cfg.optim.epochs:
         log.info(f"nothing to do: {start_epoch} epochs done, optim.epochs is {cfg.optim.epochs} (raise it to continue)")
-    network = DistributedDataParallel(model) if runtime.distributed else model
+    trained = DecoderHead(model) if cached else model
+    network = DistributedDataParallel(trained) if runtime.distributed else trained
     writer = SummaryWriter(str(paths.tensorboard)) if runtime.is_main else None
     log.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {runtime.device}"
              f" x{runtime.world_size}" + (f" (process group: {runtime.backend})" if runtime.distributed else "")
@@ -182,9 +235,10 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
         epoch_seed = cfg.seed * 1_000_003 + epoch
         sampler.set_epoch(epoch)
         generator.manual_seed(epoch_seed * runtime.world_size + runtime.rank)
-        dataset.transform.set_random_state(seed=(epoch_seed * runtime.world_size + runtime.rank) % 2**32)
+        random_state = (epoch_seed * runtime.world_size + runtime.rank) % 2**32
+        (dataset if cached else dataset.transform).set_random_state(seed=random_state)
         torch.manual_seed(epoch_seed * runtime.world_size + runtime.rank)
-        network.train()
+        train_trainable_parts(network)
         totals = torch.zeros(2, dtype=torch.float64)  # loss sum, batches
         channel_sums = torch.zeros(len(template), dtype=torch.float64)
         channel_batches = torch.zeros(len(template), dtype=torch.float64)
@@ -193,12 +247,12 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
         tick = time.perf_counter()
         for batch in bar:
             loaded = time.perf_counter()
-            images = batch[IMAGE].to(runtime.device)
+            inputs = [s.to(runtime.device) for s in batch[SKIPS]] if cached else batch[IMAGE].to(runtime.device)
             targets = batch[LABEL].to(runtime.device)
             masks = batch[TASK_MASK].to(runtime.device)
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
-                logits = network(images)
+                logits = network(inputs)
             result = loss_fn(logits, targets, masks)
             if not scaler.is_enabled() and not torch.isfinite(result.total):  # else the scaler skips the step
                 raise NonFiniteWeights(f"non-finite loss at epoch {epoch + 1}, step {step + 1} (cases "

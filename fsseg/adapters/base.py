@@ -19,6 +19,7 @@ from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel
 from fsseg.models.base import new_head
 from fsseg.templates import Template, canonical_name
+from fsseg.training.freezing import train_trainable_parts
 
 
 class AdaptedModel(nn.Module):
@@ -69,10 +70,7 @@ class AdaptedModel(nn.Module):
 
     def set_train_mode(self) -> None:
         """Train mode only for modules that hold trainable parameters; frozen parts stay in eval mode."""
-        self.train()
-        for module in self.modules():
-            if not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+        train_trainable_parts(self)
 
 
 def init_head_from_template(adapted: AdaptedModel, template: Template) -> list[str]:

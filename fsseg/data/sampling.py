@@ -35,12 +35,15 @@ class CropSampler:
     classify each voxel on its own (a linear probe on cached features). With ``body`` (the preprocessed image,
     (1, X, Y, Z), scaled so that the HU window's floor is 0), negative centres lie where it is above 0, as
     MONAI's ``RandCropByPosNegLabeld(image_threshold=0)`` draws them: inside the body, not in air or padding.
+    With ``align`` (voxels per axis), crops start at multiples of it: where features computed at a coarser
+    stride line up with the crop.
     """
 
     def __init__(self, label: np.ndarray, crop: Sequence[int], pos: float = 1.0, neg: float = 1.0,
-                 stride: int = 1, body: np.ndarray | None = None) -> None:
+                 stride: int = 1, body: np.ndarray | None = None, align: Sequence[int] | None = None) -> None:
         if stride < 1:
             raise ValueError(f"stride must be at least 1, got {stride}")
+        self.align = tuple(align) if align is not None else (1,) * (label.ndim - 1)
         self.shape = tuple(label.shape[1:])
         self.crop = tuple(min(c, s) for c, s in zip(crop, self.shape))
         self.pos_ratio = pos / (pos + neg)
@@ -53,7 +56,7 @@ class CropSampler:
         )
         out = []
         for centre in centres:
-            starts = [int(c) - s // 2 for c, s in zip(centre, self.crop)]
+            starts = [(int(c) - s // 2) // a * a for c, s, a in zip(centre, self.crop, self.align)]
             offsets = rng.randint(self.stride, size=len(starts)) if self.stride > 1 else [0] * len(starts)
             out.append((slice(None),) + tuple(slice(a + o, a + s, self.stride)
                                               for a, o, s in zip(starts, offsets, self.crop)))

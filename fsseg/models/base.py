@@ -53,7 +53,8 @@ class SegmentationModel(nn.Module):
         arch: ``{"name": ..., "kwargs": ...}``, enough to rebuild the model from a checkpoint.
 
     ``model.features(x)`` and ``model.head(f)`` are public: adaptation trains new heads and adapters on them.
-    ``head_trained`` is False for a backbone imported without its head: its rows are initialisation, not a model.
+    ``head_trained`` is False for a backbone imported without its head: its rows are initialisation, not a model;
+    ``decoder_trained`` is False for an encoder imported alone.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class SegmentationModel(nn.Module):
         self.blocks = {group: tuple(names) for group, names in blocks.items()}
         self.arch = arch
         self.head_trained = True
+        self.decoder_trained = True
         for module in backbone.modules():
             # MONAI's Swin attention through torch's fused kernel when no gradient is taken (inference, feature
             # extraction): the same values (to 1e-6 here) 1.2x faster on the CPU; training keeps the plain path.

@@ -15,6 +15,7 @@ from torch import nn
 
 from fsseg.errors import ConfigError
 from fsseg.models.base import SegmentationModel
+from fsseg.models.i3resnet import ENCODER_MODULES, I3ResNetUNet
 from fsseg.models.unet3d import UNet3D
 
 
@@ -90,6 +91,10 @@ def _unet3d() -> tuple[nn.Module, int]:
     return UNet3D(), 64
 
 
+def _i3resnet_unet(decoder_channels: list[int], **kwargs) -> tuple[nn.Module, int]:
+    return I3ResNetUNet(decoder_channels=decoder_channels, **kwargs), int(decoder_channels[-1])
+
+
 _SWIN_BLOCKS = {
     "encoder": ["swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
     "decoder": ["decoder5", "decoder4", "decoder3", "decoder2", "decoder1"],
@@ -110,6 +115,19 @@ register_model("unet3d", _unet3d, {}, {
     "bottleneck": ["down_tr512"],
 }, "Models-Genesis 3D U-Net (19M parameters; the SuPreM / CLIP-Driven UNet backbone), 64 feature channels. "
    "Spatial sizes must be divisible by 8.", roi_multiple=8)
+register_model("i3resnet152", _i3resnet_unet,
+               {"layers": [3, 8, 36, 3], "widths": [64, 128, 256, 512], "decoder_channels": [256, 128, 64, 32, 32]}, {
+                   "encoder": list(ENCODER_MODULES),
+                   "decoder": [f"{kind}{level}" for level in range(4, -1, -1) for kind in ("skip", "decoder")],
+                   "last_decoder_block": ["decoder0"],
+                   "bottleneck": ["layer4"],
+               }, "Merlin's I3ResNet-152 CT encoder (117.5M parameters; its weights load with fsseg-import-checkpoint "
+               "--format merlin/astra) with a U-Net decoder, 32 feature channels. X and Y must be multiples of 32, "
+               "Z of 16 (sizes are checked as multiples of 32).", roi_multiple=32)
+register_model("i3resnet_tiny", _i3resnet_unet,
+               {"layers": [1, 1, 1, 1], "widths": [8, 8, 16, 16], "decoder_channels": [16, 16, 8, 8, 8]},
+               _REGISTRY["i3resnet152"].blocks, "The I3ResNet U-Net with one narrow block per stage (0.1M parameters), "
+               "for tests.", roi_multiple=32)
 register_model("swinunetr", _swinunetr, {"feature_size": 48}, _SWIN_BLOCKS,
                "MONAI SwinUNETR, feature_size 48 (62M parameters; the FSEFT/CLIP-Driven backbone). Spatial sizes "
                "must be divisible by 32.", roi_multiple=32)
