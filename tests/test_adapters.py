@@ -1,5 +1,8 @@
 """Adaptation methods: what each trains, identity at start, artifacts, TI loss, support sampling."""
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +241,48 @@ def test_organ_size_prior_uses_largest_component_and_trims():
     assert organ_size_prior([mask(400)]) == 400
     sizes = [400, 500, 600, 500, 1900]
     assert organ_size_prior([mask(s) for s in sizes]) == pytest.approx(np.mean([400, 500, 600, 500]))
+
+
+class SyntheticRun:
+    """What the training loop reads of a run, over one synthetic scan the size of one window."""
+
+    def __init__(self, base) -> None:
+        self.device, self.pre = torch.device("cpu"), Preprocessing(roi=(64, 64, 32))
+        self.base = base
+
+    def features(self, support):
+        with torch.no_grad():
+            return self.base.features(support.image[None])[0].to(torch.float16).numpy()
+
+
+@pytest.fixture(scope="module")
+def i3resnet():
+    """A network with batch norm: a frozen norm left in train mode would move its running statistics."""
+    torch.manual_seed(0)
+    return create_model("i3resnet_tiny", num_classes=len(TEMPLATE)).eval()
+
+
+@pytest.mark.parametrize("model, method", [("swin", m) for m in sorted(list_methods())]
+                         + [("i3resnet", m) for m in ("lp", "adapter", "ft-last", "bias", "affine-ln")])
+def test_training_changes_only_the_parameters_a_method_trains(request, model, method):
+    from adapt.config import TrainingConfig
+    from adapt.training import Support, train
+
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((1, 64, 64, 32), dtype=np.float32))
+    target = np.zeros((1, 64, 64, 32), np.uint8)
+    target[0, 20:40, 24:44, 8:24] = 1
+    support = Support(Case("s", Path("s.nii.gz")), image, target, "s")
+    base = copy.deepcopy(request.getfixturevalue(model))
+    adapted = adapt_model(base, TEMPLATE, ["liver"], method)
+    before = {n: t.clone() for n, t in adapted.state_dict().items()}
+    # What may change: the trained parameters, and the statistics of a norm whose own affine parameters train.
+    trained = trainable_names(adapted) | {
+        f"{name}.{buffer}" for name, module in adapted.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False)) for buffer, _ in module.named_buffers(recurse=False)}
+    # Weight decay and a large step: every trained tensor moves, so a frozen one that moved would show.
+    train(adapted, [support], SyntheticRun(base), TrainingConfig(lr=1e-1, weight_decay=0.1, epochs=2, warmup_epochs=0,
+                                                                 steps_per_epoch=1, crops_per_volume=1, crop_size=None),
+          seed=0)
+    changed = {n for n, t in adapted.state_dict().items() if not torch.equal(t, before[n])}
+    assert changed and changed <= trained, sorted(changed - trained)[:5]
