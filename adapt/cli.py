@@ -10,6 +10,7 @@ from typing import Sequence
 from fsseg.adapters import list_methods
 from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
 from fsseg.config import load_config
+from fsseg.errors import ConfigError
 from fsseg.outputs import check_outputs, prepare_output_dir
 from fsseg.training.runtime import resolve_device, seed_everything
 from adapt.config import AdaptConfig
@@ -43,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="keep the (method, K, seed) runs that OUT/results.json already holds for the same "
                         "checkpoint, data list, structures and method settings; run only the rest")
+    sweep = parser.add_argument_group(
+        "sweeps over several machines",
+        "Split the (method, K, seed) runs into P disjoint parts (e.g. a SLURM array: --num-parts 8 --part-id "
+        "$SLURM_ARRAY_TASK_ID --out runs/sweep/part$SLURM_ARRAY_TASK_ID), then combine them: fsseg-adapt --merge "
+        "runs/sweep/part* --out runs/sweep/all. Every run is seeded from its own identity, so the merged results "
+        "equal one run of the whole sweep.")
+    sweep.add_argument("--num-parts", type=int, default=1, metavar="P", help="parts the sweep is split into")
+    sweep.add_argument("--part-id", type=int, default=0, metavar="I", help="which part this is, 0..P-1")
+    sweep.add_argument("--merge", nargs="+", metavar="DIR",
+                       help="merge the parts' run directories into --out (nothing is trained)")
     add_run_arguments(parser, "ti.gamma=0.5")
     add_common_arguments(parser)
     return parser
@@ -50,7 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     from adapt.engine import run_adaptation  # torch-heavy: after --help and argument errors
+    from adapt.merge import merge_parts
 
+    if not 0 <= args.part_id < args.num_parts:
+        raise ConfigError(f"--part-id must lie in 0..{args.num_parts - 1} (--num-parts {args.num_parts}), "
+                          f"got {args.part_id}")
+    if args.merge:
+        out = Path(args.out)
+        check_outputs([out / name for name in RUN_FILES], [Path(d) / "results.json" for d in args.merge],
+                      option="--out")
+        prepare_output_dir(out, "--out")
+        merge_parts([Path(d) for d in args.merge], out)
+        print(f"merged {len(args.merge)} part(s): {out / 'results.csv'}, {out / 'results.json'}")
+        return 0
     overrides = list(args.overrides)
     for key, value in (("checkpoint", args.checkpoint), ("data_list", args.data_list), ("data_root", args.data_root),
                        ("organs", args.organ), ("shots", args.shots), ("methods", args.method),
@@ -64,7 +87,7 @@ def _command(args: argparse.Namespace) -> int:
     prepare_output_dir(out, "--out")
     seed_everything(0)
     run_adaptation(config, out, resolve_device(args.device), progress=not args.no_progress,
-                   resume=args.resume)
+                   resume=args.resume, part=(args.part_id, args.num_parts))
     print(f"results: {out / 'results.csv'}, {out / 'results.json'}; adapters in {out / 'adapters'}")
     return 0
 

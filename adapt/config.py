@@ -139,6 +139,11 @@ class AdaptConfig:
             if repeated:  # each (method, K, seed) run would be trained and counted more than once
                 raise ConfigError(f"{key} lists {', '.join(repeated)} more than once")
 
+    def jobs(self) -> list[tuple[int, int, str]]:
+        """Every (seed, K, method) run, in the order they run; part I of a sweep in P parts takes every P-th from
+        the I-th."""
+        return [(seed, shots, method) for seed in range(self.seeds) for shots in self.shots for method in self.methods]
+
 
 def method_settings_file(folder: str | Path, method: str) -> Path:
     """``<folder>/<method>.yaml``, ``configs/...`` folders falling back to the shipped ones.

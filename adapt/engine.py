@@ -43,7 +43,7 @@ from fsseg.metrics import score_structure
 from fsseg.templates import Template, expand_structures
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
 from adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
-from adapt.results import finished_runs, format_table, results_table, write_results
+from adapt.results import finished_runs, format_table, results_table, run_header, write_results
 from adapt.training import Support, check_voxel_stride, train
 
 log = logging.getLogger("fsseg.adapt")
@@ -194,11 +194,13 @@ def size_targets(supports: list[Support], query: Query) -> list[float]:
 
 
 def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progress: bool = True,
-                   resume: bool = False) -> dict:
-    """Every (method, K, seed); writes results.json, results.csv and adapter files under ``out``.
+                   resume: bool = False, part: tuple[int, int] = (0, 1)) -> dict:
+    """Every (method, K, seed), or part ``part`` = (I, P) of them; writes results.json, results.csv and adapter
+    files under ``out``.
 
     With ``resume``, the runs that ``out/results.json`` already holds for the same inputs and method settings
-    are kept instead of being run again.
+    are kept instead of being run again. Each run is seeded from its own identity, so the parts of a sweep,
+    merged (``fsseg-adapt --merge``), equal one run of the whole.
     """
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -209,19 +211,22 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
     with atomic_path(out / "config.yaml") as tmp:  # only once the run is accepted: a refused --continue keeps it
         tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     rows: list[dict] = []
-    jobs = tqdm(total=config.seeds * len(config.shots) * len(config.methods), desc="adapt", unit="run",
-                disable=not progress, file=sys.stderr)
-    for seed in range(config.seeds):
-        for shots in config.shots:
+    mine = config.jobs()[part[0]::part[1]]
+    if part[1] > 1:
+        log.info(f"part {part[0]} of parts 0..{part[1] - 1}: {len(mine)} of the sweep's {len(config.jobs())} runs")
+    jobs = tqdm(total=len(mine), desc="adapt", unit="run", disable=not progress, file=sys.stderr)
+    header = run_header(run)
+    supports: dict[tuple[int, int], list[Support]] = {}
+    for seed, shots, method in mine:
+        if (seed, shots) not in supports:
             support_cases = sample_support(run.pool, shots, seed, ", ".join(run.organs))
-            supports = [run.support(c) for c in support_cases]
+            supports = {(seed, shots): [run.support(c) for c in support_cases]}  # one support set held at a time
             log.info(f"seed {seed}, K={shots}: support {', '.join(c.id for c in support_cases)}")
-            for method in config.methods:
-                jobs.set_postfix(method=method, K=shots, seed=seed)
-                kept = finished.pop((method, shots, seed), None)
-                rows += kept or adapt_one(run, method, shots, seed, supports)
-                write_results(out, rows, config, run, time.time() - started)
-                jobs.update()
+        jobs.set_postfix(method=method, K=shots, seed=seed)
+        kept = finished.pop((method, shots, seed), None)
+        rows += kept or adapt_one(run, method, shots, seed, supports[(seed, shots)])
+        write_results(out, rows, config, header, time.time() - started, part)
+        jobs.update()
     jobs.close()
     if finished:
         log.warning(f"results.json no longer lists earlier runs that were not asked for this time: "

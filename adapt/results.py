@@ -126,19 +126,27 @@ def best_adapter(rows: list[dict], out: Path, organs: list[str]) -> dict | None:
     return {"method": method, "shots": shots, "mean_dice": means[method], "adapter": str(path) if path.exists() else None}
 
 
-def write_results(out: Path, rows: list[dict], config: AdaptConfig, run: Adaptation, seconds: float) -> None:
+def run_header(run: Adaptation) -> dict:
+    """What results.json says of the inputs every row shares (compared by ``--continue`` and ``--merge``)."""
+    return {"checkpoint": run.config.checkpoint, "checkpoint_sha256": run.checkpoint_sha,
+            "data_list": run.config.data_list, "organs": run.organs, "evaluation_space": "native grid of each test case",
+            "signature": run_signature(run), "method_settings": method_signatures(run)}
+
+
+def write_results(out: Path, rows: list[dict], config: AdaptConfig, header: dict, seconds: float,
+                  part: tuple[int, int] = (0, 1)) -> None:
+    """results.csv and results.json (``header`` from :func:`run_header`, the table, the rows) under ``out``;
+    ``part`` = (part id, parts) of a sweep split over machines."""
     with atomic_path(out / "results.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=RESULT_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     table = results_table(rows, config)
     document = {
-        "best": best_adapter(rows, out, run.organs),
-        "checkpoint": config.checkpoint, "checkpoint_sha256": run.checkpoint_sha, "data_list": config.data_list,
-        "organs": run.organs, "evaluation_space": "native grid of each test case",
-        "signature": run_signature(run), "method_settings": method_signatures(run),
+        "best": best_adapter(rows, out, header["organs"]), **header,
         "table": {o: {m: {str(k): {"mean": v[0], "std": v[1]} for k, v in c.items()} for m, c in ms.items()}
                   for o, ms in table.items()},
+        "part": {"id": part[0], "of": part[1]},
         "rows": rows, "seconds": round(seconds, 1),
     }
     with atomic_path(out / "results.json") as tmp:

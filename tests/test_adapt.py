@@ -430,3 +430,28 @@ def test_transformer_methods_train_their_own_parameters(phantom_dir, swin_checkp
     assert fixed_crop_loss(adapted, supports, run, crops=2) < loss_before
     after = dict(adapted.named_parameters())
     assert sum(not torch.equal(value, after[name]) for name, value in before.items()) > 0.9 * len(before)
+
+
+def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir, tiny_checkpoint, tmp_path, capsys):
+    configs = write_method_configs(tmp_path / "configs", epochs=2)
+    sweep = ["--organ", "liver", "--shots", "1", "2", "--method", "lp", "adapter", "--seeds", "1"]
+    data = phantom_dir / "phantom_target.json"
+    assert main(adapt_args(tiny_checkpoint, data, tmp_path / "whole", configs, *sweep)) == 0
+    parts = [tmp_path / f"part{i}" for i in range(3)]  # 4 runs in 3 parts: uneven shares
+    for i, part in enumerate(parts):
+        assert main(adapt_args(tiny_checkpoint, data, part, configs, *sweep, "--num-parts", "3", "--part-id",
+                               str(i))) == 0
+    assert [len({(r["method"], r["shots"]) for r in read_rows(p)}) for p in parts] == [2, 1, 1]
+    capsys.readouterr()
+    assert main(["--merge", *map(str, parts[:2]), "--out", str(tmp_path / "merged")]) == 2
+    assert "1 run(s) of the sweep are in no part: lp K=2 seed 0" in capsys.readouterr().err
+    assert main(["--merge", *map(str, parts + parts[:1]), "--out", str(tmp_path / "merged")]) == 2
+    assert "is in both" in capsys.readouterr().err
+    assert main(["--merge", *map(str, parts), "--out", str(tmp_path / "merged")]) == 0
+    timing = ("train_seconds",)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    assert strip(read_rows(tmp_path / "merged")) == strip(read_rows(tmp_path / "whole"))
+    merged, whole = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("merged", "whole"))
+    assert merged["table"] == whole["table"] and merged["best"]["method"] == whole["best"]["method"]
+    assert sorted(p.name for p in (tmp_path / "merged" / "adapters").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole" / "adapters").iterdir())

@@ -1,0 +1,76 @@
+"""``fsseg-adapt --merge``: the parts of a sweep run on several machines (``--num-parts P --part-id I``) combined
+into the one set of results a single run of the whole sweep writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from adapt.config import AdaptConfig
+from adapt.results import format_table, results_table, write_results
+from fsseg.config import from_dict
+from fsseg.data.io import atomic_path
+from fsseg.errors import ConfigError
+
+# What every part must share: the inputs and the settings of its rows.
+SHARED = ("checkpoint_sha256", "data_list", "organs", "signature", "method_settings")
+
+
+def _read_part(folder: Path) -> tuple[dict, dict]:
+    results, config = folder / "results.json", folder / "config.yaml"
+    if not results.is_file() or not config.is_file():
+        raise ConfigError(f"--merge: {folder} holds no finished fsseg-adapt part (results.json and config.yaml)")
+    try:
+        return json.loads(results.read_text()), yaml.safe_load(config.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ConfigError(f"--merge: {folder} cannot be read ({error})") from None
+
+
+def merge_parts(folders: Sequence[Path], out: Path) -> dict:
+    """Check that the parts in ``folders`` belong to one sweep and together hold every run once; write the
+    merged results.json, results.csv and adapter files under ``out`` and print the table.
+
+    Raises:
+        ConfigError: a part is unreadable, comes from other inputs or settings, a run is in two parts, or runs
+            of the sweep are missing (naming them).
+    """
+    parts = [(Path(folder), *_read_part(Path(folder))) for folder in folders]
+    first_folder, first, config_data = parts[0]
+    for folder, document, config in parts[1:]:
+        differs = [key for key in SHARED if document.get(key) != first.get(key)]
+        if differs or config != config_data:
+            what = ", ".join(differs) or "config.yaml"
+            raise ConfigError(f"--merge: {folder} is not a part of the sweep in {first_folder} (its {what} differs)")
+    config = from_dict(AdaptConfig, config_data, "config.yaml")
+    order = {(method, shots, seed): i for i, (seed, shots, method) in enumerate(config.jobs())}
+    owner: dict[tuple[str, int, int], Path] = {}
+    rows = []
+    for folder, document, _ in parts:
+        for job in dict.fromkeys((r["method"], r["shots"], r["seed"]) for r in document["rows"]):
+            if job in owner:
+                raise ConfigError(f"--merge: {job[0]} K={job[1]} seed {job[2]} is in both {owner[job]} and {folder}")
+            owner[job] = folder
+        rows += document["rows"]
+    missing = [job for job in order if job not in owner]
+    if missing:
+        listed = ", ".join(f"{m} K={k} seed {s}" for m, k, s in missing[:6]) + (" ..." if len(missing) > 6 else "")
+        raise ConfigError(f"--merge: {len(missing)} run(s) of the sweep are in no part: {listed} (a part that failed "
+                          "or has not finished; run it, with --continue, and merge again)")
+    rows.sort(key=lambda r: order[(r["method"], r["shots"], r["seed"])])
+    (out / "adapters").mkdir(parents=True, exist_ok=True)
+    for folder, _, _ in parts:
+        for adapter in sorted((folder / "adapters").glob("*.pt")):
+            with atomic_path(out / "adapters" / adapter.name) as tmp:
+                shutil.copyfile(adapter, tmp)
+    header = {key: first[key] for key in ("checkpoint", "evaluation_space", *SHARED)}
+    write_results(out, rows, config, header, sum(float(p[1].get("seconds", 0)) for p in parts))
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config_data, sort_keys=False))
+    table = results_table(rows, config)
+    trainable = {r["method"]: (r["trainable_params"], r["total_params"]) for r in rows}
+    print(format_table(table, config, trainable))
+    return {"table": table, "rows": len(rows), "parts": len(parts)}
