@@ -80,3 +80,59 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert main(["btcv", "--root", str(tmp_path), "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert json.loads(out.read_text()) == {}
+
+
+def nnunet_dataset(root, shared_ct, labels_json=None):
+    """An nnU-Net raw dataset written from the real CT: two training cases (liver 1, spleen 2) and a test case."""
+    import nibabel as nib
+    import shutil
+
+    sources = {"ts_example_ct_sm": {5: 1, 1: 2}, "lidc_0001_abd_1p4mm": {5: 1, 1: 2}}
+    for i, (case, ids) in enumerate(sources.items()):
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_ct / "images" / f"{case}.nii.gz", root / "imagesTr" / f"liver_{i:03d}_0000.nii.gz")
+        label = nib.load(shared_ct / "labels" / f"{case}.nii.gz")
+        values = np.asanyarray(label.dataobj)
+        remapped = np.zeros(values.shape, np.uint8)
+        for source_id, target_id in ids.items():
+            remapped[values == source_id] = target_id
+        write_nifti(root / "labelsTr" / f"liver_{i:03d}.nii.gz", remapped, label.affine)
+    (root / "imagesTs").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shared_ct / "images" / "ts_example_dicom.nii.gz", root / "imagesTs" / "liver_100_0000.nii.gz")
+    meta = {"channel_names": {"0": "CT"}, "labels": labels_json or {"background": 0, "liver": 1, "spleen": 2},
+            "numTraining": 2, "file_ending": ".nii.gz", "name": "Liver from the shared CT"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_an_nnunet_raw_dataset_becomes_a_valid_list(tmp_path, shared_ct, capsys):
+    root = nnunet_dataset(tmp_path / "Dataset042_SharedLiver", shared_ct)
+    out = tmp_path / "liver.json"
+    assert main(["nnunet", "--root", str(root), "-o", str(out)]) == 0
+    assert "3 cases (2 train, 1 test)" in capsys.readouterr().out
+    datalist = load_datalist(out)
+    assert datalist.name == "Dataset042_SharedLiver" and datalist.label_map.structures == ["liver", "spleen"]
+    assert [(c.id, c.split, c.label is not None) for c in datalist.cases] == [
+        ("liver_000", "train", True), ("liver_001", "train", True), ("liver_100", "test", False)]
+    assert check.main([str(out), "--no-progress"]) == 0
+    meta = json.loads((root / "dataset.json").read_text())  # nnU-Net v1's Task format: id -> name
+    del meta["channel_names"]
+    meta.update(modality={"0": "CT"}, labels={"0": "background", "1": "liver", "2": "spleen"})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert main(["nnunet", "--root", str(root), "-o", str(tmp_path / "v1.json")]) == 0
+    assert load_datalist(tmp_path / "v1.json").label_map.structures == ["liver", "spleen"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"channel_names": {"0": "CT", "1": "PET"}}, "2 input channels"),
+    ({"labels": {"background": 0, "liver": [1, 2]}}, "region-based"),
+    ({"labels": {"background": 0, "liver": 1, "ignore": 3}}, "label 'ignore'"),
+    ({"file_ending": ".mha"}, "fsseg reads NIfTI"),
+])
+def test_nnunet_datasets_fsseg_cannot_read_are_one_line(tmp_path, shared_ct, capsys, change, message):
+    root = nnunet_dataset(tmp_path / "Dataset001_X", shared_ct)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps(meta | change))
+    assert main(["nnunet", "--root", str(root), "-o", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.json").exists()

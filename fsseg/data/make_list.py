@@ -10,6 +10,9 @@ images and labels lie); adding a dataset means adding a spec, not code. A layout
      "split": "train"}
 
 An optional ``split_csv`` ({"file", "id_column", "split_column", "delimiter"}) overrides splits per case.
+
+``nnunet`` reads a dataset in nnU-Net's raw layout instead (``DatasetXXX_Name/``: ``dataset.json``, ``imagesTr/``
+with channel ``_0000``, ``labelsTr/``, ``imagesTs/``): the spec is made from its ``dataset.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from fsseg.errors import ConfigError, DataError
 
 SPECS_ENV = "FSSEG_DATASET_SPECS"
 CSV_KEYS = ("file", "id_column", "split_column")
+NNUNET = "nnunet"
+NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 def specs_dir() -> Path:
@@ -43,6 +48,57 @@ def specs_dir() -> Path:
 
 def available_datasets() -> list[str]:
     return sorted(p.stem for p in specs_dir().glob("*.json"))
+
+
+def nnunet_spec(root: Path) -> dict:
+    """The spec of a dataset in nnU-Net's raw layout, from its ``dataset.json`` (nnU-Net v2, or v1's Task format:
+    ``modality`` and id -> name ``labels``).
+
+    Raises:
+        DataError: no or an unreadable dataset.json, more than one input channel, region-based labels, or files
+            that are not NIfTI.
+    """
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise DataError(f"{root}: no dataset.json (an nnU-Net raw dataset is the DatasetXXX_Name folder holding it)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: cannot read it ({error})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
+        raise DataError(f"{path}: no 'labels' object")
+    channels = meta.get("channel_names", meta.get("modality", {}))
+    if not isinstance(channels, dict) or len(channels) != 1:
+        raise DataError(f"{path}: {len(channels) if isinstance(channels, dict) else 'no'} input channels "
+                        f"({channels}); fsseg segments single-channel CT")
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in NIFTI_ENDINGS:
+        raise DataError(f"{path}: file_ending '{ending}'; fsseg reads NIfTI ({', '.join(NIFTI_ENDINGS)})")
+    label_map = {}
+    for key, value in meta["labels"].items():
+        # v2: name -> id (or a list of ids: a region); v1: id -> name
+        name, label = (value, key) if isinstance(value, str) and key.isdigit() else (key, value)
+        if name == "ignore":
+            raise DataError(f"{path}: label 'ignore' (voxels left unannotated) is not supported: fsseg would "
+                            "train on them as background")
+        if isinstance(label, (list, tuple)):
+            raise DataError(f"{path}: label '{name}' is region-based ({label}); fsseg reads one id per structure")
+        try:
+            label_map[str(int(label))] = str(name)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: label '{name}' has id {label!r}, not an integer") from None
+    suffix = re.escape("_0000" + ending) + "$"
+    layouts = [{"image_glob": f"imagesTr/*_0000{ending}", "id_pattern": rf"imagesTr/(?P<id>.+){suffix}",
+                "label": f"labelsTr/{{id}}{ending}", "split": "train"},
+               {"image_glob": f"imagesTs/*_0000{ending}", "id_pattern": rf"imagesTs/(?P<id>.+){suffix}",
+                "split": "test"}]
+    if (root / "labelsTs").is_dir():  # not part of nnU-Net's layout, but shipped by some datasets
+        layouts[1]["label"] = f"labelsTs/{{id}}{ending}"
+    spec = {"name": root.name, "description": str(meta.get("description") or meta.get("name") or
+                                                  f"nnU-Net raw dataset {root.name}"),
+            "label_map": label_map, "layouts": layouts}
+    _check_spec(spec, path)
+    return spec
 
 
 def load_spec(name_or_path: str) -> dict:
@@ -162,9 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fsseg-make-list",
         description="Scan a dataset's standard folder layout and write an fsseg data list (JSON). "
         "Then run fsseg-check-data on it.",
-        epilog=f"Known datasets (specs in {specs_dir()}): {', '.join(available_datasets())}",
+        epilog=f"Known datasets (specs in {specs_dir()}): {', '.join(available_datasets())}; and {NNUNET}. "
+        f"Example: fsseg-make-list {NNUNET} --root nnUNet_raw/Dataset003_Liver -o lists/liver.json",
     )
-    parser.add_argument("dataset", help="dataset name (see below) or path to a dataset spec JSON")
+    parser.add_argument("dataset", help="dataset name (see below), path to a dataset spec JSON, or 'nnunet' for a "
+                        "dataset in nnU-Net's raw layout (--root DatasetXXX_Name, read through its dataset.json)")
     parser.add_argument("--root", required=True, help="the dataset's folder, as downloaded/unpacked")
     parser.add_argument("-o", "--output", required=True, help="data list to write (LIST.json)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -173,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    spec = load_spec(args.dataset)
     root = Path(args.root).expanduser().resolve()
+    spec = nnunet_spec(root) if args.dataset == NNUNET else load_spec(args.dataset)
     output = Path(args.output)
     check_outputs([output], [args.dataset] if args.dataset.endswith(".json") else [])
     check_output_file(output, args.force)
