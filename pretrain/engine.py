@@ -173,6 +173,9 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
         start_from(model, cfg, template)
     trainable = freeze_groups(model, cfg.model.freeze)
     cached = "encoder" in cfg.model.freeze and cfg.data.encoder_cache and splits_at_encoder(model)
+    if cached and cfg.num_workers:
+        raise ConfigError("num_workers must be 0 with cached encoder features (each step only reads crops of "
+                          "memory-mapped files; workers would draw the same crops)")
     if cfg.model.freeze:
         log.info(f"frozen: {', '.join(cfg.model.freeze)}; {trainable:,} parameters train"
                  + ("; crops read the encoder's features, cached per scan" if cached else ""))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, source_lists
+from adapt.cli import main as adapt
+from conftest import REPO, source_lists, write_method_configs
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from fsseg.data.datalist import load_datalist
 from fsseg.data.transforms import IMAGE, LABEL, Preprocessing, case_item, inference_transforms
@@ -189,6 +190,14 @@ def test_pretraining_a_decoder_on_a_frozen_encoder_keeps_the_encoder_as_imported
     assert "frozen: encoder" in log and ("cached per scan" in log) == encoder_cache
     features = list((out / "cache" / "encoder_features").glob("*/done.json"))
     assert len(features) == (6 if encoder_cache else 0)  # the three sources' two training scans each
+    if encoder_cache:  # fsseg-adapt works on the result
+        configs = write_method_configs(tmp_path / "configs", epochs=2)
+        assert adapt(["--checkpoint", str(out / "checkpoint_latest.pt"), "--data-list",
+                      str(phantom_dir / "phantom_target.json"), "--out", str(tmp_path / "adapt"), "--organ",
+                      "gallbladder", "--shots", "1", "--method", "lp", "adapter", "--seeds", "1", "--no-progress",
+                      "--set", f"method_configs={configs}"]) == 0
+        rows = json.loads((tmp_path / "adapt" / "results.json").read_text())["rows"]
+        assert {r["method"] for r in rows} == {"lp", "adapter"}
 
 
 def test_cached_encoder_crops_line_up_with_the_encoder_run_on_the_crop(phantom_dir, tmp_path):
