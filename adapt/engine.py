@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from fsseg.adapters import AdaptedModel, adapt_model, get_method
-from fsseg.adapters.artifact import save_adapter
+from fsseg.adapters.artifact import SUFFIX, save_adapter
 from fsseg.adapters.feature_cache import FeatureStore
 from fsseg.checkpoint import load_model, sha256_file
 from fsseg.config import from_dict, to_dict
@@ -283,7 +283,7 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     ran = train(adapted, supports, run, training, seed).epochs
     seconds = time.time() - began
     if run.config.save_adapters:
-        name = f"{'+'.join(run.organs)}_{method}_k{shots}_s{seed}.pt"
+        name = f"{'+'.join(run.organs)}_{method}_k{shots}_s{seed}{SUFFIX}"
         save_adapter(run.out / "adapters" / name, adapted, method, options, run.config.checkpoint, run.pre,
                      {"shots": shots, "seed": seed, "support": support_ids.split(),
                       "inference": run.inference.record(), "compose": to_dict(settings.compose)})

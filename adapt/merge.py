@@ -12,6 +12,7 @@ import yaml
 
 from adapt.config import AdaptConfig
 from adapt.results import format_table, results_table, write_results
+from fsseg.adapters.artifact import SUFFIX
 from fsseg.config import from_dict
 from fsseg.data.io import atomic_path
 from fsseg.errors import ConfigError
@@ -63,7 +64,7 @@ def merge_parts(folders: Sequence[Path], out: Path) -> dict:
     rows.sort(key=lambda r: order[(r["method"], r["shots"], r["seed"])])
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     for folder, _, _ in parts:
-        for adapter in sorted((folder / "adapters").glob("*.pt")):
+        for adapter in sorted((folder / "adapters").glob(f"*{SUFFIX}")):
             with atomic_path(out / "adapters" / adapter.name) as tmp:
                 shutil.copyfile(adapter, tmp)
     header = {key: first[key] for key in ("checkpoint", "evaluation_space", *SHARED)}

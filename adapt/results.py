@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from adapt.config import AdaptConfig
+from fsseg.adapters.artifact import SUFFIX
 from fsseg.config import to_dict
 from fsseg.data.io import atomic_path
 from fsseg.errors import ConfigError
@@ -122,7 +123,7 @@ def best_adapter(rows: list[dict], out: Path, organs: list[str]) -> dict | None:
         if dice:
             means[method] = float(np.mean(dice))
     method = max(means, key=means.get)
-    path = out / "adapters" / f"{'+'.join(organs)}_{method}_k{shots}_s0.pt"
+    path = out / "adapters" / f"{'+'.join(organs)}_{method}_k{shots}_s0{SUFFIX}"
     return {"method": method, "shots": shots, "mean_dice": means[method], "adapter": str(path) if path.exists() else None}
 
 

@@ -7,8 +7,10 @@ import sys
 from typing import Sequence
 
 from fsseg.adapters.artifact import KIND as ADAPTER_KIND
+from fsseg.adapters.artifact import is_safetensors, read_adapter_file
 from fsseg.checkpoint import FORMAT, load_torch_file, model_from_checkpoint
 from fsseg.cli import add_common_arguments, run_cli
+from fsseg.data.io import require_file
 from fsseg.errors import DataError
 
 
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     for path in args.files:
-        payload = load_torch_file(path, "file")
+        payload = read_adapter_file(path) if is_safetensors(require_file(path)) else load_torch_file(path, "file")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise DataError(f"{path}: not an fsseg checkpoint or adapter (convert published weights with "
                             "fsseg-import-checkpoint)")

@@ -15,7 +15,7 @@ from adapt.engine import Adaptation, predict_query
 from adapt.training import train
 from conftest import TOTALSEG_LIST, write_method_configs
 from fsseg.adapters import adapt_model
-from fsseg.adapters.artifact import load_adapted_model
+from fsseg.adapters.artifact import load_adapted_model, read_adapter_file
 from fsseg.checkpoint import read_checkpoint
 from fsseg.inference.predict import main as predict
 
@@ -50,7 +50,7 @@ def test_adapt_on_phantoms_writes_table_results_and_adapters(phantom_dir, tiny_c
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]["gallbladder"]) == {"lp", "adapter", "ft-last"}
     adapters = sorted(p.name for p in (out / "adapters").iterdir())
-    assert len(adapters) == 12 and "gallbladder_lp_k1_s0.pt" in adapters
+    assert len(adapters) == 12 and "gallbladder_lp_k1_s0.safetensors" in adapters
     # Features were extracted once per scan and shared by every frozen-backbone run.
     assert len(list((out / "features").glob("*.npy"))) <= 5
 
@@ -69,7 +69,7 @@ def test_continue_keeps_finished_runs_and_redoes_changed_ones(phantom_dir, tiny_
                       "--organ", "liver", "--shots", "1", "--seeds", "1")
     assert main(args + ["--method", "lp"]) == 0
     first = read_rows(out)
-    lp_file = out / "adapters" / "liver_lp_k1_s0.pt"
+    lp_file = out / "adapters" / "liver_lp_k1_s0.safetensors"
     stamp = lp_file.stat().st_mtime_ns
     assert main(args + ["--method", "lp", "adapter", "--continue"]) == 0
     second = read_rows(out)
@@ -94,7 +94,7 @@ def test_a_runs_dice_does_not_depend_on_what_else_is_asked(phantom_dir, tiny_che
         args = adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
                           "--shots", "1", "--seeds", "1", "--method", *methods, "--set", "pictures=false")
         assert main(args + (["--continue"] if resume else [])) == 0
-        weights = torch.load(out / "adapters" / "liver_scratch_k1_s0.pt", weights_only=True)["state_dict"]
+        weights = read_adapter_file(out / "adapters" / "liver_scratch_k1_s0.safetensors")["state_dict"]
         return [(r["case"], r["dice"], r["nsd"]) for r in read_rows(out) if r["method"] == "scratch"], weights
 
     rows, weights = scratch_run(tmp_path / "alone", "scratch")
@@ -117,7 +117,7 @@ def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored
     out = tmp_path / "run"
     assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
                            "--organ", "liver", "--shots", "1", "--method", method, "--seeds", "1")) == 0
-    adapter = out / "adapters" / f"liver_{method}_k1_s0.pt"
+    adapter = out / "adapters" / f"liver_{method}_k1_s0.safetensors"
     adapted, pre, info = load_adapted_model(adapter, tiny_checkpoint)
     assert info["inference"]["overlap"] == 0.25
     config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
@@ -157,7 +157,7 @@ def test_adapter_on_another_checkpoint_is_refused(phantom_dir, tiny_checkpoint, 
     torch.save(payload, other)
     image = phantom_dir / "phantom_target" / json.loads((phantom_dir / "phantom_target.json").read_text())["cases"][0]["image"]
     assert predict(["-i", str(image), "-o", str(tmp_path / "p2"), "-m", str(other), "--adapter",
-                    str(out / "adapters" / "liver_lp_k1_s0.pt")]) == 2
+                    str(out / "adapters" / "liver_lp_k1_s0.safetensors")]) == 2
 
 
 def test_cached_features_train_the_linear_probe_exactly_like_live_features(phantom_dir, tiny_checkpoint, tmp_path):
@@ -433,7 +433,7 @@ def test_transformer_methods_train_their_own_parameters(phantom_dir, swin_checkp
 
 
 def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir, tiny_checkpoint, tmp_path, capsys):
-    configs = write_method_configs(tmp_path / "configs", epochs=2)
+    configs = write_method_configs(tmp_path / "configs", epochs=1)
     sweep = ["--organ", "liver", "--shots", "1", "2", "--method", "lp", "adapter", "--seeds", "1"]
     data = phantom_dir / "phantom_target.json"
     assert main(adapt_args(tiny_checkpoint, data, tmp_path / "whole", configs, *sweep)) == 0

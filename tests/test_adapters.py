@@ -286,3 +286,23 @@ def test_training_changes_only_the_parameters_a_method_trains(request, model, me
           seed=0)
     changed = {n for n, t in adapted.state_dict().items() if not torch.equal(t, before[n])}
     assert changed and changed <= trained, sorted(changed - trained)[:5]
+
+
+def test_adapter_files_are_safetensors_with_json_metadata(tmp_path, swin):
+    """Reading an adapter file executes no code: tensors in safetensors, everything else as JSON in its header."""
+    import json
+
+    from safetensors import safe_open
+
+    checkpoint = save_checkpoint(tmp_path / "base.pt", {"arch": swin.arch, "template": TEMPLATE.to_dict(),
+                                                        "preprocessing": Preprocessing().to_dict(),
+                                                        "state_dict": swin.state_dict()})
+    adapted = adapt_model(swin, TEMPLATE, ["liver"], "adapter")
+    path = save_adapter(tmp_path / "liver.safetensors", adapted, "adapter", get_method("adapter").config_cls(),
+                        checkpoint, Preprocessing())
+    with safe_open(str(path), framework="pt") as handle:  # safetensors' own reader, nothing of fsseg's
+        names = set(handle.keys())
+        metadata = json.loads(handle.metadata()["fsseg"])
+    assert names == set(adapted.trainable_state_dict())
+    assert metadata["kind"] == "adapter" and metadata["method"] == "adapter" and metadata["structures"] == ["liver"]
+    assert metadata["format"] == "fsseg-checkpoint" and "torch" in metadata["versions"]

@@ -4,7 +4,6 @@ weights (when their package is installed) hold features of a network trained on 
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch

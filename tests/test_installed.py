@@ -77,7 +77,7 @@ def test_installed_commands_run_from_the_users_folder_with_the_shipped_settings(
         assert {k: used["training"][k] for k in shipped["training"]} == pytest.approx(shipped["training"]), method
         assert f"{method}: settings from {VENV}" in adapted.stderr
     fsseg("predict", "-i", "data/phantom_target.json", "-o", "predict", "-m", "pretrain/checkpoint_latest.pt",
-          "--adapter", "adapt/adapters/gallbladder_lp_k1_s0.pt", "--no-progress")
+          "--adapter", "adapt/adapters/gallbladder_lp_k1_s0.safetensors", "--no-progress")
     fsseg("evaluate", "--pred", "predict", "--data-list", "data/phantom_target.json", "-o", "evaluate", "--no-plot",
           "--no-progress")
     summary = json.loads((work / "evaluate" / "summary.json").read_text())

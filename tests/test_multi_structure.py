@@ -53,12 +53,12 @@ def test_two_structures_share_one_run_with_rows_pictures_and_one_label_map(phant
     width, height = png_size(overlays[0])
     assert width > 2 * height > 400  # three views side by side
     adapters = sorted(p.name for p in (out / "adapters").iterdir())
-    assert "liver+spleen_adapter_k2_s1.pt" in adapters
+    assert "liver+spleen_adapter_k2_s1.safetensors" in adapters
 
     # fsseg-predict writes both structures of the adapter into one label map, with previews.
     pred = tmp_path / "pred"
     assert predict(["-i", str(phantom_dir / "phantom_target.json"), "-o", str(pred), "-m", str(tiny_checkpoint),
-                    "--adapter", str(out / "adapters" / "liver+spleen_lp_k2_s0.pt"), "--overlap", "0.25",
+                    "--adapter", str(out / "adapters" / "liver+spleen_lp_k2_s0.safetensors"), "--overlap", "0.25",
                     "--preview", "--no-progress"]) == 0
     assert json.loads((pred / "labels.json").read_text()) == {"0": "background", "1": "liver", "2": "spleen"}
     previews = sorted(pred.glob("*_preview.png"))

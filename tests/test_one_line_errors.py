@@ -13,7 +13,7 @@ import torch
 from adapt.cli import main as adapt
 from conftest import SHARED_CT, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
-from fsseg.adapters.artifact import save_adapter
+from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
 from fsseg.adapters.feature_cache import FeatureStore
 from fsseg.adapters.methods import LinearProbeConfig
 from fsseg.checkpoint import load_model, read_checkpoint
@@ -198,15 +198,20 @@ def test_crafted_checkpoints_and_adapters_are_one_line(tiny_checkpoint, tmp_path
         one_line(capsys, expected[name])
 
     base, template, pre, _ = load_model(tiny_checkpoint)
-    adapter = save_adapter(tmp_path / "lp.pt", adapt_model(base, template, ["liver"], "lp"), "lp", LinearProbeConfig(),
-                           tiny_checkpoint, pre)
-    payload = torch.load(adapter, weights_only=True)
-    torch.save({**payload, "state_dict": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "shape.pt")
-    torch.save({k: v for k, v in payload.items() if k != "structures"}, tmp_path / "nostructures.pt")
-    for name, message in (("shape", "tensor head.weight has shape (3, 3)"), ("nostructures", "lacks structures")):
+    adapter = save_adapter(tmp_path / "lp.safetensors", adapt_model(base, template, ["liver"], "lp"), "lp",
+                           LinearProbeConfig(), tiny_checkpoint, pre)
+    payload = read_adapter_file(adapter)
+    write_adapter_file(tmp_path / "shape.safetensors", {**payload, "state_dict": {"head.weight": torch.zeros(3, 3)}})
+    write_adapter_file(tmp_path / "nostructures.safetensors", {k: v for k, v in payload.items() if k != "structures"})
+    (tmp_path / "cut.safetensors").write_bytes(adapter.read_bytes()[:-100])
+    torch.save(payload, tmp_path / "earlier.pt")  # an adapter file of an earlier fsseg version still loads
+    for name, message in (("shape", "tensor head.weight has shape (3, 3)"), ("nostructures", "lacks structures"),
+                          ("cut", "truncated or corrupt")):
         assert predict(["-i", str(scans), "-o", str(tmp_path / f"o{name}"), "-m", str(tiny_checkpoint), "--adapter",
-                        str(tmp_path / f"{name}.pt"), "--no-progress"]) == 2
+                        str(tmp_path / f"{name}.safetensors"), "--no-progress"]) == 2
         one_line(capsys, message)
+    assert predict(["-i", str(scans), "-o", str(tmp_path / "oearlier"), "-m", str(tiny_checkpoint), "--adapter",
+                    str(tmp_path / "earlier.pt"), "--no-progress"]) == 0
 
 
 def test_files_torch_cannot_or_will_not_load_are_named_for_what_they_are(tmp_path, capsys):

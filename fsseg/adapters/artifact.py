@@ -1,26 +1,41 @@
-"""Adapter files: only the trained tensors, tied to the exact base checkpoint they were trained on."""
+"""Adapter files: only the trained tensors, tied to the exact base checkpoint they were trained on.
+
+An adapter file is a safetensors file: the tensors, and in its header everything else as JSON (under ``fsseg``),
+so that reading one executes no code and other tools can read it. Adapter files of earlier fsseg versions
+(torch.save archives, ``.pt``) still load, with ``weights_only``.
+"""
 
 from __future__ import annotations
 
+import json
+import struct
+import zipfile
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
 from fsseg.adapters.base import AdaptedModel, Composition, adapt_model, get_method
-from fsseg.checkpoint import (load_torch_file, load_weights, model_from_checkpoint, read_checkpoint, save_checkpoint,
-                              sha256_file)
+from fsseg.checkpoint import (FORMAT, FORMAT_VERSION, check_finite_weights, load_torch_file, load_weights,
+                              model_from_checkpoint, read_checkpoint, sha256_file, versions)
 from fsseg.config import from_dict, to_dict
+from fsseg.data.io import atomic_path, require_file
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError
 from fsseg.templates import Template
 
 KIND = "adapter"
+SUFFIX = ".safetensors"
+METADATA_KEY = "fsseg"
 ADAPTER_KEYS = ("method", "options", "structures", "base_sha256", "preprocessing", "state_dict")
 
 
 def save_adapter(path: str | Path, adapted: AdaptedModel, method: str, options, base_checkpoint: str | Path,
                  preprocessing: Preprocessing, extra: dict | None = None) -> Path:
-    """Write the trained tensors of ``adapted`` with what is needed to rebuild it on its base checkpoint."""
+    """Write the trained tensors of ``adapted`` (safetensors, atomically) with what is needed to rebuild it on its
+    base checkpoint (JSON in the header)."""
     trainable, total = adapted.parameter_counts()
-    return save_checkpoint(path, {
+    return write_adapter_file(path, {
         "kind": KIND, "method": method, "options": to_dict(options), "structures": adapted.structures,
         "base_sha256": sha256_file(base_checkpoint), "preprocessing": preprocessing.to_dict(),
         "state_dict": adapted.trainable_state_dict(), "parameters": {"trainable": trainable, "total": total},
@@ -28,9 +43,54 @@ def save_adapter(path: str | Path, adapted: AdaptedModel, method: str, options, 
     })
 
 
+def write_adapter_file(path: str | Path, payload: dict) -> Path:
+    """``payload['state_dict']`` as safetensors tensors, the rest (plus format and versions) as JSON metadata,
+    written atomically; never non-finite weights."""
+    tensors = payload["state_dict"]
+    check_finite_weights(tensors, str(path))
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
+                **{key: value for key, value in payload.items() if key != "state_dict"}}
+    with atomic_path(path) as tmp:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp),
+                  metadata={METADATA_KEY: json.dumps(metadata)})
+    return Path(path)
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian; safetensors caps it at
+    100 MB) and the header's '{' (a truncated file still does, and is reported as such when read)."""
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+    return len(start) == 9 and start[8:] == b"{" and 2 <= struct.unpack("<Q", start[:8])[0] <= 100_000_000
+
+
+def read_adapter_file(path: str | Path) -> dict:
+    """The metadata and ``state_dict`` of an adapter file (safetensors, or an earlier version's torch archive).
+
+    Raises:
+        DataError: the file is missing, truncated or corrupt, or a safetensors file without fsseg's metadata.
+    """
+    path = require_file(path, "adapter file")
+    if zipfile.is_zipfile(path) or not is_safetensors(path):
+        return load_torch_file(path, "adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise DataError(f"{path}: cannot read adapter file: truncated or corrupt ({error})") from None
+    try:
+        payload = json.loads(metadata[METADATA_KEY])
+    except (KeyError, ValueError):
+        raise DataError(f"{path}: a safetensors file without fsseg's metadata, not an fsseg adapter file") from None
+    if not isinstance(payload, dict):
+        raise DataError(f"{path}: its fsseg metadata is not an object")
+    return {**payload, "state_dict": tensors}
+
+
 def read_adapter(path: str | Path) -> dict:
     """An adapter file's contents; DataError when it is missing, damaged or not an adapter."""
-    payload = load_torch_file(path, "adapter file")
+    payload = read_adapter_file(path)
     if not isinstance(payload, dict) or payload.get("kind") != KIND:
         raise DataError(f"{path}: not an fsseg adapter file")
     missing = [key for key in ADAPTER_KEYS if key not in payload]
