@@ -216,15 +216,15 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
         log.info(f"part {part[0]} of parts 0..{part[1] - 1}: {len(mine)} of the sweep's {len(config.jobs())} runs")
     jobs = tqdm(total=len(mine), desc="adapt", unit="run", disable=not progress, file=sys.stderr)
     header = run_header(run)
-    supports: dict[tuple[int, int], list[Support]] = {}
+    drawn, supports = None, []
     for seed, shots, method in mine:
-        if (seed, shots) not in supports:
+        if drawn != (seed, shots):  # the runs of one (seed, K) come one after another
             support_cases = sample_support(run.pool, shots, seed, ", ".join(run.organs))
-            supports = {(seed, shots): [run.support(c) for c in support_cases]}  # one support set held at a time
+            drawn, supports = (seed, shots), [run.support(c) for c in support_cases]
             log.info(f"seed {seed}, K={shots}: support {', '.join(c.id for c in support_cases)}")
         jobs.set_postfix(method=method, K=shots, seed=seed)
         kept = finished.pop((method, shots, seed), None)
-        rows += kept or adapt_one(run, method, shots, seed, supports[(seed, shots)])
+        rows += kept or adapt_one(run, method, shots, seed, supports)
         write_results(out, rows, config, header, time.time() - started, part)
         jobs.update()
     jobs.close()

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from monai.transforms import DivisiblePad, SpatialPad
 from torch import nn
 
 from fsseg.data.io import atomic_path
@@ -46,10 +47,10 @@ class DecoderHead(nn.Module):
 
 
 def _padded(array: torch.Tensor, multiple: Sequence[int], minimum: Sequence[int]) -> torch.Tensor:
-    """(C, X, Y, Z) zero-padded at the end to a multiple of ``multiple``, at least ``minimum``, per axis."""
-    target = [max(m, -(-s // k) * k) for s, k, m in zip(array.shape[1:], multiple, minimum)]
-    pad = [p for s, t in reversed(list(zip(array.shape[1:], target))) for p in (0, t - s)]
-    return torch.nn.functional.pad(array, pad)
+    """(C, X, Y, Z) zero-padded at the end to at least ``minimum``, then to a multiple of ``multiple``, per axis
+    (``minimum`` is itself a multiple: the roi)."""
+    padded = SpatialPad(minimum, method="end")(array)
+    return DivisiblePad(multiple, method="end")(padded).as_subclass(torch.Tensor)
 
 
 class EncoderFeatureDataset(torch.utils.data.Dataset):
