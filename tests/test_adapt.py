@@ -30,7 +30,7 @@ def test_adapt_on_phantoms_writes_table_results_and_adapters(phantom_dir, tiny_c
     out = tmp_path / "run"
     code = main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
                            "--organ", "gallbladder", "--shots", "1", "2", "--method", "lp", "adapter", "ft-last",
-                           "--seeds", "2"))
+                           "--seeds", "1"))
     assert code == 0
     printed = capsys.readouterr().out
     assert "Dice on the test cases, gallbladder" in printed and "K=1" in printed and "K=2" in printed
@@ -38,7 +38,7 @@ def test_adapt_on_phantoms_writes_table_results_and_adapters(phantom_dir, tiny_c
         assert any(line.startswith(method) for line in printed.splitlines())
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 3 * 2 * 2 * 2  # methods x K x seeds x test cases
+    assert len(rows) == 3 * 2 * 2  # methods x K x test cases
     assert {r["method"] for r in rows} == {"lp", "adapter", "ft-last"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     assert {r["trainable_params"] for r in rows if r["method"] == "lp"} == {"9"}
@@ -50,7 +50,7 @@ def test_adapt_on_phantoms_writes_table_results_and_adapters(phantom_dir, tiny_c
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]["gallbladder"]) == {"lp", "adapter", "ft-last"}
     adapters = sorted(p.name for p in (out / "adapters").iterdir())
-    assert len(adapters) == 12 and "gallbladder_lp_k1_s0.safetensors" in adapters
+    assert len(adapters) == 6 and "gallbladder_lp_k1_s0.safetensors" in adapters
     # Features were extracted once per scan and shared by every frozen-backbone run.
     assert len(list((out / "features").glob("*.npy"))) <= 5
 

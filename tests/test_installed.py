@@ -8,10 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
+
+from adapt.config import TrainingConfig
 
 from conftest import REPO
 
@@ -68,14 +71,15 @@ def test_installed_commands_run_from_the_users_folder_with_the_shipped_settings(
           "--data-list", *(f"data/phantom_source_{s}.json" for s in "abc"),
           "--set", "optim.epochs=1", "--set", "preprocessing.spacing=[4, 4, 4]", "--set", "preprocessing.roi=[32, 32, 32]")
     adapted = fsseg("adapt", "--checkpoint", "pretrain/checkpoint_latest.pt", "--data-list", "data/phantom_target.json",
-                    "--organ", "gallbladder", "--shots", "1", "--method", "lp", "ft", "--seeds", "1", "--out", "adapt",
+                    "--organ", "gallbladder", "--shots", "1", "--method", "lp", "--seeds", "1", "--out", "adapt",
                     "--set", "pictures=false", "--no-progress")
-    results = json.loads((work / "adapt" / "results.json").read_text())
-    for method in ("lp", "ft"):  # ft trains at 1e-4 as shipped, not at the built-in 1e-2
-        shipped = yaml.safe_load((REPO / "configs" / "adapt" / f"{method}.yaml").read_text())
-        used = results["method_settings"][method]
-        assert {k: used["training"][k] for k in shipped["training"]} == pytest.approx(shipped["training"]), method
-        assert f"{method}: settings from {VENV}" in adapted.stderr
+    used = json.loads((work / "adapt" / "results.json").read_text())["method_settings"]["lp"]["training"]
+    shipped = yaml.safe_load((REPO / "configs" / "adapt" / "lp.yaml").read_text())["training"]
+    built_in = asdict(TrainingConfig())
+    # The shipped file differs from the built-in settings, so a run that missed it would fail here.
+    assert {k for k in shipped if shipped[k] != built_in[k]} >= {"epochs", "crops_per_volume", "voxel_stride"}
+    assert {k: used[k] for k in shipped} == pytest.approx(shipped)
+    assert f"lp: settings from {VENV}" in adapted.stderr
     fsseg("predict", "-i", "data/phantom_target.json", "-o", "predict", "-m", "pretrain/checkpoint_latest.pt",
           "--adapter", "adapt/adapters/gallbladder_lp_k1_s0.safetensors", "--no-progress")
     fsseg("evaluate", "--pred", "predict", "--data-list", "data/phantom_target.json", "-o", "evaluate", "--no-plot",
