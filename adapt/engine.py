@@ -32,7 +32,7 @@ from fsseg.config import from_dict, to_dict
 from fsseg.data.annotations import check_case_grid, load_case_masks
 from fsseg.data.cache import file_digest
 from fsseg.data.datalist import Case, DataList, load_datalist
-from fsseg.data.io import atomic_path, load_nifti_image
+from fsseg.data.io import atomic_path, load_scan_image
 from fsseg.data.sampling import sample_support
 from fsseg.data.transforms import IMAGE, LABEL, case_item, inference_transforms
 from fsseg.errors import ConfigError, DataError, FssegError
@@ -148,7 +148,7 @@ class Adaptation:
         if case.id not in self._queries:
             masks, reference_volume = load_case_masks(case, self.datalist.label_map, self.organs)
             self._queries[case.id] = Query(case, self.predictor.preprocess(case.image), masks,
-                                           load_nifti_image(case.image), reference_volume.spacing, self._scan_key(case))
+                                           load_scan_image(case.image), reference_volume.spacing, self._scan_key(case))
         return self._queries[case.id]
 
     def keep_if_best(self, method: str, shots: int, seed: int, rows: list[dict],

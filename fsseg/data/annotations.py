@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from fsseg.data.datalist import Case
-from fsseg.data.io import Volume, load_nifti_image, load_volume, same_geometry
+from fsseg.data.io import Volume, load_nifti_image, load_scan_image, load_volume, same_geometry
 from fsseg.data.labels import LabelMap, structure_masks
 from fsseg.errors import DataError
 from fsseg.templates import canonical_name
@@ -19,7 +19,7 @@ def check_case_grid(case: Case) -> None:
     Raises:
         DataError: a file is unreadable, or its shape or affine differs from the image's.
     """
-    image = load_nifti_image(case.image)
+    image = load_scan_image(case.image)
     for path in case.annotation_files:
         label = load_nifti_image(path)
         mismatch = same_geometry(label.shape, label.affine, image.shape, image.affine)

@@ -33,14 +33,19 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-1 of a file's bytes, remembered per (path, size, mtime) so each epoch does not re-read it."""
+    """SHA-1 of a file's bytes, remembered per (path, size, mtime) so each epoch does not re-read it; of a folder
+    (a DICOM series), SHA-1 over the names and digests of the files in it."""
+    if os.path.isdir(path):
+        members = sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith("."))
+        listing = json.dumps([(p.name, file_digest(p)) for p in members])
+        return hashlib.sha1(listing.encode()).hexdigest()
     stat = os.stat(path)
     return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _paths(value: object) -> list[str]:
     if isinstance(value, str):
-        return [value] if os.path.isfile(value) else []
+        return [value] if os.path.exists(value) else []
     if isinstance(value, dict):
         return [p for v in value.values() for p in _paths(v)]
     return []

@@ -1,4 +1,5 @@
-"""Reading and writing NIfTI volumes with clear errors and without half-written files."""
+"""Reading scans (NIfTI files or DICOM series folders) and writing NIfTI volumes, with clear errors and without
+half-written files."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from fsseg.data.dicom import header_image, read_series, read_series_header
 from fsseg.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -29,6 +31,11 @@ HU_TISSUE_MIN = 0.0
 def is_nifti(path: str | Path) -> bool:
     """True when the file name ends in .nii or .nii.gz."""
     return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def scan_name(path: str | Path) -> str:
+    """What a scan's outputs are named after: a NIfTI file's stem, a DICOM series folder's name."""
+    return Path(path).name if Path(path).is_dir() else nifti_stem(path)
 
 
 def nifti_stem(path: str | Path) -> str:
@@ -94,6 +101,20 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
     return image
 
 
+def load_scan_image(path: str | Path) -> nib.Nifti1Image:
+    """A scan's grid (shape, affine, header) without its voxels: a NIfTI file as :func:`load_nifti_image`, a
+    DICOM series folder from its headers (the image's voxels then read as zeros).
+
+    Raises:
+        DataError: as :func:`load_nifti_image`, or a series that is not one evenly sliced CT series.
+    """
+    if Path(path).is_dir():
+        series = read_series_header(path)
+        check_grid(series.affine, series.shape, path)
+        return header_image(series)
+    return load_nifti_image(path)
+
+
 def check_grid(affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> None:
     """Refuse a voxel size or field of view no CT has (zero, NaN or 40 mm voxels, a 10 m scan).
 
@@ -136,10 +157,10 @@ def hu_problem(array: np.ndarray | torch.Tensor, path: str | Path) -> str | None
 
 
 def load_volume(path: str | Path, dtype: np.dtype | type | None = None) -> Volume:
-    """Read a 3D NIfTI volume, checking that the file is complete.
+    """Read a 3D NIfTI volume or DICOM CT series (in HU), checking that it is complete.
 
     Args:
-        path: a .nii or .nii.gz file.
+        path: a .nii or .nii.gz file, or a folder holding one DICOM series.
         dtype: cast the voxels to this type (default: the scaled on-disk values as float32 when the
             header scales them, else the stored type).
 
@@ -147,6 +168,12 @@ def load_volume(path: str | Path, dtype: np.dtype | type | None = None) -> Volum
         DataError: missing, unreadable, corrupt or truncated file, not a 3D volume, an implausible grid or
             non-finite voxels.
     """
+    if Path(path).is_dir():
+        series, array = read_series(path)
+        check_grid(series.affine, series.shape, path)
+        check_finite(array, path)
+        array = array if dtype is None else array.astype(dtype, copy=False)
+        return Volume(array=array, affine=series.affine, header=header_image(series).header, path=Path(path))
     image = load_nifti_image(path)
     try:
         array = np.asanyarray(image.dataobj)

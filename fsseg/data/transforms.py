@@ -12,12 +12,15 @@ Two pipelines share one deterministic core (load -> template labels -> orientati
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.utils import SpaceKeys
 from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
@@ -35,7 +38,7 @@ from monai.transforms import (
 
 from fsseg.config import ranged
 from fsseg.data.datalist import Case
-from fsseg.data.io import check_finite, hu_problem, load_nifti_image, same_geometry
+from fsseg.data.io import check_finite, hu_problem, load_nifti_image, load_volume, same_geometry
 from fsseg.data.labels import LabelMap, structure_masks, task_mask, to_template_index
 from fsseg.errors import ConfigError, DataError
 from fsseg.templates import Template
@@ -118,13 +121,27 @@ def case_item(case: Case, label_map: LabelMap | None = None) -> dict:
 
 class LoadVolumed(MapTransform):
     """MONAI ``LoadImage`` (channel first, float32) that rejects, in one line, files that are not 3D, unreadable,
-    on an implausible grid or with non-finite voxels, and warns when the image does not look like CT in HU."""
+    on an implausible grid or with non-finite voxels, and warns when the image does not look like CT in HU.
+
+    A folder is read as a DICOM CT series (:mod:`fsseg.data.dicom`), into the MetaTensor a NIfTI file of the
+    same grid gives: RAS affine, channel first."""
 
     def __init__(self, keys: Sequence[str], allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self._load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+        # LoadImage also builds MONAI's GPU DICOM reader whenever pydicom is installed, which warns when
+        # nvImageCodec is absent; fsseg reads NIfTI with it and DICOM series through SimpleITK.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            self._load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
+                                   dtype=np.float32)
 
     def load(self, path: str) -> MetaTensor:
+        if Path(path).is_dir():
+            volume = load_volume(path, np.float32)
+            affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+            meta = {"filename_or_obj": str(path), "original_affine": affine.clone(), "space": SpaceKeys.RAS,
+                    "spatial_shape": np.asarray(volume.array.shape), "original_channel_dim": "no_channel"}
+            return MetaTensor(torch.from_numpy(volume.array)[None], affine=affine, meta=meta)
         load_nifti_image(path)
         try:
             volume = self._load(path)

@@ -19,7 +19,8 @@ from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
 from fsseg.cli import add_common_arguments, number_in, run_cli, user_error
 from fsseg.data.datalist import load_datalist
-from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, nifti_stem, save_like
+from fsseg.data.dicom import dicom_files, is_dicom_folder
+from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, load_scan_image, nifti_stem, save_like, scan_name
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
 from fsseg.errors import DataError
 from fsseg.data.transforms import Preprocessing
@@ -41,11 +42,12 @@ class Inputs:
 
 
 def find_inputs(source: Path, split: str = "test", data_root: str | None = None) -> Inputs:
-    """The ``split`` cases of a data list (.json, named by case id), the NIfTI scans of a folder or the one
-    file given (named by file stem).
+    """The ``split`` cases of a data list (.json, named by case id); the one scan given (a NIfTI file, or a folder
+    holding a DICOM series); or the scans of a folder (its NIfTI files and its DICOM series subfolders), named
+    by file stem or folder name.
 
     Raises:
-        DataError: nothing to predict, or two scans of a folder with one stem (``a.nii`` and ``a.nii.gz``).
+        DataError: nothing to predict, or two scans of a folder with one name (``a.nii`` and ``a.nii.gz``).
     """
     if source.suffix == ".json":
         datalist = load_datalist(source, data_root)
@@ -56,21 +58,24 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
         return Inputs({case.id: case.image for case in cases}, every)
     if source.is_file():
         if not is_nifti(source):
-            raise DataError(f"{source}: not a .nii or .nii.gz file")
+            raise DataError(f"{source}: not a .nii or .nii.gz file (nor a folder holding a DICOM series)")
         return Inputs({nifti_stem(source): source}, [source])
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
-    files = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{source}: no .nii or .nii.gz files in this folder")
+    if is_dicom_folder(source):
+        return Inputs({scan_name(source): source}, [source, *dicom_files(source)])
+    entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
+    found = [p for p in entries if p.is_file() and is_nifti(p) or p.is_dir() and is_dicom_folder(p)]
+    if not found:
+        raise DataError(f"{source}: no .nii or .nii.gz files and no DICOM series folders in this folder")
     scans: dict[str, Path] = {}
-    for path in files:
-        stem = nifti_stem(path)
-        if stem in scans:
-            raise DataError(f"{scans[stem]} and {path} would both be predicted to {stem}.nii.gz; "
+    for path in found:
+        name = scan_name(path)
+        if name in scans:
+            raise DataError(f"{scans[name]} and {path} would both be predicted to {name}.nii.gz; "
                             "rename or move one of them")
-        scans[stem] = path
-    return Inputs(scans, files)
+        scans[name] = path
+    return Inputs(scans, [*found, *(f for p in found if p.is_dir() for f in dicom_files(p))])
 
 
 def select_structures(template_structures: Sequence[str], requested: Sequence[str] | None) -> list[int]:
@@ -162,7 +167,7 @@ def case_outputs(out: Path, case: str, probabilities: bool, preview: bool) -> li
 def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
     """True when every output of a case exists and its volumes load on ``source``'s grid (for ``--continue``)."""
     try:
-        scan = load_nifti_image(source)
+        scan = load_scan_image(source)
         for output in outputs:
             if not is_nifti(output):
                 if not output.is_file():
@@ -180,13 +185,15 @@ def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-predict",
-        description="Segment every .nii/.nii.gz scan of a folder with an fsseg checkpoint. Each output label map "
+        description="Segment every scan of a folder (.nii/.nii.gz files, DICOM series folders) with an fsseg "
+        "checkpoint. Each output label map "
         "(uint8, <case>.nii.gz: the case id for a data list, the file name otherwise) has its input's exact shape, "
         "affine and header; labels.json names the ids and predictions.json reports each case. Preprocessing comes "
         "from the checkpoint.",
     )
     parser.add_argument("-i", "--input", required=True,
-                        help="folder of scans, one scan, or a data list (.json) whose --split cases are predicted")
+                        help="a folder of scans (NIfTI files and/or DICOM series subfolders), one scan (a NIfTI file or "
+                        "a folder holding one DICOM CT series), or a data list (.json) whose --split cases are predicted")
     parser.add_argument("--split", default="test", help="with a data list as input: which split (default test)")
     parser.add_argument("--data-root", help="with a data list: base folder for relative paths without a 'root'")
     parser.add_argument("-o", "--output", required=True, help="output folder (created); it must not hold any input")

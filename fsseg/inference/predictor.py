@@ -29,7 +29,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd, KeepLargestConnectedComponent
 
-from fsseg.data.io import load_nifti_image
+from fsseg.data.io import load_scan_image
 from fsseg.data.transforms import IMAGE, Preprocessing, inference_transforms
 
 PROBABILITIES = "probabilities"
@@ -207,6 +207,6 @@ class Predictor:
 
     def __call__(self, path: str | Path, keep_probabilities: bool = False) -> Prediction:
         """Predict one scan; the result lies on the scan's own grid (shape and affine)."""
-        reference = load_nifti_image(path)
+        reference = load_scan_image(path)
         data = self.preprocess(path)
         return self.finish(data, self.model_space_probabilities(data), reference, keep_probabilities)

@@ -1,0 +1,112 @@
+"""DICOM CT series as input: read with their geometry and HU, predicted like the NIfTI they came from, and bad
+series refused in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_series import new_uid, write_dicom_series
+from fsseg.data.dicom import read_series, read_series_header
+from fsseg.data.transforms import Preprocessing
+from fsseg.inference.predict import main as predict
+from test_predict import oracle_checkpoint
+
+CASE = "ts_example_dicom"  # LAS, 0.98 x 0.98 x 2 mm, int16 HU down to -1024
+
+
+@pytest.fixture(scope="module")
+def series(shared_ct, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dicom") / CASE
+    write_dicom_series(shared_ct / "images" / f"{CASE}.nii.gz", folder)
+    return folder
+
+
+def canonical(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.as_closest_canonical(image)
+    return np.asanyarray(image.dataobj), image.affine
+
+
+def test_a_series_reads_as_the_scan_it_was_written_from_in_hu(shared_ct, series):
+    source = nib.load(str(shared_ct / "images" / f"{CASE}.nii.gz"))
+    header, (read, voxels) = read_series_header(series), read_series(series)
+    stored = pydicom.dcmread(header.files[0]).pixel_array
+    # The files hold HU + 1024, and their names say nothing of the slice order.
+    assert stored.min() >= 0 and sorted(header.files) != list(header.files)
+    assert read.shape == voxels.shape == source.shape and np.array_equal(read.affine, header.affine)
+    array, affine = canonical(nib.Nifti1Image(voxels, read.affine))
+    expected, expected_affine = canonical(source)
+    assert np.allclose(affine, expected_affine, atol=1e-5)
+    assert np.array_equal(array, expected) and array.min() == -1024
+
+
+def test_prediction_from_a_series_equals_the_prediction_from_its_nifti(shared_ct, series, tmp_path):
+    checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
+    batch = tmp_path / "batch"  # a folder of series folders and NIfTI files
+    batch.mkdir()
+    (batch / "from_dicom").symlink_to(series, target_is_directory=True)
+    (batch / "from_nifti.nii.gz").symlink_to(shared_ct / "images" / f"{CASE}.nii.gz")
+    out = tmp_path / "pred"
+    assert predict(["-i", str(batch), "-o", str(out), "-m", str(checkpoint), "--organs", "liver", "--no-progress"]) == 0
+    from_dicom, from_nifti = nib.load(str(out / "from_dicom.nii.gz")), nib.load(str(out / "from_nifti.nii.gz"))
+    # On the series' own grid, as its headers give it ...
+    grid = read_series_header(series)
+    assert from_dicom.shape == grid.shape and np.allclose(from_dicom.affine, grid.affine, atol=1e-6)
+    # ... and the same voxels as the NIfTI's prediction, once both are in one orientation.
+    mask, mask_affine = canonical(from_dicom)
+    expected, expected_affine = canonical(from_nifti)
+    assert expected.sum() > 1000 and np.allclose(mask_affine, expected_affine, atol=1e-5)
+    assert np.array_equal(mask, expected)
+    cases = json.loads((out / "predictions.json").read_text())["cases"]
+    assert cases["from_dicom"]["image"] == str(batch / "from_dicom") and cases["from_dicom"]["status"] == "ok"
+
+
+def test_a_data_list_may_name_a_series_as_a_cases_image(shared_ct, series, tmp_path):
+    # The label is written on the series' grid, as a tool reading the series (ITK, 3D Slicer) would save it.
+    label = nib.load(str(shared_ct / "labels" / f"{CASE}.nii.gz"))
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(label.affine),
+                                           nib.io_orientation(read_series_header(series).affine))
+    nib.save(label.as_reoriented(ornt), str(tmp_path / "label.nii.gz"))
+    label_map = json.loads((shared_ct / "label_maps" / "totalsegmentator_v2_total.json").read_text())
+    listing = {"name": "dicom", "label_map": label_map,
+               "cases": [{"id": "series", "image": str(series), "label": "label.nii.gz", "split": "test"}]}
+    (tmp_path / "list.json").write_text(json.dumps(listing))
+    checked = subprocess.run([sys.executable, "-m", "fsseg.data.check", str(tmp_path / "list.json"), "--no-progress"],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
+    assert predict(["-i", str(tmp_path / "list.json"), "-o", str(tmp_path / "pred"), "-m", str(checkpoint),
+                    "--organs", "liver", "--no-progress"]) == 0
+    assert nib.load(str(tmp_path / "pred" / "series.nii.gz")).shape == read_series_header(series).shape
+
+
+BAD_SERIES = {
+    "mixed": ({}, "holds 2 series"),
+    "missing": ({"drop": (9,)}, "slice(s) missing between"),
+    "uneven": ({"shift_mm": {9: 0.6}}, "non-uniform slice spacing"),
+    "mr": ({"modality": "MR"}, "modality MR, expected CT"),
+    "repeated": ({"shift_mm": {9: -2.0}}, "lie at the same position"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_SERIES))
+def test_a_bad_series_is_one_line_and_nothing_is_written(shared_ct, tmp_path, capsys, kind):
+    tweaks, message = BAD_SERIES[kind]
+    folder = tmp_path / "scan"
+    source = shared_ct / "images" / f"{CASE}.nii.gz"
+    write_dicom_series(source, folder, **tweaks)
+    if kind == "mixed":
+        write_dicom_series(source, folder, series_uid=new_uid(), drop=tuple(range(5, 20)))
+    checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
+    out = tmp_path / "pred"
+    assert predict(["-i", str(folder), "-o", str(out), "-m", str(checkpoint), "--no-progress"]) == 1
+    printed = capsys.readouterr().err
+    errors = [line for line in printed.splitlines() if "failed" in line]
+    assert len(errors) == 1 and str(folder) in errors[0] and message in errors[0], printed
+    assert not (out / "scan.nii.gz").exists()
