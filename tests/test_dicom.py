@@ -3,22 +3,30 @@ series refused in one line."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
+import highdicom as hd
 import pydicom
 import pytest
 
+from adapt.cli import main as adapt
+from conftest import write_method_configs
 from dicom_series import new_uid, write_dicom_series
+from fsseg.checkpoint import save_checkpoint
 from fsseg.data.dicom import read_series, read_series_header
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predict import main as predict
+from fsseg.models import create_model
+from fsseg.templates import load_template
 from test_predict import oracle_checkpoint
 
 CASE = "ts_example_dicom"  # LAS, 0.98 x 0.98 x 2 mm, int16 HU down to -1024
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +82,33 @@ def test_a_data_list_may_name_a_series_as_a_cases_image(shared_ct, series, tmp_p
                                            nib.io_orientation(read_series_header(series).affine))
     nib.save(label.as_reoriented(ornt), str(tmp_path / "label.nii.gz"))
     label_map = json.loads((shared_ct / "label_maps" / "totalsegmentator_v2_total.json").read_text())
-    listing = {"name": "dicom", "label_map": label_map,
-               "cases": [{"id": "series", "image": str(series), "label": "label.nii.gz", "split": "test"}]}
-    (tmp_path / "list.json").write_text(json.dumps(listing))
-    checked = subprocess.run([sys.executable, "-m", "fsseg.data.check", str(tmp_path / "list.json"), "--no-progress"],
+    listing = {"name": "dicom", "label_map": label_map, "cases": [
+        {"id": "series", "image": str(series), "label": "label.nii.gz", "split": "train"},
+        {"id": "nifti", "image": str(shared_ct / "images" / f"{CASE}.nii.gz"),
+         "label": str(shared_ct / "labels" / f"{CASE}.nii.gz"), "split": "test"}]}
+    data_list = tmp_path / "list.json"
+    data_list.write_text(json.dumps(listing))
+    checked = subprocess.run([sys.executable, "-m", "fsseg.data.check", str(data_list), "--no-progress"],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
-    assert predict(["-i", str(tmp_path / "list.json"), "-o", str(tmp_path / "pred"), "-m", str(checkpoint),
+    assert predict(["-i", str(data_list), "--split", "train", "-o", str(tmp_path / "pred"), "-m", str(checkpoint),
                     "--organs", "liver", "--no-progress"]) == 0
     assert nib.load(str(tmp_path / "pred" / "series.nii.gz")).shape == read_series_header(series).shape
+    # The series is the support set of an adaptation.
+    template = load_template()
+    model = create_model("unet_tiny", num_classes=len(template))
+    base = save_checkpoint(tmp_path / "base.pt", {"arch": model.arch, "template": template.to_dict(),
+                                                 "preprocessing": Preprocessing(spacing=(3.0, 3.0, 3.0),
+                                                                                roi=(32, 32, 32)).to_dict(),
+                                                 "state_dict": model.state_dict()})
+    configs = write_method_configs(tmp_path / "configs", epochs=1)
+    out = tmp_path / "adapt"
+    assert adapt(["--checkpoint", str(base), "--data-list", str(data_list), "--organ", "liver", "--shots", "1",
+                  "--method", "lp", "--seeds", "1", "--out", str(out), "--set", f"method_configs={configs}",
+                  "--set", "pictures=false", "--no-progress"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert [(r["support"], r["case"]) for r in rows] == [("series", "nifti")]
 
 
 BAD_SERIES = {
@@ -110,3 +135,35 @@ def test_a_bad_series_is_one_line_and_nothing_is_written(shared_ct, tmp_path, ca
     errors = [line for line in printed.splitlines() if "failed" in line]
     assert len(errors) == 1 and str(folder) in errors[0] and message in errors[0], printed
     assert not (out / "scan.nii.gz").exists()
+
+
+def test_dicom_seg_reads_back_as_the_nifti_mask_on_the_source_slices(series, tmp_path):
+    checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
+    out = tmp_path / "pred"
+    assert predict(["-i", str(series), "-o", str(out), "-m", str(checkpoint), "--organs", "liver", "kidney_right",
+                    "--output-type", "nifti", "dicom-seg", "--no-progress"]) == 0
+    seg = hd.seg.segread(str(out / f"{CASE}.seg.dcm"))
+    grid = read_series_header(series)
+    source = pydicom.dcmread(str(grid.files[0]), stop_before_pixels=True)
+    assert seg.SOPClassUID == SEGMENTATION_STORAGE and seg.Modality == "SEG"
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    segments = {d.SegmentLabel: d for d in seg.SegmentSequence}
+    assert list(segments) == ["liver", "kidney_right"]  # kidney_right is predicted nowhere: an empty segment
+    liver_type = segments["liver"].SegmentedPropertyTypeCodeSequence[0]
+    assert (liver_type.CodeValue, liver_type.CodingSchemeDesignator) == ("10200004", "SCT")
+    right = segments["kidney_right"].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+    assert right.CodeMeaning == "Right"
+    # Frame by frame on the source instances, in the series' slice order: the NIfTI mask.
+    instances = [pydicom.dcmread(str(p), stop_before_pixels=True).SOPInstanceUID for p in grid.files]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=instances, combine_segments=True)
+    mask = np.asanyarray(nib.load(str(out / f"{CASE}.nii.gz")).dataobj)
+    assert mask.sum() > 1000 and np.array_equal(frames, mask.transpose(2, 1, 0))
+
+
+def test_dicom_seg_of_a_nifti_scan_is_refused_before_predicting(shared_ct, tmp_path, capsys):
+    checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
+    scan = shared_ct / "images" / f"{CASE}.nii.gz"
+    out = tmp_path / "pred"
+    assert predict(["-i", str(scan), "-o", str(out), "-m", str(checkpoint), "--output-type", "dicom-seg"]) == 2
+    assert "needs DICOM series as input" in capsys.readouterr().err and not out.exists()

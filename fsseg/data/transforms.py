@@ -45,6 +45,11 @@ from fsseg.templates import Template
 
 IMAGE, LABEL, TASK_MASK = "image", "label", "task_mask"
 log = logging.getLogger("fsseg.data")
+# LoadImage builds MONAI's GPU DICOM reader whenever pydicom is installed (highdicom brings it), which then warns,
+# in a log line and a warning, that nvImageCodec is absent; fsseg never uses that reader (it reads NIfTI with
+# LoadImage and DICOM series through SimpleITK).
+_GPU_DICOM_READER_LOG = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+_GPU_DICOM_READER_LOG.setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,7 @@ class LoadVolumed(MapTransform):
 
     def __init__(self, keys: Sequence[str], allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        # LoadImage also builds MONAI's GPU DICOM reader whenever pydicom is installed, which warns when
-        # nvImageCodec is absent; fsseg reads NIfTI with it and DICOM series through SimpleITK.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # see _GPU_DICOM_READER_LOG
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
             self._load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
                                    dtype=np.float32)

@@ -19,11 +19,13 @@ from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
 from fsseg.cli import add_common_arguments, number_in, run_cli, user_error
 from fsseg.data.datalist import load_datalist
-from fsseg.data.dicom import dicom_files, is_dicom_folder
-from fsseg.data.io import atomic_path, is_nifti, load_nifti_image, load_scan_image, nifti_stem, save_like, scan_name
+from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
+from fsseg.data.io import (atomic_path, is_nifti, load_nifti_image, load_scan_image, load_volume, nifti_stem,
+                            save_like, scan_name)
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
 from fsseg.errors import DataError
 from fsseg.data.transforms import Preprocessing
+from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
 from fsseg.inference.predictor import RECORDED, FrozenBackbone, InferenceSettings, Network, Predictor
 from fsseg.templates import expand_structures
 from fsseg.viz import overlay_png, pyplot
@@ -154,14 +156,32 @@ def inference_settings(args: argparse.Namespace, recorded: dict) -> InferenceSet
                              **{name: value for name, value in chosen.items() if value is not None})
 
 
-def case_outputs(out: Path, case: str, probabilities: bool, preview: bool) -> list[Path]:
-    """Every file written for one case: the mask first, then what was asked for besides."""
-    paths = [out / f"{case}.nii.gz"]
-    if probabilities:
-        paths.append(out / f"{case}_probabilities.nii.gz")
-    if preview:
-        paths.append(out / f"{case}_preview.png")
-    return paths
+OUTPUT_TYPES = ("nifti", "dicom-seg")
+
+
+def case_outputs(out: Path, case: str, output_types: Sequence[str], probabilities: bool,
+                 preview: bool) -> dict[str, Path]:
+    """Every file written for one case, by kind ("nifti", "dicom-seg", "probabilities", "preview"), the masks
+    first."""
+    kinds = {"nifti": f"{case}.nii.gz", "dicom-seg": f"{case}.seg.dcm", "probabilities": f"{case}_probabilities.nii.gz",
+             "preview": f"{case}_preview.png"}
+    wanted = [*(t for t in OUTPUT_TYPES if t in output_types), *(["probabilities"] if probabilities else []),
+              *(["preview"] if preview else [])]
+    return {kind: out / kinds[kind] for kind in wanted}
+
+
+def check_dicom_seg_inputs(scans: dict[str, Path]) -> None:
+    """DICOM-SEG references the slices it segments: refuse it, before any prediction, for a scan that is not a
+    DICOM series, or without highdicom.
+
+    Raises:
+        DataError: naming the first NIfTI scan, or how to install highdicom.
+    """
+    nifti = next((path for path in scans.values() if not path.is_dir()), None)
+    if nifti is not None:
+        raise DataError(f"--output-type dicom-seg needs DICOM series as input (a DICOM-SEG references the slices of its "
+                        f"source series); {nifti} is a NIfTI file")
+    require_highdicom()
 
 
 def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
@@ -219,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split the cases into this many parts")
     parser.add_argument("--part-id", type=number_in("[0, inf)", int), default=0,
                         help="which part this process predicts (0-based)")
+    parser.add_argument("--output-type", nargs="+", choices=OUTPUT_TYPES, default=["nifti"], metavar="TYPE",
+                        help="what each mask is written as: nifti (<case>.nii.gz, the default) and/or dicom-seg "
+                        "(<case>.seg.dcm, one segment per structure, referencing the source series: DICOM input only; "
+                        "needs pip install 'fsseg[dicom]')")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <case>_probabilities.nii.gz (float32, one volume per structure)")
     parser.add_argument("--preview", action="store_true",
@@ -236,9 +260,13 @@ def _command(args: argparse.Namespace) -> int:
         raise DataError(f"--part-id {args.part_id} must lie in [0, --num-parts {args.num_parts})")
     inputs = find_inputs(Path(args.input), args.split, args.data_root)
     out = Path(args.output)
-    planned = {case: case_outputs(out, case, args.save_probabilities, args.preview) for case in inputs.scans}
-    check_unique_outputs({f"{inputs.scans[case]} ({case})": paths[0] for case, paths in planned.items()})
-    check_outputs([out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths)], inputs.files,
+    if "dicom-seg" in args.output_type:
+        check_dicom_seg_inputs(inputs.scans)
+    planned = {case: case_outputs(out, case, args.output_type, args.save_probabilities, args.preview)
+               for case in inputs.scans}
+    check_unique_outputs({f"{inputs.scans[case]} ({case})": next(iter(paths.values()))
+                          for case, paths in planned.items()})
+    check_outputs([out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())], inputs.files,
                   folder=out)
     prepare_output_dir(out)
     scans = list(inputs.scans.items())[args.part_id :: args.num_parts]
@@ -257,20 +285,24 @@ def _command(args: argparse.Namespace) -> int:
               "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size}, "cases": {}}
     failed = 0
     for case, scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
-        target, *extras = planned[case]
-        if args.resume and outputs_are_valid(planned[case], scan):
+        paths = planned[case]
+        target = next(iter(paths.values()))
+        if args.resume and outputs_are_valid(list(paths.values()), scan):
             report["cases"][case] = {"status": "skipped", "image": str(scan), "output": str(target)}
             continue
-        for leftover in (p for path in planned[case] for p in out.glob(f".{path.name}.*.part*")):
+        for leftover in (p for path in paths.values() for p in out.glob(f".{path.name}.*.part*")):
             leftover.unlink()  # a killed run's half-written file of this case (each case belongs to one part)
         started = time.perf_counter()
         try:
             prediction = predictor(scan, keep_probabilities=args.save_probabilities)
-            save_like(prediction.label, prediction.reference, target)
+            if "nifti" in paths:
+                save_like(prediction.label, prediction.reference, paths["nifti"])
+            if "dicom-seg" in paths:
+                write_dicom_seg(prediction.label, structures, read_series_header(scan), paths["dicom-seg"])
             if args.save_probabilities:
-                save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, extras.pop(0))
+                save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, paths["probabilities"])
             if args.preview:
-                overlay_png(extras.pop(0), np.asanyarray(prediction.reference.dataobj),
+                overlay_png(paths["preview"], load_volume(scan).array,
                             prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict")
         except Exception as error:  # one bad scan must not stop the batch; MONAI wraps the cause in RuntimeError
             failed += 1
