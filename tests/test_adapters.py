@@ -262,8 +262,21 @@ def i3resnet():
     return create_model("i3resnet_tiny", num_classes=len(TEMPLATE)).eval()
 
 
+@pytest.fixture(scope="module")
+def nnunet():
+    """An nnU-Net network: its blocks are named by dotted paths inside the backbone."""
+    pytest.importorskip("dynamic_network_architectures", reason="nnU-Net networks need dynamic-network-architectures")
+    from test_nnunet import ARCHITECTURE
+
+    torch.manual_seed(0)
+    return create_model("nnunet", num_classes=len(TEMPLATE), network_class=ARCHITECTURE["network_class_name"],
+                        arch_kwargs=ARCHITECTURE["arch_kwargs"], requires_import=ARCHITECTURE["_kw_requires_import"],
+                        input_scale=2.0, input_shift=-1.0).eval()
+
+
 @pytest.mark.parametrize("model, method", [("swin", m) for m in sorted(list_methods())]
-                         + [("i3resnet", m) for m in ("lp", "adapter", "ft-last", "bias", "affine-ln")])
+                         + [("i3resnet", m) for m in ("lp", "adapter", "ft-last", "bias", "affine-ln")]
+                         + [("nnunet", m) for m in ("lp", "ft-last", "bias", "affine-ln")])
 def test_training_changes_only_the_parameters_a_method_trains(request, model, method):
     from adapt.config import TrainingConfig
     from adapt.training import Support, train
@@ -277,7 +290,9 @@ def test_training_changes_only_the_parameters_a_method_trains(request, model, me
     adapted = adapt_model(base, TEMPLATE, ["liver"], method)
     before = {n: t.clone() for n, t in adapted.state_dict().items()}
     # What may change: the trained parameters, and the statistics of a norm whose own affine parameters train.
+    # (a module registered under two names, as nnU-Net's convolutions are, shows a trained tensor under both)
     trained = trainable_names(adapted) | {
+        name for name, tensor in adapted.state_dict(keep_vars=True).items() if tensor.requires_grad} | {
         f"{name}.{buffer}" for name, module in adapted.named_modules()
         if any(p.requires_grad for p in module.parameters(recurse=False)) for buffer, _ in module.named_buffers(recurse=False)}
     # Weight decay and a large step: every trained tensor moves, so a frozen one that moved would show.

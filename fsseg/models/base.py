@@ -49,7 +49,8 @@ class SegmentationModel(nn.Module):
         backbone: encoder + decoder returning the last full-resolution decoder features (B, F, X, Y, Z).
         feature_channels: F.
         num_classes: one output channel (logit) per template structure.
-        blocks: for each of ``encoder``, ``decoder``, ``last_decoder_block``, the backbone submodule names in it.
+        blocks: for each of ``encoder``, ``decoder``, ``last_decoder_block``, the backbone submodule names in it
+            (dotted paths, like ``net.decoder.stages``, for blocks nested inside the backbone).
         arch: ``{"name": ..., "kwargs": ...}``, enough to rebuild the model from a checkpoint.
 
     ``model.features(x)`` and ``model.head(f)`` are public: adaptation trains new heads and adapters on them.
@@ -81,8 +82,11 @@ class SegmentationModel(nn.Module):
                 module.use_flash_attention = True
         for group in BLOCK_GROUPS[:-1]:
             for name in self.blocks.get(group, ()):
-                if not hasattr(backbone, name):
-                    raise ConfigError(f"model '{arch.get('name')}': block '{name}' of group '{group}' does not exist")
+                try:
+                    backbone.get_submodule(name)
+                except AttributeError:
+                    raise ConfigError(f"model '{arch.get('name')}': block '{name}' of group '{group}' does not "
+                                      "exist") from None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) image -> (B, F, X, Y, Z) decoder features."""
@@ -98,7 +102,7 @@ class SegmentationModel(nn.Module):
             return [self.head]
         if group not in self.blocks:
             raise ConfigError(f"unknown block group '{group}'; expected one of {', '.join(BLOCK_GROUPS)}")
-        return [getattr(self.backbone, name) for name in self.blocks[group]]
+        return [self.backbone.get_submodule(name) for name in self.blocks[group]]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters per block group this model has; ``last_decoder_block`` is a part of ``decoder``,
@@ -108,8 +112,8 @@ class SegmentationModel(nn.Module):
 
     def named_block_parameters(self, group: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(full parameter name, parameter) pairs of one group, as named in ``state_dict``."""
-        prefix = "head" if group == "head" else "backbone"
-        for module in self.block_modules(group):
-            module_name = "" if group == "head" else next(n for n, m in self.backbone.named_children() if m is module)
+        blocks = [("head", self.head)] if group == "head" else [
+            (f"backbone.{name}", module) for name, module in zip(self.blocks[group], self.block_modules(group))]
+        for prefix, module in blocks:
             for name, parameter in module.named_parameters():
-                yield ".".join(p for p in (prefix, module_name, name) if p), parameter
+                yield f"{prefix}.{name}", parameter

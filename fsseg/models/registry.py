@@ -16,6 +16,7 @@ from torch import nn
 from fsseg.errors import ConfigError
 from fsseg.models.base import SegmentationModel
 from fsseg.models.i3resnet import ENCODER_MODULES, I3ResNetUNet
+from fsseg.models.nnunet import NnUNetBackbone, nnunet_blocks
 from fsseg.models.unet3d import UNet3D
 
 
@@ -25,7 +26,7 @@ class ModelSpec:
 
     factory: Callable[..., tuple[nn.Module, int]]
     defaults: dict
-    blocks: dict
+    blocks: dict | Callable[[dict], dict]  # or: the model's keyword arguments -> its blocks
     description: str
     roi_multiple: int = 1  # window sizes must be multiples of the network's total down-sampling
 
@@ -71,7 +72,8 @@ def create_model(name: str, num_classes: int, **kwargs) -> SegmentationModel:
         backbone, channels = spec.factory(**arguments)
     except TypeError as error:
         raise ConfigError(f"model '{name}': invalid arguments {kwargs} ({error})") from None
-    return SegmentationModel(backbone, channels, num_classes, spec.blocks, {"name": name, "kwargs": arguments})
+    blocks = spec.blocks(arguments) if callable(spec.blocks) else spec.blocks
+    return SegmentationModel(backbone, channels, num_classes, blocks, {"name": name, "kwargs": arguments})
 
 
 def _swinunetr(feature_size: int, **kwargs) -> tuple[nn.Module, int]:
@@ -89,6 +91,12 @@ def _basic_unet(features: list[int] | tuple[int, ...], **kwargs) -> tuple[nn.Mod
 
 def _unet3d() -> tuple[nn.Module, int]:
     return UNet3D(), 64
+
+
+def _nnunet(network_class: str, arch_kwargs: dict, requires_import: list[str], input_scale: float = 1.0,
+            input_shift: float = 0.0) -> tuple[nn.Module, int]:
+    backbone = NnUNetBackbone(network_class, arch_kwargs, requires_import, input_scale, input_shift)
+    return backbone, backbone.features
 
 
 def _i3resnet_unet(decoder_channels: list[int], **kwargs) -> tuple[nn.Module, int]:
@@ -128,6 +136,9 @@ register_model("i3resnet_tiny", _i3resnet_unet,
                {"layers": [1, 1, 1, 1], "widths": [8, 8, 16, 16], "decoder_channels": [16, 16, 8, 8, 8]},
                _REGISTRY["i3resnet152"].blocks, "The I3ResNet U-Net with one narrow block per stage (0.1M parameters), "
                "for tests.", roi_multiple=32)
+register_model("nnunet", _nnunet, {}, lambda kwargs: nnunet_blocks(kwargs["arch_kwargs"]["n_stages"]),
+               "An nnU-Net network (TotalSegmentator's and other nnU-Net v2 results) built by "
+               "dynamic-network-architectures from its plans; made by fsseg-import-checkpoint --format nnunet.")
 register_model("swinunetr", _swinunetr, {"feature_size": 48}, _SWIN_BLOCKS,
                "MONAI SwinUNETR, feature_size 48 (62M parameters; the FSEFT/CLIP-Driven backbone). Spatial sizes "
                "must be divisible by 32.", roi_multiple=32)
