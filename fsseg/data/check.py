@@ -117,7 +117,8 @@ def format_table(reports: list[CaseReport]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-check-data",
-        description="Validate data lists: every file exists and loads as a 3D NIfTI volume, labels lie on their "
+        description="Validate data lists: every file exists and loads as a 3D NIfTI volume (an image may be a "
+        "folder holding one DICOM CT series), labels lie on their "
         "image's grid (shape and affine), label ids are all in the list's label_map, per-structure masks are "
         "binary and non-empty, and images look like CT in HU. Prints one row per case; exits 0 only when no "
         "case fails.",

@@ -99,6 +99,47 @@ class FrozenBackbone:
     heads: Network
 
 
+class LabelMap:
+    """One label map assembled from native-grid probabilities, one structure at a time: structure k (id k + 1)
+    where its probability passes the threshold (in its largest component, when asked) and no earlier-added
+    structure's is higher."""
+
+    def __init__(self, shape: Sequence[int], settings: InferenceSettings) -> None:
+        self.label, self.best = torch.zeros(tuple(shape), dtype=torch.uint8), torch.zeros(tuple(shape))
+        self.settings = settings
+        # Applied to each structure's mask as a one-channel stack; by default MONAI skips channel 0 as background.
+        self.keep_largest = KeepLargestConnectedComponent(applied_labels=[0], is_onehot=True, independent=True)
+
+    def add(self, k: int, probability: torch.Tensor) -> None:
+        hard = probability > self.settings.threshold
+        if self.settings.largest_component:
+            hard = self.keep_largest(hard[None])[0].bool()
+        wins = hard & (probability > self.best)  # ties keep the earlier structure, as argmax does
+        self.label[wins], self.best[wins] = k + 1, probability[wins]
+
+
+def prediction_network(models: Sequence[torch.nn.Module], channels: Sequence[int],
+                       adapted: bool = True) -> Network | FrozenBackbone:
+    """Models as one network over ``channels`` of their concatenated outputs, in order. A checkpoint's own model
+    (``adapted`` False) runs on each window. Adapted models (on one base checkpoint) run in two passes (the
+    backbone's features stitched once, every head over them) when every model keeps the backbone frozen, since
+    those heads were trained and scored on stitched features; else every model on each window."""
+    channels = list(channels)
+    if not adapted:
+        model = models[0]
+        return lambda x: model(x)[:, channels]
+
+    def heads(features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.head_forward(features) for m in models], dim=1)[:, channels]
+
+    def whole(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in models], dim=1)[:, channels]
+
+    if all(m.backbone_frozen for m in models):
+        return FrozenBackbone(models[0].features, models[0].base.feature_channels, heads)
+    return whole
+
+
 class Predictor:
     """Runs a network over whole scans.
 
@@ -126,8 +167,6 @@ class Predictor:
         self.settings = settings
         self.transform = inference_transforms(preprocessing)
         self.invert = Invertd(PROBABILITIES, transform=self.transform, orig_keys=IMAGE, nearest_interp=False)
-        # Applied to each structure's mask as a one-channel stack; by default MONAI skips channel 0 as background.
-        self.keep_largest = KeepLargestConnectedComponent(applied_labels=[0], is_onehot=True, independent=True)
 
     def _inferer(self, spatial_shape: Sequence[int], channels: int) -> SlidingWindowInferer:
         output_bytes = 4 * channels * int(np.prod(spatial_shape))
@@ -189,20 +228,15 @@ class Predictor:
                keep_probabilities: bool = False) -> Prediction:
         """Map model-space ``probabilities`` (K, *model grid) of ``data`` back onto the scan's grid, one structure
         at a time, and threshold them into one label map."""
-        shape = tuple(reference.shape[:3])
-        label, best, kept = torch.zeros(shape, dtype=torch.uint8), torch.zeros(shape), []
+        labels, kept = LabelMap(tuple(reference.shape[:3]), self.settings), []
         for k in range(probabilities.shape[0]):
             channel = dict(data)
             channel[PROBABILITIES] = MetaTensor(probabilities[k : k + 1].float(), meta=dict(data[IMAGE].meta))
             native = self.invert(channel)[PROBABILITIES].as_tensor()[0].float().clamp_(0, 1)
-            hard = native > self.settings.threshold
-            if self.settings.largest_component:
-                hard = self.keep_largest(hard[None])[0].bool()
-            wins = hard & (native > best)  # ties keep the earlier structure, as argmax does
-            label[wins], best[wins] = k + 1, native[wins]
+            labels.add(k, native)
             if keep_probabilities:
                 kept.append(native.numpy())
-        return Prediction(label=label.numpy(), probabilities=np.stack(kept) if keep_probabilities else None,
+        return Prediction(label=labels.label.numpy(), probabilities=np.stack(kept) if keep_probabilities else None,
                           reference=reference, structures=self.structures)
 
     def __call__(self, path: str | Path, keep_probabilities: bool = False) -> Prediction:

@@ -1,0 +1,188 @@
+"""``fsseg-export-bundle``: a checkpoint (and adapters) as a MONAI bundle that segments a folder of NIfTI scans
+with the masks fsseg-predict writes.
+
+The bundle (``configs/metadata.json``, ``configs/inference.json``, ``models/model.pt``) runs with
+``python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE --dataset_dir SCANS``.
+Its preprocessing is MONAI's transforms with the checkpoint's settings, its postprocessing MONAI's ``Invertd`` and
+``SaveImaged``; the network, the sliding window and the label map are fsseg's (:mod:`fsseg.bundle`), so fsseg must be
+installed where the bundle runs (the metadata says which version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import monai
+import numpy as np
+import torch
+
+from fsseg import __version__
+from fsseg.bundle import BundleNetwork
+from fsseg.checkpoint import sha256_file
+from fsseg.cli import add_common_arguments, number_in, run_cli
+from fsseg.data.transforms import Preprocessing
+from fsseg.errors import DataError
+from fsseg.inference.predict import Model, build_model, inference_settings
+from fsseg.inference.predictor import InferenceSettings
+from fsseg.outputs import check_outputs
+
+OUTPUT_POSTFIX = "seg"
+
+
+def preprocessing_transforms(pre: Preprocessing) -> list[dict]:
+    """fsseg's inference preprocessing as the MONAI transforms of a bundle config (the same steps and arguments)."""
+    steps = [
+        {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True,
+         "ensure_channel_first": True, "dtype": "$numpy.float32"},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": pre.orientation, "labels": None},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": list(pre.spacing), "mode": "bilinear",
+         "dtype": "$numpy.float32"},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": pre.hu_window[0], "a_max": pre.hu_window[1],
+         "b_min": 0.0, "b_max": 1.0, "clip": True},
+    ]
+    if pre.crop_foreground:
+        steps.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "allow_smaller": True,
+                      "start_coord_key": None, "end_coord_key": None})
+    steps.append({"_target_": "SpatialPadd", "keys": "image", "spatial_size": list(pre.roi)})
+    return steps
+
+
+def inference_config(model: Model, network: dict, settings: InferenceSettings) -> dict:
+    """``configs/inference.json``: segment every NIfTI scan of ``dataset_dir`` into ``output_dir``."""
+    return {
+        "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
+        "bundle_root": ".",
+        "dataset_dir": "input",
+        "output_dir": "$os.path.join(@bundle_root, 'eval')",
+        "datalist": "$[{'image': f} for f in sorted(glob.glob(os.path.join(@dataset_dir, '*.nii*')))]",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "fsseg.bundle.BundleNetwork", **network},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": preprocessing_transforms(model.preprocessing)},
+        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "fsseg.bundle.BundleInferer", "preprocessing": model.preprocessing.to_dict(),
+                    "sw_batch_size": settings.sw_batch_size, **settings.record()},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "fsseg.bundle.LabelMapd", "keys": "pred", "threshold": settings.threshold,
+             "largest_component": settings.largest_component},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": OUTPUT_POSTFIX,
+             "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False},
+        ]},
+        "handlers": [{"_target_": "CheckpointLoader", "load_path": "$os.path.join(@bundle_root, 'models', 'model.pt')",
+                      "load_dict": {"model": "@network"}, "strict": True, "map_location": "@device"}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def metadata(model: Model, checkpoint: str, adapters: Sequence[str]) -> dict:
+    """``configs/metadata.json``: versions, what goes in and what comes out."""
+    labels = {"0": "background", **{str(i + 1): name for i, name in enumerate(model.structures)}}
+    return {
+        "version": "0.1.0",
+        "changelog": {"0.1.0": f"exported by fsseg-export-bundle {__version__}"},
+        "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__, "required_packages_version": {"fsseg": __version__},
+        "name": f"fsseg {', '.join(model.structures)}",
+        "task": f"CT segmentation of {', '.join(model.structures)}",
+        "description": "An fsseg checkpoint" + (" with its adapters" if adapters else "") + " as a MONAI bundle; "
+                       "its masks are fsseg-predict's.",
+        "authors": "fsseg", "copyright": "", "data_source": "", "data_type": "nifti",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
+                                 "spatial_shape": list(model.preprocessing.roi), "dtype": "float32",
+                                 "value_range": [0, 1], "is_patch_data": True, "channel_def": {"0": "image"}}},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 1,
+                                 "spatial_shape": list(model.preprocessing.roi), "dtype": "uint8",
+                                 "value_range": [0, len(model.structures)], "is_patch_data": False,
+                                 "channel_def": labels}},
+        },
+        "fsseg": {"checkpoint": {"file": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint)},
+                  "adapters": [{"file": str(Path(a).resolve()), "sha256": sha256_file(a)} for a in adapters],
+                  "preprocessing": model.preprocessing.to_dict(), "python": platform.python_version()},
+    }
+
+
+def export_bundle(model: Model, checkpoint: str, adapters: Sequence[str], settings: InferenceSettings,
+                  out: Path) -> Path:
+    """Write ``model`` (built by fsseg-predict's :func:`build_model` from ``checkpoint`` and ``adapters``) as a
+    bundle into ``out``, a new folder filled under a temporary name and then renamed."""
+    network = {"arch": model.models[0].arch if not model.adapters else model.models[0].base.arch,
+               "template": model.template.to_dict(), "channels": model.channels,
+               "adapters": [{key: info.get(key) for key in ("method", "options", "compose", "structures")}
+                            for info in model.adapters]}
+    bundle = BundleNetwork(**network)
+    for rebuilt, loaded in zip(bundle.models, model.models):
+        rebuilt.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:
+        (staging / "configs").mkdir()
+        (staging / "models").mkdir()
+        torch.save(bundle.state_dict(), staging / "models" / "model.pt")
+        (staging / "configs" / "inference.json").write_text(
+            json.dumps(inference_config(model, network, settings), indent=1) + "\n")
+        (staging / "configs" / "metadata.json").write_text(
+            json.dumps(metadata(model, checkpoint, adapters), indent=1) + "\n")
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsseg-export-bundle",
+        description="Export an fsseg checkpoint, with its adapters, as a MONAI bundle (configs/metadata.json, "
+        "configs/inference.json, models/model.pt) that segments a folder of NIfTI scans with the masks fsseg-predict "
+        "writes: python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE "
+        f"--dataset_dir SCANS (masks <scan>_{OUTPUT_POSTFIX}.nii.gz in BUNDLE/eval, or --output_dir). fsseg must be "
+        "installed where the bundle runs.",
+    )
+    parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
+    parser.add_argument("--adapter", nargs="+", metavar="FILE", help="adapter file(s) of fsseg-adapt for this checkpoint")
+    parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
+    parser.add_argument("-o", "--output", required=True, help="the bundle folder to create (it must not exist)")
+    parser.add_argument("--overlap", type=number_in("[0, 1)"), help="sliding-window overlap (default: the adapters' record, else 0.5)")
+    parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int), help="windows per forward pass (default 4 on CUDA, 1 on the CPU)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help="float16 autocast on CUDA (default on)")
+    parser.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
+                        help="bfloat16 autocast on the CPU (default: the adapters' setting, else off)")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="keep the largest connected component of each structure")
+    add_common_arguments(parser)
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.exists():
+        raise DataError(f"{out}: already exists; give a new folder for the bundle")
+    check_outputs([out], [args.model, *(args.adapter or [])], option="--output")
+    model = build_model(args.model, args.adapter, args.organs, torch.device("cpu"))
+    export_bundle(model, args.model, args.adapter or [], inference_settings(args, model.recorded), out)
+    print(f"wrote {out}: run it with python -m monai.bundle run --config_file {out / 'configs' / 'inference.json'} "
+          f"--bundle_root {out} --dataset_dir SCANS")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fsseg-export-bundle``."""
+    return run_cli("fsseg-export-bundle", build_parser(), _command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
