@@ -33,9 +33,11 @@ class BundleNetwork(nn.Module):
         template: the base checkpoint's template (as stored in checkpoints).
         adapters: per adapter its ``method``, ``options``, ``compose`` and ``structures`` (as adapter files hold them).
         channels: which of the concatenated output channels are predicted, in order.
+        structures: their names.
     """
 
-    def __init__(self, arch: dict, template: dict, adapters: Sequence[dict], channels: Sequence[int]) -> None:
+    def __init__(self, arch: dict, template: dict, adapters: Sequence[dict], channels: Sequence[int],
+                 structures: Sequence[str]) -> None:
         super().__init__()
         template_ = Template.from_dict(template)
         base = create_model(arch["name"], num_classes=len(template_), **arch["kwargs"])
@@ -45,7 +47,7 @@ class BundleNetwork(nn.Module):
                         from_dict(get_method(spec["method"]).config_cls, spec["options"]),
                         from_dict(Composition, spec.get("compose") or {}))
             for spec in adapters])
-        self.channels = list(channels)
+        self.channels, self.structures = list(channels), list(structures)
 
     def prediction_network(self) -> Network | FrozenBackbone:
         """What fsseg-predict slides over a scan for these models."""
@@ -69,8 +71,8 @@ class BundleInferer(Inferer):
 
     def __call__(self, inputs: MetaTensor, network: BundleNetwork, *args, **kwargs) -> MetaTensor:
         device = next(network.parameters()).device
-        predictor = Predictor(network.prediction_network(), [str(c) for c in network.channels], self.preprocessing,
-                              device, self.settings)
+        predictor = Predictor(network.prediction_network(), network.structures, self.preprocessing, device,
+                              self.settings)
         probabilities = predictor.model_space_probabilities({IMAGE: inputs[0]})
         return MetaTensor(probabilities.float()[None], meta=inputs.meta, applied_operations=inputs.applied_operations)
 

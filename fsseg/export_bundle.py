@@ -26,10 +26,10 @@ import torch
 from fsseg import __version__
 from fsseg.bundle import BundleNetwork
 from fsseg.checkpoint import sha256_file
-from fsseg.cli import add_common_arguments, number_in, run_cli
+from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
-from fsseg.inference.predict import Model, build_model, inference_settings
+from fsseg.inference.predict import Model, add_inference_arguments, build_model, inference_settings
 from fsseg.inference.predictor import InferenceSettings
 from fsseg.outputs import check_outputs
 
@@ -121,7 +121,7 @@ def export_bundle(model: Model, checkpoint: str, adapters: Sequence[str], settin
     """Write ``model`` (built by fsseg-predict's :func:`build_model` from ``checkpoint`` and ``adapters``) as a
     bundle into ``out``, a new folder filled under a temporary name and then renamed."""
     network = {"arch": model.models[0].arch if not model.adapters else model.models[0].base.arch,
-               "template": model.template.to_dict(), "channels": model.channels,
+               "template": model.template.to_dict(), "channels": model.channels, "structures": model.structures,
                "adapters": [{key: info.get(key) for key in ("method", "options", "compose", "structures")}
                             for info in model.adapters]}
     bundle = BundleNetwork(**network)
@@ -156,13 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", nargs="+", metavar="FILE", help="adapter file(s) of fsseg-adapt for this checkpoint")
     parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
     parser.add_argument("-o", "--output", required=True, help="the bundle folder to create (it must not exist)")
-    parser.add_argument("--overlap", type=number_in("[0, 1)"), help="sliding-window overlap (default: the adapters' record, else 0.5)")
-    parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int), help="windows per forward pass (default 4 on CUDA, 1 on the CPU)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help="float16 autocast on CUDA (default on)")
-    parser.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 autocast on the CPU (default: the adapters' setting, else off)")
-    parser.add_argument("--largest-component", action="store_true",
-                        help="keep the largest connected component of each structure")
+    add_inference_arguments(parser)
     add_common_arguments(parser)
     return parser
 

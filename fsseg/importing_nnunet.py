@@ -41,8 +41,10 @@ LEGACY_LAYERS = {
 }
 LEGACY_CLASSES = {"PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
                   "ResidualEncoderUNet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"}
-# nnU-Net's training log holds numpy scalars: data, not code, so they may be unpickled.
-NUMPY_SCALARS = [(np._core.multiarray.scalar, "numpy.core.multiarray.scalar"), np._core.multiarray.scalar, np.dtype,
+# nnU-Net's training log holds numpy scalars: data, not code, so they may be unpickled (under numpy 1's module
+# name too, which numpy 2 renamed).
+_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+NUMPY_SCALARS = [(_MULTIARRAY.scalar, "numpy.core.multiarray.scalar"), _MULTIARRAY.scalar, np.dtype,
                  type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
 
 

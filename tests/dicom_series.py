@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import uuid
 from pathlib import Path
 
@@ -25,17 +26,28 @@ def write_dicom_series(nifti: Path, folder: Path, *, intercept: float = -1024.0,
     order are: only the headers do. ``drop`` leaves slices out, ``shift_mm`` moves slices along z.
     """
     image = sitk.Cast(sitk.ReadImage(str(nifti)), sitk.sitkInt16)
-    direction = image.GetDirection()
     series_uid, study_uid = series_uid or new_uid(), study_uid or new_uid()
-    frame_uid = new_uid()
     folder.mkdir(parents=True, exist_ok=True)
+    # GDCM's writer sets the process locale to "C", after which Python decodes subprocess output as ASCII.
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        _write_slices(image, folder, series_uid, study_uid, drop, shift_mm or {}, intercept, modality)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return series_uid
+
+
+def _write_slices(image, folder: Path, series_uid: str, study_uid: str, drop: tuple[int, ...],
+                  shift_mm: dict[int, float], intercept: float, modality: str) -> None:
+    direction = image.GetDirection()
+    frame_uid = new_uid()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for index in range(image.GetDepth()):
         if index in drop:
             continue
         position = list(image.TransformIndexToPhysicalPoint((0, 0, index)))
-        position[2] += (shift_mm or {}).get(index, 0.0)
+        position[2] += shift_mm.get(index, 0.0)
         sop_uid = new_uid()
         tags = {
             "0008|0016": CT_IMAGE_STORAGE, "0008|0018": sop_uid, "0008|0060": modality,
@@ -51,4 +63,3 @@ def write_dicom_series(nifti: Path, folder: Path, *, intercept: float = -1024.0,
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{sop_uid}.dcm"))
         writer.Execute(plane)
-    return series_uid

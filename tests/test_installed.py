@@ -24,7 +24,7 @@ TORCH_INDEX = os.environ.get("FSSEG_TORCH_INDEX", "")
 
 
 def run(command: list, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=1200,
+    result = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, encoding="utf-8", timeout=1200,
                             env=env)
     assert result.returncode == 0, f"{' '.join(map(str, command))} exited {result.returncode}:\n{result.stderr[-3000:]}"
     return result

@@ -94,7 +94,7 @@ def test_an_nnunet_results_folder_imports_with_its_labels_preprocessing_and_outp
     assert pre.orientation == "SAR" and pre.spacing == (3.0, 2.0, 2.0) and pre.roi == (32, 64, 64)
     assert pre.hu_window == (-990.0, 1300.0) and not pre.crop_foreground
     model.eval()
-    hu = torch.empty(2, 1, 32, 64, 64).uniform_(-1200, 1500)
+    hu = torch.empty(2, 1, 32, 64, 64).uniform_(-1200, 1500, generator=torch.Generator().manual_seed(0))
     window = ((hu.clamp(-990, 1300) + 990) / 2290)  # fsseg's preprocessing
     z_scored = (hu.clamp(-990, 1300) - 60.0) / 180.0  # nnU-Net's CT normalisation
     with torch.no_grad():
@@ -102,7 +102,11 @@ def test_an_nnunet_results_folder_imports_with_its_labels_preprocessing_and_outp
     assert torch.allclose(logits, reference[:, 1:] - reference[:, :1], atol=1e-4)
     probabilities = torch.sigmoid(logits)
     label = torch.where(probabilities.max(1).values > 0.5, probabilities.argmax(1) + 1, 0)
-    assert torch.equal(label, reference.argmax(1)) and len(label.unique()) == 4
+    # The label map is nnU-Net's argmax wherever the two best classes are not tied to float precision.
+    top = reference.topk(2, dim=1).values
+    clear = (top[:, 0] - top[:, 1]) > 1e-4
+    assert clear.float().mean() > 0.99 and len(label.unique()) == 4
+    assert torch.equal(label[clear], reference.argmax(1)[clear])
 
 
 def test_an_imported_nnunet_predicts_and_adapts_on_real_ct(imported, shared_ct, tmp_path):

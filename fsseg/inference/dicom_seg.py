@@ -1,8 +1,8 @@
 """Label maps written as DICOM-SEG that reference the series they were predicted from (with highdicom).
 
-One segment per structure, named after it and coded in SNOMED CT where ``templates/dicom_codes.json`` has a code
-(laterality as the type's modifier); frames lie on the source slices, in the series' slice order, so PACS, OHIF
-and 3D Slicer overlay them on the series. A NIfTI scan has no slices to reference: DICOM-SEG needs DICOM input.
+One segment per structure, named after it and coded in SNOMED CT where ``dicom_codes.json`` (beside this module)
+has a code (laterality as the type's modifier); frames lie on the source slices, in the series' slice order, so
+PACS, OHIF and 3D Slicer overlay them on the series. A NIfTI scan has no slices to reference: DICOM-SEG needs DICOM input.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fsseg.data.dicom import Series
 from fsseg.data.io import atomic_path
 from fsseg.errors import DataError
 
-CODES_FILE = Path(__file__).resolve().parents[1] / "templates" / "dicom_codes.json"
+CODES_FILE = Path(__file__).resolve().parent / "dicom_codes.json"
 LOCAL_SCHEME = "99FSSEG"  # DICOM's prefix for a private coding scheme
 
 

@@ -203,6 +203,22 @@ def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
     return True
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sliding-window and label-map options (fsseg-predict's, and fsseg-export-bundle's for its bundle)."""
+    parser.add_argument("--overlap", type=number_in("[0, 1)"),
+                        help="sliding-window overlap in [0, 1) (default: what the adapters were scored with in "
+                        "fsseg-adapt, else 0.5)")
+    parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int),
+                        help="windows per forward pass (default 4 on CUDA, 1 on the CPU)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                        help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)")
+    parser.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
+                        help="bfloat16 autocast on the CPU: faster, with slightly different probabilities (default: "
+                        "the adapters' setting, else off)")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="keep the largest connected component of each structure")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-predict",
@@ -224,16 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--overlap", type=number_in("[0, 1)"),
-                        help="sliding-window overlap in [0, 1) (default: what the adapters were scored with in "
-                        "fsseg-adapt, else 0.5)")
-    parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int),
-                        help="windows per forward pass (default 4 on CUDA, 1 on the CPU)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)")
-    parser.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 autocast on the CPU: faster, with slightly different probabilities (default: "
-                        "the adapters' setting, else off)")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="skip cases whose output already exists and is valid")
     parser.add_argument("--num-parts", type=number_in("[1, inf)", int), default=1,
@@ -249,9 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preview", action="store_true",
                         help="also write <case>_preview.png: axial/coronal/sagittal slices with the predicted contours "
                         "(needs matplotlib: pip install -e .[viz])")
-    parser.add_argument("--largest-component", action="store_true",
-                        help="keep the largest connected component of each structure")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_inference_arguments(parser)
     add_common_arguments(parser)
     return parser
 
