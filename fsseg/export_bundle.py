@@ -25,7 +25,7 @@ import torch
 
 from fsseg import __version__
 from fsseg.bundle import BundleNetwork
-from fsseg.checkpoint import sha256_file
+from fsseg.checkpoint import read_checkpoint, sha256_file
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
@@ -121,7 +121,8 @@ def export_bundle(model: Model, checkpoint: str, adapters: Sequence[str], settin
     """Write ``model`` (built by fsseg-predict's :func:`build_model` from ``checkpoint`` and ``adapters``) as a
     bundle into ``out``, a new folder filled under a temporary name and then renamed."""
     network = {"arch": model.models[0].arch if not model.adapters else model.models[0].base.arch,
-               "template": model.template.to_dict(), "channels": model.channels, "structures": model.structures,
+               "template": read_checkpoint(checkpoint)["template"], "channels": model.channels,
+               "structures": model.structures,
                "adapters": [{key: info.get(key) for key in ("method", "options", "compose", "structures")}
                             for info in model.adapters]}
     bundle = BundleNetwork(**network)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fsseg.adapters.artifact import load_adapted_model
-from fsseg.checkpoint import load_model, read_checkpoint
+from fsseg.checkpoint import load_model
 from fsseg.cli import add_common_arguments, number_in, run_cli, user_error
 from fsseg.data.datalist import load_datalist
 from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
@@ -28,7 +28,7 @@ from fsseg.data.transforms import Preprocessing
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
 from fsseg.inference.predictor import (RECORDED, FrozenBackbone, InferenceSettings, Network, Predictor,
                                        prediction_network)
-from fsseg.templates import Template, expand_structures
+from fsseg.templates import expand_structures
 from fsseg.viz import overlay_png, pyplot
 from fsseg.training.runtime import DEVICES, resolve_device
 
@@ -97,14 +97,12 @@ def select_structures(template_structures: Sequence[str], requested: Sequence[st
 @dataclass(frozen=True)
 class Model:
     """What predicts: the loaded models (the checkpoint's, or one per adapter), which of their concatenated output
-    channels are kept and their names, the base checkpoint's template, the preprocessing and, for adapters,
-    each adapter file's metadata and the sliding-window settings they were scored with in fsseg-adapt (empty
+    channels are kept and their names, the preprocessing and, for adapters, each adapter file's metadata and the sliding-window settings they were scored with in fsseg-adapt (empty
     when they do not agree)."""
 
     models: list[torch.nn.Module]
     channels: list[int]
     structures: list[str]
-    template: Template
     preprocessing: Preprocessing
     adapters: list[dict]
     recorded: dict
@@ -128,8 +126,8 @@ def build_model(checkpoint: str, adapters: Sequence[str] | None, organs: Sequenc
             raise DataError(f"{checkpoint}: its head was not trained (the weights were imported without one), so its "
                             "masks would be noise; adapt it first with fsseg-adapt and predict with --adapter")
         channels = select_structures(template.structures, organs)
-        return Model([model.to(device).eval()], channels, [template.structures[c] for c in channels], template,
-                     preprocessing, [], {})
+        return Model([model.to(device).eval()], channels, [template.structures[c] for c in channels], preprocessing,
+                     [], {})
     loaded = [load_adapted_model(path, checkpoint) for path in adapters]
     models = [adapted.to(device).eval() for adapted, _, _ in loaded]
     preprocessing = loaded[0][1]
@@ -144,9 +142,8 @@ def build_model(checkpoint: str, adapters: Sequence[str] | None, organs: Sequenc
     recorded = records[0] if isinstance(records[0], dict) and all(r == records[0] for r in records) else {}
     if not recorded and any(records):
         log.warning("the adapters were scored with different sliding-window settings; using the command's")
-    template = Template.from_dict(read_checkpoint(checkpoint)["template"])
-    return Model(models, channels, [structures[c] for c in channels], template, preprocessing,
-                 [info for _, _, info in loaded], recorded)
+    return Model(models, channels, [structures[c] for c in channels], preprocessing, [info for _, _, info in loaded],
+                 recorded)
 
 
 def inference_settings(args: argparse.Namespace, recorded: dict) -> InferenceSettings:
