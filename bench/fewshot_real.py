@@ -49,6 +49,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from fsseg.config import load_config
+from fsseg.data.io import atomic_path
+from pretrain.config import PretrainConfig
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CT = REPO.parent / "shared" / "data" / "ct"
 BIN = Path(sys.executable).parent
@@ -67,7 +71,6 @@ class FoundationModel:
     config: str
     methods: tuple[str, ...]
     gpu_methods: tuple[str, ...] = ()  # only where CUDA is available
-    overrides: tuple[str, ...] = ()  # --set values of its pretraining
 
 
 MODELS = {
@@ -98,14 +101,13 @@ def scan_files(work: Path) -> dict[str, tuple[Path, Path]]:
             sys.exit(f"{SHARED_CT / 'manifest.json'}: case {case} is subject {group}, not {subject}")
         image, label = SHARED_CT / "images" / f"{case}.nii.gz", SHARED_CT / "labels" / f"{case}.nii.gz"
         if subject == "LITS-117":
-            source = nib.load(label)
-            liver = np.isin(np.asanyarray(source.dataobj), LITS_LIVER_IDS).astype(np.uint8) * liver_id
-            label = work / "labels" / f"{case}.nii.gz"
+            source, label = nib.load(label), work / "labels" / f"{case}.nii.gz"
             if not label.exists():
-                label.parent.mkdir(parents=True, exist_ok=True)
+                liver = np.isin(np.asanyarray(source.dataobj), LITS_LIVER_IDS).astype(np.uint8) * liver_id
                 header = source.header.copy()
                 header.set_data_dtype(np.uint8)
-                nib.save(nib.Nifti1Image(liver, source.affine, header), label)
+                with atomic_path(label) as tmp:
+                    nib.save(nib.Nifti1Image(liver, source.affine, header), tmp)
         files[subject] = (image, label)
     return files
 
@@ -118,8 +120,8 @@ def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict,
         label_map = {k: ("background" if v == TARGET else v) for k, v in label_map.items()}
     entries = [{"id": SCANS[s], "image": str(files[s][0]), "label": str(files[s][1]), "split": split, "group": s}
                for s, split in cases]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"name": name, "label_map": label_map, "cases": entries}, indent=1) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"name": name, "label_map": label_map, "cases": entries}, indent=1) + "\n")
     return path
 
 
@@ -161,11 +163,8 @@ def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, ste
     lists = write_list(work / "lists" / f"pretrain_{tag}.json", f"pretrain_{tag}",
                        [(s, "train") for s in subjects], files, pretraining=True)
     volumes = 8  # volumes drawn an epoch (with repeats): a number of steps that does not depend on the subjects
-    overrides = [arg for value in MODELS[model].overrides for arg in ("--set", value)]
-    overrides += ["--set", f"sampling.volumes_per_epoch={volumes}", "--set", "checkpoint_every=50",
+    overrides = ["--set", f"sampling.volumes_per_epoch={volumes}", "--set", "checkpoint_every=50",
                  "--set", f"data.cache_dir={work / 'cache' / model}"]
-    from fsseg.config import load_config
-    from pretrain.config import PretrainConfig
     batch = load_config(PretrainConfig, REPO / MODELS[model].config, []).optim.batch_size
     overrides += ["--set", f"optim.epochs={max(1, steps * batch // volumes)}"]
     if model == "merlin":
@@ -277,8 +276,8 @@ def main() -> None:
         "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
         "seconds": round(time.time() - started, 1), "table": table, "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
