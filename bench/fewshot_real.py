@@ -18,14 +18,15 @@ Foundation models (``--models``):
   (encoder frozen, its features cached once per scan).
 
 Both pretrain on their config's template, fseft29: of the 117 TotalSegmentator structures it supervises the 15
-it holds (``template=totalseg117`` would supervise all of them, at about 4 times the CPU time a step).
+it holds (the totalseg117 template would supervise all of them, at about 4 times the CPU time a step).
 
 Methods come with their shipped settings (``--method-configs``, default configs/adapt); ``--epochs-cap E``
 trains copies of them for at most E epochs (of their own steps per epoch), for CPU budgets. Full fine-tuning of
 the 117M encoder is left out on a CPU (``ft`` of ``merlin`` runs only where CUDA is available).
 
 Everything runs through the installed CLIs in ``--work``; finished pretrainings and adaptations are kept and
-skipped on a rerun, so an interrupted run continues. The liver of the LiTS case is its liver and tumour labels
+skipped on a rerun, so an interrupted run continues (an adaptation is kept by its pair, whatever its methods:
+other methods or settings need another ``--work``, which may link the pretrainings). The liver of the LiTS case is its liver and tumour labels
 together (TotalSegmentator's liver includes lesions); that label is written into ``--work``, never beside the
 data. Prints a table (method x K: mean +- std of Dice over the (S, T) pairs, trainable parameters) and writes
 JSON.
