@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice
 
 from adapt.config import AdaptConfig
 from adapt.engine import Adaptation
@@ -53,8 +54,8 @@ def fit(x: torch.Tensor, y: torch.Tensor, iterations: int) -> tuple[torch.Tensor
 
 
 def dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    total = float(prediction.sum() + target.sum())
-    return 2 * float((prediction * target).sum()) / total if total else 1.0
+    """Dice of two flat binary voxel vectors (1 when both are empty)."""
+    return float(compute_dice(prediction.view(1, 1, -1), target.view(1, 1, -1), ignore_empty=False)[0, 0])
 
 
 def main() -> None:
