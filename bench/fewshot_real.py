@@ -26,10 +26,10 @@ the 117M encoder is left out on a CPU (``ft`` of ``merlin`` runs only where CUDA
 
 Everything runs through the installed CLIs in ``--work``; finished pretrainings and adaptations are kept and
 skipped on a rerun, so an interrupted run continues (an adaptation is kept by its pair, whatever its methods:
-other methods or settings need another ``--work``, which may link the pretrainings). The liver of the LiTS case is its liver and tumour labels
-together (TotalSegmentator's liver includes lesions); that label is written into ``--work``, never beside the
-data. Prints a table (method x K: mean +- std of Dice over the (S, T) pairs, trainable parameters) and writes
-JSON.
+other methods or settings need another ``--work``, which may link the pretrainings). The liver of the LiTS case is
+its liver and tumour labels together (TotalSegmentator's liver includes lesions); that label is written into
+``--work``, never beside the data. Prints a table (method x K: mean +- std of Dice over the (S, T) pairs,
+trainable parameters) and writes JSON.
 
     python bench/fewshot_real.py --out bench/results/fewshot_real.json --work /tmp/fewshot_real
 """
@@ -49,6 +49,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import yaml
 
 from fsseg.config import load_config
 from fsseg.data.io import atomic_path
@@ -62,7 +63,7 @@ TARGET = "liver"
 SCANS = {"TS-A": "ts_example_ct", "TS-B": "ts_example_dicom", "LITS-117": "lits_117_crop128",
          "LIDC-0001": "lidc_0001_abd_1p4mm"}
 LITS_LIVER_IDS = (1, 2)  # liver, liver tumour
-TOTALSEG_LIST = REPO / "data_lists" / "examples" / "shared_ct_totalseg.json"
+TOTALSEG_MAP = json.loads((REPO / "data_lists" / "examples" / "shared_ct_totalseg.json").read_text())["label_map"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def run(command: list[str], log: Path) -> None:
 def scan_files(work: Path) -> dict[str, tuple[Path, Path]]:
     """Image and TotalSegmentator-scheme label of each subject's scan; the LiTS label is rewritten (liver = 5)."""
     manifest = json.loads((SHARED_CT / "manifest.json").read_text())["cases"]
-    liver_id = next(int(k) for k, v in json.loads(TOTALSEG_LIST.read_text())["label_map"].items() if v == TARGET)
+    liver_id = next(int(k) for k, v in TOTALSEG_MAP.items() if v == TARGET)
     files = {}
     for subject, case in SCANS.items():
         group = manifest[case]["subject_group"]
@@ -116,9 +117,7 @@ def scan_files(work: Path) -> dict[str, tuple[Path, Path]]:
 def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict, pretraining: bool) -> Path:
     """A data list of (subject, split) cases in the TotalSegmentator scheme; for pretraining the liver is
     background."""
-    label_map = json.loads(TOTALSEG_LIST.read_text())["label_map"]
-    if pretraining:
-        label_map = {k: ("background" if v == TARGET else v) for k, v in label_map.items()}
+    label_map = {k: ("background" if v == TARGET and pretraining else v) for k, v in TOTALSEG_MAP.items()}
     entries = [{"id": SCANS[s], "image": str(files[s][0]), "label": str(files[s][1]), "split": split, "group": s}
                for s, split in cases]
     with atomic_path(path) as tmp:
@@ -196,8 +195,6 @@ def adapt(model: str, checkpoint: Path, supports: tuple[str, ...], test: str, me
 
 def capped_method_configs(source: Path, cap: int, work: Path) -> Path:
     """Copies of the method settings in ``source`` with ``training.epochs`` at most ``cap``."""
-    import yaml
-
     out = work / f"method_configs_cap{cap}"
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.glob("*.yaml")):

@@ -24,6 +24,7 @@ from monai.metrics import compute_dice
 from adapt.config import AdaptConfig
 from adapt.engine import Adaptation
 from fsseg.config import load_config
+from fsseg.data.io import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,17 +77,18 @@ def main() -> None:
         tests = {case.id: voxels(run, case) for case in run.tests}
     x, y = torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train])
     mean, std = x.mean(0), x.std(0) + 1e-6
-    weight, bias = fit((x - mean) / std, y, args.iterations)
-    scores = {case: dice(((((f - mean) / std) @ weight + bias) > 0).float(), t) for case, (f, t) in tests.items()}
-    train_dice = dice(((((x - mean) / std) @ weight + bias) > 0).float(), y)
+    x = (x - mean) / std
+    weight, bias = fit(x, y, args.iterations)
+    train_dice = dice((x @ weight + bias > 0).float(), y)
+    scores = {case: dice((((f - mean) / std) @ weight + bias > 0).float(), t) for case, (f, t) in tests.items()}
     result = {"benchmark": "probe_bound", "checkpoint": args.checkpoint, "organ": args.organ,
               "feature_channels": int(x.shape[1]), "train_cases": [c.id for c in run.pool[:args.train]],
               "train_dice": round(train_dice, 4), "test_dice": {k: round(v, 4) for k, v in scores.items()},
               "test_dice_mean": round(float(np.mean(list(scores.values()))), 4)}
     print(f"{args.organ}: best linear head on {x.shape[1]} feature channels of {len(train)} train case(s): "
           f"Dice {train_dice:.3f} on them, {result['test_dice_mean']:.3f} on {len(scores)} test case(s)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
