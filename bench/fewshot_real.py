@@ -153,8 +153,10 @@ def encoder_checkpoint(work: Path) -> Path:
     return out
 
 
-def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, steps: int) -> Path:
-    """The foundation model pretrained on ``subjects`` (liver unsupervised); kept between runs."""
+def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, steps: int,
+             settings: list[str]) -> Path:
+    """The foundation model pretrained on ``subjects`` (liver unsupervised), with ``settings`` (KEY=VALUE) over
+    its config; kept between runs."""
     tag = "+".join(subjects)
     out = work / model / f"pretrain_{tag}"
     checkpoint = out / "checkpoint_latest.pt"
@@ -165,10 +167,11 @@ def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, ste
     volumes = 8  # volumes drawn an epoch (with repeats): a number of steps that does not depend on the subjects
     overrides = ["--set", f"sampling.volumes_per_epoch={volumes}", "--set", "checkpoint_every=50",
                  "--set", f"data.cache_dir={work / 'cache' / model}"]
-    batch = load_config(PretrainConfig, REPO / MODELS[model].config, []).optim.batch_size
+    batch = load_config(PretrainConfig, REPO / MODELS[model].config, settings).optim.batch_size
     overrides += ["--set", f"optim.epochs={max(1, steps * batch // volumes)}"]
     if model == "merlin":
         overrides += ["--set", f"model.init={encoder_checkpoint(work)}"]
+    overrides += [arg for setting in settings for arg in ("--set", setting)]
     run([str(BIN / "fsseg-pretrain"), "--config", str(REPO / MODELS[model].config), "--data-list", str(lists),
          "--out", str(out), "--resume", "auto", "--no-progress", *overrides],
         work / "logs" / f"{model}_pretrain_{tag}.log")
@@ -242,6 +245,8 @@ def main() -> None:
     parser.add_argument("--folds", choices=["all", "cyclic"], default="all",
                         help="all: every K-set of supports per test subject; cyclic: the K subjects after it only")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="optimizer steps of each pretraining")
+    parser.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings over the pretraining config, e.g. preprocessing.roi=[64,64,32]")
     parser.add_argument("--method-configs", default=str(REPO / "configs/adapt"))
     parser.add_argument("--epochs-cap", type=int, help="train each method at most this many epochs")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap of features and scoring")
@@ -263,13 +268,13 @@ def main() -> None:
         for i, (k, supports, test, rest) in enumerate(plan, 1):
             print(f"[{model} {i}/{len(plan)}] K={k}: pretrain on {', '.join(rest)}; adapt on {', '.join(supports)}; "
                   f"test on {test} ({time.time() - started:.0f} s)", flush=True)
-            checkpoint = pretrain(model, rest, files, work, args.pretrain_steps)
+            checkpoint = pretrain(model, rest, files, work, args.pretrain_steps, args.pretrain_set)
             rows += adapt(model, checkpoint, supports, test, methods, files, work, str(method_configs), args.overlap)
     table = summarise(rows)
     print_table(table, args.shots)
     result = {
         "benchmark": "fewshot_real", "target": TARGET, "subjects": SCANS, "shots": args.shots, "folds": args.folds,
-        "pretrain_steps": args.pretrain_steps,
+        "pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
         "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
         "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
         "seconds": round(time.time() - started, 1), "table": table, "rows": rows,

@@ -130,9 +130,11 @@ def start_from(model: SegmentationModel, cfg: PretrainConfig, template: Template
     if payload["arch"] != model.arch:
         raise ConfigError(f"model.init {init} holds model {payload['arch']}, the config asks for {model.arch}; set "
                           f"model.name (and model.kwargs) to the checkpoint's")
-    if payload["preprocessing"] != cfg.preprocessing.to_dict():
+    # The roi is a window size (memory, context), not something the weights learnt: the rest must agree.
+    made, given = (dict(p, roi=None) for p in (payload["preprocessing"], cfg.preprocessing.to_dict()))
+    if made != given:
         raise ConfigError(f"model.init {init} was made for preprocessing {payload['preprocessing']}; set the "
-                          f"config's preprocessing to it (it has {cfg.preprocessing.to_dict()})")
+                          f"config's preprocessing to it, any roi (it has {cfg.preprocessing.to_dict()})")
     state = dict(payload["state_dict"])
     if not head_trained(payload) or payload["template"] != template.to_dict():
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -168,7 +168,7 @@ def imported_tiny_encoder(path: Path, pre) -> Path:
 @pytest.mark.parametrize("encoder_cache", [True, False])
 def test_pretraining_a_decoder_on_a_frozen_encoder_keeps_the_encoder_as_imported(phantom_dir, tmp_path,
                                                                                  encoder_cache):
-    pre = Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32))
+    pre = Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(64, 64, 32))  # imported at a larger roi than it trains on
     init = imported_tiny_encoder(tmp_path / "encoder.pt", pre)
     out = tmp_path / "run"
     overrides = ["model.name=i3resnet_tiny", f"model.init={init}", "model.freeze=[encoder]",
@@ -197,6 +197,16 @@ def test_pretraining_a_decoder_on_a_frozen_encoder_keeps_the_encoder_as_imported
                       "--set", f"method_configs={configs}"]) == 0
         rows = json.loads((tmp_path / "adapt" / "results.json").read_text())["rows"]
         assert {r["method"] for r in rows} == {"lp"} and all(0 <= r["dice"] <= 1 for r in rows)
+
+
+def test_pretraining_refuses_an_encoder_made_for_another_spacing(phantom_dir, tmp_path, capsys):
+    init = imported_tiny_encoder(tmp_path / "encoder.pt", Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32)))
+    overrides = ["model.name=i3resnet_tiny", f"model.init={init}", "preprocessing.spacing=[3.0, 3.0, 3.0]",
+                 "preprocessing.roi=[32, 32, 32]"]
+    command = ["--config", TINY, "--out", str(tmp_path / "run"), "--data-list", *source_lists(phantom_dir)]
+    assert pretrain([*command, *[a for o in overrides for a in ("--set", o)]]) == 2
+    assert "was made for preprocessing" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint_latest.pt").exists()
 
 
 def test_cached_encoder_crops_line_up_with_the_encoder_run_on_the_crop(phantom_dir, tmp_path):
