@@ -21,13 +21,14 @@ class TrainingConfig:
     (supports visited in shuffled rounds), so the schedule means the same number of steps whatever K is;
     ``steps_per_epoch: null`` makes an epoch one pass over the K supports (the reference code's epoch). Crops
     are ``crop_size`` voxels (default: the checkpoint's roi; frozen-backbone methods train on cached features and
-    may use smaller crops, or read every ``voxel_stride``-th voxel of each crop when their head is per-voxel).
+    may use smaller crops, or read every ``voxel_stride``-th voxel of each crop when their head is per-voxel;
+    methods that keep the encoder of an I3ResNet frozen, such as ``ft-last``, train the decoder on its cached skips).
     AdamW with a linear warm-up over ``warmup_epochs`` from ``warmup_start`` x lr, then a cosine decay that reaches 0
     after ``cosine_epochs`` (default: ``epochs``); on a GPU with autocast (bfloat16, else float16), on the CPU in
     float32 unless ``cpu_bf16``. Negative crops (``neg`` of ``pos + neg``) are centred on background inside the
     body (``neg_in_body``: above the HU window's floor) rather than anywhere, air and padding included. Image crops
     (methods that run the backbone) get a random intensity shift of up to ``intensity_shift`` with probability
-    ``intensity_shift_prob``; cached features have no image to shift. Training stops early when the moving
+    ``intensity_shift_prob``; cached features and skips have no image to shift. Training stops early when the moving
     average (over ``early_stop_window`` epochs) of the loss improved by less than ``early_stop_min_delta`` over the
     last ``early_stop_patience`` epochs, and never before ``early_stop_window + early_stop_patience`` epochs.
 

@@ -41,6 +41,7 @@ from fsseg.inference.predictor import FrozenBackbone
 from fsseg.losses.size_prior import organ_size_prior
 from fsseg.metrics import score_structure
 from fsseg.templates import Template, expand_structures
+from fsseg.training.encoder_cache import EncodedScan, EncoderCache, pad_for_encoder, splits_at_encoder
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
 from adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
 from adapt.results import finished_runs, format_table, results_table, run_header, write_results
@@ -92,6 +93,8 @@ class Adaptation:
         backbone = FrozenBackbone(self.base.features, self.base.feature_channels, self.base.head)
         self.store = FeatureStore(out / "features", json.dumps([self.checkpoint_sha, self.predictor.precision]),
                                   lambda image: self.predictor.stitched_features(image, backbone))
+        self.encoder_cache = EncoderCache(out / "encoder_features", self.base, json.dumps(
+            [self.checkpoint_sha, self.base.arch])) if splits_at_encoder(self.base) else None
         self.support_transform = inference_transforms(self.pre, keys=(IMAGE, LABEL), template=self.targets)
         self._supports: dict[str, Support] = {}
         self._queries: dict[str, Query] = {}
@@ -172,6 +175,14 @@ class Adaptation:
     def features(self, item: Support | Query) -> np.ndarray:
         image = item.image if isinstance(item, Support) else item.data[IMAGE]
         return self.store.get(item.key, image, item.case.id)
+
+    def encoded(self, item: Support) -> EncodedScan:
+        """The support's encoder skips (computed over the whole padded scan on first use)."""
+        encoded = self.encoder_cache.load(item.key)
+        if encoded is None:
+            image = pad_for_encoder(item.image.float(), self.encoder_cache.strides, self.pre.roi)
+            encoded = self.encoder_cache.encode(item.key, image, name=item.case.id)
+        return encoded
 
 
 @torch.no_grad()

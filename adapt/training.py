@@ -26,6 +26,7 @@ from fsseg.data.transforms import Preprocessing
 from fsseg.errors import ConfigError
 from fsseg.losses import PartialLabelLoss
 from fsseg.losses.size_prior import size_constraint_loss
+from fsseg.training.encoder_cache import EncodedScan, pad_for_encoder
 from fsseg.training.runtime import MixedPrecision, enable_activation_checkpointing
 
 log = logging.getLogger("fsseg.adapt")
@@ -42,13 +43,27 @@ class Support:
 
 
 class Source(Protocol):
-    """What the loop needs of the run: the device, the preprocessing (its roi) and the cached features of a
-    support."""
+    """What the loop needs of the run: the device, the preprocessing (its roi), and a support's cached features
+    and cached encoder skips."""
 
     device: torch.device
     pre: Preprocessing
 
     def features(self, item: Support) -> np.ndarray: ...
+
+    def encoded(self, item: Support) -> EncodedScan: ...
+
+
+# What a method trains on: crops of the backbone's cached features (frozen backbone), of the encoder's cached
+# skips (frozen encoder of a network that splits there: the decoder runs), or of the image (the whole network).
+INPUTS = ("features", "encoder", "image")
+
+
+def training_inputs(adapted: AdaptedModel) -> str:
+    """The cheapest of :data:`INPUTS` that trains ``adapted`` exactly."""
+    if adapted.backbone_frozen:
+        return "features"
+    return "encoder" if adapted.encoder_frozen else "image"
 
 
 @dataclass
@@ -126,27 +141,40 @@ def crop_batch(source: np.ndarray, crops: list[tuple[slice, ...]], layout: torch
 
 def train(adapted: AdaptedModel, supports: list[Support], run: Source, training: TrainingConfig, seed: int,
           until: int | None = None, ti: tuple[TransductiveConfig, torch.Tensor, list[float]] | None = None,
-          resume: TrainResult | None = None, use_feature_cache: bool | None = None) -> TrainResult:
+          resume: TrainResult | None = None, inputs: str | None = None) -> TrainResult:
     """Train ``adapted`` on the supports up to epoch ``until`` (default ``training.epochs``) or the plateau stop.
 
-    Frozen-backbone methods read crops of cached features unless ``use_feature_cache`` is False (the
-    reference code's way: the backbone runs on every full image crop of the roi; ``crop_size`` and
-    ``voxel_stride`` apply to cached features only). ``resume`` continues an earlier call's run where it ended
-    (schedule, crop RNG, plateau stop), on a copy of the model it trained. With ``ti`` = (settings, pooled query
-    features, target proportions), each epoch ends with one step on lam * L_TI of the query; the plateau stop
-    watches the support loss alone, as without ``ti``.
+    ``inputs`` (one of :data:`INPUTS`; default :func:`training_inputs`) says what the crops are cut from:
+    ``image`` is the reference code's way for every method (the network runs on every image crop of the roi);
+    ``crop_size`` and ``voxel_stride`` apply to cached features only, and encoder-skip crops start at multiples
+    of the encoder's deepest stride. ``resume`` continues an earlier call's run where it ended (schedule, crop
+    RNG, plateau stop), on a copy of the model it trained. With ``ti`` = (settings, pooled query features,
+    target proportions), each epoch ends with one step on lam * L_TI of the query; the plateau stop watches the
+    support loss alone, as without ``ti``.
     """
-    cached = adapted.backbone_frozen if use_feature_cache is None else use_feature_cache
-    if cached and not adapted.backbone_frozen:
-        raise ValueError("cached features need a frozen backbone")
+    inputs = inputs or training_inputs(adapted)
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got '{inputs}'")
+    if (inputs == "features" and not adapted.backbone_frozen) or (inputs == "encoder" and not adapted.encoder_frozen):
+        raise ValueError(f"cached {inputs} inputs need the {'backbone' if inputs == 'features' else 'encoder'} frozen")
+    cached = inputs == "features"
     stride = training.voxel_stride if cached else 1
     if stride > 1:
         check_voxel_stride(adapted, training)
     device = run.device
     crop = training.crop_size if (cached and training.crop_size) else run.pre.roi
-    sources = [run.features(s) if cached else s.image.numpy() for s in supports]
-    samplers = [CropSampler(s.target, crop, training.pos, training.neg, stride,
-                            body=s.image.numpy() if training.neg_in_body else None) for s in supports]
+    targets = [s.target for s in supports]
+    bodies = [s.image.numpy() if training.neg_in_body else None for s in supports]
+    align = None
+    if inputs == "encoder":
+        sources = [run.encoded(s) for s in supports]
+        align = sources[0].strides[-1]
+        targets = [pad_for_encoder(torch.from_numpy(t), sources[0].strides, crop).numpy() for t in targets]
+        bodies = [np.asarray(e.levels[0], dtype=np.float32) if training.neg_in_body else None for e in sources]
+    else:
+        sources = [run.features(s) if cached else s.image.numpy() for s in supports]
+    samplers = [CropSampler(t, crop, training.pos, training.neg, stride, body=b, align=align)
+                for t, b in zip(targets, bodies)]
     per_epoch = steps_per_epoch(training, len(supports))
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
@@ -156,8 +184,9 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
     rng, pending = np.random.RandomState(seed), []
     shift = RandShiftIntensity(training.intensity_shift, prob=training.intensity_shift_prob)
     shift.set_random_state(state=rng)  # one random stream for crops and shifts, continued by ``resume``
-    if cached and training.intensity_shift and training.intensity_shift_prob:
-        log.info("training.intensity_shift: not applied, this method trains on cached features (no image to shift)")
+    if inputs != "image" and training.intensity_shift and training.intensity_shift_prob:
+        log.info(f"training.intensity_shift: not applied, this method trains on cached {inputs} features (no image "
+                 "to shift)")
     stopper = EarlyStopper(training.early_stop_window, training.early_stop_patience, training.early_stop_min_delta,
                            resume.losses if resume else None)
     if resume:
@@ -174,7 +203,7 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
     for part in (adapted.trunk, adapted.head):
         part.to(memory_format=layout)
     micro = training.micro_batch or training.crops_per_volume
-    if training.activation_checkpointing and not cached and not enable_activation_checkpointing(adapted):
+    if training.activation_checkpointing and inputs == "image" and not enable_activation_checkpointing(adapted):
         log.warning("training.activation_checkpointing: this network offers none; training without it")
     stopped = bool(resume and resume.stopped)
     for epoch in range(len(stopper.losses), training.epochs if until is None else until):
@@ -190,13 +219,18 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
             # up to the whole batch's (the loss is a mean over crops).
             for first in range(0, len(slices), micro):
                 part = slices[first : first + micro]
-                x = crop_batch(sources[i], part, layout, features_dtype)
-                if not cached and training.intensity_shift_prob:
-                    x = torch.stack([torch.as_tensor(shift(crop)) for crop in x])
-                y = torch.stack([torch.from_numpy(supports[i].target[s].astype(np.float32)) for s in part])
-                x, y = x.to(device), y.to(device)
-                with precision.autocast():
-                    logits = adapted.head_forward(x) if cached else adapted(x)
+                y = torch.stack([torch.from_numpy(targets[i][s].astype(np.float32)) for s in part]).to(device)
+                if inputs == "encoder":
+                    crop_skips = [sources[i].crop([s.start for s in c[1:]], crop) for c in part]
+                    skips = [torch.stack(level).to(device) for level in zip(*crop_skips)]
+                    with precision.autocast():
+                        logits = adapted.decode_forward(skips)
+                else:
+                    x = crop_batch(sources[i], part, layout, features_dtype)
+                    if inputs == "image" and training.intensity_shift_prob:
+                        x = torch.stack([torch.as_tensor(shift(volume)) for volume in x])
+                    with precision.autocast():
+                        logits = adapted.head_forward(x.to(device)) if cached else adapted(x.to(device))
                 share = loss_fn(logits.float(), y, torch.ones(y.shape[:2], device=device)).total
                 share = share * len(part) / len(slices)
                 if not torch.isfinite(share):

@@ -188,7 +188,7 @@ def measure(work: Path, args: argparse.Namespace) -> list[dict]:
             torch.manual_seed(0)
             adapted = adapt_model(fast.base, fast.template, ["liver"], method)
             began = time.perf_counter()
-            train(adapted, supports, runs[style], training, seed=0, use_feature_cache=cached)
+            train(adapted, supports, runs[style], training, seed=0, inputs="features" if cached else "image")
             timings[style] = (time.perf_counter() - began) / args.epochs
             dice[style] = mean_dice(adapted, runs[style])
         fsseg_total = extraction + timings["fsseg"] * args.extrapolate

@@ -39,10 +39,11 @@ from fsseg.losses import PartialLabelLoss
 from fsseg.models import SegmentationModel, check_roi, create_model
 from fsseg.outputs import prepare_output_dir
 from fsseg.templates import Template, load_template
+from fsseg.training.encoder_cache import splits_at_encoder
 from fsseg.training.freezing import freeze_groups, train_trainable_parts
 from fsseg.training.runtime import MixedPrecision, Runtime, seed_everything
 from pretrain.config import PretrainConfig
-from pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset, splits_at_encoder
+from pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset
 
 log = logging.getLogger("fsseg.pretrain")
 # What a checkpoint must hold to continue training from it.

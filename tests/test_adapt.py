@@ -177,7 +177,7 @@ def test_cached_features_train_the_linear_probe_exactly_like_live_features(phant
     heads = {}
     for cached in (True, False):
         lp = adapt_model(run.base, run.template, ["liver"], "lp")
-        result = train(lp, [support], run, training, seed=0, use_feature_cache=cached)
+        result = train(lp, [support], run, training, seed=0, inputs="features" if cached else "image")
         heads[cached] = (lp.head.weight.detach().clone(), result.losses)
     assert torch.allclose(heads[True][0], heads[False][0], atol=2e-3)
     assert np.allclose(heads[True][1], heads[False][1], atol=2e-3)

@@ -19,6 +19,7 @@ from fsseg.errors import ConfigError, DataError
 from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
 from fsseg.models import create_model
 from fsseg.templates import load_template
+from fsseg.training.encoder_cache import EncoderCache
 
 TEMPLATE = load_template()
 
@@ -246,13 +247,16 @@ def test_organ_size_prior_uses_largest_component_and_trims():
 class SyntheticRun:
     """What the training loop reads of a run, over one synthetic scan the size of one window."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, folder: Path) -> None:
         self.device, self.pre = torch.device("cpu"), Preprocessing(roi=(64, 64, 32))
-        self.base = base
+        self.base, self.folder = base, folder
 
     def features(self, support):
         with torch.no_grad():
             return self.base.features(support.image[None])[0].to(torch.float16).numpy()
+
+    def encoded(self, support):
+        return EncoderCache(self.folder, self.base, "synthetic").encode(support.key, support.image)
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +281,7 @@ def nnunet():
 @pytest.mark.parametrize("model, method", [("swin", m) for m in sorted(list_methods())]
                          + [("i3resnet", m) for m in ("lp", "adapter", "ft-last", "bias", "affine-ln")]
                          + [("nnunet", m) for m in ("lp", "ft-last", "bias", "affine-ln")])
-def test_training_changes_only_the_parameters_a_method_trains(request, model, method):
+def test_training_changes_only_the_parameters_a_method_trains(request, tmp_path, model, method):
     from adapt.config import TrainingConfig
     from adapt.training import Support, train
 
@@ -296,9 +300,9 @@ def test_training_changes_only_the_parameters_a_method_trains(request, model, me
         f"{name}.{buffer}" for name, module in adapted.named_modules()
         if any(p.requires_grad for p in module.parameters(recurse=False)) for buffer, _ in module.named_buffers(recurse=False)}
     # Weight decay and a large step: every trained tensor moves, so a frozen one that moved would show.
-    train(adapted, [support], SyntheticRun(base), TrainingConfig(lr=1e-1, weight_decay=0.1, epochs=2, warmup_epochs=0,
-                                                                 steps_per_epoch=1, crops_per_volume=1, crop_size=None),
-          seed=0)
+    training = TrainingConfig(lr=1e-1, weight_decay=0.1, epochs=2, warmup_epochs=0, steps_per_epoch=1,
+                              crops_per_volume=1, crop_size=None)
+    train(adapted, [support], SyntheticRun(base, tmp_path), training, seed=0)
     changed = {n for n, t in adapted.state_dict().items() if not torch.equal(t, before[n])}
     assert changed and changed <= trained, sorted(changed - trained)[:5]
 

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from adapt.cli import main as adapt
+from adapt.config import AdaptConfig, TrainingConfig
+from adapt.engine import Adaptation
+from adapt.training import train
 from conftest import REPO, source_lists, write_method_configs
+from fsseg.adapters import adapt_model
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from fsseg.data.datalist import load_datalist
 from fsseg.data.transforms import IMAGE, LABEL, Preprocessing, case_item, inference_transforms
@@ -18,6 +22,7 @@ from fsseg.importing import LAYOUTS, MERLIN_IMAGE_ENCODER, convert
 from fsseg.importing import main as import_checkpoint
 from fsseg.models import create_model
 from fsseg.templates import load_template
+from fsseg.training.encoder_cache import EncoderCache, pad_for_encoder
 from pretrain.cli import main as pretrain
 from pretrain.encoder_features import SKIPS, EncoderFeatureDataset
 
@@ -193,10 +198,12 @@ def test_pretraining_a_decoder_on_a_frozen_encoder_keeps_the_encoder_as_imported
         configs = write_method_configs(tmp_path / "configs", epochs=2)
         assert adapt(["--checkpoint", str(out / "checkpoint_latest.pt"), "--data-list",
                       str(phantom_dir / "phantom_target.json"), "--out", str(tmp_path / "adapt"), "--organ",
-                      "gallbladder", "--shots", "1", "--method", "lp", "--seeds", "1", "--no-progress",
+                      "gallbladder", "--shots", "1", "--method", "lp", "ft-last", "--seeds", "1", "--no-progress",
                       "--set", f"method_configs={configs}"]) == 0
         rows = json.loads((tmp_path / "adapt" / "results.json").read_text())["rows"]
-        assert {r["method"] for r in rows} == {"lp"} and all(0 <= r["dice"] <= 1 for r in rows)
+        assert {r["method"] for r in rows} == {"lp", "ft-last"} and all(0 <= r["dice"] <= 1 for r in rows)
+        # ft-last trains the decoder on the supports' encoder skips, cached once (one support at K=1)
+        assert len(list((tmp_path / "adapt" / "encoder_features").glob("*/done.json"))) == 1
 
 
 def test_pretraining_refuses_an_encoder_made_for_another_spacing(phantom_dir, tmp_path, capsys):
@@ -227,3 +234,54 @@ def test_cached_encoder_crops_line_up_with_the_encoder_run_on_the_crop(phantom_d
         inner = (slice(None), slice(4, -4), slice(4, -4), slice(2, -2))
         assert torch.allclose(skips[1][inner], alone[1][0][inner], rtol=2e-3, atol=2e-3)
         assert sample[LABEL].shape == (len(FSEFT), *pre.roi)
+
+
+def test_ft_last_on_cached_encoder_skips_trains_like_ft_last_on_image_crops(phantom_dir, tmp_path):
+    pre = Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32))
+    config = AdaptConfig(checkpoint=str(imported_tiny_encoder(tmp_path / "encoder.pt", pre)),
+                         data_list=str(phantom_dir / "phantom_target.json"), organs=["liver"], shots=[1],
+                         methods=["ft-last"], seeds=1)
+    run = Adaptation(config, tmp_path / "adapt", torch.device("cpu"))
+    support = run.support(run.pool[0])
+    # A support exactly one crop large: the whole-scan skips are the skips of the one crop the image path sees.
+    centre = np.argwhere(support.target[0]).mean(0).astype(int)
+    shape = support.target.shape[1:]
+    crop = tuple(slice(s, s + 32) for s in (np.clip(c - 16, 0, n - 32) for c, n in zip(centre, shape)))
+    support.image = support.image[(slice(None),) + crop].clone()
+    support.target = np.ascontiguousarray(support.target[(slice(None),) + crop])
+    support.key = "one-crop"
+    training = TrainingConfig(lr=1e-2, epochs=3, steps_per_epoch=2, crops_per_volume=1)
+    models = {}
+    for inputs in ("encoder", "image"):
+        torch.manual_seed(0)  # the same fresh head rows
+        models[inputs] = adapt_model(run.base, run.template, ["liver"], "ft-last")
+    encoder_runs = []
+    run.base.backbone.layer1.register_forward_hook(lambda *_: encoder_runs.append("cache"))
+    trained = {}
+    for inputs, adapted in models.items():
+        assert adapted.encoder_frozen and not adapted.backbone_frozen
+        adapted.base.backbone.layer1.register_forward_hook(lambda *_, inputs=inputs: encoder_runs.append(inputs))
+        result = train(adapted, [support], run, training, seed=0, inputs=inputs)
+        trained[inputs] = (adapted.trainable_state_dict(), result.losses)
+    # The skips were computed once, by the run's frozen base; the cached run never ran the encoder per step.
+    assert encoder_runs.count("cache") == 1 and "encoder" not in encoder_runs and encoder_runs.count("image") == 6
+    weights, losses = trained["encoder"]
+    assert weights.keys() == trained["image"][0].keys() and any(k.startswith("base.backbone.decoder0.") for k in weights)
+    # The same losses, step for step, to the float16 rounding of the cached skips; Adam's normalised steps turn
+    # that rounding, on gradients near 0, into weight differences of up to about lr.
+    assert np.allclose(losses, trained["image"][1], rtol=1e-4) and losses[-1] < losses[0]
+    assert all(torch.allclose(weights[k], trained["image"][0][k], atol=2 * training.lr) for k in weights)
+
+
+def test_damaged_encoder_features_are_encoded_again_not_read(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = create_model("i3resnet_tiny", num_classes=2).eval()
+    cache = EncoderCache(tmp_path, model, "key")
+    image = pad_for_encoder(torch.rand(1, 40, 36, 20), cache.strides, (32, 32, 32))
+    assert image.shape == (1, 64, 64, 32) and cache.load("scan") is None
+    expected = np.array(cache.encode("scan", image).levels[2])
+    level = next(tmp_path.glob("*/level2.npy"))
+    level.write_bytes(level.read_bytes()[: level.stat().st_size // 2])  # a kill or a full disk mid-write
+    assert cache.load("scan") is None and "damaged" in caplog.text
+    again = cache.encode("scan", image)
+    assert np.array_equal(again.levels[2], expected) and cache.load("scan") is not None

@@ -19,6 +19,7 @@ from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel
 from fsseg.models.base import new_head
 from fsseg.templates import Template, canonical_name
+from fsseg.training.encoder_cache import splits_at_encoder
 from fsseg.training.freezing import train_trainable_parts
 
 
@@ -43,6 +44,10 @@ class AdaptedModel(nn.Module):
         """(B, F, ...) features -> (B, K, ...) logits."""
         return self.head(self.trunk(features))
 
+    def decode_forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The skips of the backbone's encoder (a network that splits there) -> (B, K, ...) logits."""
+        return self.head_forward(self.base.backbone.decode(skips))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_forward(self.features(x))
 
@@ -50,6 +55,13 @@ class AdaptedModel(nn.Module):
     def backbone_frozen(self) -> bool:
         """True when no parameter of the pretrained feature extractor trains (features can be cached)."""
         return not any(p.requires_grad for p in self.base.backbone.parameters())
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """True when the backbone splits at its encoder and no encoder parameter trains (the encoder's skips can
+        be cached and the decoder trained on them)."""
+        return splits_at_encoder(self.base) and not any(
+            p.requires_grad for p in self.base.parameter_groups()["encoder"])
 
     @property
     def per_voxel_head(self) -> bool:
