@@ -75,7 +75,7 @@ class EncoderFeatureDataset(torch.utils.data.Dataset):
         image = pad_for_encoder(torch.as_tensor(data[IMAGE]).as_subclass(torch.Tensor).float(), strides, self.roi)
         label = pad_for_encoder(torch.as_tensor(data[LABEL]).as_subclass(torch.Tensor), strides, self.roi)
         return self.cache.encode(self.keys[index], image, {"label": label.to(torch.uint8)},
-                                 {"task_mask": torch.as_tensor(data[TASK_MASK]).tolist()},
+                                 {"task_mask": torch.as_tensor(data[TASK_MASK]).tolist(), "id": data["id"]},
                                  name=f"scan {index + 1}/{len(self)}")
 
     def _case(self, index: int):
@@ -95,5 +95,5 @@ class EncoderFeatureDataset(torch.utils.data.Dataset):
             skips = encoded.crop([s.start for s in crop[1:]], self.roi)
             index_map = torch.from_numpy(label[crop].astype(np.int64))
             target = torch.nn.functional.one_hot(index_map[0], self.channels + 1).movedim(-1, 0)[1:].float()
-            samples.append({SKIPS: skips, LABEL: target, TASK_MASK: task_mask})
+            samples.append({SKIPS: skips, LABEL: target, TASK_MASK: task_mask, "id": encoded.meta["id"]})
         return samples

@@ -172,7 +172,9 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     if runtime.is_main:
         prepare_output_dir(out, "--out")
         _log_to_file(paths.log)
-    if cfg.model.init and payload is None:
+    if payload is not None:  # before the encoder cache encodes anything with these weights
+        model.load_state_dict(payload["state_dict"])
+    elif cfg.model.init:
         start_from(model, cfg, template)
     trainable = freeze_groups(model, cfg.model.freeze)
     cached = "encoder" in cfg.model.freeze and cfg.data.encoder_cache and splits_at_encoder(model)
@@ -211,7 +213,6 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
 
     start_epoch, step, best, history = 0, 0, math.inf, []
     if payload is not None:
-        model.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         if scheduler.t_total != cfg.optim.epochs * steps_per_epoch:

@@ -2,6 +2,7 @@
 weights (when their package is installed) hold features of a network trained on CT."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,22 @@ def test_damaged_encoder_features_are_encoded_again_not_read(tmp_path, caplog):
     assert cache.load("scan") is None and "damaged" in caplog.text
     again = cache.encode("scan", image)
     assert np.array_equal(again.levels[2], expected) and cache.load("scan") is not None
+
+
+def test_a_resumed_pretraining_encodes_with_the_imported_encoder_not_a_fresh_one(phantom_dir, tmp_path):
+    init = imported_tiny_encoder(tmp_path / "encoder.pt", Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32)))
+    out = tmp_path / "run"
+    overrides = ["model.name=i3resnet_tiny", f"model.init={init}", "model.freeze=[encoder]",
+                 "preprocessing.spacing=[4.0, 4.0, 4.0]", "preprocessing.roi=[32, 32, 32]", "optim.warmup_epochs=0",
+                 "optim.batch_size=1", "augmentation.crops_per_volume=1", "data.encoder_cache=true"]
+    command = ["--config", TINY, "--out", str(out), "--data-list", *source_lists(phantom_dir), "--no-progress",
+               *[a for o in overrides for a in ("--set", o)]]
+    assert pretrain([*command, "--set", "optim.epochs=1"]) == 0
+    cache = out / "cache" / "encoder_features"
+    first = {path.relative_to(cache): np.load(path) for path in cache.glob("*/level5.npy")}
+    shutil.rmtree(cache)  # a cleaned disk, or a kill while the features were written
+    assert pretrain([*command, "--set", "optim.epochs=2", "--resume", "auto"]) == 0
+    assert "resumed from" in (out / "train.log").read_text()
+    again = {path.relative_to(cache): np.load(path) for path in cache.glob("*/level5.npy")}
+    assert len(first) == 6 and again.keys() == first.keys()
+    assert all(np.array_equal(again[key], first[key]) for key in first)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.transforms import DivisiblePad, SpatialPad
 
+from fsseg.checkpoint import NonFiniteWeights
 from fsseg.data.io import atomic_path
 from fsseg.models import SegmentationModel
 
@@ -39,6 +40,18 @@ def pad_for_encoder(array: torch.Tensor, strides: Sequence[Sequence[int]], roi: 
     (the roi is itself such a multiple)."""
     padded = SpatialPad(roi, method="end")(array)
     return DivisiblePad(strides[-1], method="end")(padded).as_subclass(torch.Tensor)
+
+
+def _storable(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """Floats as float16, unless that would overflow (activations beyond 65504): those stay float32."""
+    if not tensor.is_floating_point():
+        return tensor
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteWeights(f"the encoder's {name} features are not finite: the encoder's weights are broken")
+    if tensor.abs().max() > torch.finfo(torch.float16).max:
+        log.info(f"encoder {name} features exceed the float16 range: kept as float32")
+        return tensor.float()
+    return tensor.to(torch.float16)
 
 
 @dataclass
@@ -111,7 +124,7 @@ class EncoderCache:
         arrays |= extras or {}
         for key, tensor in arrays.items():
             with atomic_path(folder / f"{key}.npy") as tmp:
-                np.save(tmp, tensor.to(torch.float16 if tensor.is_floating_point() else tensor.dtype).numpy())
+                np.save(tmp, _storable(tensor, key).numpy())
         with atomic_path(folder / DONE) as tmp:
             tmp.write_text(json.dumps({"shape": list(image.shape[1:]), "extras": sorted(extras or {})}
                                       | (meta or {})))
