@@ -3,7 +3,7 @@
 For a network that splits at its encoder (``backbone.encode`` / ``backbone.decode`` / ``backbone.strides``: the
 I3ResNet), training that leaves the encoder frozen (decoder pretraining, ``ft-last``) needs the encoder's
 output only, never its gradient. So each scan is padded to a multiple of the encoder's deepest stride, encoded
-once as a whole and its skips kept as float16 files; a training crop then reads the skips at positions aligned to
+once as a whole and its skips kept as float16 files (float32 beyond its range); a training crop then reads the skips at positions aligned to
 that stride and only the decoder runs. The encoder is convolutional with batch norm in eval mode, so a crop of
 the whole-scan skips is what it computes on that region with its full context (a crop encoded alone would see
 zero padding at its borders instead).
