@@ -84,3 +84,16 @@ def write_method_configs(folder: Path, epochs: int = 8, **training) -> Path:
                     **training}
         (folder / f"{method}.yaml").write_text(yaml.safe_dump({"training": settings}))
     return folder
+
+
+def cut_to_one_window(support, size: int = 32):
+    """The support cut to one ``size``^3 window around its first target's centre, so that whatever a method caches
+    over the whole scan equals what it computes on the one crop it can draw."""
+    centre = np.argwhere(support.target[0]).mean(0).astype(int)
+    shape = support.target.shape[1:]
+    window = tuple(slice(s, s + size) for s in (np.clip(c - size // 2, 0, n - size) for c, n in zip(centre, shape)))
+    support.image = support.image[(slice(None),) + window].clone()
+    support.target = np.ascontiguousarray(support.target[(slice(None),) + window])
+    support.key = f"one window of {support.key}"
+    assert support.target.any()
+    return support

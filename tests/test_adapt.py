@@ -13,7 +13,7 @@ from adapt.cli import main
 from adapt.config import AdaptConfig, TrainingConfig
 from adapt.engine import Adaptation, predict_query
 from adapt.training import train
-from conftest import TOTALSEG_LIST, write_method_configs
+from conftest import TOTALSEG_LIST, cut_to_one_window, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import load_adapted_model, read_adapter_file
 from fsseg.checkpoint import read_checkpoint
@@ -166,13 +166,7 @@ def test_cached_features_train_the_linear_probe_exactly_like_live_features(phant
     run = Adaptation(config, tmp_path, torch.device("cpu"))
     support = run.support(run.pool[0])
     # A support exactly one window large: the cached sliding-window features are the live features.
-    centre = np.argwhere(support.target[0]).mean(0).astype(int)
-    shape = support.target.shape[1:]
-    crop = tuple(slice(s, s + 32) for s in (np.clip(c - 16, 0, n - 32) for c, n in zip(centre, shape)))
-    support.image = support.image[(slice(None),) + crop].clone()
-    support.target = np.ascontiguousarray(support.target[(slice(None),) + crop])
-    support.key = "one-window"
-    assert support.target.any()
+    cut_to_one_window(support)
     training = TrainingConfig(lr=1e-2, epochs=5, crops_per_volume=1, crop_size=None, steps_per_epoch=None)
     heads = {}
     for cached in (True, False):

@@ -13,7 +13,7 @@ from adapt.cli import main as adapt
 from adapt.config import AdaptConfig, TrainingConfig
 from adapt.engine import Adaptation
 from adapt.training import train
-from conftest import REPO, source_lists, write_method_configs
+from conftest import REPO, cut_to_one_window, source_lists, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from fsseg.data.datalist import load_datalist
@@ -245,12 +245,7 @@ def test_ft_last_on_cached_encoder_skips_trains_like_ft_last_on_image_crops(phan
     run = Adaptation(config, tmp_path / "adapt", torch.device("cpu"))
     support = run.support(run.pool[0])
     # A support exactly one crop large: the whole-scan skips are the skips of the one crop the image path sees.
-    centre = np.argwhere(support.target[0]).mean(0).astype(int)
-    shape = support.target.shape[1:]
-    crop = tuple(slice(s, s + 32) for s in (np.clip(c - 16, 0, n - 32) for c, n in zip(centre, shape)))
-    support.image = support.image[(slice(None),) + crop].clone()
-    support.target = np.ascontiguousarray(support.target[(slice(None),) + crop])
-    support.key = "one-crop"
+    cut_to_one_window(support)
     training = TrainingConfig(lr=1e-2, epochs=3, steps_per_epoch=2, crops_per_volume=1)
     models = {}
     for inputs in ("encoder", "image"):
