@@ -128,6 +128,7 @@ class EncoderCache:
         with atomic_path(folder / DONE) as tmp:
             tmp.write_text(json.dumps({"shape": list(image.shape[1:]), "extras": sorted(extras or {})}
                                       | (meta or {})))
+        stored = sum((folder / f"level{level}.npy").stat().st_size for level in range(1, len(skips)))
         log.info(f"cached the encoder features of {name or folder.name} ({tuple(image.shape[1:])}): "
-                 f"{sum(t.numel() for t in skips[1:]) * 2 / 2**20:.0f} MB")
+                 f"{stored / 2**20:.0f} MB")
         return self.load(scan_key)
