@@ -110,6 +110,11 @@ class AdaptConfig:
     ``overlap``, ``sw_batch_size``, ``amp`` and ``cpu_bf16`` are the sliding-window settings of feature extraction
     and scoring (see :class:`fsseg.inference.InferenceSettings`); adapter files record them, and fsseg-predict
     uses them by default so that it delivers the masks scored here.
+
+    ``cache_dir`` holds the frozen-backbone features and encoder skips (default: ``features/`` and
+    ``encoder_features/`` under the run's output folder). Runs may share one, such as the parts of a sweep or runs
+    of other methods on the same checkpoint and scans: an entry is keyed by the checkpoint's and the scan's content,
+    the preprocessing and the sliding-window settings, and written atomically.
     """
 
     checkpoint: str = "demo_out/pretrain/checkpoint_latest.pt"
@@ -128,6 +133,7 @@ class AdaptConfig:
     nsd_tolerance: float = ranged(2.0, "(0, inf)")
     save_adapters: bool = True
     pictures: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or not self.shots or min(self.shots) < 1:

@@ -91,9 +91,12 @@ class Adaptation:
                                            cpu_bf16=config.cpu_bf16)
         self.predictor = Predictor(self.base, self.organs, self.pre, device, self.inference)
         backbone = FrozenBackbone(self.base.features, self.base.feature_channels, self.base.head)
-        self.store = FeatureStore(out / "features", json.dumps([self.checkpoint_sha, self.predictor.precision]),
+        cache = Path(config.cache_dir) if config.cache_dir else out
+        # The overlap enters the key: stitched features blend windows, so other overlaps give other features.
+        self.store = FeatureStore(cache / "features", json.dumps([self.checkpoint_sha, self.predictor.precision,
+                                                                  config.overlap]),
                                   lambda image: self.predictor.stitched_features(image, backbone))
-        self.encoder_cache = EncoderCache(out / "encoder_features", self.base, json.dumps(
+        self.encoder_cache = EncoderCache(cache / "encoder_features", self.base, json.dumps(
             [self.checkpoint_sha, self.base.arch])) if splits_at_encoder(self.base) else None
         self.support_transform = inference_transforms(self.pre, keys=(IMAGE, LABEL), template=self.targets)
         self._supports: dict[str, Support] = {}

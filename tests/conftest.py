@@ -48,6 +48,13 @@ def phantom_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """One fsseg-adapt ``cache_dir`` for the tests whose property is not the cache itself: each scan's frozen
+    features are then computed once per session instead of once per test."""
+    return tmp_path_factory.mktemp("feature_cache")
+
+
 def source_lists(phantom_dir: Path) -> list[str]:
     return [str(phantom_dir / f"phantom_source_{s}.json") for s in "abc"]
 

@@ -20,9 +20,10 @@ from fsseg.checkpoint import read_checkpoint
 from fsseg.inference.predict import main as predict
 
 
-def adapt_args(checkpoint, data_list, out, configs, *extra):
+def adapt_args(checkpoint, data_list, out, configs, *extra, cache=None):
     return ["--checkpoint", str(checkpoint), "--data-list", str(data_list), "--out", str(out),
-            "--set", f"method_configs={configs}", "--set", "overlap=0.25", "--no-progress", *extra]
+            "--set", f"method_configs={configs}", "--set", "overlap=0.25", "--no-progress", *extra,
+            *(["--set", f"cache_dir={cache}"] if cache else [])]
 
 
 def test_adapt_on_phantoms_writes_table_results_and_adapters(phantom_dir, tiny_checkpoint, tmp_path, capsys):
@@ -60,13 +61,14 @@ def read_rows(out):
         return list(csv.DictReader(handle))
 
 
-def test_continue_keeps_finished_runs_and_redoes_changed_ones(phantom_dir, tiny_checkpoint, tmp_path, capsys):
+def test_continue_keeps_finished_runs_and_redoes_changed_ones(phantom_dir, tiny_checkpoint, tmp_path, capsys,
+                                                              feature_cache):
     import yaml
 
     configs = write_method_configs(tmp_path / "configs", epochs=2)
     out = tmp_path / "run"
     args = adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                      "--organ", "liver", "--shots", "1", "--seeds", "1")
+                      "--organ", "liver", "--shots", "1", "--seeds", "1", cache=feature_cache)
     assert main(args + ["--method", "lp"]) == 0
     first = read_rows(out)
     lp_file = out / "adapters" / "liver_lp_k1_s0.safetensors"
@@ -86,13 +88,32 @@ def test_continue_keeps_finished_runs_and_redoes_changed_ones(phantom_dir, tiny_
     assert "comes from another checkpoint, data list" in err and "Traceback" not in err
 
 
-def test_a_runs_dice_does_not_depend_on_what_else_is_asked(phantom_dir, tiny_checkpoint, tmp_path):
+def test_runs_sharing_a_cache_dir_compute_each_scans_features_once(phantom_dir, tiny_checkpoint, tmp_path):
+    configs = write_method_configs(tmp_path / "configs", epochs=1)
+    cache = tmp_path / "cache"
+
+    def run(out, method, *extra):
+        assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
+                               "--shots", "1", "--seeds", "1", "--method", method, "--set", "pictures=false",
+                               *extra, cache=cache)) == 0
+        assert not (out / "features").exists()
+        return {p.name: p.stat().st_mtime_ns for p in (cache / "features").glob("*.npy")}
+
+    first = run(tmp_path / "lp", "lp")
+    assert len(first) == 3  # the support and the 2 test scans
+    assert run(tmp_path / "adapter", "adapter") == first  # read, not computed or rewritten
+    # Stitched features blend windows: another overlap gets entries of its own.
+    assert len(run(tmp_path / "overlap", "lp", "--set", "overlap=0.5")) == 2 * len(first)
+
+
+def test_a_runs_dice_does_not_depend_on_what_else_is_asked(phantom_dir, tiny_checkpoint, tmp_path, feature_cache):
     configs = write_method_configs(tmp_path / "configs", epochs=2)
 
     def scratch_run(out, *methods, resume=False):
         """Dice rows and trained weights of the scratch run (random weights: they show any shift of the RNG)."""
         args = adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
-                          "--shots", "1", "--seeds", "1", "--method", *methods, "--set", "pictures=false")
+                          "--shots", "1", "--seeds", "1", "--method", *methods, "--set", "pictures=false",
+                          cache=feature_cache)
         assert main(args + (["--continue"] if resume else [])) == 0
         weights = read_adapter_file(out / "adapters" / "liver_scratch_k1_s0.safetensors")["state_dict"]
         return [(r["case"], r["dice"], r["nsd"]) for r in read_rows(out) if r["method"] == "scratch"], weights
@@ -108,7 +129,7 @@ def test_a_runs_dice_does_not_depend_on_what_else_is_asked(phantom_dir, tiny_che
 
 @pytest.mark.parametrize("method", ["lp", "adapter", "ft"])
 def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored(phantom_dir, tiny_checkpoint,
-                                                                                  tmp_path, method):
+                                                                                  tmp_path, method, feature_cache):
     # The 3x3x3 spatial adapter is where stitching features and stitching per-window logits part ways; the run
     # scores at overlap 0.25 and fsseg-predict is not told so: the adapter file carries it.
     # learning rates at which the random-weight tiny UNet finds some liver within 15 steps
@@ -116,14 +137,15 @@ def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored
                                    lr={"lp": 1.0, "adapter": 0.1, "ft": 1e-2}[method])
     out = tmp_path / "run"
     assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                           "--organ", "liver", "--shots", "1", "--method", method, "--seeds", "1")) == 0
+                           "--organ", "liver", "--shots", "1", "--method", method, "--seeds", "1",
+                           cache=feature_cache)) == 0
     adapter = out / "adapters" / f"liver_{method}_k1_s0.safetensors"
     adapted, pre, info = load_adapted_model(adapter, tiny_checkpoint)
     assert info["inference"]["overlap"] == 0.25
     config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
                          organs=["liver"], shots=[1], methods=[method], seeds=1, method_configs=str(configs),
-                         overlap=0.25)
-    run = Adaptation(config, out, torch.device("cpu"))  # the run's own feature cache
+                         overlap=0.25, cache_dir=str(feature_cache))
+    run = Adaptation(config, out, torch.device("cpu"))  # the run's features, cached
     with open(out / "results.csv") as handle:
         rows = {r["case"]: r for r in csv.DictReader(handle)}
     found = []
@@ -267,7 +289,8 @@ def test_resumed_training_continues_the_crops_instead_of_replaying_them(phantom_
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_transductive_and_plain_runs_stop_by_the_same_rule(phantom_dir, tiny_checkpoint, tmp_path, caplog):
+def test_transductive_and_plain_runs_stop_by_the_same_rule(phantom_dir, tiny_checkpoint, tmp_path, caplog,
+                                                            feature_cache):
     configs = write_method_configs(tmp_path / "configs", epochs=8, early_stop_window=1, early_stop_patience=2,
                                    early_stop_min_delta=10.0)  # the plateau stop fires as soon as it may: epoch 3
     epochs = {}
@@ -275,7 +298,7 @@ def test_transductive_and_plain_runs_stop_by_the_same_rule(phantom_dir, tiny_che
         out = tmp_path / ti
         assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
                                "--shots", "1", "--method", "lp", "--seeds", "1", ti,
-                               "--set", "ti.warmup_epochs=2")) == 0
+                               "--set", "ti.warmup_epochs=2", cache=feature_cache)) == 0
         with open(out / "results.csv") as handle:
             epochs[ti] = {int(r["epochs"]) for r in csv.DictReader(handle)}
     assert epochs == {"--no-ti": {3}, "--ti": {3}}
@@ -296,12 +319,12 @@ def fixed_crop_loss(adapted, supports, run, crops=4):
     return float(np.mean(losses))
 
 
-def test_transductive_rows_adapt_once_per_query(phantom_dir, tiny_checkpoint, tmp_path):
+def test_transductive_rows_adapt_once_per_query(phantom_dir, tiny_checkpoint, tmp_path, feature_cache):
     configs = write_method_configs(tmp_path / "configs", epochs=6)
     out = tmp_path / "ti"
     assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
                            "--organ", "liver", "--shots", "2", "--method", "lp", "adapter", "--seeds", "1", "--ti",
-                           "--set", "ti.warmup_epochs=3")) == 0
+                           "--set", "ti.warmup_epochs=3", cache=feature_cache)) == 0
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 2 and all(r["transductive"] == "True" for r in rows)
@@ -426,15 +449,16 @@ def test_transformer_methods_train_their_own_parameters(phantom_dir, swin_checkp
     assert sum(not torch.equal(value, after[name]) for name, value in before.items()) > 0.9 * len(before)
 
 
-def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir, tiny_checkpoint, tmp_path, capsys):
+def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir, tiny_checkpoint, tmp_path, capsys,
+                                                                     feature_cache):
     configs = write_method_configs(tmp_path / "configs", epochs=1)
     sweep = ["--organ", "liver", "--shots", "1", "2", "--method", "lp", "adapter", "--seeds", "1"]
     data = phantom_dir / "phantom_target.json"
-    assert main(adapt_args(tiny_checkpoint, data, tmp_path / "whole", configs, *sweep)) == 0
+    assert main(adapt_args(tiny_checkpoint, data, tmp_path / "whole", configs, *sweep, cache=feature_cache)) == 0
     parts = [tmp_path / f"part{i}" for i in range(2)]
     for i, part in enumerate(parts):
         assert main(adapt_args(tiny_checkpoint, data, part, configs, *sweep, "--num-parts", "2", "--part-id",
-                               str(i))) == 0
+                               str(i), cache=feature_cache)) == 0
     assert [sorted({(r["method"], int(r["shots"])) for r in read_rows(p)}) for p in parts] == [
         [("lp", 1), ("lp", 2)], [("adapter", 1), ("adapter", 2)]]
     capsys.readouterr()
