@@ -139,7 +139,8 @@ def folds(shots: list[int], cyclic: bool = False) -> list[tuple[int, tuple[str, 
         for i, test in enumerate(subjects):
             others = subjects[i + 1:] + subjects[:i]
             for supports in [tuple(others[:k])] if cyclic else itertools.combinations(others, k):
-                rest = tuple(s for s in others if s not in supports)
+                # In the subjects' own order: one pretraining per set of subjects, whichever pair asks for it.
+                rest = tuple(s for s in subjects if s not in supports and s != test)
                 if rest:
                     out.append((k, supports, test, rest))
     return out
