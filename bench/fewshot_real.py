@@ -25,10 +25,10 @@ trains copies of them for at most E epochs (of their own steps per epoch), for C
 the 117M encoder is left out on a CPU (``ft`` of ``merlin`` runs only where CUDA is available).
 
 Everything runs through the installed CLIs in ``--work``; finished pretrainings and adaptations are kept and
-skipped on a rerun, so an interrupted run continues (an adaptation is kept by its pair, whatever its methods:
-other methods or settings need another ``--work``, which may link the pretrainings). The liver of the LiTS case is
-its liver and tumour labels together (TotalSegmentator's liver includes lesions); that label is written into
-``--work``, never beside the data. Prints a table (method x K: mean +- std of Dice over the (S, T) pairs,
+skipped on a rerun, so an interrupted run continues (an adaptation that lacks some of the methods asked for goes
+on with fsseg-adapt ``--continue``; other settings need another ``--work``, which may link the pretrainings).
+The liver of the LiTS case is its liver and tumour labels together (TotalSegmentator's liver includes lesions);
+that label is written into ``--work``, never beside the data. Prints a table (method x K: mean +- std of Dice over the (S, T) pairs,
 trainable parameters) and writes JSON.
 
     python bench/fewshot_real.py --out bench/results/fewshot_real.json --work /tmp/fewshot_real
@@ -191,13 +191,16 @@ def adapt(model: str, checkpoint: Path, supports: tuple[str, ...], test: str, me
     tag = f"{'+'.join(supports)}_to_{test}"
     out = work / model / f"adapt_{tag}"
     results = out / "results.json"
-    if not results.exists():
+    # fsseg-adapt writes results.json after each finished run, so a killed adaptation leaves methods missing.
+    done = {r["method"] for r in json.loads(results.read_text())["rows"]} if results.exists() else set()
+    if not set(methods) <= done:
         data_list = write_list(work / "lists" / f"adapt_{tag}.json", f"adapt_{tag}",
                                [(s, "train") for s in supports] + [(test, "test")], files, pretraining=False)
         run([str(BIN / "fsseg-adapt"), "--checkpoint", str(checkpoint), "--data-list", str(data_list),
              "--organ", TARGET, "--shots", str(len(supports)), "--method", *methods, "--seeds", "1",
              "--out", str(out), "--no-progress", "--set", f"method_configs={method_configs}",
-             "--set", f"overlap={overlap}", "--set", "pictures=false", "--set", "save_adapters=false"],
+             "--set", f"overlap={overlap}", "--set", "pictures=false", "--set", "save_adapters=false",
+             *(["--continue"] if done else [])],
             work / "logs" / f"{model}_adapt_{tag}.log")
     rows = json.loads(results.read_text())["rows"]
     return [dict(row, model=model, supports=list(supports), test_subject=test) for row in rows]
