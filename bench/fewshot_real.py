@@ -28,8 +28,8 @@ Everything runs through the installed CLIs in ``--work``; finished pretrainings 
 skipped on a rerun, so an interrupted run continues (an adaptation that lacks some of the methods asked for goes
 on with fsseg-adapt ``--continue``; other settings need another ``--work``, which may link the pretrainings).
 The liver of the LiTS case is its liver and tumour labels together (TotalSegmentator's liver includes lesions);
-that label is written into ``--work``, never beside the data. Prints a table (method x K: mean +- std of Dice over the (S, T) pairs,
-trainable parameters) and writes JSON.
+that label is written into ``--work``, never beside the data. Prints a table (method x K: mean +- std of Dice
+over the (S, T) pairs, trainable parameters) and writes JSON.
 
     python bench/fewshot_real.py --out bench/results/fewshot_real.json --work /tmp/fewshot_real
 
