@@ -6,8 +6,9 @@ The target is the liver, the only structure all four annotate. For every test su
 other subjects, a foundation model is pretrained on the subjects left over, with the liver's id mapped to
 background in their lists (its channel is never supervised), and each method then adapts it on the K supports
 S and is scored on T by fsseg-adapt (Dice in T's native space). Supports and test are thus subjects that
-pretraining never saw. K = 1 gives 12 (S, T) pairs over 6 pretrainings on two subjects; K = 2 gives 12 over 4
-pretrainings on one subject.
+pretraining never saw. K = 1 gives 12 (S, T) pairs over 6 pretrainings on two subjects; K = 2 gives 9 over 3
+pretrainings on one subject (the 3 pairs that would leave LITS-117 alone for pretraining are left out: its label
+holds the liver only, so with the liver unsupervised that pretraining would have no structure to learn).
 
 Foundation models (``--models``):
 
@@ -69,6 +70,8 @@ TARGET = "liver"
 SCANS = {"TS-A": "ts_example_ct", "TS-B": "ts_example_dicom", "LITS-117": "lits_117_crop128",
          "LIDC-0001": "lidc_0001_abd_1p4mm"}
 LITS_LIVER_IDS = (1, 2)  # liver, liver tumour
+# Subjects whose labels hold the target alone: a pretraining on nothing else would supervise no structure.
+TARGET_ONLY = {"LITS-117"}
 TOTALSEG_MAP = json.loads((REPO / "data_lists" / "examples" / "shared_ct_totalseg.json").read_text())["label_map"]
 
 
@@ -133,7 +136,8 @@ def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict,
 
 def folds(shots: list[int], cyclic: bool = False) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
     """(K, supports, test, pretraining subjects) for every test subject and every K-set of the others, or with
-    ``cyclic`` only the K subjects that follow the test subject (one fold per test subject)."""
+    ``cyclic`` only the K subjects that follow the test subject (one fold per test subject). Folds whose
+    pretraining subjects annotate nothing but the target are left out."""
     subjects = list(SCANS)
     out = []
     for k in shots:
@@ -142,7 +146,7 @@ def folds(shots: list[int], cyclic: bool = False) -> list[tuple[int, tuple[str, 
             for supports in [tuple(others[:k])] if cyclic else itertools.combinations(others, k):
                 # In the subjects' own order: one pretraining per set of subjects, whichever pair asks for it.
                 rest = tuple(s for s in subjects if s not in supports and s != test)
-                if rest:
+                if rest and not set(rest) <= TARGET_ONLY:
                     out.append((k, supports, test, rest))
     return out
 
