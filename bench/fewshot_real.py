@@ -37,8 +37,8 @@ over the (S, T) pairs, trainable parameters) and writes JSON.
 What ran on 2 CPU cores for the README (``--folds cyclic --epochs-cap 15``, and for ``merlin`` smaller decoder
 crops, ``--methods lp adapter --pretrain-steps 150 --overlap 0.25 --pretrain-set "preprocessing.roi=[64,64,32]"
 augmentation.crops_per_volume=2``: 73 min; the same with ``--methods lp adapter ft-last``, stopped after 2 pairs
-and collected from ``--work``: bench/results/fewshot_real_merlin_ftlast_2pairs.json; ``--models unet --folds all``,
-stopped after 7 of the 12 pairs and collected the same way: bench/results/fewshot_real_unet_k1_7of12.json).
+and collected from ``--work``: bench/results/fewshot_real_merlin_ftlast_2pairs.json; ``--models unet --folds all``:
+bench/results/fewshot_real_unet_k1_12of12.json, collected the same way).
 """
 
 from __future__ import annotations
