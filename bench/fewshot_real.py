@@ -38,7 +38,8 @@ What ran on 2 CPU cores for the README (``--folds cyclic --epochs-cap 15``, and 
 crops, ``--methods lp adapter --pretrain-steps 150 --overlap 0.25 --pretrain-set "preprocessing.roi=[64,64,32]"
 augmentation.crops_per_volume=2``: 73 min; the same with ``--methods lp adapter ft-last``, stopped after 2 pairs
 and collected from ``--work``: bench/results/fewshot_real_merlin_ftlast_2pairs.json; ``--models unet --folds all``:
-bench/results/fewshot_real_unet_k1_12of12.json, collected the same way).
+bench/results/fewshot_real_unet_k1_12of12.json, collected the same way; the same with ``--shots 2``, 65 min:
+bench/results/fewshot_real_unet_k2.json).
 """
 
 from __future__ import annotations
