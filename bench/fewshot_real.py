@@ -39,7 +39,8 @@ crops, ``--methods lp adapter --pretrain-steps 150 --overlap 0.25 --pretrain-set
 augmentation.crops_per_volume=2``: 73 min; the same with ``--methods lp adapter ft-last``, stopped after 2 pairs
 and collected from ``--work``: bench/results/fewshot_real_merlin_ftlast_2pairs.json; ``--models unet --folds all``:
 bench/results/fewshot_real_unet_k1_12of12.json, collected the same way; the same with ``--shots 2``, 65 min:
-bench/results/fewshot_real_unet_k2.json).
+bench/results/fewshot_real_unet_k2.json; then ``--methods ft`` uncapped in a second ``--work`` linking those
+pretrainings, stopped after 4 of the 9 pairs: bench/results/fewshot_real_unet_k2_ft_4of9.json).
 """
 
 from __future__ import annotations
