@@ -136,14 +136,17 @@ def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict,
     return path
 
 
-def folds(shots: list[int], cyclic: bool = False) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
-    """(K, supports, test, pretraining subjects) for every test subject and every K-set of the others, or with
-    ``cyclic`` only the K subjects that follow the test subject (one fold per test subject). Folds whose
-    pretraining subjects annotate nothing but the target are left out."""
+def folds(shots: list[int], cyclic: bool = False,
+          tests: list[str] | None = None) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
+    """(K, supports, test, pretraining subjects) for every test subject (or those in ``tests``) and every K-set of
+    the others, or with ``cyclic`` only the K subjects that follow the test subject (one fold per test subject).
+    Folds whose pretraining subjects annotate nothing but the target are left out."""
     subjects = list(SCANS)
     out = []
     for k in shots:
         for i, test in enumerate(subjects):
+            if tests and test not in tests:
+                continue
             others = subjects[i + 1:] + subjects[:i]
             for supports in [tuple(others[:k])] if cyclic else itertools.combinations(others, k):
                 # In the subjects' own order: one pretraining per set of subjects, whichever pair asks for it.
@@ -260,6 +263,8 @@ def main() -> None:
     parser.add_argument("--shots", nargs="+", type=int, default=[1], choices=[1, 2])
     parser.add_argument("--folds", choices=["all", "cyclic"], default="all",
                         help="all: every K-set of supports per test subject; cyclic: the K subjects after it only")
+    parser.add_argument("--test-subjects", nargs="+", choices=list(SCANS),
+                        help="only the pairs that test on these subjects (default: all four)")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="optimizer steps of each pretraining")
     parser.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings over the pretraining config, e.g. preprocessing.roi=[64,64,32]")
@@ -277,7 +282,7 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     started = time.time()
     rows: list[dict] = []
-    plan = folds(args.shots, cyclic=args.folds == "cyclic")
+    plan = folds(args.shots, cyclic=args.folds == "cyclic", tests=args.test_subjects)
     for model in args.models:
         spec = MODELS[model]
         methods = [m for m in spec.methods + (spec.gpu_methods if gpu else ()) if not args.methods or m in args.methods]
@@ -290,6 +295,7 @@ def main() -> None:
     print_table(table, args.shots)
     result = {
         "benchmark": "fewshot_real", "target": TARGET, "subjects": SCANS, "shots": args.shots, "folds": args.folds,
+        "test_subjects": args.test_subjects or list(SCANS),
         "pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
         "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
         "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
