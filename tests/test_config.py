@@ -2,10 +2,14 @@ from pathlib import Path
 
 import pytest
 
+from adapt.config import AdaptConfig, read_method_settings
 from conftest import REPO
-from fsseg.config import apply_overrides, load_config, to_dict
+from fsseg.adapters import get_method, list_methods
+from fsseg.config import apply_overrides, from_dict, load_config, to_dict
 from fsseg.errors import ConfigError
 from pretrain.config import PretrainConfig
+
+METHOD_SETTINGS = sorted(p for p in (REPO / "configs" / "adapt").rglob("*.yaml") if p.stem != "default")
 
 
 @pytest.mark.parametrize("name", ["tiny", "swinunetr"])
@@ -13,6 +17,19 @@ def test_shipped_configs_validate(name):
     config = load_config(PretrainConfig, REPO / "configs" / "pretrain" / f"{name}.yaml")
     assert config.preprocessing.hu_window == (-175.0, 250.0)
     assert load_config(PretrainConfig, None, []).optim.lr == 1e-4
+
+
+@pytest.mark.parametrize("path", METHOD_SETTINGS, ids=lambda p: str(p.relative_to(REPO / "configs" / "adapt")))
+def test_shipped_method_settings_validate_with_their_options(path):
+    # The options are checked against the method's own class: a key another method takes (init_from_template
+    # under affine-ln) passes read_method_settings and fails only when fsseg-adapt reaches that method.
+    settings = read_method_settings(path)
+    from_dict(get_method(path.stem).config_cls, settings.options, where=f"{path.name}: options")
+
+
+def test_every_method_has_shipped_settings_and_the_run_config_validates():
+    assert {p.stem for p in METHOD_SETTINGS if p.parent.name == "adapt"} == set(list_methods())
+    load_config(AdaptConfig, REPO / "configs" / "adapt" / "default.yaml")
 
 
 def test_paper_recipe_constants():
