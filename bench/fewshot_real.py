@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import yaml
 
+from fsseg.checkpoint import versions
 from fsseg.config import load_config
 from fsseg.data.io import atomic_path
 from pretrain.config import PretrainConfig
@@ -299,6 +300,7 @@ def main() -> None:
         "pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
         "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
         "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
         "seconds": round(time.time() - started, 1), "table": table, "rows": rows,
     }
     with atomic_path(args.out) as tmp:
