@@ -40,7 +40,10 @@ augmentation.crops_per_volume=2``: 73 min; the same with ``--methods lp adapter 
 and collected from ``--work``: bench/results/fewshot_real_merlin_ftlast_2pairs.json; ``--models unet --folds all``:
 bench/results/fewshot_real_unet_k1_12of12.json, collected the same way; the same with ``--shots 2``, 65 min:
 bench/results/fewshot_real_unet_k2.json; then ``--methods ft`` uncapped in a second ``--work`` linking those
-pretrainings, stopped after 4 of the 9 pairs: bench/results/fewshot_real_unet_k2_ft_4of9.json).
+pretrainings, stopped after 4 of the 9 pairs: bench/results/fewshot_real_unet_k2_ft_4of9.json; in a later
+session, the other 5 pairs, ``--test-subjects LITS-117 LIDC-0001`` capped, then ``--methods ft`` uncapped in a
+second ``--work`` linking those pretrainings: bench/results/fewshot_real_unet_k2_rerun_lits_lidc.json and
+bench/results/fewshot_real_unet_k2_ft_lits_lidc.json).
 """
 
 from __future__ import annotations
