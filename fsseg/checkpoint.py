@@ -9,6 +9,7 @@ epoch/step and RNG states. It is written atomically: a crash never leaves a half
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import platform
 import random
@@ -32,9 +33,23 @@ FORMAT_VERSION = 1
 
 
 def versions() -> dict[str, str]:
-    """Versions of the software that wrote a checkpoint or a run."""
+    """Versions of the software that wrote a checkpoint or a run, and the CPU instruction sets it ran on."""
     return {"fsseg": fsseg.__version__, "monai": monai.__version__, "torch": str(torch.__version__),
-            "numpy": np.__version__, "python": platform.python_version()}
+            "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu_instruction_sets()}
+
+
+def cpu_instruction_sets() -> str:
+    """The vector instruction sets torch's CPU kernels may use here, e.g. ``x86_64 AVX512 avx512_bf16 amx``.
+
+    oneDNN picks its convolution kernels by what the CPU offers, and their sums differ: float32 between AVX2 and
+    AVX-512, bfloat16 also between AMX and none. So two hosts can train different weights from one seed.
+    ``ONEDNN_MAX_CPU_ISA`` caps the choice and is recorded when set.
+    """
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
+    found = [name for name, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return " ".join([platform.machine(), torch.backends.cpu.get_cpu_capability(), *found,
+                     *([f"ONEDNN_MAX_CPU_ISA={cap}"] if cap else [])])
 
 
 def sha256_file(path: str | Path) -> str:

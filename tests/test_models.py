@@ -69,6 +69,15 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     assert payload["versions"]["monai"]
 
 
+def test_checkpoints_record_the_cpu_instruction_sets_and_their_cap(tmp_path, monkeypatch):
+    # bfloat16 training differs between CPUs with and without AMX, so the record must say which one wrote it.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    model = create_model("unet_tiny", num_classes=2)
+    path = save_checkpoint(tmp_path / "c.pt", {"arch": model.arch, "state_dict": model.state_dict()})
+    cpu = torch.load(path, weights_only=False)["versions"]["cpu"]
+    assert torch.backends.cpu.get_cpu_capability() in cpu.split() and cpu.endswith("ONEDNN_MAX_CPU_ISA=AVX512_CORE")
+
+
 def test_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(DataError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "none.pt")
