@@ -44,7 +44,8 @@ pretrainings, stopped after 4 of the 9 pairs: bench/results/fewshot_real_unet_k2
 session, the other 5 pairs, ``--test-subjects LITS-117 LIDC-0001`` capped, then ``--methods ft`` uncapped in a
 second ``--work`` linking those pretrainings: bench/results/fewshot_real_unet_k2_rerun_lits_lidc.json and
 bench/results/fewshot_real_unet_k2_ft_lits_lidc.json; the same two steps at ``--shots 1``:
-bench/results/fewshot_real_unet_k1_rerun_lits_lidc.json and bench/results/fewshot_real_unet_k1_ft_lits_lidc.json;
+bench/results/fewshot_real_unet_k1_rerun_lits_lidc.json and bench/results/fewshot_real_unet_k1_ft_lits_lidc.json,
+and with ``--test-subjects TS-A TS-B``: bench/results/fewshot_real_unet_k1_rerun_tsa_tsb.json and ..._ft_tsa_tsb.json;
 one K = 2 pair, ``--methods lp --folds cyclic --test-subjects LITS-117``, with ``ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2`` set: bench/results/fewshot_real_isa_avx2.json).
 """
