@@ -50,7 +50,9 @@ one K = 2 pair, ``--methods lp --folds cyclic --test-subjects LITS-117``, with `
 ATEN_CPU_CAPABILITY=avx2`` set: bench/results/fewshot_real_isa_avx2.json; ``merlin`` as above on one pair,
 ``--test-subjects TS-B`` with ``--pretrain-steps 150`` and ``450``, each with ``seed=0`` and ``seed=1`` added to
 ``--pretrain-set``, the four runs collected into bench/results/fewshot_real_merlin_repeat_tsb.json, and
-``--test-subjects TS-A --pretrain-steps 450`` with ``seed=0``: bench/results/fewshot_real_merlin_450_tsa.json).
+``--test-subjects TS-A --pretrain-steps 450`` with ``seed=0``: bench/results/fewshot_real_merlin_450_tsa.json;
+the same with ``--test-subjects LITS-117 LIDC-0001 --methods lp adapter ft-last``:
+bench/results/fewshot_real_merlin_450_lits_lidc.json).
 """
 
 from __future__ import annotations
