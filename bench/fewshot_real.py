@@ -149,10 +149,11 @@ def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict,
     return path
 
 
-def folds(shots: list[int], cyclic: bool = False,
-          tests: list[str] | None = None) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
+def folds(shots: list[int], cyclic: bool = False, tests: list[str] | None = None,
+          pretrained_on: list[str] | None = None) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
     """(K, supports, test, pretraining subjects) for every test subject (or those in ``tests``) and every K-set of
     the others, or with ``cyclic`` only the K subjects that follow the test subject (one fold per test subject).
+    ``pretrained_on`` keeps the folds whose pretraining subjects, joined by ``+``, are one of its entries.
     Folds whose pretraining subjects annotate nothing but the target are left out."""
     subjects = list(SCANS)
     out = []
@@ -164,6 +165,8 @@ def folds(shots: list[int], cyclic: bool = False,
             for supports in [tuple(others[:k])] if cyclic else itertools.combinations(others, k):
                 # In the subjects' own order: one pretraining per set of subjects, whichever pair asks for it.
                 rest = tuple(s for s in subjects if s not in supports and s != test)
+                if pretrained_on and "+".join(rest) not in pretrained_on:
+                    continue
                 if rest and not set(rest) <= TARGET_ONLY:
                     out.append((k, supports, test, rest))
     return out
@@ -278,6 +281,9 @@ def main() -> None:
                         help="all: every K-set of supports per test subject; cyclic: the K subjects after it only")
     parser.add_argument("--test-subjects", nargs="+", choices=list(SCANS),
                         help="only the pairs that test on these subjects (default: all four)")
+    parser.add_argument("--pretrained-on", nargs="+", metavar="SUBJECTS",
+                        help="only the pairs whose foundation model pretrains on these subjects, each set joined by "
+                             "'+' in the subjects' order, e.g. TS-A+TS-B (to reuse the pretrainings in --work)")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="optimizer steps of each pretraining")
     parser.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings over the pretraining config, e.g. preprocessing.roi=[64,64,32]")
@@ -295,7 +301,10 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     started = time.time()
     rows: list[dict] = []
-    plan = folds(args.shots, cyclic=args.folds == "cyclic", tests=args.test_subjects)
+    plan = folds(args.shots, cyclic=args.folds == "cyclic", tests=args.test_subjects,
+                 pretrained_on=args.pretrained_on)
+    if not plan:
+        sys.exit("no (support, test) pair is left by --test-subjects and --pretrained-on")
     for model in args.models:
         spec = MODELS[model]
         methods = [m for m in spec.methods + (spec.gpu_methods if gpu else ()) if not args.methods or m in args.methods]
@@ -308,7 +317,7 @@ def main() -> None:
     print_table(table, args.shots)
     result = {
         "benchmark": "fewshot_real", "target": TARGET, "subjects": SCANS, "shots": args.shots, "folds": args.folds,
-        "test_subjects": args.test_subjects or list(SCANS),
+        "test_subjects": args.test_subjects or list(SCANS), "pretrained_on": args.pretrained_on,
         "pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
         "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
         "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
