@@ -52,7 +52,10 @@ ATEN_CPU_CAPABILITY=avx2`` set: bench/results/fewshot_real_isa_avx2.json; ``merl
 ``--pretrain-set``, the four runs collected into bench/results/fewshot_real_merlin_repeat_tsb.json, and
 ``--test-subjects TS-A --pretrain-steps 450`` with ``seed=0``: bench/results/fewshot_real_merlin_450_tsa.json;
 the same with ``--test-subjects LITS-117 LIDC-0001 --methods lp adapter ft-last``:
-bench/results/fewshot_real_merlin_450_lits_lidc.json).
+bench/results/fewshot_real_merlin_450_lits_lidc.json; with ``affine-ln`` added:
+bench/results/fewshot_real_merlin_450_lits_lidc_affine_ln.json; ``--folds all --methods lp adapter ft-last affine-ln``
+with ``--pretrained-on TS-A+TS-B TS-B+LITS-117``: bench/results/fewshot_real_merlin_450_k1_2pretrainings.json, and
+with ``--pretrained-on LITS-117+LIDC-0001``: bench/results/fewshot_real_merlin_450_k1_lits_lidc_pretraining.json).
 """
 
 from __future__ import annotations
