@@ -152,6 +152,11 @@ def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict,
     return path
 
 
+def pretraining_tag(subjects: tuple[str, ...]) -> str:
+    """The name of a pretraining in ``--work`` and in ``--pretrained-on``: its subjects joined by ``+``."""
+    return "+".join(subjects)
+
+
 def folds(shots: list[int], cyclic: bool = False, tests: list[str] | None = None,
           pretrained_on: list[str] | None = None) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
     """(K, supports, test, pretraining subjects) for every test subject (or those in ``tests``) and every K-set of
@@ -168,7 +173,7 @@ def folds(shots: list[int], cyclic: bool = False, tests: list[str] | None = None
             for supports in [tuple(others[:k])] if cyclic else itertools.combinations(others, k):
                 # In the subjects' own order: one pretraining per set of subjects, whichever pair asks for it.
                 rest = tuple(s for s in subjects if s not in supports and s != test)
-                if pretrained_on and "+".join(rest) not in pretrained_on:
+                if pretrained_on and pretraining_tag(rest) not in pretrained_on:
                     continue
                 if rest and not set(rest) <= TARGET_ONLY:
                     out.append((k, supports, test, rest))
@@ -192,7 +197,7 @@ def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, ste
              settings: list[str]) -> Path:
     """The foundation model pretrained on ``subjects`` (liver unsupervised), with ``settings`` (KEY=VALUE) over
     its config; kept between runs."""
-    tag = "+".join(subjects)
+    tag = pretraining_tag(subjects)
     out = work / model / f"pretrain_{tag}"
     checkpoint = out / "checkpoint_latest.pt"
     if (out / "summary.json").exists():
