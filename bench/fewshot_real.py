@@ -153,15 +153,24 @@ def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict,
 
 
 def pretraining_tag(subjects: tuple[str, ...]) -> str:
-    """The name of a pretraining in ``--work`` and in ``--pretrained-on``: its subjects joined by ``+``."""
+    """The name of a pretraining's folder in ``--work``: its subjects joined by ``+``."""
     return "+".join(subjects)
 
 
+def subject_set(text: str) -> tuple[str, ...]:
+    """A ``--pretrained-on`` entry, subjects joined by ``+`` in any order, as a tuple in the subjects' order."""
+    subjects = text.split("+")
+    unknown = [s for s in subjects if s not in SCANS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text}: unknown subject {', '.join(unknown)} (known: {', '.join(SCANS)})")
+    return tuple(s for s in SCANS if s in subjects)
+
+
 def folds(shots: list[int], cyclic: bool = False, tests: list[str] | None = None,
-          pretrained_on: list[str] | None = None) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
+          pretrained_on: list[tuple[str, ...]] | None = None) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
     """(K, supports, test, pretraining subjects) for every test subject (or those in ``tests``) and every K-set of
     the others, or with ``cyclic`` only the K subjects that follow the test subject (one fold per test subject).
-    ``pretrained_on`` keeps the folds whose pretraining subjects, joined by ``+``, are one of its entries.
+    ``pretrained_on`` keeps the folds whose pretraining subjects (in the subjects' order) are one of its entries.
     Folds whose pretraining subjects annotate nothing but the target are left out."""
     subjects = list(SCANS)
     out = []
@@ -173,7 +182,7 @@ def folds(shots: list[int], cyclic: bool = False, tests: list[str] | None = None
             for supports in [tuple(others[:k])] if cyclic else itertools.combinations(others, k):
                 # In the subjects' own order: one pretraining per set of subjects, whichever pair asks for it.
                 rest = tuple(s for s in subjects if s not in supports and s != test)
-                if pretrained_on and pretraining_tag(rest) not in pretrained_on:
+                if pretrained_on and rest not in pretrained_on:
                     continue
                 if rest and not set(rest) <= TARGET_ONLY:
                     out.append((k, supports, test, rest))
@@ -289,9 +298,9 @@ def main() -> None:
                         help="all: every K-set of supports per test subject; cyclic: the K subjects after it only")
     parser.add_argument("--test-subjects", nargs="+", choices=list(SCANS),
                         help="only the pairs that test on these subjects (default: all four)")
-    parser.add_argument("--pretrained-on", nargs="+", metavar="SUBJECTS",
+    parser.add_argument("--pretrained-on", nargs="+", metavar="SUBJECTS", type=subject_set,
                         help="only the pairs whose foundation model pretrains on these subjects, each set joined by "
-                             "'+' in the subjects' order, e.g. TS-A+TS-B (to reuse the pretrainings in --work)")
+                             "'+', e.g. TS-A+TS-B (to reuse the pretrainings in --work)")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="optimizer steps of each pretraining")
     parser.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings over the pretraining config, e.g. preprocessing.roi=[64,64,32]")
@@ -313,6 +322,10 @@ def main() -> None:
                  pretrained_on=args.pretrained_on)
     if not plan:
         sys.exit("no (support, test) pair is left by --test-subjects and --pretrained-on")
+    unmatched = [pretraining_tag(s) for s in args.pretrained_on or () if s not in {rest for *_, rest in plan}]
+    if unmatched:
+        sys.exit(f"--pretrained-on {' '.join(unmatched)}: no pair pretrains on "
+                 f"these subjects at K={' '.join(map(str, args.shots))} with --test-subjects and --folds as given")
     for model in args.models:
         spec = MODELS[model]
         methods = [m for m in spec.methods + (spec.gpu_methods if gpu else ()) if not args.methods or m in args.methods]
@@ -325,7 +338,7 @@ def main() -> None:
     print_table(table, args.shots)
     result = {
         "benchmark": "fewshot_real", "target": TARGET, "subjects": SCANS, "shots": args.shots, "folds": args.folds,
-        "test_subjects": args.test_subjects or list(SCANS), "pretrained_on": args.pretrained_on,
+        "test_subjects": args.test_subjects or list(SCANS), "pretrained_on": [pretraining_tag(s) for s in args.pretrained_on or ()] or None,
         "pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
         "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
         "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
