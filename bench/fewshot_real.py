@@ -167,7 +167,8 @@ def subject_set(text: str) -> tuple[str, ...]:
 
 
 def folds(shots: list[int], cyclic: bool = False, tests: list[str] | None = None,
-          pretrained_on: list[tuple[str, ...]] | None = None) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
+          pretrained_on: list[tuple[str, ...]] | None = None
+          ) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
     """(K, supports, test, pretraining subjects) for every test subject (or those in ``tests``) and every K-set of
     the others, or with ``cyclic`` only the K subjects that follow the test subject (one fold per test subject).
     ``pretrained_on`` keeps the folds whose pretraining subjects (in the subjects' order) are one of its entries.
@@ -338,7 +339,8 @@ def main() -> None:
     print_table(table, args.shots)
     result = {
         "benchmark": "fewshot_real", "target": TARGET, "subjects": SCANS, "shots": args.shots, "folds": args.folds,
-        "test_subjects": args.test_subjects or list(SCANS), "pretrained_on": [pretraining_tag(s) for s in args.pretrained_on or ()] or None,
+        "test_subjects": args.test_subjects or list(SCANS),
+        "pretrained_on": [pretraining_tag(s) for s in args.pretrained_on] if args.pretrained_on else None,
         "pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
         "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
         "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
