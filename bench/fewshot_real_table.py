@@ -1,0 +1,106 @@
+"""The table of bench/fewshot_real.py over several of its result files, so that pairs run in separate sessions
+(and the two foundation models) are summarised together.
+
+A row is one (model, method, K, supports, test subject); the same row in a later file replaces the earlier one,
+so list a rerun after the run it repeats (e.g. the uncapped ``ft`` files after the capped runs). ``--same-pairs``
+keeps only the (K, supports, test) pairs that every model in the files has, to compare the models on equal
+ground. Prints where each row came from, the per-pair Dice, and the table of fewshot_real.py with a column for
+how many pairs each model leads the other models' same method.
+
+    python bench/fewshot_real_table.py --same-pairs bench/results/fewshot_real_unet_k1_rerun_*.json \\
+        bench/results/fewshot_real_unet_k1_ft_*.json bench/results/fewshot_real_merlin_450_k1_*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fewshot_real import print_table, summarise
+
+Pair = tuple[int, tuple[str, ...], str]
+
+
+def pair_of(row: dict) -> Pair:
+    """(K, supports, test subject) of a result row."""
+    return row["shots"], tuple(row["supports"]), row["test_subject"]
+
+
+def collect(paths: list[Path]) -> list[dict]:
+    """The rows of the result files, a later file's row replacing an earlier one's for the same model, method and
+    pair; prints what each file holds and how many of its rows are kept."""
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+            file_rows = result["rows"]
+        except (OSError, ValueError, KeyError) as error:
+            sys.exit(f"{path}: not a fewshot_real.py result ({error})")
+        for row in file_rows:
+            rows[(row["model"], row["method"], pair_of(row))] = row | {"file": path.name}
+        kept = sum(r["file"] == path.name for r in rows.values())
+        print(f"{path.name}: {len(file_rows)} rows ({', '.join(sorted({r['model'] for r in file_rows}))}), "
+              f"pretrain steps {result.get('pretrain_steps')}, epochs cap {result.get('epochs_cap')}")
+        if kept < len(file_rows):
+            print(f"  {len(file_rows) - kept} of them replaced by a later file")
+    return list(rows.values())
+
+
+def same_pairs(rows: list[dict]) -> list[dict]:
+    """The rows of the pairs that every model has."""
+    models = {r["model"] for r in rows}
+    pairs = set.intersection(*({pair_of(r) for r in rows if r["model"] == m} for m in models))
+    return [r for r in rows if pair_of(r) in pairs]
+
+
+def leads(rows: list[dict]) -> dict[tuple[str, str, int], tuple[int, int]]:
+    """For each (model, method, K): in how many pairs its Dice is above every other model's with that method, and
+    in how many pairs another model has that method at all."""
+    dice = {(r["model"], r["method"], pair_of(r)): r["dice"] for r in rows}
+    out: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for (model, method, pair), value in dice.items():
+        others = [v for (m, meth, p), v in dice.items() if meth == method and p == pair and m != model]
+        if others:
+            ahead, compared = out.get((model, method, pair[0]), (0, 0))
+            out[(model, method, pair[0])] = ahead + (value > max(others)), compared + 1
+    return out
+
+
+def print_pairs(rows: list[dict]) -> None:
+    """Dice per pair (rows) and model/method (columns)."""
+    columns = sorted({(r["model"], r["method"]) for r in rows})
+    dice = {(r["model"], r["method"], pair_of(r)): r["dice"] for r in rows}
+    print(f"{'K':>2s} {'supports -> test':28s}" + "".join(f"{m + ' ' + meth:>18s}" for m, meth in columns))
+    for pair in sorted({pair_of(r) for r in rows}):
+        name = f"{'+'.join(pair[1])} -> {pair[2]}"
+        cells = "".join(f"{dice[(m, meth, pair)]:18.3f}" if (m, meth, pair) in dice else f"{'-':>18s}"
+                        for m, meth in columns)
+        print(f"{pair[0]:2d} {name:28s}{cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="result JSON files of bench/fewshot_real.py")
+    parser.add_argument("--same-pairs", action="store_true", help="only the pairs that every model has")
+    args = parser.parse_args()
+    rows = collect(args.results)
+    if args.same_pairs:
+        rows = same_pairs(rows)
+    if not rows:
+        sys.exit("no row is left: the models share no (K, supports, test) pair")
+    print()
+    print_pairs(rows)
+    print()
+    table = summarise(rows)
+    print_table(table, sorted({r["shots"] for r in table}))
+    ahead = leads(rows)
+    if ahead:
+        print("\nahead of the other models with the same method, in pairs:")
+        for (model, method, shots), (count, compared) in sorted(ahead.items()):
+            print(f"  {model:8s} {method:10s} K={shots}: {count} of {compared}")
+
+
+if __name__ == "__main__":
+    main()
