@@ -326,7 +326,8 @@ def main() -> None:
                  pretrained_on=args.pretrained_on)
     if not plan:
         sys.exit("no (support, test) pair is left by --test-subjects and --pretrained-on")
-    unmatched = [pretraining_tag(s) for s in args.pretrained_on or () if s not in {rest for *_, rest in plan}]
+    planned = {rest for *_, rest in plan}
+    unmatched = [pretraining_tag(s) for s in args.pretrained_on or () if s not in planned]
     if unmatched:
         sys.exit(f"--pretrained-on {' '.join(unmatched)}: no pair pretrains on "
                  f"these subjects at K={' '.join(map(str, args.shots))} with --test-subjects and --folds as given")

@@ -4,8 +4,8 @@
 A row is one (model, method, K, supports, test subject); the same row in a later file replaces the earlier one,
 so list a rerun after the run it repeats (e.g. the uncapped ``ft`` files after the capped runs). ``--same-pairs``
 keeps only the (K, supports, test) pairs that every model in the files has, to compare the models on equal
-ground. Prints where each row came from, the per-pair Dice, and the table of fewshot_real.py with a column for
-how many pairs each model leads the other models' same method.
+ground. Prints what each file holds and how many of its rows are kept, the Dice of every pair, the table of
+fewshot_real.py, and in how many pairs each model leads the other models with the same method.
 
     python bench/fewshot_real_table.py --same-pairs bench/results/fewshot_real_unet_k1_rerun_*.json \\
         bench/results/fewshot_real_unet_k1_ft_*.json bench/results/fewshot_real_merlin_450_k1_*.json
@@ -32,19 +32,20 @@ def collect(paths: list[Path]) -> list[dict]:
     """The rows of the result files, a later file's row replacing an earlier one's for the same model, method and
     pair; prints what each file holds and how many of its rows are kept."""
     rows: dict[tuple, dict] = {}
-    for path in paths:
+    results = []
+    for i, path in enumerate(paths):
         try:
             result = json.loads(path.read_text())
             file_rows = result["rows"]
         except (OSError, ValueError, KeyError) as error:
             sys.exit(f"{path}: not a fewshot_real.py result ({error})")
+        results.append(result)
         for row in file_rows:
-            rows[(row["model"], row["method"], pair_of(row))] = row | {"file": path.name}
-        kept = sum(r["file"] == path.name for r in rows.values())
-        print(f"{path.name}: {len(file_rows)} rows ({', '.join(sorted({r['model'] for r in file_rows}))}), "
-              f"pretrain steps {result.get('pretrain_steps')}, epochs cap {result.get('epochs_cap')}")
-        if kept < len(file_rows):
-            print(f"  {len(file_rows) - kept} of them replaced by a later file")
+            rows[(row["model"], row["method"], pair_of(row))] = row | {"file": i}
+    for i, (path, result) in enumerate(zip(paths, results)):
+        kept = sum(r["file"] == i for r in rows.values())
+        print(f"{path.name}: {len(result['rows'])} rows ({', '.join(sorted({r['model'] for r in result['rows']}))}), "
+              f"{kept} kept; pretrain steps {result.get('pretrain_steps')}, epochs cap {result.get('epochs_cap')}")
     return list(rows.values())
 
 
@@ -55,10 +56,14 @@ def same_pairs(rows: list[dict]) -> list[dict]:
     return [r for r in rows if pair_of(r) in pairs]
 
 
-def leads(rows: list[dict]) -> dict[tuple[str, str, int], tuple[int, int]]:
+def dice_of(rows: list[dict]) -> dict[tuple[str, str, Pair], float]:
+    """Dice by (model, method, pair)."""
+    return {(r["model"], r["method"], pair_of(r)): r["dice"] for r in rows}
+
+
+def leads(dice: dict[tuple[str, str, Pair], float]) -> dict[tuple[str, str, int], tuple[int, int]]:
     """For each (model, method, K): in how many pairs its Dice is above every other model's with that method, and
     in how many pairs another model has that method at all."""
-    dice = {(r["model"], r["method"], pair_of(r)): r["dice"] for r in rows}
     out: dict[tuple[str, str, int], tuple[int, int]] = {}
     for (model, method, pair), value in dice.items():
         others = [v for (m, meth, p), v in dice.items() if meth == method and p == pair and m != model]
@@ -68,12 +73,11 @@ def leads(rows: list[dict]) -> dict[tuple[str, str, int], tuple[int, int]]:
     return out
 
 
-def print_pairs(rows: list[dict]) -> None:
+def print_pairs(dice: dict[tuple[str, str, Pair], float]) -> None:
     """Dice per pair (rows) and model/method (columns)."""
-    columns = sorted({(r["model"], r["method"]) for r in rows})
-    dice = {(r["model"], r["method"], pair_of(r)): r["dice"] for r in rows}
+    columns = sorted({(model, method) for model, method, _ in dice})
     print(f"{'K':>2s} {'supports -> test':28s}" + "".join(f"{m + ' ' + meth:>18s}" for m, meth in columns))
-    for pair in sorted({pair_of(r) for r in rows}):
+    for pair in sorted({pair for *_, pair in dice}):
         name = f"{'+'.join(pair[1])} -> {pair[2]}"
         cells = "".join(f"{dice[(m, meth, pair)]:18.3f}" if (m, meth, pair) in dice else f"{'-':>18s}"
                         for m, meth in columns)
@@ -90,12 +94,13 @@ def main() -> None:
         rows = same_pairs(rows)
     if not rows:
         sys.exit("no row is left: the models share no (K, supports, test) pair")
+    dice = dice_of(rows)
     print()
-    print_pairs(rows)
+    print_pairs(dice)
     print()
     table = summarise(rows)
     print_table(table, sorted({r["shots"] for r in table}))
-    ahead = leads(rows)
+    ahead = leads(dice)
     if ahead:
         print("\nahead of the other models with the same method, in pairs:")
         for (model, method, shots), (count, compared) in sorted(ahead.items()):
