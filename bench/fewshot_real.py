@@ -56,8 +56,9 @@ bench/results/fewshot_real_merlin_450_lits_lidc.json; with ``affine-ln`` added:
 bench/results/fewshot_real_merlin_450_lits_lidc_affine_ln.json; ``--folds all --methods lp adapter ft-last affine-ln``
 with ``--pretrained-on TS-A+TS-B TS-B+LITS-117``: bench/results/fewshot_real_merlin_450_k1_2pretrainings.json, and
 with ``--pretrained-on LITS-117+LIDC-0001``: bench/results/fewshot_real_merlin_450_k1_lits_lidc_pretraining.json,
-``TS-A+LIDC-0001``: bench/results/fewshot_real_merlin_450_k1_tsa_lidc_pretraining.json and ``TS-A+LITS-117``:
-bench/results/fewshot_real_merlin_450_k1_tsa_lits_pretraining.json). bench/fewshot_real_table.py summarises several
+``TS-A+LIDC-0001``: bench/results/fewshot_real_merlin_450_k1_tsa_lidc_pretraining.json, ``TS-A+LITS-117``:
+bench/results/fewshot_real_merlin_450_k1_tsa_lits_pretraining.json and ``TS-B+LIDC-0001``:
+bench/results/fewshot_real_merlin_450_k1_tsb_lidc_pretraining.json). bench/fewshot_real_table.py summarises several
 of these files together.
 """
 
