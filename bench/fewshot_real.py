@@ -58,7 +58,9 @@ with ``--pretrained-on TS-A+TS-B TS-B+LITS-117``: bench/results/fewshot_real_mer
 with ``--pretrained-on LITS-117+LIDC-0001``: bench/results/fewshot_real_merlin_450_k1_lits_lidc_pretraining.json,
 ``TS-A+LIDC-0001``: bench/results/fewshot_real_merlin_450_k1_tsa_lidc_pretraining.json, ``TS-A+LITS-117``:
 bench/results/fewshot_real_merlin_450_k1_tsa_lits_pretraining.json and ``TS-B+LIDC-0001``:
-bench/results/fewshot_real_merlin_450_k1_tsb_lidc_pretraining.json). bench/fewshot_real_table.py summarises several
+bench/results/fewshot_real_merlin_450_k1_tsb_lidc_pretraining.json; ``--shots 2 --pretrained-on TS-A``, stopped after
+its first pair and collected with ``--test-subjects TS-B``:
+bench/results/fewshot_real_merlin_450_k2_tsa_pretraining_1pair.json). bench/fewshot_real_table.py summarises several
 of these files together.
 """
 
