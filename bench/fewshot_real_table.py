@@ -5,9 +5,11 @@ A row is one (model, method, K, supports, test subject); the same row in a later
 so list a rerun after the run it repeats (e.g. the uncapped ``ft`` files after the capped runs). ``--same-pairs``
 keeps only the (K, supports, test) pairs that every model in the files has, to compare the models on equal
 ground. Prints what each file holds and how many of its rows are kept, the Dice of every pair, the table of
-fewshot_real.py, and in how many pairs each model leads the other models with the same method.
+fewshot_real.py, in how many pairs each model leads the other models with the same method, and in how many
+pairs each method is first of its model's methods. ``--against MODEL:METHOD`` also counts the pairs in which each
+other row beats that one (e.g. ``unet:ft``, the full fine-tuning the frozen-backbone methods are measured against).
 
-    python bench/fewshot_real_table.py --same-pairs bench/results/fewshot_real_unet_k1_rerun_*.json \\
+    python bench/fewshot_real_table.py --same-pairs --against unet:ft bench/results/fewshot_real_unet_k1_rerun_*.json \\
         bench/results/fewshot_real_unet_k1_ft_*.json bench/results/fewshot_real_merlin_450_k1_*.json
 """
 
@@ -73,6 +75,45 @@ def leads(dice: dict[tuple[str, str, Pair], float]) -> dict[tuple[str, str, int]
     return out
 
 
+def firsts(dice: dict[tuple[str, str, Pair], float]) -> dict[tuple[str, str, int], tuple[int, int]]:
+    """For each (model, method, K): in how many pairs its Dice is the highest of that model's methods (a tie counts
+    for each), and how many pairs the model has."""
+    out: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for (model, method, pair), value in dice.items():
+        best = max(v for (m, _, p), v in dice.items() if m == model and p == pair)
+        first, pairs = out.get((model, method, pair[0]), (0, 0))
+        out[(model, method, pair[0])] = first + (value == best), pairs + 1
+    return out
+
+
+def wins_against(dice: dict[tuple[str, str, Pair], float],
+                 reference: tuple[str, str]) -> dict[tuple[str, str, int], tuple[int, int]]:
+    """For each (model, method, K) but the reference: in how many pairs its Dice is above the reference's, and in how
+    many pairs both were run."""
+    out: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for (model, method, pair), value in dice.items():
+        theirs = dice.get((*reference, pair))
+        if (model, method) != reference and theirs is not None:
+            wins, compared = out.get((model, method, pair[0]), (0, 0))
+            out[(model, method, pair[0])] = wins + (value > theirs), compared + 1
+    return out
+
+
+def print_counts(title: str, counts: dict[tuple[str, str, int], tuple[int, int]]) -> None:
+    """One line per (model, method, K): count of pairs out of pairs compared."""
+    print(f"\n{title}:")
+    for (model, method, shots), (count, compared) in sorted(counts.items()):
+        print(f"  {model:8s} {method:10s} K={shots}: {count} of {compared}")
+
+
+def reference_of(text: str) -> tuple[str, str]:
+    """MODEL:METHOD of --against."""
+    model, sep, method = text.partition(":")
+    if not sep or not model or not method:
+        raise argparse.ArgumentTypeError(f"expected MODEL:METHOD, e.g. unet:ft, got {text!r}")
+    return model, method
+
+
 def print_pairs(dice: dict[tuple[str, str, Pair], float]) -> None:
     """Dice per pair (rows) and model/method (columns)."""
     columns = sorted({(model, method) for model, method, _ in dice})
@@ -88,6 +129,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="result JSON files of bench/fewshot_real.py")
     parser.add_argument("--same-pairs", action="store_true", help="only the pairs that every model has")
+    parser.add_argument("--against", type=reference_of, metavar="MODEL:METHOD",
+                        help="also count the pairs in which each other model and method beats this one")
     args = parser.parse_args()
     rows = collect(args.results)
     if args.same_pairs:
@@ -102,9 +145,13 @@ def main() -> None:
     print_table(table, sorted({r["shots"] for r in table}))
     ahead = leads(dice)
     if ahead:
-        print("\nahead of the other models with the same method, in pairs:")
-        for (model, method, shots), (count, compared) in sorted(ahead.items()):
-            print(f"  {model:8s} {method:10s} K={shots}: {count} of {compared}")
+        print_counts("ahead of the other models with the same method, in pairs", ahead)
+    print_counts("first of its model's methods, in pairs", firsts(dice))
+    if args.against:
+        against = wins_against(dice, args.against)
+        if not against:
+            sys.exit(f"--against {':'.join(args.against)}: no pair has that model and method")
+        print_counts(f"above {':'.join(args.against)}, in pairs", against)
 
 
 if __name__ == "__main__":
