@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from fewshot_real import print_table, summarise
 
 Pair = tuple[int, tuple[str, ...], str]
+Dice = dict[tuple[str, str, Pair], float]
+Counts = dict[tuple[str, str, int], tuple[int, int]]
 
 
 def pair_of(row: dict) -> Pair:
@@ -58,48 +61,50 @@ def same_pairs(rows: list[dict]) -> list[dict]:
     return [r for r in rows if pair_of(r) in pairs]
 
 
-def dice_of(rows: list[dict]) -> dict[tuple[str, str, Pair], float]:
+def dice_of(rows: list[dict]) -> Dice:
     """Dice by (model, method, pair)."""
     return {(r["model"], r["method"], pair_of(r)): r["dice"] for r in rows}
 
 
-def leads(dice: dict[tuple[str, str, Pair], float]) -> dict[tuple[str, str, int], tuple[int, int]]:
+def tally(hits: Iterable[tuple[tuple[str, str, Pair], bool]]) -> Counts:
+    """For each (model, method, K): in how many of its pairs the test held, and how many pairs were tested, from one
+    ((model, method, pair), held) per pair tested."""
+    out: Counts = {}
+    for (model, method, pair), held in hits:
+        count, tested = out.get((model, method, pair[0]), (0, 0))
+        out[(model, method, pair[0])] = count + held, tested + 1
+    return out
+
+
+def leads(dice: Dice) -> Counts:
     """For each (model, method, K): in how many pairs its Dice is above every other model's with that method, and
     in how many pairs another model has that method at all."""
-    out: dict[tuple[str, str, int], tuple[int, int]] = {}
-    for (model, method, pair), value in dice.items():
-        others = [v for (m, meth, p), v in dice.items() if meth == method and p == pair and m != model]
-        if others:
-            ahead, compared = out.get((model, method, pair[0]), (0, 0))
-            out[(model, method, pair[0])] = ahead + (value > max(others)), compared + 1
-    return out
+    def hits():
+        for (model, method, pair), value in dice.items():
+            others = [v for (m, meth, p), v in dice.items() if meth == method and p == pair and m != model]
+            if others:
+                yield (model, method, pair), value > max(others)
+    return tally(hits())
 
 
-def firsts(dice: dict[tuple[str, str, Pair], float]) -> dict[tuple[str, str, int], tuple[int, int]]:
+def firsts(dice: Dice) -> Counts:
     """For each (model, method, K): in how many pairs its Dice is the highest of that model's methods (a tie counts
     for each), and how many pairs the model has."""
-    out: dict[tuple[str, str, int], tuple[int, int]] = {}
-    for (model, method, pair), value in dice.items():
-        best = max(v for (m, _, p), v in dice.items() if m == model and p == pair)
-        first, pairs = out.get((model, method, pair[0]), (0, 0))
-        out[(model, method, pair[0])] = first + (value == best), pairs + 1
-    return out
+    best: dict[tuple[str, Pair], float] = {}
+    for (model, _, pair), value in dice.items():
+        best[(model, pair)] = max(value, best.get((model, pair), value))
+    return tally((key, value == best[(key[0], key[2])]) for key, value in dice.items())
 
 
-def wins_against(dice: dict[tuple[str, str, Pair], float],
-                 reference: tuple[str, str]) -> dict[tuple[str, str, int], tuple[int, int]]:
+def wins_against(dice: Dice, reference: tuple[str, str]) -> Counts:
     """For each (model, method, K) but the reference: in how many pairs its Dice is above the reference's, and in how
     many pairs both were run."""
-    out: dict[tuple[str, str, int], tuple[int, int]] = {}
-    for (model, method, pair), value in dice.items():
-        theirs = dice.get((*reference, pair))
-        if (model, method) != reference and theirs is not None:
-            wins, compared = out.get((model, method, pair[0]), (0, 0))
-            out[(model, method, pair[0])] = wins + (value > theirs), compared + 1
-    return out
+    return tally(((model, method, pair), value > dice[(*reference, pair)])
+                 for (model, method, pair), value in dice.items()
+                 if (model, method) != reference and (*reference, pair) in dice)
 
 
-def print_counts(title: str, counts: dict[tuple[str, str, int], tuple[int, int]]) -> None:
+def print_counts(title: str, counts: Counts) -> None:
     """One line per (model, method, K): count of pairs out of pairs compared."""
     print(f"\n{title}:")
     for (model, method, shots), (count, compared) in sorted(counts.items()):
@@ -114,7 +119,7 @@ def reference_of(text: str) -> tuple[str, str]:
     return model, method
 
 
-def print_pairs(dice: dict[tuple[str, str, Pair], float]) -> None:
+def print_pairs(dice: Dice) -> None:
     """Dice per pair (rows) and model/method (columns)."""
     columns = sorted({(model, method) for model, method, _ in dice})
     print(f"{'K':>2s} {'supports -> test':28s}" + "".join(f"{m + ' ' + meth:>18s}" for m, meth in columns))
@@ -148,10 +153,11 @@ def main() -> None:
         print_counts("ahead of the other models with the same method, in pairs", ahead)
     print_counts("first of its model's methods, in pairs", firsts(dice))
     if args.against:
+        reference = ":".join(args.against)
         against = wins_against(dice, args.against)
         if not against:
-            sys.exit(f"--against {':'.join(args.against)}: no pair has that model and method")
-        print_counts(f"above {':'.join(args.against)}, in pairs", against)
+            sys.exit(f"--against {reference}: no pair has that model and method")
+        print_counts(f"above {reference}, in pairs", against)
 
 
 if __name__ == "__main__":
