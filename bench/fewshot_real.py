@@ -61,7 +61,9 @@ bench/results/fewshot_real_merlin_450_k1_tsa_lits_pretraining.json and ``TS-B+LI
 bench/results/fewshot_real_merlin_450_k1_tsb_lidc_pretraining.json; ``--shots 2 --pretrained-on TS-A``, stopped after
 its first pair and collected with ``--test-subjects TS-B``:
 bench/results/fewshot_real_merlin_450_k2_tsa_pretraining_1pair.json; its other two pairs, on a decoder pretrained again,
-with ``--test-subjects LITS-117 LIDC-0001``: bench/results/fewshot_real_merlin_450_k2_tsa_pretraining_2pairs.json).
+with ``--test-subjects LITS-117 LIDC-0001``: bench/results/fewshot_real_merlin_450_k2_tsa_pretraining_2pairs.json;
+``--shots 2 --pretrained-on TS-B``, stopped after 2 of its 3 pairs and collected with ``--test-subjects TS-A LITS-117``:
+bench/results/fewshot_real_merlin_450_k2_tsb_pretraining_2pairs.json).
 bench/fewshot_real_table.py summarises several of these files together.
 """
 
