@@ -7,6 +7,8 @@
 #   DEMO_DIR     where the demo writes its data and runs (default: demo_out).
 #   DEMO_PHANTOM_ARGS / DEMO_PRETRAIN_ARGS / DEMO_ADAPT_ARGS
 #                extra arguments of the demo's steps (the tests run a reduced demo with them).
+#   TEST_WORKERS pytest-xdist workers of `make test` (default: auto, one a core; 0 runs the tests in one process).
+#   PYTEST_ARGS  extra pytest arguments, e.g. PYTEST_ARGS="tests/test_adapt.py -k resume".
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,6 +19,7 @@ DEMO_PHANTOM_ARGS ?=
 DEMO_PRETRAIN_ARGS ?=
 DEMO_ADAPT_ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fsseg-installed
@@ -61,9 +64,10 @@ demo: $(STAMP)
 		" masks: $(DEMO_DIR)/predict  scores: $(DEMO_DIR)/evaluate/summary.json"
 
 # pytest exits 5 when it collected no tests, so an empty run fails here too. tests/test_installed.py builds the
-# wheel and installs it into .venv-installed/ with the same PyTorch requirement.
+# wheel and installs it into .venv-installed/ with the same PyTorch requirement. The workers share the cores: each
+# keeps torch to one thread (tests/conftest.py).
 test: $(STAMP)
-	FSSEG_TORCH="$(TORCH)" FSSEG_TORCH_INDEX="$(TORCH_INDEX)" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	FSSEG_TORCH="$(TORCH)" FSSEG_TORCH_INDEX="$(TORCH_INDEX)" $(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

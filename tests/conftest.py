@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CT = REPO.parent / "shared" / "data" / "ct"
 TOTALSEG_LIST = REPO / "data_lists" / "examples" / "shared_ct_totalseg.json"
 LITS_LIST = REPO / "data_lists" / "examples" / "shared_ct_lits.json"
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test`` runs one worker a core) torch keeps to one thread in each worker and in the
+    commands a worker starts: two workers of two threads each on two cores run slower than one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The tests marked ``long`` (minutes each) run first, so that under pytest-xdist no worker is left with one of
+    them after the other has run out of tests."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 @pytest.fixture(scope="session")

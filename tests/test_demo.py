@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.long
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_reduced_demo_runs_every_step(tmp_path):
     venv = Path(sys.prefix)

@@ -18,6 +18,8 @@ from adapt.config import TrainingConfig
 
 from conftest import REPO
 
+pytestmark = pytest.mark.long
+
 VENV = REPO / ".venv-installed"
 TORCH = os.environ.get("FSSEG_TORCH", "torch==2.13.0")
 TORCH_INDEX = os.environ.get("FSSEG_TORCH_INDEX", "")
