@@ -18,9 +18,10 @@ def test_reduced_demo_runs_every_step(tmp_path):
     command = [
         "make", "-C", str(REPO), "demo", f"VENV={venv}", "-o", f"{venv}/.fsseg-installed",
         f"DEMO_DIR={tmp_path / 'demo'}",
-        "DEMO_PHANTOM_ARGS=--source-cases 1 --target-train 5 --target-test 1 --spacing 4 4 4",
+        "DEMO_PHANTOM_ARGS=--source-cases 1 --target-train 2 --target-test 1 --spacing 4 4 4",
         "DEMO_PRETRAIN_ARGS=--set optim.epochs=1 --set preprocessing.spacing=[4,4,4] --set preprocessing.roi=[32,32,32]",
-        "DEMO_ADAPT_ARGS=--seeds 1 --method lp --set overlap=0.25",
+        # the last --shots wins: K=1 alone (the K=5 run adds half a minute and no step)
+        "DEMO_ADAPT_ARGS=--seeds 1 --shots 1 --method lp --set overlap=0.25",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
