@@ -64,8 +64,8 @@ demo: $(STAMP)
 		" masks: $(DEMO_DIR)/predict  scores: $(DEMO_DIR)/evaluate/summary.json"
 
 # pytest exits 5 when it collected no tests, so an empty run fails here too. tests/test_installed.py builds the
-# wheel and installs it into .venv-installed/ with the same PyTorch requirement. The workers share the cores: each
-# keeps torch to one thread (tests/conftest.py).
+# wheel and installs it into .venv-installed/ with the same PyTorch requirement. The workers split the cores: torch in
+# each keeps to its share, one thread with one worker a core (tests/conftest.py).
 test: $(STAMP)
 	FSSEG_TORCH="$(TORCH)" FSSEG_TORCH_INDEX="$(TORCH_INDEX)" $(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 

@@ -16,13 +16,16 @@ LITS_LIST = REPO / "data_lists" / "examples" / "shared_ct_lits.json"
 
 
 def pytest_configure(config) -> None:
-    """Under pytest-xdist (``make test`` runs one worker a core) torch keeps to one thread in each worker and in the
-    commands a worker starts: two workers of two threads each on two cores run slower than one."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    """Under pytest-xdist the workers split the cores: torch in each worker, and in the commands a worker starts,
+    keeps to its share (one thread with ``make test``'s one worker a core), so that the workers' threads never
+    outnumber the cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
         import torch
 
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(items: list) -> None:
