@@ -64,7 +64,9 @@ bench/results/fewshot_real_merlin_450_k2_tsa_pretraining_1pair.json; its other t
 with ``--test-subjects LITS-117 LIDC-0001``: bench/results/fewshot_real_merlin_450_k2_tsa_pretraining_2pairs.json;
 ``--shots 2 --pretrained-on TS-B``, stopped after 2 of its 3 pairs and collected with ``--test-subjects TS-A LITS-117``:
 bench/results/fewshot_real_merlin_450_k2_tsb_pretraining_2pairs.json, and its third, on the same decoder kept in
-``--work``, with ``--test-subjects LIDC-0001``: bench/results/fewshot_real_merlin_450_k2_tsb_pretraining_lidc.json).
+``--work``, with ``--test-subjects LIDC-0001``: bench/results/fewshot_real_merlin_450_k2_tsb_pretraining_lidc.json;
+``--shots 2 --pretrained-on LIDC-0001``, stopped after its first pair and collected with ``--test-subjects TS-A``:
+bench/results/fewshot_real_merlin_450_k2_lidc_pretraining_tsa.json).
 bench/fewshot_real_table.py summarises several of these files together.
 """
 
