@@ -66,7 +66,9 @@ with ``--test-subjects LITS-117 LIDC-0001``: bench/results/fewshot_real_merlin_4
 bench/results/fewshot_real_merlin_450_k2_tsb_pretraining_2pairs.json, and its third, on the same decoder kept in
 ``--work``, with ``--test-subjects LIDC-0001``: bench/results/fewshot_real_merlin_450_k2_tsb_pretraining_lidc.json;
 ``--shots 2 --pretrained-on LIDC-0001``, stopped after its first pair and collected with ``--test-subjects TS-A``:
-bench/results/fewshot_real_merlin_450_k2_lidc_pretraining_tsa.json).
+bench/results/fewshot_real_merlin_450_k2_lidc_pretraining_tsa.json, and its other two, on the same decoder kept in
+``--work``, with ``--test-subjects TS-B LITS-117``:
+bench/results/fewshot_real_merlin_450_k2_lidc_pretraining_2pairs.json).
 bench/fewshot_real_table.py summarises several of these files together.
 """
 
