@@ -12,6 +12,7 @@ from conftest import SHARED_CT, TOTALSEG_LIST, ct_like, write_nifti
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predict import main as predict
+from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, Predictor
 from fsseg.metrics.evaluate import main as evaluate
 from fsseg.models import create_model, list_models, register_model
 from fsseg.templates import load_template
@@ -139,6 +140,22 @@ def test_cpu_bf16_gives_the_same_oracle_masks(tmp_path):
                     "--no-progress"]) == 0
     predicted = np.asanyarray(nib.load(str(out / path.name)).dataobj) == 1
     assert 2 * (predicted & blob).sum() / (predicted.sum() + blob.sum()) > 0.99
+
+
+def test_cpu_default_runs_small_windows_in_pairs_with_the_features_of_one_at_a_time():
+    # One 48^3 window sends the tiny UNet's convolutions down torch's slow CPU path; two take the fast one.
+    torch.manual_seed(0)
+    model = create_model("unet_tiny", num_classes=2).eval()
+    backbone = FrozenBackbone(model.features, model.feature_channels, model.head)
+    small = Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(48, 48, 48))
+    default = Predictor(backbone, ["a", "b"], small, torch.device("cpu"))
+    single = Predictor(backbone, ["a", "b"], small, torch.device("cpu"), InferenceSettings(sw_batch_size=1))
+    assert default.sw_batch_size == 2
+    image = torch.rand(1, 70, 60, 50)
+    paired, alone = default.stitched_features(image, backbone), single.stitched_features(image, backbone)
+    assert torch.allclose(paired.float(), alone.float(), atol=2e-3)
+    large = Preprocessing(roi=(96, 96, 96))  # one such window already takes the fast path; two only add memory
+    assert Predictor(backbone, ["a"], large, torch.device("cpu")).sw_batch_size == 1
 
 
 def test_parts_split_the_folder(tmp_path):

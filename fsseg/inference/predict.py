@@ -206,7 +206,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sliding-window overlap in [0, 1) (default: what the adapters were scored with in "
                         "fsseg-adapt, else 0.5)")
     parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int),
-                        help="windows per forward pass (default 4 on CUDA, 1 on the CPU)")
+                        help="windows per forward pass (default 4 on CUDA; on the CPU 2 for a roi of at most "
+                             "64^3 voxels, else 1)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)")
     parser.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
