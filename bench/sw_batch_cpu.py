@@ -1,0 +1,79 @@
+"""Sliding-window time on the CPU against windows per forward pass (``sw_batch_size``), and fsseg's default.
+
+For a single window whose first layers are small (N x C x D x H <= 20480, e.g. 8 channels at 48^3), torch runs
+CPU convolutions through its slow im2col path instead of oneDNN; two windows a pass take the fast path. This
+measures what that costs for the demo's UNet (roi 48^3) and SwinUNETR-48 (roi 96^3), with random weights on a
+random volume (the time does not depend on the values), and which batch fsseg picks for each.
+
+    python bench/sw_batch_cpu.py [--batches 1 2 4] [--out bench/results/sw_batch_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from fsseg.data.transforms import Preprocessing
+from fsseg.inference import Predictor
+from fsseg.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+# (model, its kwargs, roi, volume): volumes of the demo's phantoms at 3 mm and of a small CT at 1.5 mm.
+CASES = [("unet_tiny", {}, (48, 48, 48), (111, 87, 78)),
+         ("swinunetr", {"feature_size": 48}, (96, 96, 96), (130, 120, 96))]
+
+
+def processor() -> str:
+    """The CPU's model name where Linux tells it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def seconds(model: torch.nn.Module, volume: torch.Tensor, roi: tuple[int, ...], batch: int) -> float:
+    """One warm sliding window (overlap 0.5, gaussian) over ``volume``."""
+    with torch.no_grad():
+        sliding_window_inference(volume[..., : roi[2]], roi, batch, model, overlap=0.5, mode="gaussian")
+        began = time.perf_counter()
+        sliding_window_inference(volume, roi, batch, model, overlap=0.5, mode="gaussian")
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4], help="batches to time besides 1")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "sw_batch_cpu.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = []
+    for name, kwargs, roi, shape in CASES:
+        model = create_model(name, 2, **kwargs).eval()
+        default = Predictor(model, ["a"], Preprocessing(roi=roi), torch.device("cpu")).sw_batch_size
+        volume = torch.rand(1, 1, *shape)
+        for batch in sorted({1, *args.batches}):
+            results.append({"model": name, "roi": list(roi), "volume": list(shape), "sw_batch_size": batch,
+                            "fsseg_default": batch == default, "seconds": round(seconds(model, volume, roi, batch), 2)})
+            print(f"{name:<10} roi {roi[0]:>3}^3 sw_batch_size {batch}: {results[-1]['seconds']:7.2f} s", flush=True)
+
+    print(f"\n{'model':<10} {'roi':>5} {'sw_batch_size':>13} {'seconds':>8} {'vs 1':>6}")
+    for r in results:
+        single = next(s["seconds"] for s in results if s["model"] == r["model"] and s["sw_batch_size"] == 1)
+        mark = " (fsseg default)" if r["fsseg_default"] else ""
+        print(f"{r['model']:<10} {r['roi'][0]:>5} {r['sw_batch_size']:>13} {r['seconds']:>8.2f} "
+              f"{single / r['seconds']:>5.2f}x{mark}")
+    document = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "processor": processor(), "date": time.strftime("%Y-%m-%d"),
+                "results": results}
+    Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
