@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
 
+from fsseg.checkpoint import versions
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference import Predictor
 from fsseg.models import create_model
@@ -27,14 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 # (model, its kwargs, roi, volume): volumes of the demo's phantoms at 3 mm and of a small CT at 1.5 mm.
 CASES = [("unet_tiny", {}, (48, 48, 48), (111, 87, 78)),
          ("swinunetr", {"feature_size": 48}, (96, 96, 96), (130, 120, 96))]
-
-
-def processor() -> str:
-    """The CPU's model name where Linux tells it."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def seconds(model: torch.nn.Module, volume: torch.Tensor, roi: tuple[int, ...], batch: int) -> float:
@@ -68,8 +60,7 @@ def main() -> None:
         mark = " (fsseg default)" if r["fsseg_default"] else ""
         print(f"{r['model']:<10} {r['roi'][0]:>5} {r['sw_batch_size']:>13} {r['seconds']:>8.2f} "
               f"{single / r['seconds']:>5.2f}x{mark}")
-    document = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "processor": processor(), "date": time.strftime("%Y-%m-%d"),
+    document = {"device": "cpu", "threads": torch.get_num_threads(), **versions(), "date": time.strftime("%Y-%m-%d"),
                 "results": results}
     Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
     print(f"wrote {args.out}")
