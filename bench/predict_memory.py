@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+
+from fsseg.checkpoint import cpu_instruction_sets
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE, SPACING = (512, 512, 400), (0.78, 0.78, 1.25)
@@ -95,7 +96,7 @@ def main() -> None:
         for organs in (None, ["liver"]):
             measured = run_predict(scan, ckpt, work / f"pred_{model}_{len(organs or [0] * 29)}", args.overlap, organs)
             results.append({"model": model, "structures": 29 if organs is None else 1, "overlap": args.overlap,
-                            **measured})
+                            **measured, "date": time.strftime("%Y-%m-%d"), "cpu": cpu_instruction_sets()})
             print(f"{model:<10} {results[-1]['structures']:>2} structures: peak {measured['peak_rss_gb']:.2f} GB, "
                   f"{measured['seconds']:.0f} s", flush=True)
     growth = {}
@@ -111,8 +112,8 @@ def main() -> None:
     earlier = json.loads(out.read_text()) if out.is_file() else {}
     results = [r for r in earlier.get("results", []) if r["model"] not in args.models] + results
     growth = {**{m: g for m, g in earlier.get("growth_mb_per_structure", {}).items() if m not in args.models}, **growth}
+    # Each row keeps its own date and CPU: rows of models not measured now come from earlier runs.
     document = {"scan": {"shape": SHAPE, "spacing_mm": SPACING}, "device": "cpu", "torch": str(torch.__version__),
-                "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
                 "results": results, "growth_mb_per_structure": growth}
     out.write_text(json.dumps(document, indent=1) + "\n")
     print(f"wrote {args.out}")
