@@ -1,8 +1,8 @@
 """The few-shot finding on real CT: at K = 1, does a frozen-backbone method match full fine-tuning, and does a
 real CT encoder beat a small fsseg-pretrained UNet?
 
-Leave-subjects-out on ``../shared/data/ct``: four subjects (``subject_group`` in its manifest), one scan each.
-The target is the liver, the only structure all four annotate. For every test subject T and every set S of K
+Leave-subjects-out on the sample CT (``sample_data/ct``): four subjects (``subject_group`` in its manifest), one
+scan each. The target is the liver, the only structure all four annotate. For every test subject T and every set S of K
 other subjects, a foundation model is pretrained on the subjects left over, with the liver's id mapped to
 background in their lists (its channel is never supervised), and each method then adapts it on the K supports
 S and is scored on T by fsseg-adapt (Dice in T's native space). Supports and test are thus subjects that
@@ -95,7 +95,7 @@ from fsseg.data.io import atomic_path
 from pretrain.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CT = REPO.parent / "shared" / "data" / "ct"
+SAMPLE_CT = REPO / "sample_data" / "ct"
 BIN = Path(sys.executable).parent
 TARGET = "liver"
 # One scan per subject: the other two cases of the collection are a sub-volume and a resampled copy.
@@ -104,7 +104,7 @@ SCANS = {"TS-A": "ts_example_ct", "TS-B": "ts_example_dicom", "LITS-117": "lits_
 LITS_LIVER_IDS = (1, 2)  # liver, liver tumour
 # Subjects whose labels hold the target alone: a pretraining on nothing else would supervise no structure.
 TARGET_ONLY = {"LITS-117"}
-TOTALSEG_MAP = json.loads((REPO / "data_lists" / "examples" / "shared_ct_totalseg.json").read_text())["label_map"]
+TOTALSEG_MAP = json.loads((REPO / "data_lists" / "examples" / "sample_ct_totalseg.json").read_text())["label_map"]
 
 
 @dataclass(frozen=True)
@@ -135,14 +135,14 @@ def run(command: list[str], log: Path) -> None:
 
 def scan_files(work: Path) -> dict[str, tuple[Path, Path]]:
     """Image and TotalSegmentator-scheme label of each subject's scan; the LiTS label is rewritten (liver = 5)."""
-    manifest = json.loads((SHARED_CT / "manifest.json").read_text())["cases"]
+    manifest = json.loads((SAMPLE_CT / "manifest.json").read_text())["cases"]
     liver_id = next(int(k) for k, v in TOTALSEG_MAP.items() if v == TARGET)
     files = {}
     for subject, case in SCANS.items():
         group = manifest[case]["subject_group"]
         if group != subject:
-            sys.exit(f"{SHARED_CT / 'manifest.json'}: case {case} is subject {group}, not {subject}")
-        image, label = SHARED_CT / "images" / f"{case}.nii.gz", SHARED_CT / "labels" / f"{case}.nii.gz"
+            sys.exit(f"{SAMPLE_CT / 'manifest.json'}: case {case} is subject {group}, not {subject}")
+        image, label = SAMPLE_CT / "images" / f"{case}.nii.gz", SAMPLE_CT / "labels" / f"{case}.nii.gz"
         if subject == "LITS-117":
             source, label = nib.load(label), work / "labels" / f"{case}.nii.gz"
             if not label.exists():
@@ -323,8 +323,6 @@ def main() -> None:
     parser.add_argument("--epochs-cap", type=int, help="train each method at most this many epochs")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap of features and scoring")
     args = parser.parse_args()
-    if not SHARED_CT.is_dir():
-        sys.exit(f"no real CT at {SHARED_CT}")
     work = Path(args.work).resolve()
     files = scan_files(work)
     method_configs = Path(args.method_configs).resolve()

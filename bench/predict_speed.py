@@ -1,6 +1,6 @@
 """Prediction speed: fsseg-predict end to end vs the bare sliding window, vs the reference code's recipe.
 
-On a real-size scan (a phantom at 0.8x0.8x2.5 mm and the real CT ../shared/data/ct/images/lidc_0001_abd):
+On a real-size scan (a phantom at 0.8x0.8x2.5 mm) and the real CT of the sample data (lidc_0001_abd_1p4mm):
 
 * ``network``: MONAI's sliding window alone on the already preprocessed volume (the floor);
 * ``fsseg-predict``: the whole command for that scan: reading, preprocessing, sliding window, probabilities
@@ -41,7 +41,7 @@ from fsseg.templates import load_template
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAP = 0.25
-REAL_CT = REPO.parent / "shared" / "data" / "ct" / "images" / "lidc_0001_abd.nii.gz"
+REAL_CT = REPO / "sample_data" / "ct" / "images" / "lidc_0001_abd_1p4mm.nii.gz"
 
 
 def peak_rss_gb() -> float:
@@ -72,8 +72,7 @@ def main() -> None:
                                      "preprocessing": pre.to_dict(), "state_dict": model.state_dict()})
         image, _, affine = phantom.generate_volume(np.random.default_rng(0), (0.8, 0.8, 2.5))
         scans = {"phantom_0.8x0.8x2.5": save_nifti(image, affine, work / "scans" / "phantom.nii.gz")}
-        if REAL_CT.is_file():
-            scans["lidc_0001_abd"] = REAL_CT
+        scans["lidc_0001_abd_1p4mm"] = REAL_CT
         for name, scan in scans.items():
             single = work / f"in_{name}"
             single.mkdir()

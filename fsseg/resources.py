@@ -1,5 +1,6 @@
-"""Files fsseg ships besides its code: the run and method configs (``configs/``) and the dataset specs
-(``data_lists/datasets/``).
+"""Files fsseg ships besides its code: the run and method configs (``configs/``), the dataset specs
+(``data_lists/datasets/``), the example data lists (``data_lists/examples/``) and the sample CT
+(``sample_data/ct/``).
 
 An installed wheel holds them as package data under ``fsseg/shipped/`` (setup.cfg maps the repository's folders
 there); an editable install or a checkout reads them where they lie in the repository. Either way a command run
@@ -12,11 +13,12 @@ import importlib.resources
 from pathlib import Path
 
 # Name under fsseg/shipped/ in a wheel -> folder in the repository.
-FOLDERS = {"configs": "configs", "datasets": "data_lists/datasets"}
+FOLDERS = {"configs": "configs", "datasets": "data_lists/datasets", "examples": "data_lists/examples",
+           "sample_ct": "sample_data/ct"}
 
 
 def shipped_dir(name: str) -> Path:
-    """The folder of shipped files ``name`` (``configs`` or ``datasets``)."""
+    """The folder of shipped files ``name`` (a key of ``FOLDERS``)."""
     packaged = Path(str(importlib.resources.files("fsseg") / "shipped" / name))
     if packaged.is_dir():
         return packaged

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CT of ../shared/data/ct and small synthetic NIfTI files."""
+"""Shared fixtures: the sample CT that ships with fsseg (sample_data/ct) and small synthetic NIfTI files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CT = REPO.parent / "shared" / "data" / "ct"
-TOTALSEG_LIST = REPO / "data_lists" / "examples" / "shared_ct_totalseg.json"
-LITS_LIST = REPO / "data_lists" / "examples" / "shared_ct_lits.json"
+SAMPLE_CT = REPO / "sample_data" / "ct"
+TOTALSEG_LIST = REPO / "data_lists" / "examples" / "sample_ct_totalseg.json"
+LITS_LIST = REPO / "data_lists" / "examples" / "sample_ct_lits.json"
 
 
 def pytest_configure(config) -> None:
@@ -37,11 +37,9 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 
 @pytest.fixture(scope="session")
-def shared_ct() -> Path:
-    """The real CT folder; its absence is an error, not a skip (the tests are about real data)."""
-    if not (SHARED_CT / "manifest.json").is_file():
-        pytest.fail(f"real CT test data not found at {SHARED_CT} (expected ../shared/data/ct beside the repo)")
-    return SHARED_CT
+def sample_ct() -> Path:
+    """The sample CT folder of the checkout (read it, never write into it)."""
+    return SAMPLE_CT
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:

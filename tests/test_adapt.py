@@ -338,30 +338,30 @@ def test_transductive_needs_a_frozen_backbone(phantom_dir, tiny_checkpoint, tmp_
     assert "--ti needs a frozen backbone" in capsys.readouterr().err
 
 
-def test_adapt_liver_on_real_ct_one_shot(shared_ct, tiny_checkpoint, tmp_path):
+def test_adapt_liver_on_real_ct_one_shot(sample_ct, tiny_checkpoint, tmp_path):
     configs = write_method_configs(tmp_path / "configs", epochs=3)
     out = tmp_path / "real"
     assert main(adapt_args(tiny_checkpoint, TOTALSEG_LIST, out, configs, "--organ", "liver", "--shots", "1",
                            "--method", "lp", "--seeds", "1")) == 0
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["case"] for r in rows} == {"lidc_0001_abd_1p4mm", "lidc_0001_abd"}
+    assert {r["case"] for r in rows} == {"lidc_0001_abd_1p4mm"}
     # The support comes from the other subjects (TS-A, TS-B), never from the LIDC scan being tested.
     assert all(not r["support"].startswith("lidc") for r in rows)
 
 
-def test_subject_shared_with_a_test_case_is_left_out(shared_ct, tiny_checkpoint, tmp_path):
+def test_subject_shared_with_a_test_case_is_left_out(sample_ct, tiny_checkpoint, tmp_path):
     data = json.loads(TOTALSEG_LIST.read_text())
-    data["root"] = str(shared_ct)
+    data["root"] = str(sample_ct)
     for case in data["cases"]:
-        if case["id"] == "lidc_0001_abd":
-            case["split"] = "train"  # the same scan as the test case lidc_0001_abd_1p4mm
+        if case["id"] == "ts_example_ct_sm":
+            case["split"] = "test"  # slices of the train case ts_example_ct (subject TS-A)
     path = tmp_path / "leaky.json"
     path.write_text(json.dumps(data))
     config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(path), organs=["liver"], shots=[1],
                          methods=["lp"], seeds=1)
     run = Adaptation(config, tmp_path / "run", torch.device("cpu"))
-    assert "lidc_0001_abd" not in {c.id for c in run.pool}
+    assert [c.id for c in run.pool] == ["ts_example_dicom"]
 
 
 @pytest.mark.parametrize(

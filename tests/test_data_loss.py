@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from adapt.cli import main as adapt
-from conftest import SHARED_CT, write_method_configs, write_nifti
+from conftest import SAMPLE_CT, write_method_configs, write_nifti
 from fsseg.checkpoint import read_checkpoint, save_checkpoint
 from fsseg.importing import main as import_checkpoint
 from fsseg.inference.predict import main as predict
@@ -47,7 +47,7 @@ def totalseg_layout(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray, n
 
 
 def real_case():
-    image, label = nib.load(str(SHARED_CT / "images" / f"{REAL}.nii.gz")), nib.load(str(SHARED_CT / "labels" / f"{REAL}.nii.gz"))
+    image, label = nib.load(str(SAMPLE_CT / "images" / f"{REAL}.nii.gz")), nib.load(str(SAMPLE_CT / "labels" / f"{REAL}.nii.gz"))
     return np.asanyarray(image.dataobj).astype(np.int16), np.asanyarray(label.dataobj) == LIVER_ID, image.affine
 
 
@@ -62,7 +62,7 @@ def blob_scan(centre: tuple[int, int, int]):
     return image, ball, np.diag([1.5, 1.5, 1.5, 1.0])
 
 
-def test_predict_refuses_output_folders_that_hold_a_lists_files(shared_ct, tmp_path, capsys):
+def test_predict_refuses_output_folders_that_hold_a_lists_files(sample_ct, tmp_path, capsys):
     root = tmp_path / "ts"
     data_list = totalseg_layout(root, {"s0001": real_case(), "s0002": real_case()})
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")

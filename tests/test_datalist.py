@@ -14,11 +14,11 @@ def write_list(path, **fields):
     return path
 
 
-def test_shipped_real_ct_lists_resolve_into_shared_data(shared_ct):
+def test_shipped_real_ct_lists_resolve_into_the_sample_data(sample_ct):
     datalist = load_datalist(TOTALSEG_LIST)
-    assert datalist.root == shared_ct.resolve()
+    assert datalist.root == sample_ct.resolve()
     assert all(case.image.is_file() and case.label.is_file() for case in datalist.cases)
-    assert [c.id for c in datalist.split("test")] == ["lidc_0001_abd_1p4mm", "lidc_0001_abd"]
+    assert [c.id for c in datalist.split("test")] == ["lidc_0001_abd_1p4mm"]
     # Same-subject cases never straddle the train/test line.
     groups = {split: {c.group for c in datalist.split(split)} for split in ("train", "test")}
     assert not groups["train"] & groups["test"]

@@ -30,9 +30,9 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @pytest.fixture(scope="module")
-def series(shared_ct, tmp_path_factory):
+def series(sample_ct, tmp_path_factory):
     folder = tmp_path_factory.mktemp("dicom") / CASE
-    write_dicom_series(shared_ct / "images" / f"{CASE}.nii.gz", folder)
+    write_dicom_series(sample_ct / "images" / f"{CASE}.nii.gz", folder)
     return folder
 
 
@@ -41,8 +41,8 @@ def canonical(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return np.asanyarray(image.dataobj), image.affine
 
 
-def test_a_series_reads_as_the_scan_it_was_written_from_in_hu(shared_ct, series):
-    source = nib.load(str(shared_ct / "images" / f"{CASE}.nii.gz"))
+def test_a_series_reads_as_the_scan_it_was_written_from_in_hu(sample_ct, series):
+    source = nib.load(str(sample_ct / "images" / f"{CASE}.nii.gz"))
     header, (read, voxels) = read_series_header(series), read_series(series)
     stored = pydicom.dcmread(header.files[0]).pixel_array
     # The files hold HU + 1024, and their names say nothing of the slice order.
@@ -54,12 +54,12 @@ def test_a_series_reads_as_the_scan_it_was_written_from_in_hu(shared_ct, series)
     assert np.array_equal(array, expected) and array.min() == -1024
 
 
-def test_prediction_from_a_series_equals_the_prediction_from_its_nifti(shared_ct, series, tmp_path):
+def test_prediction_from_a_series_equals_the_prediction_from_its_nifti(sample_ct, series, tmp_path):
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
     batch = tmp_path / "batch"  # a folder of series folders and NIfTI files
     batch.mkdir()
     (batch / "from_dicom").symlink_to(series, target_is_directory=True)
-    (batch / "from_nifti.nii.gz").symlink_to(shared_ct / "images" / f"{CASE}.nii.gz")
+    (batch / "from_nifti.nii.gz").symlink_to(sample_ct / "images" / f"{CASE}.nii.gz")
     out = tmp_path / "pred"
     assert predict(["-i", str(batch), "-o", str(out), "-m", str(checkpoint), "--organs", "liver", "--no-progress"]) == 0
     from_dicom, from_nifti = nib.load(str(out / "from_dicom.nii.gz")), nib.load(str(out / "from_nifti.nii.gz"))
@@ -75,17 +75,17 @@ def test_prediction_from_a_series_equals_the_prediction_from_its_nifti(shared_ct
     assert cases["from_dicom"]["image"] == str(batch / "from_dicom") and cases["from_dicom"]["status"] == "ok"
 
 
-def test_a_data_list_may_name_a_series_as_a_cases_image(shared_ct, series, tmp_path):
+def test_a_data_list_may_name_a_series_as_a_cases_image(sample_ct, series, tmp_path):
     # The label is written on the series' grid, as a tool reading the series (ITK, 3D Slicer) would save it.
-    label = nib.load(str(shared_ct / "labels" / f"{CASE}.nii.gz"))
+    label = nib.load(str(sample_ct / "labels" / f"{CASE}.nii.gz"))
     ornt = nib.orientations.ornt_transform(nib.io_orientation(label.affine),
                                            nib.io_orientation(read_series_header(series).affine))
     nib.save(label.as_reoriented(ornt), str(tmp_path / "label.nii.gz"))
-    label_map = json.loads((shared_ct / "label_maps" / "totalsegmentator_v2_total.json").read_text())
+    label_map = json.loads((sample_ct / "label_maps" / "totalsegmentator_v2_total.json").read_text())
     listing = {"name": "dicom", "label_map": label_map, "cases": [
         {"id": "series", "image": str(series), "label": "label.nii.gz", "split": "train"},
-        {"id": "nifti", "image": str(shared_ct / "images" / f"{CASE}.nii.gz"),
-         "label": str(shared_ct / "labels" / f"{CASE}.nii.gz"), "split": "test"}]}
+        {"id": "nifti", "image": str(sample_ct / "images" / f"{CASE}.nii.gz"),
+         "label": str(sample_ct / "labels" / f"{CASE}.nii.gz"), "split": "test"}]}
     data_list = tmp_path / "list.json"
     data_list.write_text(json.dumps(listing))
     checked = subprocess.run([sys.executable, "-m", "fsseg.data.check", str(data_list), "--no-progress"],
@@ -121,10 +121,10 @@ BAD_SERIES = {
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_SERIES))
-def test_a_bad_series_is_one_line_and_nothing_is_written(shared_ct, tmp_path, capsys, kind):
+def test_a_bad_series_is_one_line_and_nothing_is_written(sample_ct, tmp_path, capsys, kind):
     tweaks, message = BAD_SERIES[kind]
     folder = tmp_path / "scan"
-    source = shared_ct / "images" / f"{CASE}.nii.gz"
+    source = sample_ct / "images" / f"{CASE}.nii.gz"
     write_dicom_series(source, folder, **tweaks)
     if kind == "mixed":
         write_dicom_series(source, folder, series_uid=new_uid(), drop=tuple(range(5, 20)))
@@ -161,9 +161,9 @@ def test_dicom_seg_reads_back_as_the_nifti_mask_on_the_source_slices(series, tmp
     assert mask.sum() > 1000 and np.array_equal(frames, mask.transpose(2, 1, 0))
 
 
-def test_dicom_seg_of_a_nifti_scan_is_refused_before_predicting(shared_ct, tmp_path, capsys):
+def test_dicom_seg_of_a_nifti_scan_is_refused_before_predicting(sample_ct, tmp_path, capsys):
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
-    scan = shared_ct / "images" / f"{CASE}.nii.gz"
+    scan = sample_ct / "images" / f"{CASE}.nii.gz"
     out = tmp_path / "pred"
     assert predict(["-i", str(scan), "-o", str(out), "-m", str(checkpoint), "--output-type", "dicom-seg"]) == 2
     assert "needs DICOM series as input" in capsys.readouterr().err and not out.exists()

@@ -13,7 +13,7 @@ from adapt.cli import main as adapt
 from adapt.config import AdaptConfig, TrainingConfig
 from adapt.engine import Adaptation
 from adapt.training import train
-from conftest import REPO, cut_to_one_window, source_lists, write_method_configs
+from conftest import REPO, SAMPLE_CT, cut_to_one_window, source_lists, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from fsseg.data.datalist import load_datalist
@@ -27,7 +27,7 @@ from fsseg.training.encoder_cache import EncoderCache, pad_for_encoder
 from pretrain.cli import main as pretrain
 from pretrain.encoder_features import SKIPS, EncoderFeatureDataset
 
-CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+CT = SAMPLE_CT
 FSEFT = load_template("fseft29")
 TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
 ASTRA_PARAMETERS = 117_517_632  # the astra file's own count ('meta'), Merlin's I3ResNet-152 image encoder

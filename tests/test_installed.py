@@ -88,3 +88,12 @@ def test_installed_commands_run_from_the_users_folder_with_the_shipped_settings(
           "--no-progress")
     summary = json.loads((work / "evaluate" / "summary.json").read_text())
     assert summary["cases"] == 1 and not summary["failed_cases"]
+
+    # The real CT shipped in the wheel: written here, checked, and the model adapted to its liver.
+    fsseg("sample-data", "--out", "samples")
+    fsseg("check-data", *sorted(str(p) for p in (work / "samples").glob("*.json")), "--no-progress")
+    fsseg("adapt", "--checkpoint", "pretrain/checkpoint_latest.pt", "--data-list", "samples/sample_ct_liver_fewshot.json",
+          "--organ", "liver", "--shots", "1", "--method", "lp", "--seeds", "1", "--out", "adapt_real",
+          "--set", "method_configs=configs/adapt/demo", "--set", "pictures=false", "--no-progress")
+    rows = json.loads((work / "adapt_real" / "results.json").read_text())["rows"]
+    assert [(r["method"], r["shots"], r["case"]) for r in rows] == [("lp", 1, "lits_117_crop128")]

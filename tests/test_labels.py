@@ -25,13 +25,13 @@ def raw_counts(path, ids):
     return {i: int((label == i).sum()) for i in ids}
 
 
-def test_template_channels_keep_raw_voxel_counts(shared_ct):
+def test_template_channels_keep_raw_voxel_counts(sample_ct):
     datalist = load_datalist(TOTALSEG_LIST)
     case = datalist.case("ts_example_ct")
     out = convert(case_item(case, datalist.label_map))
     assert out[LABEL].shape == (29, 122, 101, 112)
     counts = out[LABEL].sum(dim=(1, 2, 3))
-    manifest = json.loads((shared_ct / "manifest.json").read_text())["cases"]["ts_example_ct"]["label_ids_present"]
+    manifest = json.loads((sample_ct / "manifest.json").read_text())["cases"]["ts_example_ct"]["label_ids_present"]
     for name, ts_id in [("liver", "5"), ("spleen", "1"), ("kidney_right", "2"), ("kidney_left", "3"), ("pancreas", "7")]:
         assert counts[TEMPLATE.channel(name)] == manifest[ts_id]["voxels"], name
     # Channels are disjoint binary masks.
@@ -43,9 +43,9 @@ def test_template_channels_keep_raw_voxel_counts(shared_ct):
     assert out[TASK_MASK][TEMPLATE.channel("liver_tumor")] == 0
 
 
-def joint_kidney_case(tmp_path, shared_ct, case_id):
+def joint_kidney_case(tmp_path, sample_ct, case_id):
     """The case's label with only spleen, liver and both kidneys, the kidneys merged into one id."""
-    label_image = nib.load(str(shared_ct / "labels" / f"{case_id}.nii.gz"))
+    label_image = nib.load(str(sample_ct / "labels" / f"{case_id}.nii.gz"))
     original = np.asanyarray(label_image.dataobj)
     merged = np.zeros_like(original)
     merged[original == 1] = 1
@@ -53,14 +53,14 @@ def joint_kidney_case(tmp_path, shared_ct, case_id):
     merged[original == 5] = 5
     path = tmp_path / f"{case_id}_joint.nii.gz"
     nib.save(nib.Nifti1Image(merged, label_image.affine, label_image.header), str(path))
-    item = {"id": case_id, "image": str(shared_ct / "images" / f"{case_id}.nii.gz"), LABEL: str(path),
+    item = {"id": case_id, "image": str(sample_ct / "images" / f"{case_id}.nii.gz"), LABEL: str(path),
             "label_map": {"1": "spleen", "2": "kidney@split", "5": "liver"}}
     return item, original
 
 
 @pytest.mark.parametrize("case_id", ["ts_example_ct", "lidc_0001_abd_1p4mm"])  # RAS and LAS grids
-def test_joint_kidney_label_is_split_at_the_midline(tmp_path, shared_ct, case_id):
-    item, original = joint_kidney_case(tmp_path, shared_ct, case_id)
+def test_joint_kidney_label_is_split_at_the_midline(tmp_path, sample_ct, case_id):
+    item, original = joint_kidney_case(tmp_path, sample_ct, case_id)
     out = convert(item)
     right = out[LABEL][TEMPLATE.channel("kidney_right")].numpy().astype(bool)
     left = out[LABEL][TEMPLATE.channel("kidney_left")].numpy().astype(bool)
@@ -78,7 +78,7 @@ def test_midline_follows_the_body_not_the_field_of_view():
     assert midline_x(affine, image.shape) == pytest.approx(39.0)
 
 
-def test_unknown_label_ids_are_reported_with_the_file(tmp_path, shared_ct):
+def test_unknown_label_ids_are_reported_with_the_file(tmp_path, sample_ct):
     datalist = load_datalist(TOTALSEG_LIST)
     item = case_item(datalist.case("ts_example_ct_sm"), LabelMap.parse({"5": "liver"}))
     item["label_map"] = {"5": "liver"}
@@ -86,8 +86,8 @@ def test_unknown_label_ids_are_reported_with_the_file(tmp_path, shared_ct):
         convert(item)
 
 
-def test_per_structure_masks_give_the_same_channels(tmp_path, shared_ct):
-    label_image = nib.load(str(shared_ct / "labels" / "ts_example_ct_sm.nii.gz"))
+def test_per_structure_masks_give_the_same_channels(tmp_path, sample_ct):
+    label_image = nib.load(str(sample_ct / "labels" / "ts_example_ct_sm.nii.gz"))
     label = np.asanyarray(label_image.dataobj)
     labels = {}
     for name, ts_id in [("liver", 5), ("spleen", 1), ("heart", 51)]:  # heart lies outside the template
@@ -95,7 +95,7 @@ def test_per_structure_masks_give_the_same_channels(tmp_path, shared_ct):
         path.parent.mkdir(exist_ok=True)
         nib.save(nib.Nifti1Image((label == ts_id).astype(np.uint8), label_image.affine), str(path))
         labels[name] = str(path)
-    out = convert({"id": "sm", "image": str(shared_ct / "images" / "ts_example_ct_sm.nii.gz"), "labels": labels})
+    out = convert({"id": "sm", "image": str(sample_ct / "images" / "ts_example_ct_sm.nii.gz"), "labels": labels})
     assert out[LABEL][TEMPLATE.channel("liver")].sum() == (label == 5).sum()
     assert out[LABEL][TEMPLATE.channel("spleen")].sum() == (label == 1).sum()
     assert out[TASK_MASK].sum() == 2
@@ -108,8 +108,8 @@ def test_structure_masks_keep_names_outside_the_template():
     assert list(masks) == ["heart_atrium_left"] and masks["heart_atrium_left"].sum() == 1
 
 
-def test_label_on_another_grid_is_rejected(tmp_path, shared_ct):
-    image_path = shared_ct / "images" / "ts_example_ct_sm.nii.gz"
+def test_label_on_another_grid_is_rejected(tmp_path, sample_ct):
+    image_path = sample_ct / "images" / "ts_example_ct_sm.nii.gz"
     reference = nib.load(str(image_path))
     shifted = reference.affine.copy()
     shifted[0, 3] += 5.0

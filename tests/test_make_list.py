@@ -82,7 +82,7 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert json.loads(out.read_text()) == {}
 
 
-def nnunet_dataset(root, shared_ct, labels_json=None):
+def nnunet_dataset(root, sample_ct, labels_json=None):
     """An nnU-Net raw dataset written from the real CT: two training cases (liver 1, spleen 2) and a test case."""
     import nibabel as nib
     import shutil
@@ -90,23 +90,23 @@ def nnunet_dataset(root, shared_ct, labels_json=None):
     sources = {"ts_example_ct_sm": {5: 1, 1: 2}, "lidc_0001_abd_1p4mm": {5: 1, 1: 2}}
     for i, (case, ids) in enumerate(sources.items()):
         (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared_ct / "images" / f"{case}.nii.gz", root / "imagesTr" / f"liver_{i:03d}_0000.nii.gz")
-        label = nib.load(shared_ct / "labels" / f"{case}.nii.gz")
+        shutil.copyfile(sample_ct / "images" / f"{case}.nii.gz", root / "imagesTr" / f"liver_{i:03d}_0000.nii.gz")
+        label = nib.load(sample_ct / "labels" / f"{case}.nii.gz")
         values = np.asanyarray(label.dataobj)
         remapped = np.zeros(values.shape, np.uint8)
         for source_id, target_id in ids.items():
             remapped[values == source_id] = target_id
         write_nifti(root / "labelsTr" / f"liver_{i:03d}.nii.gz", remapped, label.affine)
     (root / "imagesTs").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shared_ct / "images" / "ts_example_dicom.nii.gz", root / "imagesTs" / "liver_100_0000.nii.gz")
+    shutil.copyfile(sample_ct / "images" / "ts_example_dicom.nii.gz", root / "imagesTs" / "liver_100_0000.nii.gz")
     meta = {"channel_names": {"0": "CT"}, "labels": labels_json or {"background": 0, "liver": 1, "spleen": 2},
-            "numTraining": 2, "file_ending": ".nii.gz", "name": "Liver from the shared CT"}
+            "numTraining": 2, "file_ending": ".nii.gz", "name": "Liver from the sample CT"}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
 
-def test_an_nnunet_raw_dataset_becomes_a_valid_list(tmp_path, shared_ct, capsys):
-    root = nnunet_dataset(tmp_path / "Dataset042_SharedLiver", shared_ct)
+def test_an_nnunet_raw_dataset_becomes_a_valid_list(tmp_path, sample_ct, capsys):
+    root = nnunet_dataset(tmp_path / "Dataset042_SharedLiver", sample_ct)
     out = tmp_path / "liver.json"
     assert main(["nnunet", "--root", str(root), "-o", str(out)]) == 0
     assert "3 cases (2 train, 1 test)" in capsys.readouterr().out
@@ -129,8 +129,8 @@ def test_an_nnunet_raw_dataset_becomes_a_valid_list(tmp_path, shared_ct, capsys)
     ({"labels": {"background": 0, "liver": 1, "ignore": 3}}, "label 'ignore'"),
     ({"file_ending": ".mha"}, "fsseg reads NIfTI"),
 ])
-def test_nnunet_datasets_fsseg_cannot_read_are_one_line(tmp_path, shared_ct, capsys, change, message):
-    root = nnunet_dataset(tmp_path / "Dataset001_X", shared_ct)
+def test_nnunet_datasets_fsseg_cannot_read_are_one_line(tmp_path, sample_ct, capsys, change, message):
+    root = nnunet_dataset(tmp_path / "Dataset001_X", sample_ct)
     meta = json.loads((root / "dataset.json").read_text())
     (root / "dataset.json").write_text(json.dumps(meta | change))
     assert main(["nnunet", "--root", str(root), "-o", str(tmp_path / "x.json")]) == 2

@@ -109,9 +109,9 @@ def test_an_nnunet_results_folder_imports_with_its_labels_preprocessing_and_outp
     assert torch.equal(label[clear], reference.argmax(1)[clear])
 
 
-def test_an_imported_nnunet_predicts_and_adapts_on_real_ct(imported, shared_ct, tmp_path):
+def test_an_imported_nnunet_predicts_and_adapts_on_real_ct(imported, sample_ct, tmp_path):
     output, _ = imported
-    scan = shared_ct / "images" / "ts_example_dicom.nii.gz"
+    scan = sample_ct / "images" / "ts_example_dicom.nii.gz"
     assert predict(["-i", str(scan), "-o", str(tmp_path / "pred"), "-m", str(output), "--no-progress"]) == 0
     mask, source = nib.load(str(tmp_path / "pred" / scan.name)), nib.load(str(scan))
     assert mask.shape == source.shape and np.array_equal(mask.affine, source.affine)
@@ -119,7 +119,7 @@ def test_an_imported_nnunet_predicts_and_adapts_on_real_ct(imported, shared_ct, 
     configs = write_method_configs(tmp_path / "configs", epochs=1)
     # The small scans: a support from one subject, a test case from another.
     listing = json.loads(TOTALSEG_LIST.read_text())
-    listing["root"] = str(shared_ct)
+    listing["root"] = str(sample_ct)
     listing["cases"] = [{**case, "split": "test" if case["id"] == "ts_example_dicom" else "train"}
                         for case in listing["cases"] if case["id"] in ("ts_example_ct_sm", "ts_example_dicom")]
     data_list = tmp_path / "list.json"

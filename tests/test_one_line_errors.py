@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapt.cli import main as adapt
-from conftest import SHARED_CT, write_method_configs, write_nifti
+from conftest import SAMPLE_CT, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
 from fsseg.adapters.feature_cache import FeatureStore
@@ -40,7 +40,7 @@ def one_line(capsys, expected: str, stream: str = "err") -> None:
 
 def with_spacing(tmp_path: Path, name: str, zooms) -> Path:
     """The real CT with the voxel size of its affine (the sform; no qform) replaced by ``zooms``."""
-    source = nib.load(str(SHARED_CT / "images" / f"{REAL}.nii.gz"))
+    source = nib.load(str(SAMPLE_CT / "images" / f"{REAL}.nii.gz"))
     affine = source.affine.copy()
     affine[:3, :3] = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0) * np.asarray(zooms)
     image = nib.Nifti1Image(np.asanyarray(source.dataobj), None, header=source.header.copy())
@@ -52,7 +52,7 @@ def with_spacing(tmp_path: Path, name: str, zooms) -> Path:
     return path
 
 
-def test_implausible_voxel_sizes_are_refused(shared_ct, tmp_path, capsys):
+def test_implausible_voxel_sizes_are_refused(sample_ct, tmp_path, capsys):
     zero, huge = with_spacing(tmp_path, "zero", (3.0, 0.0, 3.0)), with_spacing(tmp_path, "huge", (45.0, 45.0, 45.0))
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps({"name": "odd", "cases": [{"id": "zero", "image": str(zero), "split": "test"},
@@ -63,7 +63,7 @@ def test_implausible_voxel_sizes_are_refused(shared_ct, tmp_path, capsys):
     # In a prediction batch each fails on its own; the good scan is still predicted.
     scans = tmp_path / "scans"
     scans.mkdir()
-    for path in (zero, huge, SHARED_CT / "images" / f"{REAL}.nii.gz"):
+    for path in (zero, huge, SAMPLE_CT / "images" / f"{REAL}.nii.gz"):
         (scans / path.name).symlink_to(path)
     out = tmp_path / "pred"
     assert predict(["-i", str(scans), "-o", str(out), "-m", str(oracle_checkpoint(tmp_path / "o.pt")),
@@ -216,7 +216,7 @@ def test_crafted_checkpoints_and_adapters_are_one_line(tiny_checkpoint, tmp_path
 
 def test_files_torch_cannot_or_will_not_load_are_named_for_what_they_are(tmp_path, capsys):
     (tmp_path / "random.pth").write_bytes(os.urandom(4096))
-    (tmp_path / "scan.pth").write_bytes((SHARED_CT / "labels" / f"{REAL}.nii.gz").read_bytes())
+    (tmp_path / "scan.pth").write_bytes((SAMPLE_CT / "labels" / f"{REAL}.nii.gz").read_bytes())
     torch.save({"w": torch.ones(1000)}, tmp_path / "whole.pth")
     whole = (tmp_path / "whole.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])

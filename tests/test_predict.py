@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED_CT, TOTALSEG_LIST, ct_like, write_nifti
+from conftest import SAMPLE_CT, TOTALSEG_LIST, ct_like, write_nifti
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predict import main as predict
@@ -108,7 +108,7 @@ def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, capsys):
     phantom_scan(scans, "good", AFFINES["identity"])
     (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     # A gzip whose header reads but whose data is cut: it fails inside MONAI's Compose, not in the header check.
-    whole = (SHARED_CT / "images" / "ts_example_ct_sm.nii.gz").read_bytes()
+    whole = (SAMPLE_CT / "images" / "ts_example_ct_sm.nii.gz").read_bytes()
     (scans / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
     write_nifti(scans / "flat.nii.gz", ct_like((20, 20, 6))[..., 3])
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
@@ -181,11 +181,11 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert "this folder holds input" in capsys.readouterr().err
 
 
-def test_real_ct_prediction_keeps_exact_geometry_and_evaluates(shared_ct, tmp_path, capsys):
+def test_real_ct_prediction_keeps_exact_geometry_and_evaluates(sample_ct, tmp_path, capsys):
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
     scans = tmp_path / "scans"
     scans.mkdir()
-    source = shared_ct / "images" / "lidc_0001_abd_1p4mm.nii.gz"
+    source = sample_ct / "images" / "lidc_0001_abd_1p4mm.nii.gz"
     (scans / source.name).symlink_to(source)
     out = tmp_path / "pred"
     assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--organs", "liver", "--no-progress"]) == 0
@@ -196,15 +196,21 @@ def test_real_ct_prediction_keeps_exact_geometry_and_evaluates(shared_ct, tmp_pa
     assert np.allclose(result.header.get_zooms(), original.header.get_zooms())
 
     # Score it against the real label (bright voxels are a poor liver model: the numbers just have to be sane).
+    data = json.loads(TOTALSEG_LIST.read_text())
+    data["root"] = str(sample_ct)
+    for case in data["cases"]:
+        case["split"] = "test" if case["id"] in ("lidc_0001_abd_1p4mm", "ts_example_dicom") else "train"
+    data_list = tmp_path / "two_tests.json"
+    data_list.write_text(json.dumps(data))
     report = tmp_path / "report"
-    code = evaluate(["--pred", str(out), "--data-list", str(TOTALSEG_LIST), "--structures", "liver",
+    code = evaluate(["--pred", str(out), "--data-list", str(data_list), "--structures", "liver",
                      "-o", str(report), "--no-progress"])
     summary = json.loads((report / "summary.json").read_text())
     # The other test case has no prediction: it is a failure, not a skip.
-    assert code == 1 and summary["failed_cases"] == ["lidc_0001_abd"]
+    assert code == 1 and summary["failed_cases"] == ["ts_example_dicom"]
     rows = (report / "per_case.csv").read_text().splitlines()
     assert rows[0].startswith("case,structure,dice,nsd,hd95")
-    assert any(r.startswith("lidc_0001_abd,liver,0.0,0.0,nan,missing") for r in rows)
+    assert any(r.startswith("ts_example_dicom,liver,0.0,0.0,nan,missing") for r in rows)
     scored = [r for r in rows if r.startswith("lidc_0001_abd_1p4mm,liver")][0].split(",")
     assert 0.0 < float(scored[2]) < 1.0 and scored[-1] == "ok"
     assert "liver" in capsys.readouterr().out

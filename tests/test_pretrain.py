@@ -12,7 +12,7 @@ import pytest
 import torch
 import nibabel as nib
 
-from conftest import REPO, SHARED_CT, source_lists
+from conftest import REPO, SAMPLE_CT, source_lists
 from fsseg.checkpoint import load_model, read_checkpoint
 from pretrain.cli import main
 
@@ -148,16 +148,16 @@ def test_existing_run_is_not_overwritten_without_resume(phantom_dir, tmp_path, c
 
 def partial_real_list(folder, case_id, keep):
     """A one-case dataset of real CT annotating only ``keep`` (TotalSegmentator ids); all other ids are background."""
-    label = np.asanyarray(nib.load(str(SHARED_CT / "labels" / f"{case_id}.nii.gz")).dataobj)
+    label = np.asanyarray(nib.load(str(SAMPLE_CT / "labels" / f"{case_id}.nii.gz")).dataobj)
     label_map = {str(i): "background" for i in np.unique(label).tolist() if i}
     label_map.update(keep)
     path = folder / f"{case_id}_{'_'.join(keep.values())}.json"
-    path.write_text(json.dumps({"name": path.stem, "root": str(SHARED_CT), "label_map": label_map, "cases": [
+    path.write_text(json.dumps({"name": path.stem, "root": str(SAMPLE_CT), "label_map": label_map, "cases": [
         {"id": case_id, "image": f"images/{case_id}.nii.gz", "label": f"labels/{case_id}.nii.gz"}]}))
     return str(path)
 
 
-def test_tiny_pretraining_on_real_ct_with_partial_labels(shared_ct, tmp_path):
+def test_tiny_pretraining_on_real_ct_with_partial_labels(sample_ct, tmp_path):
     lists = [partial_real_list(tmp_path, "ts_example_ct_sm", {"5": "liver", "1": "spleen"}),
              partial_real_list(tmp_path, "ts_example_dicom", {"2": "kidney_right", "6": "stomach"})]
     out = tmp_path / "real"

@@ -13,7 +13,7 @@ import torch
 from adapt.cli import main as adapt
 from adapt.config import AdaptConfig
 from adapt.engine import Adaptation
-from conftest import SHARED_CT, TOTALSEG_LIST, write_method_configs, write_nifti
+from conftest import SAMPLE_CT, TOTALSEG_LIST, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.methods import LinearProbeConfig
@@ -28,20 +28,20 @@ from pretrain.cli import main as pretrain
 from test_predict import oracle_checkpoint
 from test_pretrain import args as pretrain_args
 
-TOTALSEG_MAP = SHARED_CT / "label_maps" / "totalsegmentator_v2_total.json"
+TOTALSEG_MAP = SAMPLE_CT / "label_maps" / "totalsegmentator_v2_total.json"
 REAL = "ts_example_ct_sm"
 
 
 def real_list(path: Path, image: Path, case: str = REAL, split: str = "train") -> Path:
     """A data list of one real CT case (its real label) whose image is ``image``."""
     path.write_text(json.dumps({"name": "real", "label_map": json.loads(TOTALSEG_MAP.read_text()), "cases": [
-        {"id": case, "image": str(image), "label": str(SHARED_CT / "labels" / f"{case}.nii.gz"), "split": split}]}))
+        {"id": case, "image": str(image), "label": str(SAMPLE_CT / "labels" / f"{case}.nii.gz"), "split": split}]}))
     return path
 
 
 def real_with(tmp_path: Path, name: str, change) -> Path:
     """The real CT scan as float32 with ``change(array)`` applied, on its own grid."""
-    source = nib.load(str(SHARED_CT / "images" / f"{REAL}.nii.gz"))
+    source = nib.load(str(SAMPLE_CT / "images" / f"{REAL}.nii.gz"))
     array = np.asanyarray(source.dataobj).astype(np.float32)
     change(array)
     return write_nifti(tmp_path / name / f"{REAL}.nii.gz", array, source.affine)
@@ -52,14 +52,14 @@ def poison(array):
     array[0, 0, 0] = np.inf
 
 
-def test_non_finite_voxels_are_refused_wherever_volumes_are_read(shared_ct, tmp_path, capsys):
+def test_non_finite_voxels_are_refused_wherever_volumes_are_read(sample_ct, tmp_path, capsys):
     scan = real_with(tmp_path, "nan", poison)
     data_list = real_list(tmp_path / "nan.json", scan)
     assert check_data([str(data_list), "--no-progress"]) == 1
     assert "NaN or infinite" in capsys.readouterr().out
 
     # Prediction: that case fails with the reason, the batch goes on.
-    write_nifti(scan.parent / "good.nii.gz", np.asanyarray(nib.load(str(SHARED_CT / "images" / f"{REAL}.nii.gz")).dataobj),
+    write_nifti(scan.parent / "good.nii.gz", np.asanyarray(nib.load(str(SAMPLE_CT / "images" / f"{REAL}.nii.gz")).dataobj),
                 nib.load(str(scan)).affine)
     out = tmp_path / "pred"
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
@@ -70,7 +70,7 @@ def test_non_finite_voxels_are_refused_wherever_volumes_are_read(shared_ct, tmp_
 
     # Adaptation refuses it as a support case before training on it.
     data = json.loads(TOTALSEG_LIST.read_text())
-    data["root"] = str(SHARED_CT)
+    data["root"] = str(SAMPLE_CT)
     for case in data["cases"]:
         if case["id"] == REAL:
             case["image"] = str(scan)
@@ -123,21 +123,21 @@ def test_one_structure_twice_is_refused(tiny_checkpoint, tmp_path, capsys):
 
     # A labels.json naming one structure twice would score it twice (Dice 1 against the wrong id).
     pred = tmp_path / "masks"
-    label = nib.load(str(SHARED_CT / "labels" / f"{REAL}.nii.gz"))
+    label = nib.load(str(SAMPLE_CT / "labels" / f"{REAL}.nii.gz"))
     write_nifti(pred / f"{REAL}.nii.gz", (np.asanyarray(label.dataobj) == 5).astype(np.uint8), label.affine)
     (pred / "labels.json").write_text('{"0": "background", "1": "liver", "2": "liver"}')
-    data_list = real_list(tmp_path / "list.json", SHARED_CT / "images" / f"{REAL}.nii.gz", split="test")
+    data_list = real_list(tmp_path / "list.json", SAMPLE_CT / "images" / f"{REAL}.nii.gz", split="test")
     assert evaluate(["--pred", str(pred), "--data-list", str(data_list), "-o", str(tmp_path / "r"), "--no-plot",
                      "--no-progress"]) == 2
     assert "structure 'liver' is given two ids" in capsys.readouterr().err
 
 
-def test_values_that_are_not_label_ids_or_not_hu_are_not_taken_as_such(shared_ct, tmp_path, capsys):
-    label = nib.load(str(SHARED_CT / "labels" / f"{REAL}.nii.gz"))
+def test_values_that_are_not_label_ids_or_not_hu_are_not_taken_as_such(sample_ct, tmp_path, capsys):
+    label = nib.load(str(SAMPLE_CT / "labels" / f"{REAL}.nii.gz"))
     pred = tmp_path / "masks"
     write_nifti(pred / f"{REAL}.nii.gz", (np.asanyarray(label.dataobj) == 5) * np.float32(0.7), label.affine)
     (pred / "labels.json").write_text('{"0": "background", "1": "liver"}')
-    data_list = real_list(tmp_path / "list.json", SHARED_CT / "images" / f"{REAL}.nii.gz", split="test")
+    data_list = real_list(tmp_path / "list.json", SAMPLE_CT / "images" / f"{REAL}.nii.gz", split="test")
     assert evaluate(["--pred", str(pred), "--data-list", str(data_list), "-o", str(tmp_path / "r"), "--no-plot",
                      "--no-progress"]) == 1
     row = (tmp_path / "r" / "per_case.csv").read_text().splitlines()[1]
@@ -189,10 +189,10 @@ def test_an_untrained_head_is_neither_predicted_nor_copied(phantom_dir, tiny_che
     assert "adapt it first" in capsys.readouterr().err
 
 
-def test_evaluate_scores_masks_of_other_tools_by_id(shared_ct, tmp_path, capsys):
-    label = nib.load(str(SHARED_CT / "labels" / f"{REAL}.nii.gz"))
+def test_evaluate_scores_masks_of_other_tools_by_id(sample_ct, tmp_path, capsys):
+    label = nib.load(str(SAMPLE_CT / "labels" / f"{REAL}.nii.gz"))
     ids = np.asanyarray(label.dataobj)
-    data_list = real_list(tmp_path / "list.json", SHARED_CT / "images" / f"{REAL}.nii.gz", split="test")
+    data_list = real_list(tmp_path / "list.json", SAMPLE_CT / "images" / f"{REAL}.nii.gz", split="test")
     # TotalSegmentator-style output: the ground truth's own ids, no labels.json.
     pred = tmp_path / "totalseg"
     write_nifti(pred / f"{REAL}.nii.gz", ids, label.affine)
@@ -210,6 +210,6 @@ def test_evaluate_scores_masks_of_other_tools_by_id(shared_ct, tmp_path, capsys)
     summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
     assert list(summary["structures"]) == ["spleen"] and summary["structures"]["spleen"]["dice"]["mean"] == 1.0
     # A --gt folder without a map of its own or of the predictions: one line.
-    assert evaluate(["--pred", str(pred), "--gt", str(SHARED_CT / "labels"), "-o", str(tmp_path / "r3"),
+    assert evaluate(["--pred", str(pred), "--gt", str(SAMPLE_CT / "labels"), "-o", str(tmp_path / "r3"),
                      "--no-plot", "--no-progress"]) == 2
     assert "give --pred-label-map" in capsys.readouterr().err

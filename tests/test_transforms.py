@@ -32,7 +32,7 @@ def raw_item(case):
 
 
 @pytest.mark.parametrize("case_id", ["ts_example_dicom", "lidc_0001_abd_1p4mm"])  # LAS on disk
-def test_inference_pipeline_reorients_resamples_and_windows(shared_ct, case_id):
+def test_inference_pipeline_reorients_resamples_and_windows(sample_ct, case_id):
     case = load_datalist(TOTALSEG_LIST).case(case_id)
     pre = Preprocessing(roi=(32, 32, 32))
     out = inference_transforms(pre, keys=(IMAGE, LABEL))(raw_item(case))
@@ -47,7 +47,7 @@ def test_inference_pipeline_reorients_resamples_and_windows(shared_ct, case_id):
     assert liver_x > spleen_x
 
 
-def test_hu_window_maps_linearly_and_clips(shared_ct):
+def test_hu_window_maps_linearly_and_clips(sample_ct):
     case = load_datalist(TOTALSEG_LIST).case("ts_example_ct_sm")
     pre = Preprocessing(spacing=(3.0, 3.0, 3.0), hu_window=(-100.0, 300.0), crop_foreground=False, roi=(8, 8, 8))
     out = inference_transforms(pre)({IMAGE: str(case.image)})
@@ -56,7 +56,7 @@ def test_hu_window_maps_linearly_and_clips(shared_ct):
     assert np.allclose(out[IMAGE][0].numpy(), expected, atol=1e-5)
 
 
-def test_foreground_crop_and_pad_to_roi(shared_ct):
+def test_foreground_crop_and_pad_to_roi(sample_ct):
     case = load_datalist(TOTALSEG_LIST).case("ts_example_ct_sm")
     big_roi = Preprocessing(roi=(96, 96, 96))
     out = inference_transforms(big_roi)({IMAGE: str(case.image)})
@@ -78,7 +78,7 @@ def boundary_band(label: np.ndarray) -> np.ndarray:
     "list_path, case_id",
     [(TOTALSEG_LIST, "ts_example_ct_sm"), (TOTALSEG_LIST, "ts_example_dicom"), (LITS_LIST, "lits_117_crop128")],
 )
-def test_inverted_label_matches_the_original_up_to_boundaries(shared_ct, list_path, case_id):
+def test_inverted_label_matches_the_original_up_to_boundaries(sample_ct, list_path, case_id):
     case = load_datalist(list_path).case(case_id)
     transform = inference_transforms(Preprocessing(), keys=(IMAGE, LABEL))
     out = transform(raw_item(case))
@@ -90,7 +90,7 @@ def test_inverted_label_matches_the_original_up_to_boundaries(shared_ct, list_pa
     assert differ.mean() < 0.05
 
 
-def test_training_pipeline_gives_crops_with_template_channels(shared_ct):
+def test_training_pipeline_gives_crops_with_template_channels(sample_ct):
     datalist = load_datalist(TOTALSEG_LIST)
     pre = Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32))
     samples = train_transforms(pre, TEMPLATE, Augmentation(crops_per_volume=3, pos=1, neg=0))(
@@ -104,7 +104,7 @@ def test_training_pipeline_gives_crops_with_template_channels(shared_ct):
         assert sample[TASK_MASK].shape == (29,)
 
 
-def test_cache_reuses_preprocessed_volumes_and_keys_on_content(shared_ct, tmp_path):
+def test_cache_reuses_preprocessed_volumes_and_keys_on_content(sample_ct, tmp_path):
     datalist = load_datalist(TOTALSEG_LIST)
     items = [case_item(datalist.case("ts_example_ct_sm"), datalist.label_map)]
     pre = Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32))
