@@ -44,7 +44,7 @@ from fsseg.templates import Template, expand_structures
 from fsseg.training.encoder_cache import EncodedScan, EncoderCache, pad_for_encoder, splits_at_encoder
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
 from adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
-from adapt.results import finished_runs, format_table, results_table, run_header, write_results
+from adapt.results import finished_runs, results_table, run_header, write_results, write_summary
 from adapt.training import Support, check_voxel_stride, train
 
 log = logging.getLogger("fsseg.adapt")
@@ -251,8 +251,7 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
             dice_vs_shots_png(out / name, methods, f"{organ}: Dice vs shots (mean ± std over {config.seeds} seeds)")
     table = results_table(rows, config)
     summary = {"table": table, "rows": len(rows), "seconds": round(time.time() - started, 1)}
-    trainable = {r["method"]: (r["trainable_params"], r["total_params"]) for r in rows}
-    print(format_table(table, config, trainable))
+    print(write_summary(out, table, config, rows), end="")
     return summary
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import yaml
 
 from adapt.config import AdaptConfig
-from adapt.results import format_table, results_table, write_results
+from adapt.results import results_table, write_results, write_summary
 from fsseg.adapters.artifact import SUFFIX
 from fsseg.config import from_dict
 from fsseg.data.io import atomic_path
@@ -72,6 +72,5 @@ def merge_parts(folders: Sequence[Path], out: Path) -> dict:
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config_data, sort_keys=False))
     table = results_table(rows, config)
-    trainable = {r["method"]: (r["trainable_params"], r["total_params"]) for r in rows}
-    print(format_table(table, config, trainable))
+    print(write_summary(out, table, config, rows), end="")
     return {"table": table, "rows": len(rows), "parts": len(parts)}

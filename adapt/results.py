@@ -96,19 +96,49 @@ def results_table(rows: list[dict], config: AdaptConfig) -> dict:
     return table
 
 
-def format_table(table: dict, config: AdaptConfig, parameters: dict[str, tuple[int, int]]) -> str:
-    """Rows = method, columns = K (mean ± std over seeds), then trainable parameters and the ratio to all."""
+def format_table(table: dict, config: AdaptConfig, rows: list[dict]) -> str:
+    """Rows = method, columns = K (mean ± std over seeds), then trainable parameters, the ratio to all, and the
+    mean training seconds of one (K, seed) run."""
+    parameters = {r["method"]: (r["trainable_params"], r["total_params"]) for r in rows}
+    seconds = {m: float(np.mean([r["train_seconds"] for r in rows if r["method"] == m])) for m in parameters}
     lines = []
     for organ, methods in table.items():
         lines.append(f"Dice on the test cases, {organ} (mean ± std over {config.seeds} seed(s)):")
         lines.append(f"{'method':<10}" + "".join(f"{'K=' + str(k):>16}" for k in config.shots)
-                     + f"{'trainable':>14}{'fewer':>9}")
+                     + f"{'trainable':>14}{'fewer':>9}{'s/run':>8}")
         for method, cells in methods.items():
             trainable, total = parameters[method]
             lines.append(f"{method:<10}" + "".join(
                 f"{cells[k][0]:>9.3f} ± {cells[k][1]:.3f}" if k in cells else f"{'-':>16}" for k in config.shots)
-                + f"{trainable:>14,}{total / trainable:>8.0f}x")
+                + f"{trainable:>14,}{total / trainable:>8.0f}x{seconds[method]:>8.0f}")
     return "\n".join(lines)
+
+
+def measured(table: dict, rows: list[dict]) -> str:
+    """One sentence a structure on what the run measured: the method with the highest mean Dice at each K, and
+    where full fine-tuning stands when it ran."""
+    trainable = {r["method"]: r["trainable_params"] for r in rows}
+    sentences = []
+    for organ, methods in table.items():
+        shots = sorted({k for cells in methods.values() for k in cells})
+        best = []
+        for k in shots:
+            method = max((m for m in methods if k in methods[m]), key=lambda m: methods[m][k][0])
+            best.append(f"at K={k} {method} ({trainable[method]:,} trainable parameters) with {methods[method][k][0]:.3f}")
+        text = f"Measured on {organ}: the highest mean Dice " + ", ".join(best)
+        if "ft" in methods:
+            text += (f"; full fine-tuning ({trainable['ft']:,}) reached "
+                     + ", ".join(f"{methods['ft'][k][0]:.3f} at K={k}" for k in shots if k in methods["ft"]))
+        sentences.append(text + ".")
+    return "\n".join(sentences)
+
+
+def write_summary(out: Path, table: dict, config: AdaptConfig, rows: list[dict]) -> str:
+    """The table and the sentence of what was measured, written to ``out``/summary.txt; returns the text."""
+    text = f"{format_table(table, config, rows)}\n{measured(table, rows)}\n"
+    with atomic_path(out / "summary.txt") as tmp:
+        tmp.write_text(text)
+    return text
 
 
 def best_adapter(rows: list[dict], out: Path, organs: list[str]) -> dict | None:

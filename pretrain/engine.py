@@ -156,6 +156,19 @@ def _check_resumable(payload: dict, model_arch: dict, template: Template, cfg: P
                               f"({payload[key]} vs {value}); use another --out to start a new run")
 
 
+
+# The fewest optimizer steps of fsseg's own pretraining recipes (the phantom demo: 150); a run of fewer has
+# hardly started to learn, which a user of a two-scan list would otherwise not be told.
+MIN_STEPS = 100
+
+
+def warn_if_short(steps: int, volumes: int, batch_size: int) -> None:
+    """Warn when the whole schedule comes to fewer than ``MIN_STEPS`` optimizer steps."""
+    if steps < MIN_STEPS:
+        log.warning(f"warning: this schedule is {steps} optimizer steps in all ({volumes} volumes an epoch in batches "
+                    f"of {batch_size}); fsseg's smallest recipe takes {MIN_STEPS}+. Raise optim.epochs or "
+                    "sampling.volumes_per_epoch, or the model will have learned little")
+
 def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None = None, progress: bool = True) -> dict:
     """Run (or resume) pretraining into ``out``; return the summary written to ``summary.json``."""
     paths = RunPaths(out)
@@ -202,6 +215,7 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     )
     loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.num_workers)
     steps_per_epoch = len(loader)
+    warn_if_short(cfg.optim.epochs * steps_per_epoch, volumes, cfg.optim.batch_size)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay)

@@ -136,3 +136,44 @@ def test_nnunet_datasets_fsseg_cannot_read_are_one_line(tmp_path, sample_ct, cap
     assert main(["nnunet", "--root", str(root), "-o", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.json").exists()
+
+
+def test_a_plain_folder_becomes_a_list_with_supports_held_out_tests_and_scans_to_predict(tmp_path, capsys):
+    root = tmp_path / "my_scans"
+    for case in ("a", "b", "c"):
+        volume_pair(root / "images" / f"{case}.nii.gz", root / "labels" / f"{case}.nii.gz")
+    write_nifti(root / "images" / "new.nii", ct_like(SHAPE))  # not labelled: to predict
+    out = tmp_path / "mine.json"
+    assert main(["folder", "--root", str(root), "--label-map", "1=liver", "--test-ids", "c", "-o", str(out)]) == 0
+    assert "4 cases (2 train, 2 test)" in capsys.readouterr().out
+    datalist = load_datalist(out)
+    assert [(c.id, c.split, c.label is not None) for c in datalist.cases] == [
+        ("a", "train", True), ("b", "train", True), ("c", "test", True), ("new", "test", False)]
+    assert datalist.label_map.structures == ["liver"]
+    assert check.main([str(out), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("change, args, message", [
+    ("none", [], "give --label-map"),
+    ("none", ["--label-map", "liver"], "expected ID=NAME pairs"),
+    ("none", ["--label-map", "1=liver", "--test-ids", "zz"], "--test-ids zz: no labelled case"),
+    ("orphan", ["--label-map", "1=liver"], "orphan.nii.gz: a label without an image"),
+    ("no_images", ["--label-map", "1=liver"], "no images/ folder"),
+])
+def test_plain_folders_fsseg_cannot_list_are_one_line(tmp_path, capsys, change, args, message):
+    root = tmp_path / "my_scans"
+    volume_pair(root / "images" / "a.nii.gz", root / "labels" / "a.nii.gz")
+    if change == "orphan":
+        volume_pair(tmp_path / "x.nii.gz", root / "labels" / "orphan.nii.gz")
+    elif change == "no_images":
+        (root / "images" / "a.nii.gz").rename(root / "a.nii.gz")
+        (root / "images").rmdir()
+    assert main(["folder", "--root", str(root), "-o", str(tmp_path / "out.json"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_folder_options_are_refused_for_a_named_dataset(tmp_path, capsys):
+    assert main(["btcv", "--root", str(tmp_path), "--label-map", "1=liver", "-o", str(tmp_path / "o.json")]) == 2
+    assert "for 'folder' only" in capsys.readouterr().err

@@ -166,3 +166,19 @@ def test_tiny_pretraining_on_real_ct_with_partial_labels(sample_ct, tmp_path):
     assert all(np.isfinite(summary["loss_history"]))
     log = (out / "train.log").read_text()
     assert "annotates spleen, liver" in log and "annotates kidney_right, stomach" in log
+
+
+def test_a_schedule_of_few_steps_is_warned_of(tmp_path, capsys):
+    one_scan = str(REPO / "data_lists" / "examples" / "sample_ct_liver_pretrain.json")
+    assert main(args(tmp_path / "run", [one_scan], 2)) == 0  # one scan, batch 2: one step an epoch
+    assert "this schedule is 2 optimizer steps in all (1 volumes an epoch in batches of 2)" in capsys.readouterr().err
+
+
+def test_the_warning_starts_below_the_smallest_recipe(caplog):
+    from pretrain.engine import MIN_STEPS, warn_if_short
+
+    warn_if_short(MIN_STEPS - 1, 8, 2)
+    assert f"{MIN_STEPS - 1} optimizer steps" in caplog.text
+    caplog.clear()
+    warn_if_short(MIN_STEPS, 8, 2)
+    assert "optimizer steps" not in caplog.text

@@ -13,6 +13,10 @@ An optional ``split_csv`` ({"file", "id_column", "split_column", "delimiter"}) o
 
 ``nnunet`` reads a dataset in nnU-Net's raw layout instead (``DatasetXXX_Name/``: ``dataset.json``, ``imagesTr/``
 with channel ``_0000``, ``labelsTr/``, ``imagesTs/``): the spec is made from its ``dataset.json``.
+
+``folder`` reads a plain folder of one's own scans: ``images/<id>.nii.gz`` and, for the labelled ones,
+``labels/<id>.nii.gz`` (a label map whose ids ``--label-map`` names). Labelled cases are support candidates
+(``train``) unless ``--test-ids`` names them; unlabelled ones are ``test`` cases to predict.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fsseg.errors import ConfigError, DataError
 SPECS_ENV = "FSSEG_DATASET_SPECS"
 CSV_KEYS = ("file", "id_column", "split_column")
 NNUNET = "nnunet"
+FOLDER = "folder"
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
@@ -99,6 +104,53 @@ def nnunet_spec(root: Path) -> dict:
             "label_map": label_map, "layouts": layouts}
     _check_spec(spec, path)
     return spec
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """``--label-map``: ``1=liver,2=spleen``, or a JSON file of id -> name; checked as any list's label map."""
+    if text.endswith(".json"):
+        try:
+            raw = json.loads(Path(text).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"--label-map {text}: cannot read it ({error})") from None
+    else:
+        pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+        if not pairs or any(not sep for _, sep, _ in pairs):
+            raise ConfigError(f"--label-map '{text}': expected ID=NAME pairs joined by commas (1=liver,2=spleen) "
+                              "or a JSON file")
+        raw = {key.strip(): name.strip() for key, _, name in pairs}
+    LabelMap.parse(raw, f"--label-map {text}")
+    return raw
+
+
+def scan_folder(root: Path, test_ids: Sequence[str] = ()) -> list[dict]:
+    """Cases of a plain folder: ``images/<id>.nii[.gz]``, labelled by ``labels/<id>.nii[.gz]`` where one exists.
+
+    Raises:
+        DataError: no images, a label without its image, or a test id that is no labelled case.
+    """
+    if not (root / "images").is_dir():
+        raise DataError(f"{root}: no images/ folder (the plain layout is images/<id>.nii.gz with labels/<id>.nii.gz)")
+    images = {nifti_stem(p): p for p in sorted((root / "images").iterdir()) if p.name.endswith(NIFTI_ENDINGS)
+              and not p.name.startswith(".")}
+    labels = {nifti_stem(p): p for p in sorted((root / "labels").glob("*")) if p.name.endswith(NIFTI_ENDINGS)
+              and not p.name.startswith(".")} if (root / "labels").is_dir() else {}
+    if not images:
+        raise DataError(f"{root / 'images'}: no NIfTI images (.nii.gz, .nii)")
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise DataError(f"{labels[orphans[0]]}: a label without an image of the same name in images/")
+    unknown = sorted(set(test_ids) - set(labels))
+    if unknown:
+        raise DataError(f"--test-ids {', '.join(unknown)}: no labelled case of that id in {root}")
+    cases = []
+    for case_id, image in images.items():
+        case = {"id": case_id, "image": image.relative_to(root).as_posix()}
+        if case_id in labels:
+            case["label"] = labels[case_id].relative_to(root).as_posix()
+        case["split"] = "train" if case_id in labels and case_id not in test_ids else "test"
+        cases.append(case)
+    return cases
 
 
 def load_spec(name_or_path: str) -> dict:
@@ -218,25 +270,42 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fsseg-make-list",
         description="Scan a dataset's standard folder layout and write an fsseg data list (JSON). "
         "Then run fsseg-check-data on it.",
-        epilog=f"Known datasets (specs in {specs_dir()}): {', '.join(available_datasets())}; and {NNUNET}. "
-        f"Example: fsseg-make-list {NNUNET} --root nnUNet_raw/Dataset003_Liver -o lists/liver.json",
+        epilog=f"Known datasets (specs in {specs_dir()}): {', '.join(available_datasets())}; and {NNUNET}, "
+        f"{FOLDER}. Examples: fsseg-make-list {NNUNET} --root nnUNet_raw/Dataset003_Liver -o lists/liver.json; "
+        f"fsseg-make-list {FOLDER} --root my_scans --label-map 1=liver --test-ids case_09 -o lists/mine.json",
     )
-    parser.add_argument("dataset", help="dataset name (see below), path to a dataset spec JSON, or 'nnunet' for a "
-                        "dataset in nnU-Net's raw layout (--root DatasetXXX_Name, read through its dataset.json)")
+    parser.add_argument("dataset", help="dataset name (see below), path to a dataset spec JSON, 'nnunet' for a "
+                        "dataset in nnU-Net's raw layout (--root DatasetXXX_Name, read through its dataset.json), or "
+                        f"'{FOLDER}' for a plain folder: images/<id>.nii.gz, and labels/<id>.nii.gz for the "
+                        "labelled scans")
     parser.add_argument("--root", required=True, help="the dataset's folder, as downloaded/unpacked")
     parser.add_argument("-o", "--output", required=True, help="data list to write (LIST.json)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--label-map", help=f"{FOLDER} only: what the label ids are, as 1=liver,2=spleen or a JSON "
+                        "file of id -> name")
+    parser.add_argument("--test-ids", nargs="+", default=[], metavar="ID",
+                        help=f"{FOLDER} only: labelled cases to hold out as test cases (scored, never supports); "
+                        "the other labelled cases are support candidates, unlabelled ones test cases to predict")
     add_common_arguments(parser)
     return parser
 
 
 def _command(args: argparse.Namespace) -> int:
     root = Path(args.root).expanduser().resolve()
-    spec = nnunet_spec(root) if args.dataset == NNUNET else load_spec(args.dataset)
+    if args.dataset != FOLDER and (args.label_map or args.test_ids):
+        raise ConfigError(f"--label-map and --test-ids are for '{FOLDER}' only; dataset '{args.dataset}' has its own")
     output = Path(args.output)
     check_outputs([output], [args.dataset] if args.dataset.endswith(".json") else [])
     check_output_file(output, args.force)
-    cases = scan(spec, root)
+    if args.dataset == FOLDER:
+        cases = scan_folder(root, args.test_ids)
+        if any("label" in c for c in cases) and not args.label_map:
+            raise ConfigError(f"{root / 'labels'}: give --label-map (e.g. 1=liver) to say what the label ids are")
+        spec = {"name": root.name, "description": f"scans of {root}",
+                "label_map": parse_label_map(args.label_map) if args.label_map else {}}
+    else:
+        spec = nnunet_spec(root) if args.dataset == NNUNET else load_spec(args.dataset)
+        cases = scan(spec, root)
     datalist = {"name": spec["name"], "description": spec.get("description", ""), "root": str(root),
                 "label_map": spec.get("label_map", {}), "cases": cases}
     with atomic_path(output) as tmp:
