@@ -19,7 +19,7 @@ own precision (for a linear head this equals the reference's sliding window over
 must not be lower than the reference's by more than 0.01. The output also reports how far the features of a
 crop computed alone (what the reference trains on) lie from the blended sliding-window features (fsseg's).
 
-    python bench/adapt_speed.py --out bench/results/adapt_speed.json [--work DIR to keep and reuse features]
+    python bench/adapt_speed.py [--work DIR to keep and reuse features] [--methods lp adapter]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from fsseg.data.transforms import Preprocessing
 from fsseg.metrics import score_structure
 from fsseg.models import create_model
 from fsseg.templates import load_template
+from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 LEARNING_RATES = {"lp": 1e-1, "adapter": 1e-2}  # FSEFT v1's, for short runs
@@ -53,6 +53,14 @@ LEARNING_RATES = {"lp": 1e-1, "adapter": 1e-2}  # FSEFT v1's, for short runs
 # reference's 6 would make its loop 1.5x slower, so the adapter's speed-up is an underestimate).
 REFERENCE_CROPS = {"lp": 6, "adapter": 4}
 TARGETS = {"lp": 60, "adapter": 30}
+QUESTION = ("How much faster does fsseg's frozen-feature cache adapt than the reference code's loop, at equal or "
+            "better Dice? SwinUNETR-48 (random weights), K = 1 real-size phantom, both loops over the same steps; "
+            "totals for 100 epochs, fsseg's including the one feature extraction. Targets: lp >= 60x, adapter "
+            ">= 30x, fsseg's Dice >= the reference's - 0.01.")
+COMMAND = "python bench/adapt_speed.py [--methods lp adapter] [--work DIR]"
+COLUMNS = {"method": "method", "fsseg_crop": "fsseg reads", "feature_extraction_s": "extraction s",
+           "fsseg_s_per_epoch": "fsseg s/epoch", "reference_s_per_epoch": "reference s/epoch",
+           "speedup": "speed-up", "target": "target", "dice_fsseg": "Dice fsseg", "dice_reference": "Dice reference"}
 
 
 def make_inputs(work: Path, model: str, spacing: float, shots: int, tests: int) -> tuple[Path, Path]:
@@ -111,14 +119,6 @@ def feature_mismatch(run: Adaptation, supports: list) -> float:
     return float(np.mean(differences))
 
 
-def commit() -> str:
-    """The checkout's commit, marked when files differ from it."""
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    return (head.stdout.strip() or "unknown") + ("+changes" if dirty.stdout.strip() else "")
-
-
 def crop_read(training, run: Adaptation, cached: bool) -> str:
     """What one training crop is, e.g. '96x96x96 /2' (every 2nd voxel)."""
     size = (training.crop_size or run.pre.roi) if cached else run.pre.roi
@@ -154,13 +154,8 @@ def main() -> None:
               f"{r['reference_s_per_epoch']:>9} {r['fsseg_total_s']:>10} {r['reference_total_s']:>9} "
               f"{r['speedup']:>7}x {r['target']:>6}x {r['dice_fsseg']:>10} {r['dice_reference']:>9} "
               f"{'yes' if r['dice_not_lower'] else 'NO':>9}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    earlier = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
-    rows = [r for r in earlier if r["method"] not in args.methods] + rows  # methods measured earlier are kept
-    out.write_text(json.dumps({"benchmark": "adapt_speed", "torch_threads": torch.get_num_threads(),
-                               "targets": {m: f">= {t}x" for m, t in TARGETS.items()} | {
-                                   "dice": "fsseg >= reference - 0.01"}, "rows": rows}, indent=1) + "\n")
+    # methods measured earlier are kept
+    out = write_result("adapt_speed", rows, QUESTION, COMMAND, COLUMNS, key=lambda r: r["method"], out=Path(args.out))
     print(f"wrote {out}")
 
 
@@ -194,7 +189,7 @@ def measure(work: Path, args: argparse.Namespace) -> list[dict]:
         fsseg_total = extraction + timings["fsseg"] * args.extrapolate
         reference_total = timings["reference"] * args.extrapolate
         rows.append({
-            "method": method, "date": time.strftime("%Y-%m-%d"), "commit": commit(), "fsseg_bf16": args.fsseg_bf16,
+            "method": method, "fsseg_bf16": args.fsseg_bf16,
             "model": args.model, "shots": args.shots,
             "support_shape": list(supports[0].image.shape[1:]), "epochs_run": args.epochs,
             "steps_run": args.epochs * len(supports), "lr": training.lr, "fsseg_crops_per_step": crops["fsseg"],

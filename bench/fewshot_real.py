@@ -30,46 +30,17 @@ skipped on a rerun, so an interrupted run continues (an adaptation that lacks so
 on with fsseg-adapt ``--continue``; other settings need another ``--work``, which may link the pretrainings).
 The liver of the LiTS case is its liver and tumour labels together (TotalSegmentator's liver includes lesions);
 that label is written into ``--work``, never beside the data. Prints a table (method x K: mean +- std of Dice
-over the (S, T) pairs, trainable parameters) and writes JSON.
+over the (S, T) pairs, trainable parameters) and adds its rows to bench/results/fewshot_real.json, replacing
+earlier rows of the same model, method, pair and epoch cap; docs/benchmarks.md shows them
+(``python bench/render_docs.py``).
 
-    python bench/fewshot_real.py --out bench/results/fewshot_real.json --work /tmp/fewshot_real
+    python bench/fewshot_real.py --work /tmp/fewshot_real --folds all --shots 1 --epochs-cap 15 --overlap 0.25
+    python bench/fewshot_real.py --work /tmp/fewshot_real --folds all --shots 1 --methods ft --overlap 0.25
+    python bench/fewshot_real.py --work /tmp/fewshot_merlin --models merlin --pretrain-steps 450 ...
 
-What ran on 2 CPU cores for the README (``--folds cyclic --epochs-cap 15``, and for ``merlin`` smaller decoder
-crops, ``--methods lp adapter --pretrain-steps 150 --overlap 0.25 --pretrain-set "preprocessing.roi=[64,64,32]"
-augmentation.crops_per_volume=2``: 73 min; the same with ``--methods lp adapter ft-last``, stopped after 2 pairs
-and collected from ``--work``: bench/results/fewshot_real_merlin_ftlast_2pairs.json; ``--models unet --folds all``:
-bench/results/fewshot_real_unet_k1_12of12.json, collected the same way; the same with ``--shots 2``, 65 min:
-bench/results/fewshot_real_unet_k2.json; then ``--methods ft`` uncapped in a second ``--work`` linking those
-pretrainings, stopped after 4 of the 9 pairs: bench/results/fewshot_real_unet_k2_ft_4of9.json; in a later
-session, the other 5 pairs, ``--test-subjects LITS-117 LIDC-0001`` capped, then ``--methods ft`` uncapped in a
-second ``--work`` linking those pretrainings: bench/results/fewshot_real_unet_k2_rerun_lits_lidc.json and
-bench/results/fewshot_real_unet_k2_ft_lits_lidc.json; the same two steps at ``--shots 1``:
-bench/results/fewshot_real_unet_k1_rerun_lits_lidc.json and bench/results/fewshot_real_unet_k1_ft_lits_lidc.json,
-and with ``--test-subjects TS-A TS-B``: bench/results/fewshot_real_unet_k1_rerun_tsa_tsb.json and ..._ft_tsa_tsb.json;
-one K = 2 pair, ``--methods lp --folds cyclic --test-subjects LITS-117``, with ``ONEDNN_MAX_CPU_ISA=AVX2
-ATEN_CPU_CAPABILITY=avx2`` set: bench/results/fewshot_real_isa_avx2.json; ``merlin`` as above on one pair,
-``--test-subjects TS-B`` with ``--pretrain-steps 150`` and ``450``, each with ``seed=0`` and ``seed=1`` added to
-``--pretrain-set``, the four runs collected into bench/results/fewshot_real_merlin_repeat_tsb.json, and
-``--test-subjects TS-A --pretrain-steps 450`` with ``seed=0``: bench/results/fewshot_real_merlin_450_tsa.json;
-the same with ``--test-subjects LITS-117 LIDC-0001 --methods lp adapter ft-last``:
-bench/results/fewshot_real_merlin_450_lits_lidc.json; with ``affine-ln`` added:
-bench/results/fewshot_real_merlin_450_lits_lidc_affine_ln.json; ``--folds all --methods lp adapter ft-last affine-ln``
-with ``--pretrained-on TS-A+TS-B TS-B+LITS-117``: bench/results/fewshot_real_merlin_450_k1_2pretrainings.json, and
-with ``--pretrained-on LITS-117+LIDC-0001``: bench/results/fewshot_real_merlin_450_k1_lits_lidc_pretraining.json,
-``TS-A+LIDC-0001``: bench/results/fewshot_real_merlin_450_k1_tsa_lidc_pretraining.json, ``TS-A+LITS-117``:
-bench/results/fewshot_real_merlin_450_k1_tsa_lits_pretraining.json and ``TS-B+LIDC-0001``:
-bench/results/fewshot_real_merlin_450_k1_tsb_lidc_pretraining.json; ``--shots 2 --pretrained-on TS-A``, stopped after
-its first pair and collected with ``--test-subjects TS-B``:
-bench/results/fewshot_real_merlin_450_k2_tsa_pretraining_1pair.json; its other two pairs, on a decoder pretrained again,
-with ``--test-subjects LITS-117 LIDC-0001``: bench/results/fewshot_real_merlin_450_k2_tsa_pretraining_2pairs.json;
-``--shots 2 --pretrained-on TS-B``, stopped after 2 of its 3 pairs and collected with ``--test-subjects TS-A LITS-117``:
-bench/results/fewshot_real_merlin_450_k2_tsb_pretraining_2pairs.json, and its third, on the same decoder kept in
-``--work``, with ``--test-subjects LIDC-0001``: bench/results/fewshot_real_merlin_450_k2_tsb_pretraining_lidc.json;
-``--shots 2 --pretrained-on LIDC-0001``, stopped after its first pair and collected with ``--test-subjects TS-A``:
-bench/results/fewshot_real_merlin_450_k2_lidc_pretraining_tsa.json, and its other two, on the same decoder kept in
-``--work``, with ``--test-subjects TS-B LITS-117``:
-bench/results/fewshot_real_merlin_450_k2_lidc_pretraining_2pairs.json).
-bench/fewshot_real_table.py summarises several of these files together.
+On 2 CPU cores a UNet pair takes about 12 minutes with its pretraining, a Merlin pretraining about an hour;
+``--test-subjects`` and ``--pretrained-on`` run a part of the design. ``bench/fewshot_real_table.py`` prints the
+per-pair Dice and the pair counts of the file.
 """
 
 from __future__ import annotations
@@ -89,10 +60,10 @@ import numpy as np
 import torch
 import yaml
 
-from fsseg.checkpoint import versions
 from fsseg.config import load_config
 from fsseg.data.io import atomic_path
 from pretrain.config import PretrainConfig
+from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CT = REPO / "sample_data" / "ct"
@@ -105,6 +76,14 @@ LITS_LIVER_IDS = (1, 2)  # liver, liver tumour
 # Subjects whose labels hold the target alone: a pretraining on nothing else would supervise no structure.
 TARGET_ONLY = {"LITS-117"}
 TOTALSEG_MAP = json.loads((REPO / "data_lists" / "examples" / "sample_ct_totalseg.json").read_text())["label_map"]
+QUESTION = ("On real CT, does a frozen-backbone method match full fine-tuning at K = 1 and 2, and does a real CT "
+            "encoder (Merlin's I3ResNet-152) beat a small fsseg-pretrained UNet? Leave-subjects-out on the four "
+            "subjects of the sample CT: for each test subject and each set of K support subjects, a foundation "
+            "model pretrained on the subjects left over with the liver never supervised is adapted to the liver on "
+            "the supports and scored on the test subject (liver Dice in its native space).")
+COMMAND = "python bench/fewshot_real.py --work DIR [--models unet merlin] [--shots 1 2] [--epochs-cap E] ..."
+COLUMNS = {"model": "model", "method": "method", "epochs_cap": "epoch cap", "shots": "K", "supports": "supports",
+           "test_subject": "test", "dice": "Dice", "trainable_params": "trainable", "train_seconds": "train s"}
 
 
 @dataclass(frozen=True)
@@ -276,14 +255,24 @@ def capped_method_configs(source: Path, cap: int, work: Path) -> Path:
     return out
 
 
+def arm(row: dict) -> str:
+    """The method as the tables name it: a run without an epoch cap is marked, for the cap starves some methods."""
+    return row["method"] if row.get("epochs_cap") else f"{row['method']} (uncapped)"
+
+
+def row_key(row: dict) -> tuple:
+    """What a rerun replaces: the same model, method and epoch cap on the same (K, supports, test) pair."""
+    return row["model"], arm(row), row["shots"], tuple(row["supports"]), row["test_subject"]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and std of Dice over the (S, T) pairs, per model, method and K."""
-    keys = sorted({(r["model"], r["method"], r["shots"]) for r in rows}, key=lambda k: (list(MODELS).index(k[0]),
-                                                                                         k[1], k[2]))
+    """Mean and std of Dice over the (S, T) pairs, per model, method (arm) and K."""
+    keys = sorted({(r["model"], arm(r), r["shots"]) for r in rows}, key=lambda k: (list(MODELS).index(k[0]),
+                                                                                    k[1], k[2]))
     table = []
     for model, method, shots in keys:
-        dice = [r["dice"] for r in rows if (r["model"], r["method"], r["shots"]) == (model, method, shots)]
-        params = next(r["trainable_params"] for r in rows if (r["model"], r["method"]) == (model, method))
+        dice = [r["dice"] for r in rows if (r["model"], arm(r), r["shots"]) == (model, method, shots)]
+        params = next(r["trainable_params"] for r in rows if (r["model"], arm(r)) == (model, method))
         table.append({"model": model, "method": method, "shots": shots, "pairs": len(dice),
                       "dice_mean": round(float(np.mean(dice)), 4), "dice_std": round(float(np.std(dice)), 4),
                       "trainable_params": params})
@@ -348,21 +337,14 @@ def main() -> None:
                   f"test on {test} ({time.time() - started:.0f} s)", flush=True)
             checkpoint = pretrain(model, rest, files, work, args.pretrain_steps, args.pretrain_set)
             rows += adapt(model, checkpoint, supports, test, methods, files, work, str(method_configs), args.overlap)
-    table = summarise(rows)
-    print_table(table, args.shots)
-    result = {
-        "benchmark": "fewshot_real", "target": TARGET, "subjects": SCANS, "shots": args.shots, "folds": args.folds,
-        "test_subjects": args.test_subjects or list(SCANS),
-        "pretrained_on": [pretraining_tag(s) for s in args.pretrained_on] if args.pretrained_on else None,
-        "pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
-        "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
-        "overlap": args.overlap, "device": "cuda" if gpu else "cpu", "torch_threads": torch.get_num_threads(),
-        "versions": versions(),
-        "seconds": round(time.time() - started, 1), "table": table, "rows": rows,
-    }
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    settings = {"pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
+                "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
+                "overlap": args.overlap, "device": "cuda" if gpu else "cpu"}
+    rows = [{**row, **settings} for row in rows]
+    print_table(summarise(rows), args.shots)
+    # pairs and methods run earlier (other test subjects, K or pretrainings) are kept; a rerun replaces its rows
+    out = write_result("fewshot_real", rows, QUESTION, COMMAND, COLUMNS, key=row_key, out=Path(args.out))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,13 @@
-"""The table of bench/fewshot_real.py over several of its result files, so that pairs run in separate sessions
-(and the two foundation models) are summarised together.
+"""The per-pair Dice and pair counts of bench/fewshot_real.py's results (bench/results/fewshot_real.json).
 
-A row is one (model, method, K, supports, test subject); the same row in a later file replaces the earlier one,
-so list a rerun after the run it repeats (e.g. the uncapped ``ft`` files after the capped runs). ``--same-pairs``
-keeps only the (K, supports, test) pairs that every model in the files has, to compare the models on equal
-ground. Prints what each file holds and how many of its rows are kept, the Dice of every pair, the table of
-fewshot_real.py, in how many pairs each model leads the other models with the same method, and in how many
-pairs each method is first of its model's methods. ``--against MODEL:METHOD`` also counts the pairs in which each
-other row beats that one (e.g. ``unet:ft``, the full fine-tuning the frozen-backbone methods are measured against).
+A row is one (model, method, K, supports, test subject); a method run without an epoch cap is its own arm,
+``ft (uncapped)``. ``--same-pairs`` keeps only the (K, supports, test) pairs that every model has, to compare the
+models on equal ground. Prints the Dice of every pair, the table of fewshot_real.py, in how many pairs each model
+leads the other models with the same method, and in how many pairs each method is first of its model's methods.
+``--against MODEL:METHOD`` also counts the pairs in which each other row beats that one (e.g. ``unet:ft
+(uncapped)``, the full fine-tuning the frozen-backbone methods are measured against).
 
-    python bench/fewshot_real_table.py --same-pairs --against unet:ft bench/results/fewshot_real_unet_k1_rerun_*.json \\
-        bench/results/fewshot_real_unet_k1_ft_*.json bench/results/fewshot_real_merlin_450_k1_*.json
+    python bench/fewshot_real_table.py --same-pairs --against "unet:ft (uncapped)"
 """
 
 from __future__ import annotations
@@ -21,7 +18,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from fewshot_real import print_table, summarise
+from fewshot_real import arm, print_table, summarise
+from results_file import RESULTS
 
 Pair = tuple[int, tuple[str, ...], str]
 Dice = dict[tuple[str, str, Pair], float]
@@ -33,25 +31,12 @@ def pair_of(row: dict) -> Pair:
     return row["shots"], tuple(row["supports"]), row["test_subject"]
 
 
-def collect(paths: list[Path]) -> list[dict]:
-    """The rows of the result files, a later file's row replacing an earlier one's for the same model, method and
-    pair; prints what each file holds and how many of its rows are kept."""
-    rows: dict[tuple, dict] = {}
-    results = []
-    for i, path in enumerate(paths):
-        try:
-            result = json.loads(path.read_text())
-            file_rows = result["rows"]
-        except (OSError, ValueError, KeyError) as error:
-            sys.exit(f"{path}: not a fewshot_real.py result ({error})")
-        results.append(result)
-        for row in file_rows:
-            rows[(row["model"], row["method"], pair_of(row))] = row | {"file": i}
-    for i, (path, result) in enumerate(zip(paths, results)):
-        kept = sum(r["file"] == i for r in rows.values())
-        print(f"{path.name}: {len(result['rows'])} rows ({', '.join(sorted({r['model'] for r in result['rows']}))}), "
-              f"{kept} kept; pretrain steps {result.get('pretrain_steps')}, epochs cap {result.get('epochs_cap')}")
-    return list(rows.values())
+def collect(path: Path) -> list[dict]:
+    """The rows of a result file of fewshot_real.py."""
+    try:
+        return json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError) as error:
+        sys.exit(f"{path}: not a fewshot_real.py result ({error})")
 
 
 def same_pairs(rows: list[dict]) -> list[dict]:
@@ -63,7 +48,7 @@ def same_pairs(rows: list[dict]) -> list[dict]:
 
 def dice_of(rows: list[dict]) -> Dice:
     """Dice by (model, method, pair)."""
-    return {(r["model"], r["method"], pair_of(r)): r["dice"] for r in rows}
+    return {(r["model"], arm(r), pair_of(r)): r["dice"] for r in rows}
 
 
 def tally(hits: Iterable[tuple[tuple[str, str, Pair], bool]]) -> Counts:
@@ -132,7 +117,8 @@ def print_pairs(dice: Dice) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", type=Path, help="result JSON files of bench/fewshot_real.py")
+    parser.add_argument("results", nargs="?", type=Path, default=RESULTS / "fewshot_real.json",
+                        help="result file of bench/fewshot_real.py (default: bench/results/fewshot_real.json)")
     parser.add_argument("--same-pairs", action="store_true", help="only the pairs that every model has")
     parser.add_argument("--against", type=reference_of, metavar="MODEL:METHOD",
                         help="also count the pairs in which each other model and method beats this one")

@@ -15,17 +15,22 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from fsseg.checkpoint import cpu_instruction_sets
+from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE, SPACING = (512, 512, 400), (0.78, 0.78, 1.25)
+QUESTION = ("How much host memory does fsseg-predict take on a full-size CT (synthetic 512x512x400 at "
+            "0.78x0.78x1.25 mm), with all 29 fseft29 structures and with one? Each run in its own process, random "
+            "weights. Targets (CPU): peak <= 6 GB with 29 structures, < 100 MB per extra structure.")
+COMMAND = "python bench/predict_memory.py [--models unet_tiny swinunetr] [--overlap 0.5]"
+COLUMNS = {"model": "model", "structures": "structures", "overlap": "overlap", "peak_rss_gb": "peak GB",
+           "growth_mb_per_structure": "MB per extra structure", "seconds": "seconds"}
 # Runs fsseg-predict and reports the process's own peak memory.
 CHILD = """
 import json, resource, sys, time
@@ -96,27 +101,23 @@ def main() -> None:
         for organs in (None, ["liver"]):
             measured = run_predict(scan, ckpt, work / f"pred_{model}_{len(organs or [0] * 29)}", args.overlap, organs)
             results.append({"model": model, "structures": 29 if organs is None else 1, "overlap": args.overlap,
-                            **measured, "date": time.strftime("%Y-%m-%d"), "cpu": cpu_instruction_sets()})
+                            **measured})
             print(f"{model:<10} {results[-1]['structures']:>2} structures: peak {measured['peak_rss_gb']:.2f} GB, "
                   f"{measured['seconds']:.0f} s", flush=True)
-    growth = {}
     for model in args.models:
-        peaks = {r["structures"]: r["peak_rss_gb"] for r in results if r["model"] == model}
-        growth[model] = round((peaks[29] - peaks[1]) / 28 * 1024, 1)
-    print(f"\n{'model':<10} {'structures':>10} {'peak RSS GB':>12} {'seconds':>8}")
+        rows = [r for r in results if r["model"] == model]
+        peaks = {r["structures"]: r["peak_rss_gb"] for r in rows}
+        for row in rows:
+            row["growth_mb_per_structure"] = round((peaks[29] - peaks[1]) / 28 * 1024, 1)
+    print(f"\n{'model':<10} {'structures':>10} {'peak RSS GB':>12} {'seconds':>8} {'MB/structure':>12}")
     for r in results:
-        print(f"{r['model']:<10} {r['structures']:>10} {r['peak_rss_gb']:>12.2f} {r['seconds']:>8.0f}")
-    for model, mb in growth.items():
-        print(f"{model}: {mb} MB per extra structure (target < 100); peak with 29 structures target <= 6 GB")
-    out = Path(args.out)
-    earlier = json.loads(out.read_text()) if out.is_file() else {}
-    results = [r for r in earlier.get("results", []) if r["model"] not in args.models] + results
-    growth = {**{m: g for m, g in earlier.get("growth_mb_per_structure", {}).items() if m not in args.models}, **growth}
-    # Each row keeps its own date and CPU: rows of models not measured now come from earlier runs.
-    document = {"scan": {"shape": SHAPE, "spacing_mm": SPACING}, "device": "cpu", "torch": str(torch.__version__),
-                "results": results, "growth_mb_per_structure": growth}
-    out.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        print(f"{r['model']:<10} {r['structures']:>10} {r['peak_rss_gb']:>12.2f} {r['seconds']:>8.0f} "
+              f"{r['growth_mb_per_structure']:>12}")
+    print("targets: < 100 MB per extra structure; peak with 29 structures <= 6 GB")
+    # models not measured now keep their earlier rows
+    out = write_result("predict_memory", results, QUESTION, COMMAND, COLUMNS,
+                       key=lambda r: (r["model"], r["structures"]), out=Path(args.out))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

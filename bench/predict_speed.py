@@ -13,14 +13,13 @@ All passes use the reference's overlap 0.25 so that the masks can be compared.
 
 Peak memory (RSS) of each is reported. Prints a table, writes JSON.
 
-    python bench/predict_speed.py --out bench/results/predict_speed.json [--model swinunetr]
+    python bench/predict_speed.py [--model swinunetr]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import resource
 import tempfile
 import time
@@ -38,9 +37,17 @@ from fsseg.inference import InferenceSettings, Predictor
 from fsseg.inference.predict import main as predict
 from fsseg.models import create_model
 from fsseg.templates import load_template
+from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAP = 0.25
+QUESTION = ("How much does fsseg-predict add to the bare sliding window, and how does it compare with the reference "
+            "code's recipe? Random weights, overlap 0.25; masks compared with the reference's. Target: fsseg-predict "
+            "<= 1.15 x the network's time.")
+COMMAND = "python bench/predict_speed.py [--model swinunetr]"
+COLUMNS = {"scan": "scan", "model": "model", "network_s": "network s", "fsseg_predict_s": "fsseg-predict s",
+           "predict_over_network": "ratio", "reference_recipe_s": "reference s",
+           "reference_mask_agreement": "mask agreement", "bf16_s": "bf16 s", "peak_rss_gb": "peak GB"}
 REAL_CT = REPO / "sample_data" / "ct" / "images" / "lidc_0001_abd_1p4mm.nii.gz"
 
 
@@ -117,10 +124,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['scan']:<22} {r['network_s']:>9} {r['fsseg_predict_s']:>9} {r['predict_over_network']:>6} "
               f"{r['reference_recipe_s']:>11} {r['bf16_s']:>7} {r['channels_last_3d_s']:>8} {r['peak_rss_gb']:>7}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "predict_speed", "target": "fsseg_predict_s <= 1.15 x network_s",
-                               "rows": rows}, indent=1) + "\n")
+    out = write_result("predict_speed", rows, QUESTION, COMMAND, COLUMNS, key=lambda r: (r["scan"], r["model"]),
+                       out=Path(args.out))
     print(f"wrote {out}")
 
 

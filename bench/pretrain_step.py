@@ -5,7 +5,7 @@ Runs the real training loop (``pretrain.engine.train``) for a few steps on phant
 epoch fills it) and warm cache (a second run reads it). Target: data wait < 10 % of a step once the cache
 is warm. Prints a table and writes JSON.
 
-    python bench/pretrain_step.py --out bench/results/pretrain_step.json
+    python bench/pretrain_step.py [--models tiny swinunetr48] [--steps 3]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from fsseg.data import phantom
 from fsseg.training.runtime import init_runtime
 from pretrain.config import PretrainConfig
 from pretrain.engine import train
+from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SETUPS = {
@@ -30,6 +31,13 @@ SETUPS = {
                     ["model.kwargs={feature_size: 48}", "optim.batch_size=1", "augmentation.crops_per_volume=1",
                      "num_workers=0"]),
 }
+
+QUESTION = ("Does a pretraining step wait for data? Seconds per step split into data wait and compute, on phantoms "
+            "at 1.5 mm, without the disk cache, with a cold cache and with a warm one. Target: data wait < 10 % of "
+            "a step with a warm cache.")
+COMMAND = "python bench/pretrain_step.py [--models ...] [--steps 3]"
+COLUMNS = {"model": "model", "cache": "cache", "steps": "steps", "data_wait_s_per_step": "data wait s/step",
+           "compute_s_per_step": "compute s/step", "data_wait_fraction": "data wait share"}
 
 
 def run(name: str, lists: list[str], cache: str, cache_dir: Path, steps: int, work: Path) -> dict:
@@ -73,9 +81,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['model']:<12} {row['cache']:<5} {row['steps']:>5} {row['data_wait_s_per_step']:>17.3f} "
               f"{row['compute_s_per_step']:>15.3f} {100 * row['data_wait_fraction']:>6.1f}%")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "pretrain_step", "phantom_spacing_mm": 1.5, "rows": rows}, indent=1) + "\n")
+    out = write_result("pretrain_step", rows, QUESTION, COMMAND, COLUMNS, key=lambda r: (r["model"], r["cache"]),
+                       out=Path(args.out))
     print(f"wrote {out}")
 
 

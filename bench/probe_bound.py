@@ -6,14 +6,13 @@ logistic regression on every voxel of them fitted to convergence (full batch, L-
 square root of the class ratio), scored by Dice at p = 0.5 on the features of the list's test cases. When this
 stays low, no schedule, learning rate or crop sampling makes ``lp`` work: the features do not hold the structure.
 
-    python bench/probe_bound.py --checkpoint demo_out/pretrain/checkpoint_latest.pt \\
-        --data-list demo_out/data/phantom_target.json --organ gallbladder --out bench/results/probe_bound.json
+    python bench/probe_bound.py --checkpoint demo_phantom_out/pretrain/checkpoint_latest.pt \\
+        --data-list demo_phantom_out/data/phantom_target.json --organ gallbladder --label "make demo-phantom's model"
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -24,9 +23,16 @@ from monai.metrics import compute_dice
 from adapt.config import AdaptConfig
 from adapt.engine import Adaptation
 from fsseg.config import load_config
-from fsseg.data.io import atomic_path
+from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
+QUESTION = ("What is the best any linear head can do on a checkpoint's frozen features, whatever lp's schedule? "
+            "Logistic regression fitted to convergence on every voxel of the supports' cached features, scored by "
+            "Dice on the list's test cases.")
+COMMAND = ("python bench/probe_bound.py --checkpoint CKPT --data-list LIST --organ NAME [--train 5] "
+           "[--label TEXT]")
+COLUMNS = {"checkpoint": "checkpoint", "organ": "structure", "feature_channels": "feature channels",
+           "train_dice": "Dice on the supports", "test_dice_mean": "Dice on the test cases"}
 
 
 def voxels(run: Adaptation, case) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +72,7 @@ def main() -> None:
     parser.add_argument("--organ", required=True)
     parser.add_argument("--train", type=int, default=5, help="train cases the head is fitted on")
     parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--label", help="what the checkpoint is, for the results (default: its path)")
     parser.add_argument("--out", default=str(REPO / "bench/results/probe_bound.json"))
     args = parser.parse_args()
     config = load_config(AdaptConfig, None, [f"checkpoint={args.checkpoint}", f"data_list={args.data_list}",
@@ -81,15 +88,15 @@ def main() -> None:
     weight, bias = fit(x, y, args.iterations)
     train_dice = dice((x @ weight + bias > 0).float(), y)
     scores = {case: dice((((f - mean) / std) @ weight + bias > 0).float(), t) for case, (f, t) in tests.items()}
-    result = {"benchmark": "probe_bound", "checkpoint": args.checkpoint, "organ": args.organ,
-              "feature_channels": int(x.shape[1]), "train_cases": [c.id for c in run.pool[:args.train]],
-              "train_dice": round(train_dice, 4), "test_dice": {k: round(v, 4) for k, v in scores.items()},
-              "test_dice_mean": round(float(np.mean(list(scores.values()))), 4)}
+    row = {"checkpoint": args.label or args.checkpoint, "organ": args.organ, "feature_channels": int(x.shape[1]),
+           "train_cases": [c.id for c in run.pool[:args.train]], "train_dice": round(train_dice, 4),
+           "test_dice": {k: round(v, 4) for k, v in scores.items()},
+           "test_dice_mean": round(float(np.mean(list(scores.values()))), 4)}
     print(f"{args.organ}: best linear head on {x.shape[1]} feature channels of {len(train)} train case(s): "
-          f"Dice {train_dice:.3f} on them, {result['test_dice_mean']:.3f} on {len(scores)} test case(s)")
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+          f"Dice {train_dice:.3f} on them, {row['test_dice_mean']:.3f} on {len(scores)} test case(s)")
+    out = write_result("probe_bound", [row], QUESTION, COMMAND, COLUMNS,
+                       key=lambda r: (r["checkpoint"], r["organ"]), out=Path(args.out))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

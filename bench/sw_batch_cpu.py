@@ -5,25 +5,29 @@ CPU convolutions through its slow im2col path instead of oneDNN; two windows a p
 measures what that costs for the demo's UNet (roi 48^3) and SwinUNETR-48 (roi 96^3), with random weights on a
 random volume (the time does not depend on the values), and which batch fsseg picks for each.
 
-    python bench/sw_batch_cpu.py [--batches 1 2 4] [--out bench/results/sw_batch_cpu.json]
+    python bench/sw_batch_cpu.py [--batches 1 2 4]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
 
-from fsseg.checkpoint import versions
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference import Predictor
 from fsseg.models import create_model
+from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
+QUESTION = ("How long does a sliding window take on the CPU against the windows per forward pass (sw_batch_size), "
+            "and which does fsseg pick? Random weights on a random volume, overlap 0.5.")
+COMMAND = "python bench/sw_batch_cpu.py [--batches 1 2 4]"
+COLUMNS = {"model": "model", "roi": "roi", "sw_batch_size": "windows a pass", "fsseg_default": "fsseg default",
+           "seconds": "seconds"}
 # (model, its kwargs, roi, volume): volumes of the demo's phantoms at 3 mm and of a small CT at 1.5 mm.
 CASES = [("unet_tiny", {}, (48, 48, 48), (111, 87, 78)),
          ("swinunetr", {"feature_size": 48}, (96, 96, 96), (130, 120, 96))]
@@ -60,10 +64,8 @@ def main() -> None:
         mark = " (fsseg default)" if r["fsseg_default"] else ""
         print(f"{r['model']:<10} {r['roi'][0]:>5} {r['sw_batch_size']:>13} {r['seconds']:>8.2f} "
               f"{single / r['seconds']:>5.2f}x{mark}")
-    document = {"device": "cpu", "threads": torch.get_num_threads(), **versions(), "date": time.strftime("%Y-%m-%d"),
-                "results": results}
-    Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out = write_result("sw_batch_cpu", results, QUESTION, COMMAND, COLUMNS, out=Path(args.out))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
