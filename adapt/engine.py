@@ -166,10 +166,12 @@ class Adaptation:
         self._best[method] = mean
         for row in rows:
             query = self._queries[row["case"]]
-            masks = {"ground truth": query.masks[row["organ"]], "prediction": predictions[row["case"]][row["organ"]]}
-            overlay_png(self.out / "pictures" / method / f"{row['case']}_{row['organ']}.png",
-                        np.asanyarray(query.reference.dataobj), query.reference.affine, masks,
-                        f"{row['case']}, {row['organ']}: {method} K={shots} seed {seed}, Dice {row['dice']:.3f}")
+            organ = row["organ"]
+            overlay_png(self.out / "pictures" / method / f"{row['case']}_{organ}.png",
+                        np.asanyarray(query.reference.dataobj), query.reference.affine,
+                        {organ: predictions[row["case"]][organ]},
+                        f"{row['case']}, {organ}: {method} K={shots} seed {seed}, Dice {row['dice']:.3f}",
+                        truth={organ: query.masks[organ]})
 
     def _scan_key(self, case: Case) -> str:
         """Identifies a scan's model-space volume: its file content and the preprocessing."""

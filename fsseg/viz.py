@@ -5,6 +5,7 @@ matplotlib is an optional extra (``pip install -e .[viz]``); without it the comm
 
 from __future__ import annotations
 
+from itertools import cycle
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -14,7 +15,11 @@ import numpy as np
 from fsseg.data.io import atomic_path
 from fsseg.errors import FssegError
 
-GT_COLOUR, PRED_COLOUR = "#2ca02c", "#d62728"
+# One convention in every picture: ground truth in greens, predictions in reds and other warm colours (one a
+# structure), slices shown as radiologists read them (the patient's right on the viewer's left, anterior on the
+# left of a sagittal slice), with the sides marked.
+TRUTH_COLOURS = ("#2ca02c", "#98df8a", "#17becf", "#1f77b4")
+PREDICTION_COLOURS = ("#d62728", "#ff7f0e", "#e377c2", "#bcbd22", "#9467bd", "#8c564b")
 DISPLAY_WINDOW_HU = (-175.0, 250.0)
 
 
@@ -35,35 +40,44 @@ def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple
     return np.asanyarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
 
 
-def overlay_png(path: str | Path, image: np.ndarray, affine: np.ndarray, masks: Mapping[str, np.ndarray],
-                title: str) -> Path:
-    """Axial, coronal and sagittal slices through the first mask's centroid, each mask drawn as a contour.
+def overlay_png(path: str | Path, image: np.ndarray, affine: np.ndarray, prediction: Mapping[str, np.ndarray],
+                title: str, truth: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Axial, coronal and sagittal slices through the structure, each mask drawn as a contour, in radiological
+    orientation with side markers; ground truth in greens, predictions in reds.
 
     Args:
         image: the scan (HU) on its own grid; ``affine`` its voxel-to-world matrix.
-        masks: label -> binary mask on the same grid, e.g. ``{"ground truth": gt, "prediction": pred}``;
-            the first non-empty mask chooses the slices.
+        prediction: structure -> predicted binary mask on the same grid; ``truth`` the same for the ground truth.
+            The first non-empty mask (ground truth first) chooses the slices.
     """
     plt = pyplot()
-    volume, zooms = _canonical(image.astype(np.float32), affine)
-    canonical = {name: _canonical(mask.astype(np.uint8), affine)[0] > 0 for name, mask in masks.items()}
-    anchor = next((m for m in canonical.values() if m.any()), None)
+    volume, zooms = _canonical(image.astype(np.float32), affine)  # RAS: +x toward the patient's right
+    contours = [(f"ground truth: {name}", colour, mask) for (name, mask), colour in zip((truth or {}).items(),
+                                                                                        cycle(TRUTH_COLOURS))]
+    contours += [(f"prediction: {name}", colour, mask) for (name, mask), colour in zip(prediction.items(),
+                                                                                      cycle(PREDICTION_COLOURS))]
+    contours = [(label, colour, _canonical(mask.astype(np.uint8), affine)[0] > 0) for label, colour, mask in contours]
+    anchor = next((mask for *_, mask in contours if mask.any()), None)
     centre = np.argwhere(anchor).mean(0).astype(int) if anchor is not None else np.array(volume.shape) // 2
-    views = [("axial", lambda a: a[:, :, centre[2]], zooms[1] / zooms[0]),
-             ("coronal", lambda a: a[:, centre[1], :], zooms[2] / zooms[0]),
-             ("sagittal", lambda a: a[centre[0], :, :], zooms[2] / zooms[1])]
-    colours = [GT_COLOUR, PRED_COLOUR, "#1f77b4", "#ff7f0e"]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for axis, (name, cut, aspect) in zip(axes, views):
+    # (name, cut, aspect, marker on the viewer's left, on the right); the horizontal axis is flipped in each
+    views = [("axial", lambda a: a[:, :, centre[2]], zooms[1] / zooms[0], "R", "L"),
+             ("coronal", lambda a: a[:, centre[1], :], zooms[2] / zooms[0], "R", "L"),
+             ("sagittal", lambda a: a[centre[0], :, :], zooms[2] / zooms[1], "A", "P")]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.6))
+    for axis, (name, cut, aspect, left, right) in zip(axes, views):
         axis.imshow(np.clip(cut(volume), *DISPLAY_WINDOW_HU).T, cmap="gray", origin="lower", aspect=aspect)
-        for colour, (label, mask) in zip(colours, canonical.items()):
+        for _, colour, mask in contours:
             section = cut(mask).T.astype(float)
             if section.any():
                 axis.contour(section, levels=[0.5], colors=[colour], linewidths=1.2)
+        axis.invert_xaxis()
+        for x, marker in ((0.03, left), (0.97, right)):
+            axis.text(x, 0.5, marker, transform=axis.transAxes, color="yellow", fontsize=12, fontweight="bold",
+                      ha="center", va="center")
         axis.set_title(name)
         axis.axis("off")
-    handles = [plt.Line2D([], [], color=c, label=label) for c, label in zip(colours, canonical)]
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    handles = [plt.Line2D([], [], color=colour, label=label) for label, colour, _ in contours]
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), frameon=False, fontsize="small")
     figure.suptitle(title)
     return _save(figure, path)
 
@@ -106,7 +120,7 @@ def _save(figure, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=80, format="png")
+    with atomic_path(path) as tmp:  # a tight box keeps a wide legend whole
+        figure.savefig(tmp, dpi=80, format="png", bbox_inches="tight")
     plt.close(figure)
     return Path(path)

@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from fsseg.checkpoint import (NonFiniteWeights, head_trained, load_weights, read_checkpoint, rng_state,
-                              save_checkpoint, set_rng_state, sha256_file, versions)
+                              save_checkpoint, save_model_file, set_rng_state, sha256_file, versions)
 from fsseg.config import to_dict
 from fsseg.data.cache import cached_dataset, content_hash
 from fsseg.data.datalist import load_datalist
@@ -67,6 +67,10 @@ class RunPaths:
     @property
     def best(self) -> Path:
         return self.out / "checkpoint_best.pt"
+
+    @property
+    def model(self) -> Path:
+        return self.out / "model.pt"
 
     def periodic(self, epoch: int) -> Path:
         return self.out / f"checkpoint_epoch{epoch:04d}.pt"
@@ -334,7 +338,10 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
             writer.close()
         with atomic_path(paths.summary) as tmp:
             tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        log.info(f"done: {paths.latest} (loss {summary['final_loss']}), summary in {paths.summary}")
+        if paths.latest.exists():
+            save_model_file(paths.latest, paths.model)
+        log.info(f"done: {paths.latest} (loss {summary['final_loss']}; {paths.model.name} without the training "
+                 f"state, to share), summary in {paths.summary}")
     return summary
 
 

@@ -47,6 +47,11 @@ def test_tiny_pretraining_loss_falls_and_checkpoint_is_complete(phantom_dir, tmp
     assert set(payload["versions"]) >= {"fsseg", "monai", "torch"}
     model, template, pre, _ = load_model(out / "checkpoint_latest.pt")
     assert pre.roi == (32, 32, 32) and len(template) == 29
+    # model.pt: the same model without the training state, the file to share
+    shared = read_checkpoint(out / "model.pt")
+    assert not set(shared) & {"optimizer", "scheduler", "scaler", "rng", "history"}
+    assert all(torch.equal(shared["state_dict"][k], v) for k, v in payload["state_dict"].items())
+    assert (out / "model.pt").stat().st_size < 0.5 * (out / "checkpoint_latest.pt").stat().st_size
     log = (out / "train.log").read_text()
     assert "phantom_source_b: 2 train cases, annotates liver, kidney_right, kidney_left, stomach, aorta" in log
 
