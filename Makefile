@@ -8,7 +8,7 @@
 #   DEMO_DIR     where the demo writes its data and runs (default: demo_out; demo-phantom: DEMO_PHANTOM_DIR,
 #                default demo_phantom_out).
 #   DEMO_PHANTOM_ARGS / DEMO_PRETRAIN_ARGS / DEMO_ADAPT_ARGS
-#                extra arguments of the demo's steps (the tests run a reduced demo with them).
+#                extra arguments of the demos' steps (the tests run reduced demos with them).
 #   TEST_WORKERS pytest-xdist workers of `make test` (default: auto, one a core; 0 runs the tests in one process).
 #   PYTEST_ARGS  extra pytest arguments, e.g. PYTEST_ARGS="tests/test_adapt.py -k resume".
 
@@ -39,12 +39,12 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e ".[dev,viz,dicom,bundle,astra]"
+	$(BIN)/python -m pip install -q -e ".[dev,viz,dicom,bundle,astra,docs]"
 	$(BIN)/python -m pip install -q --no-deps "dynamic-network-architectures>=0.4"  # the nnunet extra without timm
 	@echo "$(TORCH)" > $@
 
-# The demo on the sample CT: a foundation model pretrained with the liver never supervised (subject TS-A), adapted
-# to the liver from 1 and 2 support scans of two other subjects (TS-B, LIDC-0001), scored on a fourth (LITS-117).
+# The demo on the sample CT: a tiny UNet pretrained on subject TS-A with the liver never supervised, adapted to the
+# liver from 1 and 2 scans of two other subjects (TS-B, LIDC-0001) and scored on a fourth (LITS-117).
 demo: $(STAMP)
 	@echo "== 1/6 Writing the sample CT (5 real scans of 4 subjects) and its data lists -> $(DEMO_DIR)/data"
 	$(BIN)/fsseg-sample-data --out $(DEMO_DIR)/data
@@ -54,18 +54,19 @@ demo: $(STAMP)
 	$(BIN)/fsseg-pretrain --config configs/pretrain/demo_ct.yaml --out $(DEMO_DIR)/pretrain --resume auto --no-progress \
 		--data-list $(DEMO_DIR)/data/sample_ct_liver_pretrain.json $(DEMO_PRETRAIN_ARGS)
 	@echo "== 4/6 Adapting it to the liver from K = 1 and 2 scans of TS-B and LIDC-0001, scored on LITS-117 -> $(DEMO_DIR)/adapt"
-	$(BIN)/fsseg-adapt --checkpoint $(DEMO_DIR)/pretrain/checkpoint_latest.pt \
+	$(BIN)/fsseg-adapt --checkpoint $(DEMO_DIR)/pretrain/model.pt \
 		--data-list $(DEMO_DIR)/data/sample_ct_liver_fewshot.json --organ liver --shots 1 2 \
 		--method lp adapter affine-ln ft-last ft --seeds 1 --out $(DEMO_DIR)/adapt \
 		--set method_configs=configs/adapt/demo --no-progress $(DEMO_ADAPT_ARGS)
 	@echo "== 5/6 Predicting LITS-117 with the best adapter -> $(DEMO_DIR)/predict"
 	$(BIN)/fsseg-predict -i $(DEMO_DIR)/data/sample_ct_liver_fewshot.json --split test -o $(DEMO_DIR)/predict \
-		-m $(DEMO_DIR)/pretrain/checkpoint_latest.pt --preview --no-progress \
+		-m $(DEMO_DIR)/pretrain/model.pt --preview --no-progress \
 		--adapter "$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best"]["adapter"])' $(DEMO_DIR)/adapt/results.json)"
 	@echo "== 6/6 Scoring the prediction in LITS-117's native space -> $(DEMO_DIR)/evaluate"
 	$(BIN)/fsseg-evaluate --pred $(DEMO_DIR)/predict --data-list $(DEMO_DIR)/data/sample_ct_liver_fewshot.json \
 		-o $(DEMO_DIR)/evaluate --no-progress
-	@echo "Done. Pictures: $(DEMO_DIR)/adapt/*.png, $(DEMO_DIR)/predict/*.png, $(DEMO_DIR)/evaluate/*.png. What it measured:"
+	@echo "Done. Pictures: $(DEMO_DIR)/adapt/pictures/, $(DEMO_DIR)/adapt/dice_vs_shots.png, $(DEMO_DIR)/predict/*.png," \
+		"$(DEMO_DIR)/evaluate/dice_boxplot.png. What the run measured:"
 	@cat $(DEMO_DIR)/adapt/summary.txt
 
 # The walk-through on generated phantoms: a quicker look at every step, not evidence for the method.

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Methods: " + "; ".join(f"{name}: {text}" for name, text in list_methods().items()),
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help="run config (default: configs/adapt/default.yaml, the demo's checkpoint and target data)")
+                        help="run config (default: configs/adapt/default.yaml: the demo's model and liver task)")
     parser.add_argument("--checkpoint", help="pretrained fsseg checkpoint")
     parser.add_argument("--data-list", help="data list with train (support pool) and test cases")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")

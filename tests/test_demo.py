@@ -30,7 +30,7 @@ def test_reduced_real_ct_demo_runs_every_step_and_ends_with_what_it_measured(tmp
     # the last --shots and --method win: K=1 with two methods (the full demo adds K=2 and three methods, no step)
     result = make("demo", f"DEMO_DIR={demo}", f"DEMO_PRETRAIN_ARGS={REDUCED_PRETRAINING}",
                   "DEMO_ADAPT_ARGS=--shots 1 --method lp ft --set overlap=0.25")
-    assert (demo / "data" / "ct" / "README.md").is_file()
+    assert (demo / "data" / "ct" / "README.md").is_file() and (demo / "pretrain" / "model.pt").is_file()
     best = json.loads((demo / "adapt" / "results.json").read_text())["best"]
     assert best["method"] in ("lp", "ft") and Path(best["adapter"]).is_file()
     assert json.loads((demo / "predict" / "labels.json").read_text()) == {"0": "background", "1": "liver"}
