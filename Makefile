@@ -26,6 +26,8 @@ TEST_WORKERS ?= auto
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fsseg-installed
+# The adapter file fsseg-adapt named best in its run folder $(1).
+best_adapter = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best"]["adapter"])' $(1)/results.json)
 
 .PHONY: setup demo demo-phantom test clean-demo
 
@@ -61,7 +63,7 @@ demo: $(STAMP)
 	@echo "== 5/6 Predicting LITS-117 with the best adapter -> $(DEMO_DIR)/predict"
 	$(BIN)/fsseg-predict -i $(DEMO_DIR)/data/sample_ct_liver_fewshot.json --split test -o $(DEMO_DIR)/predict \
 		-m $(DEMO_DIR)/pretrain/model.pt --preview --no-progress \
-		--adapter "$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best"]["adapter"])' $(DEMO_DIR)/adapt/results.json)"
+		--adapter "$(call best_adapter,$(DEMO_DIR)/adapt)"
 	@echo "== 6/6 Scoring the prediction in LITS-117's native space -> $(DEMO_DIR)/evaluate"
 	$(BIN)/fsseg-evaluate --pred $(DEMO_DIR)/predict --data-list $(DEMO_DIR)/data/sample_ct_liver_fewshot.json \
 		-o $(DEMO_DIR)/evaluate --no-progress
@@ -86,7 +88,7 @@ demo-phantom: $(STAMP)
 	@echo "== 5/6 Predicting the target test scans with the best adapter -> $(DEMO_PHANTOM_DIR)/predict"
 	$(BIN)/fsseg-predict -i $(DEMO_PHANTOM_DIR)/data/phantom_target.json --split test -o $(DEMO_PHANTOM_DIR)/predict \
 		-m $(DEMO_PHANTOM_DIR)/pretrain/checkpoint_latest.pt --preview --no-progress \
-		--adapter "$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best"]["adapter"])' $(DEMO_PHANTOM_DIR)/adapt/results.json)"
+		--adapter "$(call best_adapter,$(DEMO_PHANTOM_DIR)/adapt)"
 	@echo "== 6/6 Scoring the predictions in native space -> $(DEMO_PHANTOM_DIR)/evaluate"
 	$(BIN)/fsseg-evaluate --pred $(DEMO_PHANTOM_DIR)/predict --data-list $(DEMO_PHANTOM_DIR)/data/phantom_target.json \
 		-o $(DEMO_PHANTOM_DIR)/evaluate --no-progress

@@ -10,11 +10,11 @@
    process joins a group too): killed in its second epoch, resumed with ``--resume auto`` to the end; the
    data-wait share of a step is what the step waited for the loader over the whole step.
 
-Each command runs in a child process that reports its own peak memory. Writes ``bench/results/gpu.json`` and
+Each command runs in a child process that reports its own peak memory. Writes ``bench/results/gpu_check.json`` and
 prints a table. ``--smoke`` runs the same steps on the CPU with the tiny UNet and small volumes: it checks the
 script and measures nothing. Run it through ``bench/gpu_check.sh`` (about 8 minutes on an H200).
 
-    python bench/gpu_check.py [--work DIR] [--out bench/results/gpu.json] [--smoke]
+    python bench/gpu_check.py [--work DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from predict_memory import SHAPE, SPACING, synthetic_ct  # noqa: E402
+from results_file import write_result  # noqa: E402
 
 from fsseg.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 from fsseg.data import phantom  # noqa: E402
@@ -46,6 +46,12 @@ from fsseg.data.transforms import Preprocessing  # noqa: E402
 from fsseg.models import create_model  # noqa: E402
 from fsseg.templates import load_template  # noqa: E402
 from fsseg.training.runtime import resolve_device  # noqa: E402
+
+QUESTION = ("Does the real path work on a GPU, and what does it take? CUDA detection; fsseg-predict with AMP on "
+            "SwinUNETR-48 over a 512x512x400 CT (time, peak GPU memory) and its label map against the CPU's; "
+            "fsseg-adapt lp, adapter and ft at K = 1; torchrun pretraining through NCCL, killed and resumed.")
+COMMAND = "bash bench/gpu_check.sh [--smoke]"
+COLUMNS = {"step": "step", "smoke": "smoke run", "seconds": "seconds", "result": "result"}
 
 # Runs one fsseg command's main() and prints its exit code, time and this process's peak memory.
 CHILD = """
@@ -260,7 +266,7 @@ def check_pretrain(work: Path, sizes: Sizes) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", help="working folder (default: a temporary one)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu.json"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_check.json"))
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny UNet, small volumes: checks the script only")
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS,
                         help="which steps, in this order (default: all; the CPU comparison last, it is the slowest)")
@@ -268,8 +274,7 @@ def main() -> None:
     sizes = Sizes(args.smoke)
     work = Path(args.work or tempfile.mkdtemp(prefix="fsseg-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    document = {"benchmark": "gpu_check", "smoke": args.smoke, "date": time.strftime("%Y-%m-%d"),
-                "machine": platform.node(), "detect": detect()}
+    document = {"detect": detect()}
     print(json.dumps(document["detect"]), flush=True)
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run on a GPU machine, or with --smoke to check the script")
@@ -277,13 +282,14 @@ def main() -> None:
     steps = {"predict": lambda: check_predict(work, sizes, checkpoint),
              "adapt": lambda: check_adapt(work, sizes, checkpoint), "pretrain": lambda: check_pretrain(work, sizes),
              "compare": lambda: check_compare(work, sizes, checkpoint)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.steps:
         began = time.perf_counter()
         document[name] = {**steps[name](), "step_seconds": round(time.perf_counter() - began, 1)}
         print(f"{name}: {json.dumps(document[name])}", flush=True)
-        out.write_text(json.dumps(document, indent=1) + "\n")  # what finished survives a later timeout
+        rows = [{"step": step, "smoke": args.smoke, "seconds": result.get("step_seconds"),
+                 "result": json.dumps(result, separators=(",", ":"))} for step, result in document.items()]
+        # rewritten after every step: what finished survives a later timeout
+        out = write_result("gpu_check", rows, QUESTION, COMMAND, COLUMNS, out=Path(args.out))
     print_table(document)
     print(f"wrote {out}")
 

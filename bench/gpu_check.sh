@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real path on one GPU (bench/gpu_check.py): CUDA detection, fsseg-predict with AMP on SwinUNETR-48 over a
 # 512x512x400 CT against the CPU, fsseg-adapt lp/adapter/ft at K=1, torchrun --nproc_per_node=1 pretraining with
-# NCCL killed and resumed. About 8 minutes on an H200; writes bench/results/gpu.json.
+# NCCL killed and resumed. About 8 minutes on an H200; writes bench/results/gpu_check.json.
 #
 #   bash bench/gpu_check.sh                       # fsseg's dependencies installed, a CUDA GPU visible
 #   FSSEG_WHEELS=.whl bash bench/gpu_check.sh     # install missing packages (monai, nibabel) from wheels first
