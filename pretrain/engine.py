@@ -160,7 +160,6 @@ def _check_resumable(payload: dict, model_arch: dict, template: Template, cfg: P
                               f"({payload[key]} vs {value}); use another --out to start a new run")
 
 
-
 # The fewest optimizer steps of fsseg's own pretraining recipes (the phantom demo: 150); a run of fewer has
 # hardly started to learn, which a user of a two-scan list would otherwise not be told.
 MIN_STEPS = 100
