@@ -11,6 +11,7 @@ from fsseg.config import from_dict, load_yaml, ranged
 from fsseg.errors import ConfigError
 from fsseg.losses.size_prior import FORMS
 from fsseg.resources import find_config
+from fsseg.templates import expand_structures
 
 
 @dataclass
@@ -140,6 +141,7 @@ class AdaptConfig:
             raise ConfigError("seeds and every shot count must be at least 1")
         if not self.organs or not self.methods:
             raise ConfigError("name at least one organ and one method")
+        expand_structures(self.organs)  # a name that cannot name files is refused before --out is made
         for key in ("organs", "shots", "methods"):
             values = getattr(self, key)
             repeated = sorted({str(v) for v in values if values.count(v) > 1})

@@ -10,6 +10,7 @@ files into one line at start-up instead of a traceback hours later.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -47,6 +48,19 @@ def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path], f
         hit = by_path.get(output.resolve()) or by_id.get(_file_id(output))
         if hit is not None:
             raise DataError(f"{output}: writing it would replace input {hit}; choose another {option}")
+
+
+def check_file_name(name: str, what: str) -> str:
+    """``name`` unchanged when it can be part of a file name; refused when it holds a path separator or a control
+    character, so that a case id or structure name from a data list can never point outside an output folder.
+
+    Raises:
+        DataError: naming ``what`` and the name.
+    """
+    if re.search(r"[/\\\x00-\x1f\x7f]", name):
+        raise DataError(f"{what} {name!r} cannot be part of a file name: it holds a path separator or a control "
+                        "character")
+    return name
 
 
 def check_unique_outputs(outputs: dict[str, Path]) -> None:

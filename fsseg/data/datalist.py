@@ -24,6 +24,7 @@ from typing import Sequence
 
 from fsseg.data.labels import LabelMap
 from fsseg.errors import DataError
+from fsseg.outputs import check_file_name
 from fsseg.templates import Template, canonical_name
 
 SPLITS = ("train", "val", "test")
@@ -169,6 +170,7 @@ def _parse_case(entry: object, index: int, path: Path, root: Path, dataset: str,
     for key in ("id", "image"):
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise DataError(f"{where}: missing or empty '{key}'")
+    check_file_name(entry["id"], f"{path}: case id")  # ids name output files
     if "group" in entry and not isinstance(entry["group"], (str, int)):
         raise DataError(f"{where}: 'group' must be a string")
     split = entry.get("split", "train")

@@ -268,8 +268,9 @@ def _command(args: argparse.Namespace) -> int:
         check_dicom_seg_inputs(inputs.scans)
     planned = {case: case_outputs(out, case, args.output_type, args.save_probabilities, args.preview)
                for case in inputs.scans}
-    check_unique_outputs({f"{inputs.scans[case]} ({case})": next(iter(paths.values()))
-                          for case, paths in planned.items()})
+    # every file of every case, before the first write: case x's probabilities are case x_probabilities's mask
+    check_unique_outputs({f"{inputs.scans[case]} ({kind} of {case})": path
+                          for case, paths in planned.items() for kind, path in paths.items()})
     check_outputs([out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())], inputs.files,
                   folder=out)
     prepare_output_dir(out)

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fsseg.errors import ConfigError
+from fsseg.outputs import check_file_name
 
 DEFAULT_TEMPLATE = "fseft29"
 _DATA_DIR = Path(__file__).resolve().parent
@@ -41,9 +42,10 @@ def _alias_table() -> dict[str, str]:
 def canonical_name(name: str) -> str:
     """The canonical spelling of a structure name (``"gall"`` -> ``"gallbladder"``).
 
-    Names without an alias are returned normalised; they may lie outside every template.
+    Names without an alias are returned normalised; they may lie outside every template. A name that could not be
+    part of a file name (a path separator, a control character) is refused: structure names name output files.
     """
-    key = normalize_name(name)
+    key = normalize_name(check_file_name(name, "structure name"))
     return _alias_table().get(key, key)
 
 
