@@ -183,16 +183,26 @@ def decoder_trained(payload: dict) -> bool:
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str):
-    """``load_state_dict(strict=False)`` with a tensor of the wrong shape reported as one line.
+    """``load_state_dict(strict=False)`` after checking every tensor it loads against the model: its shape, its
+    dtype (fsseg writes the model's own; another one, even of the same size, would be converted into other values)
+    and finite values (NaN weights would give empty masks without an error).
 
     Raises:
-        DataError: naming the first tensor whose shape does not fit (e.g. a head for another template).
+        DataError: naming the first tensor that does not fit (e.g. a head for another template).
     """
     own = model.state_dict()
     for name, tensor in state_dict.items():
-        if name in own and (not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape):
+        if name not in own:
+            continue
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise DataError(f"{source}: tensor {name} has shape {shape}, the model expects {tuple(own[name].shape)}")
+        if tensor.dtype != own[name].dtype:
+            raise DataError(f"{source}: tensor {name} is {tensor.dtype}, the model expects {own[name].dtype}; the "
+                            "file is damaged or was not written by fsseg")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"{source}: tensor {name} holds NaN or infinite values; the file is damaged or comes "
+                            "from a diverged run, and is not used")
     return model.load_state_dict(state_dict, strict=False)
 
 

@@ -18,10 +18,12 @@ from safetensors.torch import save_file
 from fsseg.adapters.base import AdaptedModel, Composition, adapt_model, get_method
 from fsseg.checkpoint import (FORMAT, FORMAT_VERSION, check_finite_weights, load_torch_file, load_weights,
                               model_from_checkpoint, read_checkpoint, sha256_file, versions)
-from fsseg.config import from_dict, to_dict
+from fsseg.config import check_interval, from_dict, to_dict
 from fsseg.data.io import atomic_path, require_file
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError
+from fsseg.inference.predictor import RECORDED
+from fsseg.models.registry import check_roi
 from fsseg.templates import Template
 
 KIND = "adapter"
@@ -99,7 +101,25 @@ def read_adapter(path: str | Path) -> dict:
     if not isinstance(payload["structures"], list) or not payload["structures"] \
             or not all(isinstance(s, str) for s in payload["structures"]):
         raise DataError(f"{path}: adapter file's 'structures' must be a non-empty list of names")
+    check_inference_record(payload.get("inference"), path)
     return payload
+
+
+def check_inference_record(record: object, path: str | Path) -> None:
+    """The sliding-window settings an adapter was scored with, checked as fsseg-predict checks its options, so that
+    an impossible value is refused at load and not in every case later."""
+    if record is None:  # files of versions that kept no record
+        return
+    if not isinstance(record, dict) or not set(record) <= set(RECORDED):
+        raise DataError(f"{path}: its recorded inference settings must be an object of {', '.join(RECORDED)}")
+    overlap = record.get("overlap")
+    if overlap is not None:
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)):
+            raise DataError(f"{path}: its recorded overlap must be a number, got {overlap!r}")
+        check_interval(overlap, "[0, 1)", f"{path}: its recorded overlap")
+    flags = [name for name in RECORDED if name != "overlap" and not isinstance(record.get(name, False), bool)]
+    if flags:
+        raise DataError(f"{path}: its recorded {flags[0]} must be true or false, got {record[flags[0]]!r}")
 
 
 def load_adapted_model(adapter_path: str | Path, checkpoint_path: str | Path) -> tuple[AdaptedModel, Preprocessing, dict]:
@@ -125,6 +145,7 @@ def load_adapted_model(adapter_path: str | Path, checkpoint_path: str | Path) ->
         raise DataError(f"{adapter_path}: tensors do not fit method '{adapter['method']}' on this checkpoint")
     try:
         preprocessing = Preprocessing.from_dict(adapter["preprocessing"])
+        check_roi(payload["arch"]["name"], preprocessing.roi)
     except (TypeError, AttributeError, FssegError) as error:
         raise DataError(f"{adapter_path}: adapter's preprocessing is malformed ({error})") from None
     return adapted, preprocessing, adapter
