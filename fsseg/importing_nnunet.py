@@ -103,7 +103,11 @@ def structures(dataset: dict, where: Path) -> list[str]:
     ids = sorted(labels.values())
     if ids != list(range(len(ids))) or not ids:
         raise DataError(f"{where}: label ids must be 0..K with 0 the background, got {ids}")
-    return [canonical_name(name) for name, _ in sorted(labels.items(), key=lambda item: item[1])][1:]
+    names = [canonical_name(name) for name, _ in sorted(labels.items(), key=lambda item: item[1])][1:]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # two heads for one structure: its masks and scores would take one of them silently
+        raise DataError(f"{where}: labels name {', '.join(repeated)} under more than one id (aliases included)")
+    return names
 
 
 def preprocessing(plans: dict, config: dict, dataset: dict, orientation: str, where: Path) -> tuple[Preprocessing, float, float]:

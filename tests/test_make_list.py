@@ -128,6 +128,9 @@ def test_an_nnunet_raw_dataset_becomes_a_valid_list(tmp_path, sample_ct, capsys)
     ({"labels": {"background": 0, "liver": [1, 2]}}, "region-based"),
     ({"labels": {"background": 0, "liver": 1, "ignore": 3}}, "label 'ignore'"),
     ({"file_ending": ".mha"}, "fsseg reads NIfTI"),
+    # label maps that lie (issue 44): liver voxels would become spleen, 1.5 would be read as 1
+    ({"labels": {"background": "0", "liver": "1", "spleen": "1"}}, "id 1 is given to both 'liver' and 'spleen'"),
+    ({"labels": {"background": 0, "liver": 1.5}}, "label 'liver' has id 1.5, not an integer"),
 ])
 def test_nnunet_datasets_fsseg_cannot_read_are_one_line(tmp_path, sample_ct, capsys, change, message):
     root = nnunet_dataset(tmp_path / "Dataset001_X", sample_ct)

@@ -136,9 +136,11 @@ def test_an_imported_nnunet_predicts_and_adapts_on_real_ct(imported, sample_ct, 
     ("mr", "not nnU-Net's CT normalisation"),
     ("missing", "missing for the network plans.json describes, e.g. encoder.stages.3"),
     ("fold", "fold_3/checkpoint_final.pth: not found; this folder holds fold_0/checkpoint_final.pth"),
+    ("aliases", "labels name gallbladder under more than one id"),  # two heads for one structure
 ])
 def test_an_nnunet_folder_that_does_not_fit_is_one_line(tmp_path, capsys, problem, message):
-    labels = {**LABELS, "kidney": [3, 4]} if problem == "regions" else LABELS
+    labels = {"regions": {**LABELS, "kidney": [3, 4]},
+              "aliases": {"background": 0, "gallbladder": 1, "gall": 2, "kidney_left": 3}}.get(problem, LABELS)
     folder, network = write_results_folder(tmp_path, labels=labels,
                                            normalization="ZScoreNormalization" if problem == "mr" else "CTNormalization")
     if problem == "missing":

@@ -213,3 +213,17 @@ def test_evaluate_scores_masks_of_other_tools_by_id(sample_ct, tmp_path, capsys)
     assert evaluate(["--pred", str(pred), "--gt", str(SAMPLE_CT / "labels"), "-o", str(tmp_path / "r3"),
                      "--no-plot", "--no-progress"]) == 2
     assert "give --pred-label-map" in capsys.readouterr().err
+
+
+def test_a_prediction_holding_ids_its_labels_json_does_not_name_fails_its_case(sample_ct, tmp_path):
+    label = nib.load(str(SAMPLE_CT / "labels" / f"{REAL}.nii.gz"))
+    ids = np.asanyarray(label.dataobj)
+    data_list = real_list(tmp_path / "list.json", SAMPLE_CT / "images" / f"{REAL}.nii.gz", split="test")
+    pred = tmp_path / "pred"
+    # the liver written as 5 while labels.json calls it 1: its Dice would be 0 without a word
+    write_nifti(pred / f"{REAL}.nii.gz", np.where(ids == 5, 5, 0).astype(np.uint8), label.affine)
+    (pred / "labels.json").write_text('{"0": "background", "1": "liver"}')
+    assert evaluate(["--pred", str(pred), "--data-list", str(data_list), "-o", str(tmp_path / "r"), "--no-plot",
+                     "--no-progress"]) == 1
+    rows = (tmp_path / "r" / "per_case.csv").read_text()
+    assert "holds ids [5] that its label map does not name" in rows

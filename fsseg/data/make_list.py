@@ -79,7 +79,7 @@ def nnunet_spec(root: Path) -> dict:
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:
         raise DataError(f"{path}: file_ending '{ending}'; fsseg reads NIfTI ({', '.join(NIFTI_ENDINGS)})")
-    label_map = {}
+    label_map: dict[str, str] = {}
     for key, value in meta["labels"].items():
         # v2: name -> id (or a list of ids: a region); v1: id -> name
         name, label = (value, key) if isinstance(value, str) and key.isdigit() else (key, value)
@@ -88,10 +88,12 @@ def nnunet_spec(root: Path) -> dict:
                             "train on them as background")
         if isinstance(label, (list, tuple)):
             raise DataError(f"{path}: label '{name}' is region-based ({label}); fsseg reads one id per structure")
-        try:
-            label_map[str(int(label))] = str(name)
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: label '{name}' has id {label!r}, not an integer") from None
+        # an integer, never a number truncated to one (1.5 -> 1 would relabel another structure's voxels)
+        if isinstance(label, bool) or not (isinstance(label, int) or (isinstance(label, str) and label.isdigit())):
+            raise DataError(f"{path}: label '{name}' has id {label!r}, not an integer")
+        if str(int(label)) in label_map:
+            raise DataError(f"{path}: id {int(label)} is given to both '{label_map[str(int(label))]}' and '{name}'")
+        label_map[str(int(label))] = str(name)
     suffix = re.escape("_0000" + ending) + "$"
     layouts = [{"image_glob": f"imagesTr/*_0000{ending}", "id_pattern": rf"imagesTr/(?P<id>.+){suffix}",
                 "label": f"labelsTr/{{id}}{ending}", "split": "train"},

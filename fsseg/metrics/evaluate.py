@@ -91,8 +91,10 @@ def find_prediction(folder: Path, case: Case, unique_stem: bool) -> Path | None:
 
 
 def score_case(prediction: Path | None, case: Case, label_map: LabelMap, pred_names: dict[int, str],
-               structures: Sequence[str], tolerance_mm: float) -> tuple[dict[str, StructureScore], str]:
-    """Scores of each structure of one case and a status (``ok`` or why it failed)."""
+               structures: Sequence[str], tolerance_mm: float,
+               named: bool = True) -> tuple[dict[str, StructureScore], str]:
+    """Scores of each structure of one case and a status (``ok`` or why it failed). ``named``: the predictions
+    come with a label map of their own, which must then name every id they hold."""
     gt_masks, reference = load_case_masks(case, label_map, structures)
     if prediction is None:
         return {s: MISSING for s in structures}, "missing prediction"
@@ -105,20 +107,28 @@ def score_case(prediction: Path | None, case: Case, label_map: LabelMap, pred_na
     mismatch = same_geometry(predicted.array.shape, predicted.affine, reference.array.shape, reference.affine)
     if mismatch:
         return {s: MISSING for s in structures}, f"prediction not on the ground truth's grid: {mismatch}"
+    unnamed = sorted(set(np.unique(predicted.array).astype(int).tolist()) - {0} - set(pred_names)) if named else []
+    if unnamed:  # another label map than the one given: its structures would be scored as empty
+        return {s: MISSING for s in structures}, (f"prediction {prediction.name} holds ids {unnamed} that its label "
+                                                  "map does not name")
     ids = {name: i for i, name in pred_names.items()}
     return {s: score_structure(predicted.array == ids[s], gt_masks[s], reference.spacing, tolerance_mm)
             for s in structures}, "ok"
 
 
 def evaluate(pred_dir: Path, cases: Sequence[Case], label_map: LabelMap, structures: Sequence[str] | None,
-             tolerance_mm: float, progress: bool = False,
-             pred_names: dict[int, str] | None = None) -> tuple[list[dict], dict]:
+             tolerance_mm: float, progress: bool = False, pred_names: dict[int, str] | None = None,
+             named: bool | None = None) -> tuple[list[dict], dict]:
     """Rows of per-case scores and the summary (per structure and overall).
 
-    ``pred_names``: what the prediction ids mean (default: :func:`prediction_names` without a label map option).
+    ``pred_names``: what the prediction ids mean (default: :func:`prediction_names` without a label map option);
+    ``named``: whether that is the predictions' own label map (default: when the folder has a labels.json), which
+    must then name every id a prediction holds (other tools' masks may hold structures the ground truth lacks).
     """
     if pred_names is None:
         pred_names = prediction_names(pred_dir, None, label_map)
+    if named is None:
+        named = (pred_dir / LABELS).is_file()
     if structures:
         chosen = [canonical_name(s) for s in structures]
         absent = [s for s in chosen if s not in pred_names.values()]
@@ -138,7 +148,7 @@ def evaluate(pred_dir: Path, cases: Sequence[Case], label_map: LabelMap, structu
         if not needed:
             continue
         prediction = find_prediction(pred_dir, case, unique_stem=stem_counts[nifti_stem(case.image)] == 1)
-        scores, status = score_case(prediction, case, label_map, pred_names, needed, tolerance_mm)
+        scores, status = score_case(prediction, case, label_map, pred_names, needed, tolerance_mm, named)
         for structure, score in scores.items():
             per_structure[structure].append(score)
             rows.append({"case": case.id, "structure": structure, **score.to_dict(), "status": status})
@@ -237,8 +247,9 @@ def _command(args: argparse.Namespace) -> int:
     inputs = [*(p for case in cases for p in case.files), *pred_dir.glob("*.nii*")]
     check_outputs([out / name for name in REPORT_FILES], inputs)
     prepare_output_dir(out)
+    named = bool(args.pred_label_map) or (pred_dir / LABELS).is_file()
     rows, summary = evaluate(pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress,
-                             pred_names)
+                             pred_names, named)
     write_report(out, rows, summary)
     if not args.no_plot:
         dice = {s: [r["dice"] for r in rows if r["structure"] == s] for s in summary["structures"]}
