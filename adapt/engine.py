@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from fsseg.adapters import AdaptedModel, adapt_model, get_method
-from fsseg.adapters.artifact import SUFFIX, save_adapter
+from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.feature_cache import FeatureStore
 from fsseg.checkpoint import load_model, sha256_file
 from fsseg.config import from_dict, to_dict
@@ -44,7 +44,7 @@ from fsseg.templates import Template, expand_structures
 from fsseg.training.encoder_cache import EncodedScan, EncoderCache, pad_for_encoder, splits_at_encoder
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
 from adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
-from adapt.results import finished_runs, results_table, run_header, write_results, write_summary
+from adapt.results import adapter_name, finished_runs, results_table, run_header, write_results, write_summary
 from adapt.training import Support, check_voxel_stride, train
 
 log = logging.getLogger("fsseg.adapt")
@@ -298,8 +298,7 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     ran = train(adapted, supports, run, training, seed).epochs
     seconds = time.time() - began
     if run.config.save_adapters:
-        name = f"{'+'.join(run.organs)}_{method}_k{shots}_s{seed}{SUFFIX}"
-        save_adapter(run.out / "adapters" / name, adapted, method, options, run.config.checkpoint, run.pre,
+        save_adapter(run.out / "adapters" / adapter_name(run.organs, method, shots, seed), adapted, method, options, run.config.checkpoint, run.pre,
                      {"shots": shots, "seed": seed, "support": support_ids.split(),
                       "inference": run.inference.record(), "compose": to_dict(settings.compose)})
     for case in run.tests:

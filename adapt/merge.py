@@ -11,8 +11,7 @@ from typing import Sequence
 import yaml
 
 from adapt.config import AdaptConfig
-from adapt.results import results_table, write_results, write_summary
-from fsseg.adapters.artifact import SUFFIX
+from adapt.results import adapter_name, results_table, write_results, write_summary
 from fsseg.config import from_dict
 from fsseg.data.io import atomic_path
 from fsseg.errors import ConfigError
@@ -63,8 +62,11 @@ def merge_parts(folders: Sequence[Path], out: Path) -> dict:
                           "or has not finished; run it, with --continue, and merge again)")
     rows.sort(key=lambda r: order[(r["method"], r["shots"], r["seed"])])
     (out / "adapters").mkdir(parents=True, exist_ok=True)
-    for folder, _, _ in parts:
-        for adapter in sorted((folder / "adapters").glob(f"*{SUFFIX}")):
+    # each run's adapter from the part that ran it, and nothing else of a part's folder: a foreign file, or a stale
+    # one of a run another part owns, never enters the merged sweep
+    for (method, shots, seed), folder in owner.items():
+        adapter = folder / "adapters" / adapter_name(first["organs"], method, shots, seed)
+        if adapter.is_file():
             with atomic_path(out / "adapters" / adapter.name) as tmp:
                 shutil.copyfile(adapter, tmp)
     header = {key: first[key] for key in ("checkpoint", "evaluation_space", *SHARED)}

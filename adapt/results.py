@@ -141,6 +141,11 @@ def write_summary(out: Path, table: dict, config: AdaptConfig, rows: list[dict])
     return text
 
 
+def adapter_name(organs: list[str], method: str, shots: int, seed: int) -> str:
+    """The file name of one run's adapter under ``adapters/``."""
+    return f"{'+'.join(organs)}_{method}_k{shots}_s{seed}{SUFFIX}"
+
+
 def best_adapter(rows: list[dict], out: Path, organs: list[str]) -> dict | None:
     """The (method, K) with the highest mean Dice and its seed-0 adapter file, for the largest K run."""
     candidates = [r for r in rows if not r["transductive"]]
@@ -153,7 +158,7 @@ def best_adapter(rows: list[dict], out: Path, organs: list[str]) -> dict | None:
         if dice:
             means[method] = float(np.mean(dice))
     method = max(means, key=means.get)
-    path = out / "adapters" / f"{'+'.join(organs)}_{method}_k{shots}_s0{SUFFIX}"
+    path = out / "adapters" / adapter_name(organs, method, shots, 0)
     return {"method": method, "shots": shots, "mean_dice": means[method], "adapter": str(path) if path.exists() else None}
 
 

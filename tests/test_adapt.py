@@ -466,7 +466,12 @@ def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir
     assert "2 run(s) of the sweep are in no part: adapter K=1 seed 0, adapter K=2 seed 0" in capsys.readouterr().err
     assert main(["--merge", *map(str, parts + parts[:1]), "--out", str(tmp_path / "merged")]) == 2
     assert "is in both" in capsys.readouterr().err
+    # a foreign file, and a stale adapter of a run the other part owns, never enter the merged sweep
+    (parts[0] / "adapters" / "foreign.safetensors").write_bytes(b"not an adapter of this sweep")
+    lp = (parts[0] / "adapters" / "liver_lp_k2_s0.safetensors").read_bytes()
+    (parts[1] / "adapters" / "liver_lp_k2_s0.safetensors").write_bytes(b"stale")
     assert main(["--merge", *map(str, parts), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "adapters" / "liver_lp_k2_s0.safetensors").read_bytes() == lp
     timing = ("train_seconds",)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert strip(read_rows(tmp_path / "merged")) == strip(read_rows(tmp_path / "whole"))
