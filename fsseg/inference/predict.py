@@ -26,6 +26,7 @@ from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_di
 from fsseg.errors import DataError
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
+from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
 from fsseg.inference.predictor import (RECORDED, FrozenBackbone, InferenceSettings, Network, Predictor,
                                        prediction_network)
 from fsseg.templates import expand_structures
@@ -33,7 +34,7 @@ from fsseg.viz import overlay_png, pyplot
 from fsseg.training.runtime import DEVICES, resolve_device
 
 log = logging.getLogger("fsseg.predict")
-REPORT, LABELS = "predictions.json", "labels.json"
+RECORD_EVERY_S = 30.0  # how often a long batch brings predictions.json up to date (and at its end)
 
 
 @dataclass(frozen=True)
@@ -271,8 +272,9 @@ def _command(args: argparse.Namespace) -> int:
     # every file of every case, before the first write: case x's probabilities are case x_probabilities's mask
     check_unique_outputs({f"{inputs.scans[case]} ({kind} of {case})": path
                           for case, paths in planned.items() for kind, path in paths.items()})
-    check_outputs([out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())], inputs.files,
-                  folder=out)
+    every = [out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())]
+    check_outputs(every, inputs.files, folder=out)
+    check_owned(out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True).values())
     prepare_output_dir(out)
     scans = list(inputs.scans.items())[args.part_id :: args.num_parts]
     device = resolve_device(args.device)
@@ -286,10 +288,16 @@ def _command(args: argparse.Namespace) -> int:
     with atomic_path(out / LABELS) as tmp:
         tmp.write_text(json.dumps(labels, indent=1) + "\n")
 
-    report = {"model": str(args.model), "device": str(device), "structures": structures,
-              "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size}, "cases": {}}
+    header = {"model": str(args.model), "device": str(device), "structures": structures,
+              "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size}}
+    # this part's cases are recorded before their files are written: a later run then knows the files as its own
+    update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})
+    report, flushed = {"cases": {}}, time.monotonic()
     failed = 0
     for case, scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
+        if time.monotonic() - flushed > RECORD_EVERY_S:
+            update_record(out, header, report["cases"])
+            flushed = time.monotonic()
         paths = planned[case]
         target = next(iter(paths.values()))
         if args.resume and outputs_are_valid(list(paths.values()), scan):
@@ -325,8 +333,7 @@ def _command(args: argparse.Namespace) -> int:
             "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)},
         }
         log.info(f"{case}: {report['cases'][case]['seconds']} s, found {', '.join(report['cases'][case]['structures_found']) or 'nothing'}")
-    with atomic_path(out / REPORT) as tmp:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
+    update_record(out, header, report["cases"])
     done = sum(c["status"] == "ok" for c in report["cases"].values())
     skipped = sum(c["status"] == "skipped" for c in report["cases"].values())
     print(f"{done} predicted, {skipped} skipped, {failed} failed; masks and {REPORT} in {out}")

@@ -24,8 +24,8 @@ from fsseg.outputs import check_outputs, prepare_output_dir
 from fsseg.metrics.segmentation import EMPTY_POLICY, StructureScore, score_structure, summarise
 from fsseg.templates import canonical_name
 from fsseg.viz import dice_boxplot_png
+from fsseg.inference.record import LABELS  # what fsseg-predict names its ids in
 
-LABELS = "labels.json"
 REPORT_FILES = ("per_case.csv", "summary.json", "dice_boxplot.png")
 MISSING = StructureScore(0.0, 0.0, math.nan, "missing", 0, 0)
 CSV_FIELDS = ["case", "structure", "dice", "nsd", "hd95", "kind", "gt_voxels", "pred_voxels", "status"]

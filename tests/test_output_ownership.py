@@ -1,0 +1,57 @@
+"""fsseg-predict writes only files it owns (issue 44, class 2): a file of the output folder that its record does not
+name is refused, never replaced; a rerun replaces its own files; parts sharing one folder keep every case's record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import ct_like, write_nifti
+from fsseg.inference.predict import main as predict
+
+SPACING = np.diag([4.0, 4.0, 4.0, 1.0])
+
+
+def scans(folder, names=("a", "b")):
+    for i, name in enumerate(names):
+        write_nifti(folder / f"{name}.nii.gz", ct_like(seed=i), SPACING)
+    return folder
+
+
+def test_a_file_of_the_output_folder_fsseg_did_not_write_is_refused_not_replaced(tmp_path, tiny_checkpoint, capsys):
+    truth = tmp_path / "labels"  # the user's ground truth, named like the masks
+    write_nifti(truth / "a.nii.gz", np.zeros((24, 20, 16), np.uint8), SPACING)
+    before = (truth / "a.nii.gz").read_bytes()
+    assert predict(["-i", str(scans(tmp_path / "scans")), "-o", str(truth), "-m", str(tiny_checkpoint),
+                    "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "a.nii.gz: exists, and fsseg-predict did not write it" in err and err.count("\n") == 1
+    assert (truth / "a.nii.gz").read_bytes() == before and sorted(p.name for p in truth.iterdir()) == ["a.nii.gz"]
+
+
+def test_a_rerun_replaces_its_own_files(tmp_path, tiny_checkpoint):
+    command = ["-i", str(scans(tmp_path / "scans")), "-o", str(tmp_path / "out"), "-m", str(tiny_checkpoint),
+               "--save-probabilities", "--no-progress"]
+    assert predict(command) == 0
+    assert predict(command) == 0
+
+
+def test_parts_predicting_into_one_folder_keep_every_cases_record(tmp_path, tiny_checkpoint):
+    folder = scans(tmp_path / "scans", ("a", "b", "c"))
+    out = tmp_path / "out"
+    for part in ("0", "1"):
+        assert predict(["-i", str(folder), "-o", str(out), "-m", str(tiny_checkpoint), "--num-parts", "2",
+                        "--part-id", part, "--no-progress"]) == 0
+    cases = json.loads((out / "predictions.json").read_text())["cases"]
+    assert {case: entry["status"] for case, entry in cases.items()} == {"a": "ok", "b": "ok", "c": "ok"}
+
+
+def test_a_predictions_json_of_another_tool_is_refused(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.json").write_text('[{"case": "a", "score": 0.9}]')
+    assert predict(["-i", str(scans(tmp_path / "scans")), "-o", str(out), "-m", str(tiny_checkpoint),
+                    "--no-progress"]) == 2
+    assert "predictions.json: exists and is not a record of fsseg-predict" in capsys.readouterr().err
+    assert (out / "predictions.json").read_text() == '[{"case": "a", "score": 0.9}]'
