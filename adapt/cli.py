@@ -10,12 +10,14 @@ from typing import Sequence
 from fsseg.adapters import list_methods
 from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
 from fsseg.config import load_config
-from fsseg.errors import ConfigError
-from fsseg.outputs import check_outputs, prepare_output_dir
+from fsseg.errors import ConfigError, DataError
+from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
 from fsseg.training.runtime import resolve_device, seed_everything
 from adapt.config import AdaptConfig
 
 RUN_FILES = ("config.yaml", "results.json", "results.csv")
+# What marks the run files as fsseg-adapt's own (a config.yaml may be a pretraining run's or the user's).
+OWN_KEYS = {"config.yaml": ("organs", "shots", "methods"), "results.json": ("rows", "organs")}
 
 # The shipped default run config (the demo's outputs); the data paths inside it are relative to the working folder.
 DEFAULT_CONFIG = "configs/adapt/default.yaml"
@@ -70,6 +72,7 @@ def _command(args: argparse.Namespace) -> int:
         out = Path(args.out)
         check_outputs([out / name for name in RUN_FILES], [Path(d) / "results.json" for d in args.merge],
                       option="--out")
+        check_own_run_files(out)
         prepare_output_dir(out, "--out")
         merge_parts([Path(d) for d in args.merge], out)
         print(f"merged {len(args.merge)} part(s): {out / 'results.csv'}, {out / 'results.json'}")
@@ -84,12 +87,22 @@ def _command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_outputs([out / name for name in RUN_FILES], [config.checkpoint, config.data_list, args.config],
                   option="--out")
+    check_own_run_files(out)
     prepare_output_dir(out, "--out")
     seed_everything(0)
     run_adaptation(config, out, resolve_device(args.device), progress=not args.no_progress,
                    resume=args.resume, part=(args.part_id, args.num_parts))
     print(f"results: {out / 'results.csv'}, {out / 'results.json'}; adapters in {out / 'adapters'}")
     return 0
+
+
+def check_own_run_files(out: Path) -> None:
+    """Refuse an --out whose run files fsseg-adapt did not write (results.csv counts as its own beside its own
+    results.json)."""
+    for name, keys in OWN_KEYS.items():
+        check_run_file(out / name, keys, "fsseg-adapt")
+    if (out / "results.csv").exists() and not (out / "results.json").exists():
+        raise DataError(f"{out / 'results.csv'}: exists without fsseg-adapt's results.json; choose another --out")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    check_outputs([output], [args.source])
+    source = Path(args.source)
+    # a results folder's files are inputs too: --force never replaces its plans.json or checkpoint_final.pth
+    check_outputs([output], [source, *(p for p in source.rglob("*") if p.is_file())] if source.is_dir() else [source])
     check_output_file(output, args.force)
     if args.format == "nnunet" or args.format == "auto" and Path(args.source).is_dir():
         payload = import_nnunet(args.source, args.fold, args.checkpoint_name, args.orientation, args.unsafe_load)

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+import yaml
+
 from fsseg.errors import DataError
 
 
@@ -61,6 +63,23 @@ def check_file_name(name: str, what: str) -> str:
         raise DataError(f"{what} {name!r} cannot be part of a file name: it holds a path separator or a control "
                         "character")
     return name
+
+
+def check_run_file(path: Path, keys: Iterable[str], command: str) -> None:
+    """Refuse to replace ``path`` unless it is a file ``command`` writes: a YAML or JSON mapping holding ``keys``.
+    A run folder's ``config.yaml`` may be another command's (a pretraining run's) or the user's own.
+
+    Raises:
+        DataError: naming the file.
+    """
+    if not path.exists():
+        return
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = None
+    if not isinstance(data, dict) or not set(keys) <= set(data):
+        raise DataError(f"{path}: exists and is not a file of {command}; choose another output folder")
 
 
 def check_unique_outputs(outputs: dict[str, Path]) -> None:

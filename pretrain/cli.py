@@ -10,6 +10,7 @@ from typing import Sequence
 from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
 from fsseg.config import load_config
 from fsseg.models import list_models
+from fsseg.outputs import check_run_file
 from fsseg.training.runtime import init_runtime, shutdown
 from pretrain.config import PretrainConfig
 
@@ -43,6 +44,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(override("data.data_root", args.data_root))
     config = load_config(PretrainConfig, args.config, overrides)
+    # the run's config.yaml is replaced on every start: never one of another command or of the user
+    check_run_file(Path(args.out) / "config.yaml", ("model", "optim", "data"), "fsseg-pretrain")
     runtime = init_runtime(args.device)
     try:
         train(config, Path(args.out), runtime, resume=args.resume, progress=not args.no_progress)

@@ -136,13 +136,15 @@ def test_refused_resume_and_continue_keep_the_runs_config(phantom_dir, tiny_chec
 
     run = tmp_path / "adapt"
     run.mkdir()
-    (run / "config.yaml").write_text("kept: true\n")
-    (run / "results.json").write_text(json.dumps({"signature": {"checkpoint_sha256": "another"}, "rows": []}))
+    kept = {"organs": ["liver"], "shots": [1], "methods": ["lp"], "kept": True}  # an earlier run's, kept
+    (run / "config.yaml").write_text(yaml.safe_dump(kept))
+    (run / "results.json").write_text(json.dumps({"signature": {"checkpoint_sha256": "another"}, "organs": ["liver"],
+                                                  "rows": []}))
     code = adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
                   "--out", str(run), "--set", f"method_configs={write_method_configs(tmp_path / 'm')}",
                   "--organ", "liver", "--shots", "1", "--method", "lp", "--continue", "--no-progress"])
     assert code == 2 and "comes from another checkpoint" in capsys.readouterr().err
-    assert yaml.safe_load((run / "config.yaml").read_text()) == {"kept": True}
+    assert yaml.safe_load((run / "config.yaml").read_text()) == kept
 
 
 def test_continue_writes_what_a_killed_run_left_missing(tmp_path):

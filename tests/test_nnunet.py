@@ -169,3 +169,11 @@ def test_plans_from_before_nnunet_2_4_build_the_same_network(tmp_path):
     assert built["features_per_stage"] == [8, 16, 32, 32]
     assert {k: v for k, v in built.items() if k != "features_per_stage"} == \
         {k: v for k, v in kwargs.items() if k != "features_per_stage"}
+
+
+def test_force_never_replaces_a_file_of_the_results_folder_it_reads(tmp_path, capsys):
+    folder, _ = write_results_folder(tmp_path)
+    for name in ("plans.json", "fold_0/checkpoint_final.pth"):
+        before = (folder / name).read_bytes()
+        assert import_checkpoint([str(folder), "-o", str(folder / name), "--force"]) == 2
+        assert "would replace input" in capsys.readouterr().err and (folder / name).read_bytes() == before

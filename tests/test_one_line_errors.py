@@ -252,7 +252,7 @@ def test_more_malformed_inputs_are_one_line(phantom_dir, tiny_checkpoint, tmp_pa
     assert adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
                   "--out", str(run), "--set", f"method_configs={write_method_configs(tmp_path / 'm')}",
                   "--organ", "liver", "--shots", "1", "--method", "lp", "--continue", "--no-progress"]) == 2
-    one_line(capsys, "is not a results file of fsseg-adapt")
+    one_line(capsys, "results.json: exists and is not a file of fsseg-adapt")
 
     # Broken dataset specs.
     specs = {"list": [], "no_id_group": {"layouts": [{"image_glob": "*.nii.gz", "id_pattern": "(.*)"}]},

@@ -55,3 +55,36 @@ def test_a_predictions_json_of_another_tool_is_refused(tmp_path, tiny_checkpoint
                     "--no-progress"]) == 2
     assert "predictions.json: exists and is not a record of fsseg-predict" in capsys.readouterr().err
     assert (out / "predictions.json").read_text() == '[{"case": "a", "score": 0.9}]'
+
+
+def test_run_folders_holding_another_commands_or_the_users_config_are_refused(tmp_path, tiny_checkpoint,
+                                                                               phantom_dir, capsys):
+    from adapt.cli import main as adapt
+    from pretrain.cli import main as pretrain
+
+    theirs = {"pretraining run": "model: {name: unet_tiny}\noptim: {lr: 0.001}\ndata: {lists: []}\n",
+              "user's notes": "my: notes\n"}
+    for what, text in theirs.items():
+        run = tmp_path / what.replace(" ", "_")
+        run.mkdir()
+        (run / "config.yaml").write_text(text)
+        assert adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
+                      "--organ", "liver", "--shots", "1", "--out", str(run), "--no-progress"]) == 2, what
+        assert "config.yaml: exists and is not a file of fsseg-adapt" in capsys.readouterr().err
+        assert (run / "config.yaml").read_text() == text
+    adapt_run = tmp_path / "adapt_run"
+    adapt_run.mkdir()
+    (adapt_run / "config.yaml").write_text("organs: [liver]\nshots: [1]\nmethods: [lp]\n")
+    assert pretrain(["--config", "configs/pretrain/tiny.yaml", "--data-list", str(phantom_dir / "phantom_source_a.json"),
+                     "--out", str(adapt_run), "--no-progress"]) == 2
+    assert "config.yaml: exists and is not a file of fsseg-pretrain" in capsys.readouterr().err
+
+
+def test_forced_writes_never_replace_a_file_the_command_reads(tmp_path, sample_ct, capsys):
+    from fsseg.data.make_list import main as make_list
+    from test_make_list import nnunet_dataset
+
+    root = nnunet_dataset(tmp_path / "Dataset001_X", sample_ct)
+    before = (root / "dataset.json").read_bytes()
+    assert make_list(["nnunet", "--root", str(root), "-o", str(root / "dataset.json"), "--force"]) == 2
+    assert "would replace input" in capsys.readouterr().err and (root / "dataset.json").read_bytes() == before

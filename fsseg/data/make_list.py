@@ -297,7 +297,10 @@ def _command(args: argparse.Namespace) -> int:
     if args.dataset != FOLDER and (args.label_map or args.test_ids):
         raise ConfigError(f"--label-map and --test-ids are for '{FOLDER}' only; dataset '{args.dataset}' has its own")
     output = Path(args.output)
-    check_outputs([output], [args.dataset] if args.dataset.endswith(".json") else [])
+    read = [args.dataset] if args.dataset.endswith(".json") else []  # files the command reads besides the scans
+    read += [root / "dataset.json"] if args.dataset == NNUNET else []
+    read += [args.label_map] if args.label_map and args.label_map.endswith(".json") else []
+    check_outputs([output], read)
     check_output_file(output, args.force)
     if args.dataset == FOLDER:
         cases = scan_folder(root, args.test_ids)
