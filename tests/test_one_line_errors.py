@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapt.cli import main as adapt
-from conftest import SAMPLE_CT, write_method_configs, write_nifti
+from conftest import SAMPLE_CT, ct_like, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
 from fsseg.adapters.feature_cache import FeatureStore
@@ -71,6 +71,24 @@ def test_implausible_voxel_sizes_are_refused(sample_ct, tmp_path, capsys):
     cases = json.loads((out / "predictions.json").read_text())["cases"]
     assert [cases[c]["status"] for c in ("zero", "huge", REAL)] == ["failed", "failed", "ok"]
     assert "implausible for CT" in cases["huge"]["error"]
+
+
+def test_a_rank_deficient_affine_is_refused_not_predicted_on(tmp_path, capsys):
+    axes = np.array([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0, 0, 0, 1]])  # x = y
+    image = nib.Nifti1Image(ct_like(), np.eye(4))
+    image.set_sform(axes, code=1)
+    image.set_qform(None, code=0)
+    path = tmp_path / "scans" / "flat.nii.gz"
+    path.parent.mkdir()
+    nib.save(image, str(path))
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps({"name": "odd", "cases": [{"id": "flat", "image": str(path), "split": "test"}]}))
+    assert check_data([str(listed), "--no-progress"]) == 1
+    assert "flat.nii.gz: the header's voxel axes are not independent" in capsys.readouterr().out
+    out = tmp_path / "pred"
+    assert predict(["-i", str(path.parent), "-o", str(out), "-m", str(oracle_checkpoint(tmp_path / "o.pt")),
+                    "--no-progress"]) == 1
+    assert "voxel axes are not independent" in json.loads((out / "predictions.json").read_text())["cases"]["flat"]["error"]
 
 
 @pytest.fixture()

@@ -116,7 +116,8 @@ def load_scan_image(path: str | Path) -> nib.Nifti1Image:
 
 
 def check_grid(affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> None:
-    """Refuse a voxel size or field of view no CT has (zero, NaN or 40 mm voxels, a 10 m scan).
+    """Refuse a voxel size or field of view no CT has (zero, NaN or 40 mm voxels, a 10 m scan), and axes that span
+    no 3D grid (a rank-deficient affine).
 
     Raises:
         DataError: naming the file and the voxel size or extent found.
@@ -127,6 +128,11 @@ def check_grid(affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> 
         shown = "x".join(f"{s:.4g}" for s in spacing)
         raise DataError(f"{path}: voxel size {shown} mm is implausible for CT (expected {low:g} to {high:g} mm per "
                         "axis); fix the header's pixdim/affine")
+    # unit axis directions: a determinant near 0 means two axes (nearly) coincide, and no 3D grid exists
+    if abs(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3] / spacing)) < 1e-3:
+        raise DataError(f"{path}: the header's voxel axes are not independent (the affine's axes "
+                        f"{np.round(np.asarray(affine, dtype=float)[:3, :3].T, 3).tolist()} span no 3D grid); fix "
+                        "the header's qform/sform")
     extent = spacing * np.asarray(shape[:3], dtype=float)
     if extent.max() > MAX_EXTENT_MM:
         shown = "x".join(f"{e:.0f}" for e in extent)
