@@ -209,10 +209,15 @@ def test_evaluate_scores_masks_of_other_tools_by_id(sample_ct, tmp_path, capsys)
                      "-o", str(tmp_path / "r2"), "--no-plot", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
     assert list(summary["structures"]) == ["spleen"] and summary["structures"]["spleen"]["dice"]["mean"] == 1.0
-    # A --gt folder without a map of its own or of the predictions: one line.
-    assert evaluate(["--pred", str(pred), "--gt", str(SAMPLE_CT / "labels"), "-o", str(tmp_path / "r3"),
-                     "--no-plot", "--no-progress"]) == 2
-    assert "give --pred-label-map" in capsys.readouterr().err
+    # Two plain id-mask folders, neither naming its ids: each id is scored as a structure of its own.
+    gt = tmp_path / "gt"
+    write_nifti(gt / f"{REAL}.nii.gz", ids, label.affine)
+    assert evaluate(["--pred", str(tmp_path / "totalseg"), "--gt", str(gt), "-o", str(tmp_path / "r3"), "--no-plot",
+                     "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "r3" / "summary.json").read_text())
+    liver = next(int(k) for k, v in json.loads(TOTALSEG_LIST.read_text())["label_map"].items() if v == "liver")
+    assert summary["structures"][f"label_{liver}"]["dice"]["mean"] == 1.0
+    assert set(summary["structures"]) == {f"label_{i}" for i in np.unique(ids) if i}
 
 
 def test_a_prediction_holding_ids_its_labels_json_does_not_name_fails_its_case(sample_ct, tmp_path):

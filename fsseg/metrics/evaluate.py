@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import sys
 from collections import Counter
@@ -26,6 +27,7 @@ from fsseg.templates import canonical_name
 from fsseg.viz import dice_boxplot_png
 from fsseg.inference.record import LABELS  # what fsseg-predict names its ids in
 
+log = logging.getLogger("fsseg.evaluate")
 REPORT_FILES = ("per_case.csv", "summary.json", "dice_boxplot.png")
 MISSING = StructureScore(0.0, 0.0, math.nan, "missing", 0, 0)
 CSV_FIELDS = ["case", "structure", "dice", "nsd", "hd95", "kind", "gt_voxels", "pred_voxels", "status"]
@@ -190,15 +192,26 @@ def _gt_folder_cases(gt_dir: Path, label_map_path: str | None, pred_label_map: s
                      pred_dir: Path) -> tuple[list[Case], LabelMap]:
     if not gt_dir.is_dir():
         raise DataError(f"{gt_dir}: ground-truth folder not found")
-    if label_map_path:
-        names = read_label_names(Path(label_map_path), "--gt-label-map")
-    else:  # the ground truth uses the predictions' ids
-        names = prediction_names(pred_dir, pred_label_map, None)
     files = sorted(p for p in gt_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
     if not files:
         raise DataError(f"{gt_dir}: no .nii/.nii.gz ground-truth files")
+    if label_map_path:
+        names = read_label_names(Path(label_map_path), "--gt-label-map")
+    elif pred_label_map or (pred_dir / LABELS).is_file():  # the ground truth uses the predictions' ids
+        names = prediction_names(pred_dir, pred_label_map, None)
+    else:  # two plain id-mask folders (another tool's output and its ground truth): each id is a structure
+        names = {i: f"label_{i}" for i in _label_ids(files)}
+        log.info(f"neither {gt_dir} nor {pred_dir} names its ids: scoring each id as a structure (label_<id>)")
     label_map = LabelMap.parse({str(i): n for i, n in names.items()}, str(label_map_path or gt_dir))
     return [Case(id=nifti_stem(p), image=p, label=p, split="test") for p in files], label_map
+
+
+def _label_ids(files: Sequence[Path]) -> list[int]:
+    """The non-zero ids found in label files."""
+    ids: set[int] = set()
+    for path in files:
+        ids |= set(np.unique(load_volume(path).array).astype(int).tolist())
+    return sorted(ids - {0})
 
 
 def build_parser() -> argparse.ArgumentParser:
