@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -27,6 +28,7 @@ from fsseg import __version__
 from fsseg.bundle import BundleNetwork
 from fsseg.checkpoint import read_checkpoint, sha256_file
 from fsseg.cli import add_common_arguments, run_cli
+from fsseg.data.io import new_mode, remove_leftovers
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
 from fsseg.inference.predict import Model, add_inference_arguments, build_model, inference_settings
@@ -129,7 +131,9 @@ def export_bundle(model: Model, checkpoint: str, adapters: Sequence[str], settin
     for rebuilt, loaded in zip(bundle.models, model.models):
         rebuilt.load_state_dict(loaded.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)  # a killed export's staging folder
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    os.chmod(staging, new_mode(0o777))  # mkdtemp makes it private; the bundle gets a new folder's permissions
     try:
         (staging / "configs").mkdir()
         (staging / "models").mkdir()

@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 from fsseg.checkpoint import load_torch_file, save_checkpoint, sha256_file
+from fsseg.data.io import remove_leftovers
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
@@ -304,6 +305,7 @@ def _command(args: argparse.Namespace) -> int:
     # a results folder's files are inputs too: --force never replaces its plans.json or checkpoint_final.pth
     check_outputs([output], [source, *(p for p in source.rglob("*") if p.is_file())] if source.is_dir() else [source])
     check_output_file(output, args.force)
+    remove_leftovers(output)  # a killed import's temporary file
     if args.format == "nnunet" or args.format == "auto" and Path(args.source).is_dir():
         payload = import_nnunet(args.source, args.fold, args.checkpoint_name, args.orientation, args.unsafe_load)
         save_checkpoint(output, payload)

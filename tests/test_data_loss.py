@@ -179,3 +179,25 @@ def test_checkpoints_with_non_finite_weights_are_never_written(tiny_checkpoint, 
     else:
         raise AssertionError("a NaN checkpoint was saved")
     assert not target.exists() and not list(tmp_path.glob(".*part*"))
+
+
+def test_a_rerun_removes_what_a_killed_import_or_export_left(tiny_checkpoint, tmp_path):
+    import os
+
+    from fsseg.export_bundle import main as export_bundle
+
+    source = tmp_path / "published.pth"
+    torch.save(published(create_model("swinunetr_tiny", num_classes=29), "fseft"), source)
+    leftover = tmp_path / ".imported.pt.k1l2.part.pt"  # what kill -9 leaves inside atomic_path
+    leftover.write_bytes(b"half a checkpoint")
+    assert import_checkpoint([str(source), "-o", str(tmp_path / "imported.pt")]) == 0
+    assert not leftover.exists() and (tmp_path / "imported.pt").is_file()
+    staging = tmp_path / ".bundle.x9y8.part"  # a killed export's staging folder
+    (staging / "models").mkdir(parents=True)
+    umask = os.umask(0o022)
+    try:
+        assert export_bundle(["-m", str(tiny_checkpoint), "-o", str(tmp_path / "bundle")]) == 0
+    finally:
+        os.umask(umask)
+    assert not staging.exists()
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755  # a new folder's permissions, not mkdtemp's 0700

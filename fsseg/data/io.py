@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -202,6 +203,23 @@ def same_geometry(a_shape, a_affine, b_shape, b_affine, atol: float = 1e-3) -> s
     return None
 
 
+def new_mode(base: int) -> int:
+    """The permissions a new file (``0o666``) or folder (``0o777``) gets under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove what a killed write of ``path`` left beside it (``.<name>.*.part*`` files or folders), so that a rerun
+    cleans up after it. For commands that alone write ``path``."""
+    for leftover in path.parent.glob(f".{path.name}.*.part*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
@@ -221,9 +239,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         # mkstemp creates the file private (0600); the output gets the permissions of any new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, new_mode(0o666))
         try:
             os.replace(tmp, path)
         except OSError as error:

@@ -21,7 +21,7 @@ from fsseg.cli import add_common_arguments, number_in, run_cli, user_error
 from fsseg.data.datalist import load_datalist
 from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
 from fsseg.data.io import (atomic_path, is_nifti, load_nifti_image, load_scan_image, load_volume, nifti_stem,
-                            save_like, scan_name)
+                            remove_leftovers, save_like, scan_name)
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
 from fsseg.errors import DataError
 from fsseg.data.transforms import Preprocessing
@@ -303,8 +303,8 @@ def _command(args: argparse.Namespace) -> int:
         if args.resume and outputs_are_valid(list(paths.values()), scan):
             report["cases"][case] = {"status": "skipped", "image": str(scan), "output": str(target)}
             continue
-        for leftover in (p for path in paths.values() for p in out.glob(f".{path.name}.*.part*")):
-            leftover.unlink()  # a killed run's half-written file of this case (each case belongs to one part)
+        for path in paths.values():
+            remove_leftovers(path)  # a killed run's half-written file of this case (each case belongs to one part)
         started = time.perf_counter()
         try:
             prediction = predictor(scan, keep_probabilities=args.save_probabilities)
