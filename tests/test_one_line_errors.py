@@ -91,6 +91,17 @@ def test_a_rank_deficient_affine_is_refused_not_predicted_on(tmp_path, capsys):
     assert "voxel axes are not independent" in json.loads((out / "predictions.json").read_text())["cases"]["flat"]["error"]
 
 
+def test_a_header_claiming_more_memory_than_the_machine_has_is_refused_before_reading(tmp_path, capsys):
+    header = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.diag([0.1, 0.1, 0.1, 1.0])).header
+    header.set_data_shape((20000, 20000, 2000))  # 2 m across at 0.1 mm: plausible sizes, 3 TB of voxels
+    path = tmp_path / "huge.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 68)
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps({"name": "odd", "cases": [{"id": "huge", "image": str(path), "split": "test"}]}))
+    assert check_data([str(listed), "--no-progress"]) == 1
+    assert "huge.nii: the header claims a 20000x20000x2000 grid" in capsys.readouterr().out
+
+
 @pytest.fixture()
 def blocker(tmp_path) -> Path:
     """A plain file where an output folder would go."""

@@ -139,6 +139,20 @@ def check_grid(affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> 
         shown = "x".join(f"{e:.0f}" for e in extent)
         raise DataError(f"{path}: field of view {shown} mm exceeds {MAX_EXTENT_MM:.0f} mm; the voxel size in the "
                         "header is likely wrong")
+    check_fits_in_memory(shape, path)
+
+
+def check_fits_in_memory(shape: tuple[int, ...], path: str | Path) -> None:
+    """Refuse a grid whose float32 copy alone would exceed this machine's memory, before any voxel is read (a
+    header that claims a huge grid would otherwise end in a MemoryError far from the file that caused it)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no check
+        return
+    needed = float(np.prod(np.asarray(shape[:3], dtype=float))) * 4
+    if needed > memory:
+        raise DataError(f"{path}: the header claims a {'x'.join(map(str, shape[:3]))} grid, {needed / 2**30:.0f} GB "
+                        f"as float32, more than this machine's {memory / 2**30:.0f} GB; check the header's dims")
 
 
 def check_finite(array: np.ndarray | torch.Tensor, path: str | Path) -> None:
