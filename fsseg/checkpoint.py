@@ -136,7 +136,10 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", unsafe: bool = F
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+        if refused and re.search(r"whose module \S+ is blocked", str(error)):  # os, subprocess, builtins.exec ...
+            raise DataError(f"{path}: {what} holds code, a call to {refused.group(1)}, that unpickling would run; "
+                            "it is never loaded") from None
         if refused:
             raise DataError(f"{path}: {what} holds a Python object of type {refused.group(1)} besides tensors; "
                             f"it is not loaded because unpickling it could run code{hint}") from None

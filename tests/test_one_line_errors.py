@@ -243,6 +243,13 @@ def test_crafted_checkpoints_and_adapters_are_one_line(tiny_checkpoint, tmp_path
                     str(tmp_path / "earlier.pt"), "--no-progress"]) == 0
 
 
+class RunsCode:
+    """A pickled payload that would run a shell command when unpickled."""
+
+    def __reduce__(self):
+        return os.system, ("echo this must never run",)
+
+
 def test_files_torch_cannot_or_will_not_load_are_named_for_what_they_are(tmp_path, capsys):
     (tmp_path / "random.pth").write_bytes(os.urandom(4096))
     (tmp_path / "scan.pth").write_bytes((SAMPLE_CT / "labels" / f"{REAL}.nii.gz").read_bytes())
@@ -250,8 +257,10 @@ def test_files_torch_cannot_or_will_not_load_are_named_for_what_they_are(tmp_pat
     whole = (tmp_path / "whole.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
     torch.save({"w": torch.ones(2), "when": np.datetime64("2024-01-01")}, tmp_path / "objects.pth")
+    torch.save({"w": torch.ones(2), "x": RunsCode()}, tmp_path / "code.pth")
     cases = {"random": "not a PyTorch file", "scan": "gzip data, a NIfTI perhaps", "cut": "not a PyTorch file",
-             "objects": "holds a Python object of type"}
+             "objects": "holds a Python object of type", "code": "holds code, a call to posix.system, that "
+             "unpickling would run; it is never loaded"}
     for name, expected in cases.items():
         assert import_checkpoint([str(tmp_path / f"{name}.pth"), "-o", str(tmp_path / f"{name}.pt")]) == 2
         captured = capsys.readouterr().err
