@@ -57,18 +57,41 @@ def read_json(path: Path) -> dict:
         raise DataError(f"{path}: malformed JSON at line {error.lineno}: {error.msg}") from None
 
 
-def configuration(plans: dict, name: str, where: Path) -> dict:
-    """The named configuration of ``plans``, with what it inherits."""
-    configurations = plans.get("configurations", {})
+def configuration(plans: dict, name: str, where: Path, chain: tuple[str, ...] = ()) -> dict:
+    """The named configuration of ``plans``, with what it inherits.
+
+    Raises:
+        DataError: no such configuration, one that is not an object, or an inheritance cycle.
+    """
+    configurations = plans.get("configurations") if isinstance(plans, dict) else None
+    if not isinstance(configurations, dict):
+        raise DataError(f"{where}: plans.json has no 'configurations' object")
+    if name in chain:
+        raise DataError(f"{where}: configurations inherit in a cycle: {' -> '.join((*chain, name))}")
     if name not in configurations:
         raise DataError(f"{where}: plans.json has no configuration '{name}' (it has {', '.join(configurations)})")
+    if not isinstance(configurations[name], dict):
+        raise DataError(f"{where}: configuration '{name}' is not an object")
     config = dict(configurations[name])
     parent = config.pop("inherits_from", None)
-    return {**configuration(plans, parent, where), **config} if parent else config
+    return {**configuration(plans, parent, where, (*chain, name)), **config} if parent else config
 
 
 def architecture(config: dict, where: Path) -> tuple[str, dict, list[str]]:
-    """(network class, keyword arguments, the arguments that name classes) of a configuration."""
+    """(network class, keyword arguments, the arguments that name classes) of a configuration.
+
+    Raises:
+        DataError: the configuration names no network fsseg can build, or describes it with missing keys or values
+            of the wrong type.
+    """
+    try:
+        return _architecture(config, where)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise DataError(f"{where}: the configuration's network is described with missing or malformed values "
+                        f"({type(error).__name__}: {error})") from None
+
+
+def _architecture(config: dict, where: Path) -> tuple[str, dict, list[str]]:
     if "architecture" in config:
         spec = config["architecture"]
         return spec["network_class_name"], dict(spec["arch_kwargs"]), list(spec.get("_kw_requires_import", []))

@@ -177,3 +177,18 @@ def test_force_never_replaces_a_file_of_the_results_folder_it_reads(tmp_path, ca
         before = (folder / name).read_bytes()
         assert import_checkpoint([str(folder), "-o", str(folder / name), "--force"]) == 2
         assert "would replace input" in capsys.readouterr().err and (folder / name).read_bytes() == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update({"inherits_from": "3d_fullres"}), "configurations inherit in a cycle: 3d_fullres -> 3d_fullres"),
+    (lambda c: c["architecture"].pop("arch_kwargs"), "described with missing or malformed values (KeyError"),
+    (lambda c: c["architecture"].update(arch_kwargs=[1, 2]), "described with missing or malformed values"),
+])
+def test_malformed_plans_are_one_line(tmp_path, capsys, change, message):
+    folder, _ = write_results_folder(tmp_path)
+    plans = json.loads((folder / "plans.json").read_text())
+    change(plans["configurations"]["3d_fullres"])
+    (folder / "plans.json").write_text(json.dumps(plans))
+    assert import_checkpoint([str(folder), "-o", str(tmp_path / "out.pt")]) == 2
+    printed = capsys.readouterr().err
+    assert message in printed and "Traceback" not in printed and printed.count("\n") == 1, printed
