@@ -25,9 +25,15 @@ def _read_part(folder: Path) -> tuple[dict, dict]:
     if not results.is_file() or not config.is_file():
         raise ConfigError(f"--merge: {folder} holds no finished fsseg-adapt part (results.json and config.yaml)")
     try:
-        return json.loads(results.read_text()), yaml.safe_load(config.read_text())
+        document, config_data = json.loads(results.read_text()), yaml.safe_load(config.read_text())
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise ConfigError(f"--merge: {folder} cannot be read ({error})") from None
+    rows = document.get("rows") if isinstance(document, dict) else None
+    if not isinstance(config_data, dict) or not isinstance(rows, list) or not all(
+            isinstance(r, dict) and {"method", "shots", "seed"} <= set(r) for r in rows):
+        raise ConfigError(f"--merge: {folder} is not a part of fsseg-adapt (its results.json holds no list of rows "
+                          "with method, shots and seed, or its config.yaml is not a mapping)")
+    return document, config_data
 
 
 def merge_parts(folders: Sequence[Path], out: Path) -> dict:
@@ -51,6 +57,9 @@ def merge_parts(folders: Sequence[Path], out: Path) -> dict:
     rows = []
     for folder, document, _ in parts:
         for job in dict.fromkeys((r["method"], r["shots"], r["seed"]) for r in document["rows"]):
+            if job not in order:
+                raise ConfigError(f"--merge: {folder} holds {job[0]} K={job[1]} seed {job[2]}, which is not a run of "
+                                  "the sweep its config.yaml describes")
             if job in owner:
                 raise ConfigError(f"--merge: {job[0]} K={job[1]} seed {job[2]} is in both {owner[job]} and {folder}")
             owner[job] = folder

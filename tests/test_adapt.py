@@ -466,6 +466,19 @@ def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir
     assert "2 run(s) of the sweep are in no part: adapter K=1 seed 0, adapter K=2 seed 0" in capsys.readouterr().err
     assert main(["--merge", *map(str, parts + parts[:1]), "--out", str(tmp_path / "merged")]) == 2
     assert "is in both" in capsys.readouterr().err
+    # malformed parts are one line, not a traceback
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text((parts[0] / "config.yaml").read_text())
+    foreign = json.loads((parts[1] / "results.json").read_text())
+    foreign["rows"] = [{**foreign["rows"][0], "method": "scratch", "shots": 9}]
+    for results, message in (("{}", "holds no list of rows"), ('{"rows": [{"method": "lp"}]}', "holds no list of rows"),
+                             (json.dumps(foreign), "scratch K=9 seed 0, which is not a run of the sweep")):
+        (broken / "results.json").write_text(results)
+        capsys.readouterr()
+        assert main(["--merge", str(parts[0]), str(broken), "--out", str(tmp_path / "merged_broken")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
     # a foreign file, and a stale adapter of a run the other part owns, never enter the merged sweep
     (parts[0] / "adapters" / "foreign.safetensors").write_bytes(b"not an adapter of this sweep")
     lp = (parts[0] / "adapters" / "liver_lp_k2_s0.safetensors").read_bytes()
