@@ -14,6 +14,7 @@ import pickle
 import platform
 import random
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -103,8 +104,18 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     """Write ``payload`` (plus format and versions) atomically to ``path``; never one with non-finite weights."""
     check_finite_weights(payload.get("state_dict", {}), str(path))
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **payload}, tmp)
+        save_torch_file({"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **payload}, tmp)
     return Path(path)
+
+
+def save_torch_file(data: object, path: str | Path) -> None:
+    """``torch.save``, its failures to write (a full disk ends in a RuntimeError of its zip writer) as one line."""
+    try:
+        torch.save(data, path)
+    except (OSError, RuntimeError) as error:
+        free = shutil.disk_usage(Path(path).parent).free
+        raise DataError(f"{path}: cannot write ({getattr(error, 'strerror', None) or error}; {free / 2**20:.0f} MB "
+                        "free on its disk)") from None
 
 
 # What only resuming a training run needs: a checkpoint without it is the file to share or ship.

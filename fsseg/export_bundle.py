@@ -26,7 +26,7 @@ import torch
 
 from fsseg import __version__
 from fsseg.bundle import BundleNetwork
-from fsseg.checkpoint import read_checkpoint, sha256_file
+from fsseg.checkpoint import read_checkpoint, save_torch_file, sha256_file
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.io import new_mode, remove_leftovers
 from fsseg.data.transforms import Preprocessing
@@ -137,7 +137,7 @@ def export_bundle(model: Model, checkpoint: str, adapters: Sequence[str], settin
     try:
         (staging / "configs").mkdir()
         (staging / "models").mkdir()
-        torch.save(bundle.state_dict(), staging / "models" / "model.pt")
+        save_torch_file(bundle.state_dict(), staging / "models" / "model.pt")
         (staging / "configs" / "inference.json").write_text(
             json.dumps(inference_config(model, network, settings), indent=1) + "\n")
         (staging / "configs" / "metadata.json").write_text(

@@ -251,7 +251,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise DataError(f"{path}: cannot write ({error.strerror or error})") from None
     os.close(fd)
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except OSError as error:  # a full disk or quota while writing: name the output, not the library's internals
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise DataError(f"{path}: cannot write ({error.strerror or error}; {free:.0f} MB free on its disk)") from None
         # mkstemp creates the file private (0600); the output gets the permissions of any new file.
         os.chmod(tmp, new_mode(0o666))
         try:
