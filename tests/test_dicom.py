@@ -117,6 +117,9 @@ BAD_SERIES = {
     "uneven": ({"shift_mm": {9: 0.6}}, "non-uniform slice spacing"),
     "mr": ({"modality": "MR"}, "modality MR, expected CT"),
     "repeated": ({"shift_mm": {9: -2.0}}, "lie at the same position"),
+    # two acquisitions under one series UID, half a slice apart: they would interleave into one even volume
+    "interleaved": ({}, "instance number 1 is given to"),
+    "nan": ({}, "hold a non-finite number"),  # a NaN position would sort its slice anywhere
 }
 
 
@@ -125,9 +128,16 @@ def test_a_bad_series_is_one_line_and_nothing_is_written(sample_ct, tmp_path, ca
     tweaks, message = BAD_SERIES[kind]
     folder = tmp_path / "scan"
     source = sample_ct / "images" / f"{CASE}.nii.gz"
-    write_dicom_series(source, folder, **tweaks)
+    uid = write_dicom_series(source, folder, **tweaks)
     if kind == "mixed":
         write_dicom_series(source, folder, series_uid=new_uid(), drop=tuple(range(5, 20)))
+    if kind == "interleaved":
+        write_dicom_series(source, folder, series_uid=uid, shift_mm={i: 1.0 for i in range(20)})
+    if kind == "nan":
+        path = sorted(folder.iterdir())[3]
+        dataset = pydicom.dcmread(str(path))
+        dataset[0x0020, 0x0032].value = "nan\\0\\0"
+        dataset.save_as(str(path))
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
     out = tmp_path / "pred"
     assert predict(["-i", str(folder), "-o", str(out), "-m", str(checkpoint), "--no-progress"]) == 1
@@ -159,6 +169,24 @@ def test_dicom_seg_reads_back_as_the_nifti_mask_on_the_source_slices(series, tmp
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=instances, combine_segments=True)
     mask = np.asanyarray(nib.load(str(out / f"{CASE}.nii.gz")).dataobj)
     assert mask.sum() > 1000 and np.array_equal(frames, mask.transpose(2, 1, 0))
+
+
+def test_dicom_seg_of_a_series_with_only_the_mandatory_tags_is_written(sample_ct, tmp_path):
+    folder = tmp_path / "bare"
+    write_dicom_series(sample_ct / "images" / f"{CASE}.nii.gz", folder)
+    optional = ("SliceThickness", "PatientID", "PatientName", "StudyDate", "StudyTime", "StudyID", "AccessionNumber")
+    for path in folder.iterdir():  # as SimpleITK's own example series, which has no SliceThickness
+        source = pydicom.dcmread(str(path))
+        for keyword in optional:
+            if keyword in source:
+                delattr(source, keyword)
+        source.save_as(str(path))
+    checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
+    out = tmp_path / "pred"
+    assert predict(["-i", str(folder), "-o", str(out), "-m", str(checkpoint), "--organs", "liver",
+                    "--output-type", "nifti", "dicom-seg", "--no-progress"]) == 0
+    seg = hd.seg.segread(str(out / "bare.seg.dcm"))
+    assert seg.PatientID == "" and [d.SegmentLabel for d in seg.SegmentSequence] == ["liver"]
 
 
 def test_dicom_seg_of_a_nifti_scan_is_refused_before_predicting(sample_ct, tmp_path, capsys):

@@ -27,6 +27,7 @@ ORIENTATION_TOLERANCE = 1e-4
 TAGS = {
     "series": "0020|000e", "modality": "0008|0060", "position": "0020|0032", "orientation": "0020|0037",
     "pixel_spacing": "0028|0030", "rows": "0028|0010", "columns": "0028|0011", "description": "0008|103e",
+    "instance": "0020|0013",
 }
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -74,6 +75,12 @@ def read_series_header(folder: str | Path) -> Series:
         raise DataError(f"{folder}: modality {'/'.join(modalities) or 'missing'}, expected CT")
     if len(headers) < 2:
         raise DataError(f"{folder}: a single slice ({headers[0]['path'].name}); expected a 3D CT series")
+    numbers = [h["instance"] for h in headers if h["instance"]]
+    repeated = sorted({n for n in numbers if numbers.count(n) > 1}, key=lambda n: (len(n), n))
+    if repeated:  # two acquisitions under one SeriesInstanceUID would interleave into one volume
+        twice = [h["path"].name for h in headers if h["instance"] == repeated[0]][:2]
+        raise DataError(f"{folder}: instance number {repeated[0]} is given to {twice[0]} and {twice[1]} (two scans "
+                        "under one series UID?); give one acquisition per folder")
     first = headers[0]
     for key in ("orientation", "pixel_spacing", "rows", "columns"):
         differing = next((h for h in headers if not _same(h[key], first[key])), None)
@@ -180,13 +187,17 @@ def _header(path: Path) -> dict:
             raise DataError(f"{path}: has no {key.replace('_', ' ')} tag ({TAGS[key].replace('|', ',')}); "
                             "it is not a slice of a CT volume")
     try:
-        return {"path": path, "series": tag["series"], "modality": tag["modality"].upper(),
-                "position": [float(v) for v in tag["position"].split("\\")],
-                "orientation": [float(v) for v in tag["orientation"].split("\\")],
-                "pixel_spacing": [float(v) for v in tag["pixel_spacing"].split("\\")],
-                "rows": int(tag["rows"]), "columns": int(tag["columns"])}
+        header = {"path": path, "series": tag["series"], "modality": tag["modality"].upper(),
+                  "position": [float(v) for v in tag["position"].split("\\")],
+                  "orientation": [float(v) for v in tag["orientation"].split("\\")],
+                  "pixel_spacing": [float(v) for v in tag["pixel_spacing"].split("\\")],
+                  "rows": int(tag["rows"]), "columns": int(tag["columns"]), "instance": tag["instance"]}
     except ValueError:
         raise DataError(f"{path}: malformed position, orientation, spacing or size tags") from None
+    geometry = [*header["position"], *header["orientation"], *header["pixel_spacing"]]
+    if not np.all(np.isfinite(geometry)):  # a NaN position would sort the slice anywhere
+        raise DataError(f"{path}: its position, orientation or pixel spacing tags hold a non-finite number")
+    return header
 
 
 def _same(a, b) -> bool:

@@ -78,7 +78,8 @@ def write_dicom_seg(label: np.ndarray, structures: Sequence[str], series: Series
 
     if label.shape != series.shape:
         raise DataError(f"{series.folder}: mask of shape {label.shape} does not lie on the series' grid {series.shape}")
-    sources = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in series.files]
+    spacing = float(np.linalg.norm(series.affine[:3, 2]))
+    sources = [complete_source(pydicom.dcmread(str(p), stop_before_pixels=True), spacing) for p in series.files]
     frames = np.ascontiguousarray(label.transpose(2, 1, 0))  # (slice, row, column), slices in series order
     segmentation = hd.seg.Segmentation(
         source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -90,6 +91,23 @@ def write_dicom_seg(label: np.ndarray, structures: Sequence[str], series: Series
     with atomic_path(path) as tmp:
         segmentation.save_as(str(tmp))
     return Path(path)
+
+
+# Patient and study attributes a SEG repeats from its source (type 2: present, possibly empty). Series may omit
+# them; the SEG then carries them empty.
+TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                     "StudyID", "AccessionNumber", "ReferringPhysicianName")
+
+
+def complete_source(source, slice_spacing: float):
+    """``source`` with what the SEG takes from it: every attribute of :data:`TYPE2_FROM_SOURCE` (empty when the
+    series has none) and a SliceThickness (the slice spacing when it has none, as SimpleITK's example series)."""
+    for keyword in TYPE2_FROM_SOURCE:
+        if keyword not in source:
+            setattr(source, keyword, "")
+    if "SliceThickness" not in source or source.SliceThickness in (None, ""):
+        source.SliceThickness = f"{slice_spacing:.6g}"
+    return source
 
 
 def _series_number(source) -> int:
