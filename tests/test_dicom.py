@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -195,3 +196,14 @@ def test_dicom_seg_of_a_nifti_scan_is_refused_before_predicting(sample_ct, tmp_p
     out = tmp_path / "pred"
     assert predict(["-i", str(scan), "-o", str(out), "-m", str(checkpoint), "--output-type", "dicom-seg"]) == 2
     assert "needs DICOM series as input" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_study_folder_with_a_stray_file_at_its_root_is_refused_not_read_as_that_file(series, tmp_path, capsys):
+    study = tmp_path / "study"
+    shutil.copytree(series, study / "abdomen")
+    stray = sorted(series.iterdir())[0]
+    shutil.copyfile(stray, study / stray.name)  # one slice left at the study's root
+    checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
+    assert predict(["-i", str(study), "-o", str(tmp_path / "pred"), "-m", str(checkpoint), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "beside series folders (abdomen, ...)" in err and err.count("\n") == 1

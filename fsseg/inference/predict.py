@@ -67,6 +67,10 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
     if is_dicom_folder(source):
+        series_below = [p for p in sorted(source.iterdir()) if p.is_dir() and is_dicom_folder(p)]
+        if series_below:  # a study folder with a stray file at its root: its series would be hidden
+            raise DataError(f"{source}: holds DICOM files ({dicom_files(source)[0].name}, ...) beside series folders "
+                            f"({series_below[0].name}, ...); move the loose files into a series folder of their own")
         return Inputs({scan_name(source): source}, [source, *dicom_files(source)])
     entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
     found = [p for p in entries if p.is_file() and is_nifti(p) or p.is_dir() and is_dicom_folder(p)]
