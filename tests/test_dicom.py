@@ -121,6 +121,7 @@ BAD_SERIES = {
     # two acquisitions under one series UID, half a slice apart: they would interleave into one even volume
     "interleaved": ({}, "instance number 1 is given to"),
     "nan": ({}, "hold a non-finite number"),  # a NaN position would sort its slice anywhere
+    "damaged": ({}, "not a readable DICOM file, among the series' slices"),  # it was dropped silently
 }
 
 
@@ -139,6 +140,9 @@ def test_a_bad_series_is_one_line_and_nothing_is_written(sample_ct, tmp_path, ca
         dataset = pydicom.dcmread(str(path))
         dataset[0x0020, 0x0032].value = "nan\\0\\0"
         dataset.save_as(str(path))
+    if kind == "damaged":
+        last = read_series_header(folder).files[-1]
+        last.write_bytes(b"\0" * 64)  # the end of a copy that failed
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
     out = tmp_path / "pred"
     assert predict(["-i", str(folder), "-o", str(out), "-m", str(checkpoint), "--no-progress"]) == 1

@@ -63,7 +63,14 @@ def read_series_header(folder: str | Path) -> Series:
             tilt, duplicate or missing slices, or uneven slice spacing.
     """
     folder = Path(folder)
-    headers = [_header(p) for p in dicom_files(folder)]
+    files = dicom_files(folder)
+    kinds = {p.suffix.lower() for p in files}
+    # a damaged slice named like the others (not a stray README.txt): reading on would drop it silently
+    damaged = next((p for p in _candidate_files(folder) if p.suffix.lower() in kinds and p not in files), None)
+    if damaged is not None:
+        raise DataError(f"{damaged}: not a readable DICOM file, among the series' slices (truncated or damaged?); "
+                        "replace or remove it")
+    headers = [_header(p) for p in files]
     if not headers:
         raise DataError(f"{folder}: no readable DICOM files in this folder")
     series = sorted({h["series"] for h in headers})
