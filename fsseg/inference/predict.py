@@ -309,39 +309,46 @@ def _command(args: argparse.Namespace) -> int:
             continue
         for path in paths.values():
             remove_leftovers(path)  # a killed run's half-written file of this case (each case belongs to one part)
-        started = time.perf_counter()
-        try:
-            prediction = predictor(scan, keep_probabilities=args.save_probabilities)
-            if "nifti" in paths:
-                save_like(prediction.label, prediction.reference, paths["nifti"])
-            if "dicom-seg" in paths:
-                write_dicom_seg(prediction.label, structures, read_series_header(scan), paths["dicom-seg"])
-            if args.save_probabilities:
-                save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, paths["probabilities"])
-            if args.preview:
-                overlay_png(paths["preview"], load_volume(scan).array,
-                            prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict")
-        except Exception as error:  # one bad scan must not stop the batch; MONAI wraps the cause in RuntimeError
-            failed += 1
-            found = user_error(error)
-            message = str(found) if found else f"{type(error).__name__}: {error}"
-            log.error(f"{scan}: failed: {message}")
-            report["cases"][case] = {"status": "failed", "image": str(scan), "error": message}
-            continue
-        voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
-        counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
-        report["cases"][case] = {
-            "status": "ok", "image": str(scan), "output": str(target),
-            "seconds": round(time.perf_counter() - started, 2), "device": str(device),
-            "structures_found": [s for i, s in enumerate(structures) if counts[i + 1]],
-            "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)},
-        }
-        log.info(f"{case}: {report['cases'][case]['seconds']} s, found {', '.join(report['cases'][case]['structures_found']) or 'nothing'}")
+        report["cases"][case] = predict_case(predictor, case, scan, paths, args)
+        failed += report["cases"][case]["status"] == "failed"
     update_record(out, header, report["cases"])
     done = sum(c["status"] == "ok" for c in report["cases"].values())
     skipped = sum(c["status"] == "skipped" for c in report["cases"].values())
     print(f"{done} predicted, {skipped} skipped, {failed} failed; masks and {REPORT} in {out}")
     return 1 if failed else 0
+
+
+def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, Path],
+                 args: argparse.Namespace) -> dict:
+    """Predict one scan and write its outputs; its entry of predictions.json. A failure is the entry's status: one
+    bad scan must not stop the batch."""
+    started = time.perf_counter()
+    structures = predictor.structures
+    try:
+        prediction = predictor(scan, keep_probabilities=args.save_probabilities)
+        if "nifti" in paths:
+            save_like(prediction.label, prediction.reference, paths["nifti"])
+        if "dicom-seg" in paths:
+            write_dicom_seg(prediction.label, structures, read_series_header(scan), paths["dicom-seg"])
+        if args.save_probabilities:
+            save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, paths["probabilities"])
+        if args.preview:
+            overlay_png(paths["preview"], load_volume(scan).array,
+                        prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict")
+    except Exception as error:  # MONAI wraps the cause in RuntimeError
+        found = user_error(error)
+        message = str(found) if found else f"{type(error).__name__}: {error}"
+        log.error(f"{scan}: failed: {message}")
+        return {"status": "failed", "image": str(scan), "error": message}
+    voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
+    counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
+    found = [s for i, s in enumerate(structures) if counts[i + 1]]
+    entry = {"status": "ok", "image": str(scan), "output": str(next(iter(paths.values()))),
+             "seconds": round(time.perf_counter() - started, 2), "device": str(predictor.device),
+             "structures_found": found,
+             "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)}}
+    log.info(f"{case}: {entry['seconds']} s, found {', '.join(found) or 'nothing'}")
+    return entry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
