@@ -88,3 +88,22 @@ def test_forced_writes_never_replace_a_file_the_command_reads(tmp_path, sample_c
     before = (root / "dataset.json").read_bytes()
     assert make_list(["nnunet", "--root", str(root), "-o", str(root / "dataset.json"), "--force"]) == 2
     assert "would replace input" in capsys.readouterr().err and (root / "dataset.json").read_bytes() == before
+
+
+def test_an_evaluation_folder_holding_the_users_files_is_refused_and_its_own_is_replaced(tmp_path, capsys):
+    from fsseg.metrics.evaluate import main as evaluate
+
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    mask = np.zeros((24, 20, 16), np.uint8)
+    mask[8:16, 8:12, 4:10] = 1
+    for folder in (pred, gt):
+        write_nifti(folder / "a.nii.gz", mask, SPACING)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.json").write_text('{"my": "summary"}')
+    command = ["--pred", str(pred), "--gt", str(gt), "-o", str(report), "--no-plot", "--no-progress"]
+    assert evaluate(command) == 2
+    assert "summary.json: exists and is not a file of fsseg-evaluate" in capsys.readouterr().err
+    assert (report / "summary.json").read_text() == '{"my": "summary"}'
+    (report / "summary.json").unlink()
+    assert evaluate(command) == 0 and evaluate(command) == 0  # its own report is replaced

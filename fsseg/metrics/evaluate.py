@@ -21,7 +21,7 @@ from fsseg.data.datalist import Case, load_datalist
 from fsseg.data.io import atomic_path, load_volume, nifti_stem, same_geometry
 from fsseg.data.labels import LabelMap
 from fsseg.errors import DataError, FssegError
-from fsseg.outputs import check_outputs, prepare_output_dir
+from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
 from fsseg.metrics.segmentation import EMPTY_POLICY, StructureScore, score_structure, summarise
 from fsseg.templates import canonical_name
 from fsseg.viz import dice_boxplot_png
@@ -214,6 +214,18 @@ def _label_ids(files: Sequence[Path]) -> list[int]:
     return sorted(ids - {0})
 
 
+def check_own_report(out: Path) -> None:
+    """Refuse an output folder whose report files fsseg-evaluate did not write (a summary.json or per_case.csv of
+    the user's would be replaced; the box plot counts as its own beside its own summary)."""
+    check_run_file(out / "summary.json", ("evaluation_space", "overall"), "fsseg-evaluate")
+    table = out / "per_case.csv"
+    if table.exists() and table.read_text(errors="replace").partition("\n")[0].strip() != ",".join(CSV_FIELDS):
+        raise DataError(f"{table}: exists and is not a file of fsseg-evaluate; choose another output folder")
+    if (out / "dice_boxplot.png").exists() and not (out / "summary.json").exists():
+        raise DataError(f"{out / 'dice_boxplot.png'}: exists without fsseg-evaluate's summary.json; choose another "
+                        "output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-evaluate",
@@ -259,6 +271,7 @@ def _command(args: argparse.Namespace) -> int:
     out = Path(args.output)
     inputs = [*(p for case in cases for p in case.files), *pred_dir.glob("*.nii*")]
     check_outputs([out / name for name in REPORT_FILES], inputs)
+    check_own_report(out)
     prepare_output_dir(out)
     named = bool(args.pred_label_map) or (pred_dir / LABELS).is_file()
     rows, summary = evaluate(pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress,
