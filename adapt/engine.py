@@ -298,8 +298,8 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     ran = train(adapted, supports, run, training, seed).epochs
     seconds = time.time() - began
     if run.config.save_adapters:
-        save_adapter(run.out / "adapters" / adapter_name(run.organs, method, shots, seed), adapted, method, options, run.config.checkpoint, run.pre,
-                     {"shots": shots, "seed": seed, "support": support_ids.split(),
+        save_adapter(run.out / "adapters" / adapter_name(run.organs, method, shots, seed), adapted, method, options,
+                     run.config.checkpoint, run.pre, {"shots": shots, "seed": seed, "support": support_ids.split(),
                       "inference": run.inference.record(), "compose": to_dict(settings.compose)})
     for case in run.tests:
         scored, predictions[case.id] = score_rows(run, adapted, run.query(case), method, shots, seed, trainable, total,

@@ -124,7 +124,8 @@ def measured(table: dict, rows: list[dict]) -> str:
         best = []
         for k in shots:
             method = max((m for m in methods if k in methods[m]), key=lambda m: methods[m][k][0])
-            best.append(f"at K={k} {method} ({trainable[method]:,} trainable parameters) with {methods[method][k][0]:.3f}")
+            best.append(f"at K={k} {method} ({trainable[method]:,} trainable parameters) with "
+                        f"{methods[method][k][0]:.3f}")
         text = f"Measured on {organ}: the highest mean Dice " + ", ".join(best)
         if "ft" in methods:
             text += (f"; full fine-tuning ({trainable['ft']:,}) reached "

@@ -14,7 +14,6 @@ import pickle
 import platform
 import random
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 import fsseg
-from fsseg.data.io import atomic_path, require_file
+from fsseg.data.io import atomic_path, require_file, write_failed
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError
 from fsseg.models import SegmentationModel, create_model
@@ -113,9 +112,7 @@ def save_torch_file(data: object, path: str | Path) -> None:
     try:
         torch.save(data, path)
     except (OSError, RuntimeError) as error:
-        free = shutil.disk_usage(Path(path).parent).free
-        raise DataError(f"{path}: cannot write ({getattr(error, 'strerror', None) or error}; {free / 2**20:.0f} MB "
-                        "free on its disk)") from None
+        raise write_failed(path, error) from None
 
 
 # What only resuming a training run needs: a checkpoint without it is the file to share or ship.

@@ -9,6 +9,7 @@ files into one line at start-up instead of a traceback hours later.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -74,9 +75,10 @@ def check_run_file(path: Path, keys: Iterable[str], command: str) -> None:
     """
     if not path.exists():
         return
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    try:  # a results.json of a large sweep is parsed as JSON: YAML would take seconds at start-up
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         data = None
     if not isinstance(data, dict) or not set(keys) <= set(data):
         raise DataError(f"{path}: exists and is not a file of {command}; choose another output folder")

@@ -172,6 +172,7 @@ def warn_if_short(steps: int, volumes: int, batch_size: int) -> None:
                     f"of {batch_size}); fsseg's smallest recipe takes {MIN_STEPS}+. Raise optim.epochs or "
                     "sampling.volumes_per_epoch, or the model will have learned little")
 
+
 def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None = None, progress: bool = True) -> dict:
     """Run (or resume) pretraining into ``out``; return the summary written to ``summary.json``."""
     paths = RunPaths(out)

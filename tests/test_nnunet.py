@@ -180,7 +180,8 @@ def test_force_never_replaces_a_file_of_the_results_folder_it_reads(tmp_path, ca
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.update({"inherits_from": "3d_fullres"}), "configurations inherit in a cycle: 3d_fullres -> 3d_fullres"),
+    (lambda c: c.update({"inherits_from": "3d_fullres"}),
+     "configurations inherit in a cycle: 3d_fullres -> 3d_fullres"),
     (lambda c: c["architecture"].pop("arch_kwargs"), "described with missing or malformed values (KeyError"),
     (lambda c: c["architecture"].update(arch_kwargs=[1, 2]), "described with missing or malformed values"),
 ])

@@ -88,7 +88,8 @@ def test_a_rank_deficient_affine_is_refused_not_predicted_on(tmp_path, capsys):
     out = tmp_path / "pred"
     assert predict(["-i", str(path.parent), "-o", str(out), "-m", str(oracle_checkpoint(tmp_path / "o.pt")),
                     "--no-progress"]) == 1
-    assert "voxel axes are not independent" in json.loads((out / "predictions.json").read_text())["cases"]["flat"]["error"]
+    cases = json.loads((out / "predictions.json").read_text())["cases"]
+    assert "voxel axes are not independent" in cases["flat"]["error"]
 
 
 def test_a_header_claiming_more_memory_than_the_machine_has_is_refused_before_reading(tmp_path, capsys):

@@ -75,8 +75,8 @@ def test_run_folders_holding_another_commands_or_the_users_config_are_refused(tm
     adapt_run = tmp_path / "adapt_run"
     adapt_run.mkdir()
     (adapt_run / "config.yaml").write_text("organs: [liver]\nshots: [1]\nmethods: [lp]\n")
-    assert pretrain(["--config", "configs/pretrain/tiny.yaml", "--data-list", str(phantom_dir / "phantom_source_a.json"),
-                     "--out", str(adapt_run), "--no-progress"]) == 2
+    assert pretrain(["--config", "configs/pretrain/tiny.yaml", "--data-list",
+                     str(phantom_dir / "phantom_source_a.json"), "--out", str(adapt_run), "--no-progress"]) == 2
     assert "config.yaml: exists and is not a file of fsseg-pretrain" in capsys.readouterr().err
 
 

@@ -59,8 +59,8 @@ def test_non_finite_voxels_are_refused_wherever_volumes_are_read(sample_ct, tmp_
     assert "NaN or infinite" in capsys.readouterr().out
 
     # Prediction: that case fails with the reason, the batch goes on.
-    write_nifti(scan.parent / "good.nii.gz", np.asanyarray(nib.load(str(SAMPLE_CT / "images" / f"{REAL}.nii.gz")).dataobj),
-                nib.load(str(scan)).affine)
+    real = np.asanyarray(nib.load(str(SAMPLE_CT / "images" / f"{REAL}.nii.gz")).dataobj)
+    write_nifti(scan.parent / "good.nii.gz", real, nib.load(str(scan)).affine)
     out = tmp_path / "pred"
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
     assert predict(["-i", str(scan.parent), "-o", str(out), "-m", str(ckpt), "--no-progress"]) == 1

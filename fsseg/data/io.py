@@ -123,17 +123,17 @@ def check_grid(affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> 
     Raises:
         DataError: naming the file and the voxel size or extent found.
     """
-    spacing = np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+    axes = np.asarray(affine, dtype=float)[:3, :3]
+    spacing = np.sqrt((axes**2).sum(axis=0))
     low, high = VOXEL_MM_RANGE
     if not np.all(np.isfinite(spacing)) or spacing.min() < low or spacing.max() > high:
         shown = "x".join(f"{s:.4g}" for s in spacing)
         raise DataError(f"{path}: voxel size {shown} mm is implausible for CT (expected {low:g} to {high:g} mm per "
                         "axis); fix the header's pixdim/affine")
     # unit axis directions: a determinant near 0 means two axes (nearly) coincide, and no 3D grid exists
-    if abs(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3] / spacing)) < 1e-3:
+    if abs(np.linalg.det(axes / spacing)) < 1e-3:
         raise DataError(f"{path}: the header's voxel axes are not independent (the affine's axes "
-                        f"{np.round(np.asarray(affine, dtype=float)[:3, :3].T, 3).tolist()} span no 3D grid); fix "
-                        "the header's qform/sform")
+                        f"{np.round(axes.T, 3).tolist()} span no 3D grid); fix the header's qform/sform")
     extent = spacing * np.asarray(shape[:3], dtype=float)
     if extent.max() > MAX_EXTENT_MM:
         shown = "x".join(f"{e:.0f}" for e in extent)
@@ -217,6 +217,13 @@ def same_geometry(a_shape, a_affine, b_shape, b_affine, atol: float = 1e-3) -> s
     return None
 
 
+def write_failed(path: str | Path, error: Exception) -> DataError:
+    """The one-line error of a write that failed part-way (a full disk, a quota), with the space left."""
+    free = shutil.disk_usage(Path(path).parent).free / 2**20
+    return DataError(f"{path}: cannot write ({getattr(error, 'strerror', None) or error}; {free:.0f} MB free on "
+                     "its disk)")
+
+
 def new_mode(base: int) -> int:
     """The permissions a new file (``0o666``) or folder (``0o777``) gets under the process's umask."""
     umask = os.umask(0)
@@ -254,8 +261,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         try:
             yield Path(tmp)
         except OSError as error:  # a full disk or quota while writing: name the output, not the library's internals
-            free = shutil.disk_usage(path.parent).free / 2**20
-            raise DataError(f"{path}: cannot write ({error.strerror or error}; {free:.0f} MB free on its disk)") from None
+            raise write_failed(path, error) from None
         # mkstemp creates the file private (0600); the output gets the permissions of any new file.
         os.chmod(tmp, new_mode(0o666))
         try:

@@ -133,10 +133,7 @@ def scan_folder(root: Path, test_ids: Sequence[str] = ()) -> list[dict]:
     """
     if not (root / "images").is_dir():
         raise DataError(f"{root}: no images/ folder (the plain layout is images/<id>.nii.gz with labels/<id>.nii.gz)")
-    images = {nifti_stem(p): p for p in sorted((root / "images").iterdir()) if p.name.endswith(NIFTI_ENDINGS)
-              and not p.name.startswith(".")}
-    labels = {nifti_stem(p): p for p in sorted((root / "labels").glob("*")) if p.name.endswith(NIFTI_ENDINGS)
-              and not p.name.startswith(".")} if (root / "labels").is_dir() else {}
+    images, labels = _nifti_by_stem(root / "images"), _nifti_by_stem(root / "labels")
     if not images:
         raise DataError(f"{root / 'images'}: no NIfTI images (.nii.gz, .nii)")
     orphans = sorted(set(labels) - set(images))
@@ -153,6 +150,14 @@ def scan_folder(root: Path, test_ids: Sequence[str] = ()) -> list[dict]:
         case["split"] = "train" if case_id in labels and case_id not in test_ids else "test"
         cases.append(case)
     return cases
+
+
+def _nifti_by_stem(folder: Path) -> dict[str, Path]:
+    """The NIfTI files of ``folder`` by id (file name without .nii/.nii.gz); none when it does not exist."""
+    if not folder.is_dir():
+        return {}
+    return {nifti_stem(p): p for p in sorted(folder.iterdir())
+            if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")}
 
 
 def load_spec(name_or_path: str) -> dict:

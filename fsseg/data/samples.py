@@ -2,9 +2,10 @@
 
 ``fsseg-sample-data --out DIR`` writes the scans with their provenance and licences (README.md) and manifest into
 DIR/ct, and the shipped example lists (``data_lists/examples/sample_ct_*.json``) into DIR with their root set to
-DIR/ct, so that fsseg-check-data, fsseg-pretrain and fsseg-adapt run on ``DIR/*.json`` as they stand. Every scan is checked against the
-sha256 in the manifest before it is written; a file already in DIR is kept when it is the same and refused when
-it is not, so running the command again is harmless and never replaces a file of the user's.
+DIR/ct, so that fsseg-check-data, fsseg-pretrain and fsseg-adapt run on ``DIR/*.json`` as they stand. Every scan
+is checked against the sha256 in the manifest before it is written; a file already in DIR is kept when it is the
+same and refused when it is not, so running the command again is harmless and never replaces a file of the
+user's.
 """
 
 from __future__ import annotations
