@@ -70,3 +70,33 @@ def test_lists_are_readable_json_with_relative_root(tmp_path):
                                  spacing=(3, 3, 3), progress=False)
     data = json.loads(path.read_text())
     assert data["root"] == "tiny" and data["cases"][0]["image"] == "images/tiny_000.nii.gz"
+
+
+def test_a_run_that_fails_midway_leaves_no_half_written_data_set(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    (out / ".fsseg-staging.killed.part" / "phantom_source_a").mkdir(parents=True)  # what a kill -9 left
+    real, calls = phantom.generate_volume, []
+
+    def fails_at_the_fourth_volume(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise phantom.DataError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(phantom, "generate_volume", fails_at_the_fourth_volume)
+    argv = ["--out", str(out), "--source-cases", "1", "--target-train", "1", "--target-test", "1", "--spacing", "6",
+            "6", "6", "--no-progress"]
+    assert phantom.main(argv) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # three data sets were complete: none of them is left, nor the staging folder
+    monkeypatch.setattr(phantom, "generate_volume", real)
+    assert phantom.main(argv) == 0
+    assert len(list(out.glob("*.json"))) == 4 and not list(out.glob(".*"))
+
+
+def test_a_list_of_the_users_in_the_output_folder_is_refused_not_replaced(tmp_path, capsys):
+    mine = tmp_path / "phantom_target.json"
+    mine.write_text('{"name": "mine", "cases": []}')
+    assert phantom.main(["--out", str(tmp_path), "--source-cases", "1", "--no-progress"]) == 2
+    assert "is not a list of fsseg-phantom" in capsys.readouterr().err
+    assert mine.read_text() == '{"name": "mine", "cases": []}' and list(tmp_path.iterdir()) == [mine]

@@ -242,6 +242,35 @@ def remove_leftovers(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def staged_writes(out: Path) -> Iterator[Path]:
+    """Yield a staging folder inside ``out``; when the block succeeds, every file written there moves to the same
+    place under ``out``, and when it fails none does. A command that writes many files (a data set) then leaves
+    either all of them or none: no half-written data set after a full disk, an error or Ctrl-C. A killed run's
+    staging folder is removed by the next one. For commands that alone write into ``out``."""
+    marker = out / "fsseg-staging"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(marker)
+        staging = Path(tempfile.mkdtemp(prefix=f".{marker.name}.", suffix=".part", dir=out))
+    except OSError as error:
+        raise DataError(f"{out}: cannot write ({error.strerror or error})") from None
+    try:
+        try:
+            yield staging
+        except DataError as error:  # name the file the user asked for, not its hidden staging place
+            raise type(error)(str(error).replace(str(staging), str(out))) from None
+        for source in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = out / source.relative_to(staging)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)  # a rename within one folder tree: needs no free space
+            except OSError as error:
+                raise DataError(f"{target}: cannot write ({error.strerror or error})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
 

@@ -21,12 +21,14 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from fsseg.cli import add_common_arguments, number_in, run_cli
-from fsseg.data.io import atomic_path, save_nifti
+from fsseg.data.io import atomic_path, save_nifti, staged_writes
+from fsseg.errors import DataError
 from fsseg.outputs import prepare_output_dir
 
 # World frame: RAS mm centred on the body; +x patient right, +y anterior, +z superior.
 FIELD_OF_VIEW_MM = ((-185.0, 185.0), (-145.0, 145.0), (-110.0, 120.0))
 AIR_HU = -1000.0
+DESCRIPTION = "fsseg phantom data set"  # begins every list's description: how a rerun knows the lists it may replace
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def write_dataset(
                       "split": split})
     datalist = {
         "name": dataset.name,
-        "description": f"fsseg phantom data set (seed {seed}), annotating {', '.join(dataset.label_map.values())}",
+        "description": f"{DESCRIPTION} (seed {seed}), annotating {', '.join(dataset.label_map.values())}",
         "root": dataset.name,
         "label_map": dataset.label_map,
         "cases": cases,
@@ -231,11 +233,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_replaceable(path: Path) -> None:
+    """Refuse a data list at ``path`` that is not a phantom list: the user's own would be replaced."""
+    try:
+        ours = json.loads(path.read_text())["description"].startswith(DESCRIPTION)
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        ours = False
+    if not ours:
+        raise DataError(f"{path}: exists and is not a list of fsseg-phantom; choose another --out")
+
+
 def _command(args: argparse.Namespace) -> int:
     out = prepare_output_dir(args.out, "--out")
-    for dataset in default_datasets(args.source_cases, args.target_train, args.target_test):
-        path = write_dataset(out, dataset, args.seed, args.spacing, progress=not args.no_progress)
-        print(f"wrote {path}")
+    datasets = default_datasets(args.source_cases, args.target_train, args.target_test)
+    for dataset in datasets:
+        _check_replaceable(out / f"{dataset.name}.json")
+    with staged_writes(out) as staging:  # all data sets or none: no half-written one after an error
+        names = [write_dataset(staging, d, args.seed, args.spacing, not args.no_progress).name for d in datasets]
+    for name in names:
+        print(f"wrote {out / name}")
     return 0
 
 

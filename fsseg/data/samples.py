@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fsseg.cli import add_common_arguments, run_cli
-from fsseg.data.io import atomic_path
+from fsseg.data.io import atomic_path, staged_writes
 from fsseg.errors import DataError
 from fsseg.outputs import prepare_output_dir
 from fsseg.resources import shipped_dir
@@ -84,10 +84,11 @@ def write_sample_data(out: str | Path) -> SampleData:
     clash = next((out / relative for relative, data in files.items() if _differs(out / relative, data)), None)
     if clash is not None:
         raise DataError(f"{clash}: already exists and is not the sample's file; remove it or choose another --out")
-    for relative, data in files.items():
-        if not (out / relative).exists():
-            with atomic_path(out / relative) as tmp:
-                tmp.write_bytes(data)
+    with staged_writes(out) as staging:  # all missing files or none
+        for relative, data in files.items():
+            if not (out / relative).exists():
+                with atomic_path(staging / relative) as tmp:
+                    tmp.write_bytes(data)
     return SampleData(folder=out / DATA_FOLDER, lists={name: out / f"{name}.json" for name in sample_lists()})
 
 
