@@ -14,5 +14,9 @@ class DataError(FssegError):
     """A data file or data list is missing, unreadable or inconsistent."""
 
 
+class DiskFull(DataError):
+    """A write failed for want of space (a full disk or quota): every later write would fail too."""
+
+
 class ConfigError(FssegError):
     """A configuration value is unknown, missing or of the wrong type."""

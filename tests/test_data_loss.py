@@ -201,3 +201,25 @@ def test_a_rerun_removes_what_a_killed_import_or_export_left(tiny_checkpoint, tm
         os.umask(umask)
     assert not staging.exists()
     assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755  # a new folder's permissions, not mkdtemp's 0700
+
+
+def test_a_case_that_fails_after_its_mask_is_written_leaves_none_of_its_files(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                             capsys):
+    import fsseg.inference.predict as predict_module
+    from conftest import ct_like
+
+    for name in ("a", "b"):
+        write_nifti(tmp_path / "scans" / f"{name}.nii.gz", ct_like(), np.diag([4.0, 4.0, 4.0, 1.0]))
+
+    def fails_for_b(path, *args):
+        if path.name.startswith("b"):
+            raise RuntimeError("the picture could not be drawn")
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(predict_module, "overlay_png", fails_for_b)
+    out = tmp_path / "out"
+    assert predict(["-i", str(tmp_path / "scans"), "-o", str(out), "-m", str(tiny_checkpoint), "--preview",
+                    "--no-progress"]) == 1
+    assert "the picture could not be drawn" in capsys.readouterr().err
+    assert (out / "a.nii.gz").exists() and (out / "a_preview.png").exists()
+    assert not (out / "b.nii.gz").exists()  # the mask was written before the picture failed

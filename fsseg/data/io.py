@@ -4,6 +4,7 @@ half-written files."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from fsseg.data.dicom import header_image, read_series, read_series_header
-from fsseg.errors import DataError
+from fsseg.errors import DataError, DiskFull
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # CT voxels lie between a few hundredths of a mm (micro-CT) and 10-15 mm (thick slices); a body is at most
@@ -220,8 +221,8 @@ def same_geometry(a_shape, a_affine, b_shape, b_affine, atol: float = 1e-3) -> s
 def write_failed(path: str | Path, error: Exception) -> DataError:
     """The one-line error of a write that failed part-way (a full disk, a quota), with the space left."""
     free = shutil.disk_usage(Path(path).parent).free / 2**20
-    return DataError(f"{path}: cannot write ({getattr(error, 'strerror', None) or error}; {free:.0f} MB free on "
-                     "its disk)")
+    kind = DiskFull if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else DataError
+    return kind(f"{path}: cannot write ({getattr(error, 'strerror', None) or error}; {free:.0f} MB free on its disk)")
 
 
 def new_mode(base: int) -> int:

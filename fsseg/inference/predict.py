@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -23,11 +24,11 @@ from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
 from fsseg.data.io import (atomic_path, is_nifti, load_nifti_image, load_scan_image, load_volume, nifti_stem,
                             remove_leftovers, save_like, scan_name)
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
-from fsseg.errors import DataError
+from fsseg.errors import DataError, DiskFull
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
 from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
-from fsseg.inference.predictor import (RECORDED, FrozenBackbone, InferenceSettings, Network, Predictor,
+from fsseg.inference.predictor import (RECORDED, FrozenBackbone, InferenceSettings, Network, Prediction, Predictor,
                                        prediction_network)
 from fsseg.templates import expand_structures
 from fsseg.viz import overlay_png, pyplot
@@ -296,50 +297,62 @@ def _command(args: argparse.Namespace) -> int:
               "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size}}
     # this part's cases are recorded before their files are written: a later run then knows the files as its own
     update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})
-    report, flushed = {"cases": {}}, time.monotonic()
-    failed = 0
-    for case, scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
-        if time.monotonic() - flushed > RECORD_EVERY_S:
-            update_record(out, header, report["cases"])
-            flushed = time.monotonic()
-        paths = planned[case]
-        target = next(iter(paths.values()))
-        if args.resume and outputs_are_valid(list(paths.values()), scan):
-            report["cases"][case] = {"status": "skipped", "image": str(scan), "output": str(target)}
-            continue
-        for path in paths.values():
-            remove_leftovers(path)  # a killed run's half-written file of this case (each case belongs to one part)
-        report["cases"][case] = predict_case(predictor, case, scan, paths, args)
-        failed += report["cases"][case]["status"] == "failed"
-    update_record(out, header, report["cases"])
-    done = sum(c["status"] == "ok" for c in report["cases"].values())
-    skipped = sum(c["status"] == "skipped" for c in report["cases"].values())
+    cases = predict_cases(predictor, scans, planned, out, header, args)
+    done, skipped, failed = (sum(c["status"] == s for c in cases.values()) for s in ("ok", "skipped", "failed"))
     print(f"{done} predicted, {skipped} skipped, {failed} failed; masks and {REPORT} in {out}")
     return 1 if failed else 0
+
+
+def predict_cases(predictor: Predictor, scans: list[tuple[str, Path]], planned: dict[str, dict[str, Path]],
+                  out: Path, header: dict, args: argparse.Namespace) -> dict[str, dict]:
+    """Predict this part's cases into ``out``, merging their entries into the folder's record as it goes; the
+    entries by case."""
+    cases: dict[str, dict] = {}
+    flushed = time.monotonic()
+    try:
+        for case, scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
+            if time.monotonic() - flushed > RECORD_EVERY_S:
+                update_record(out, header, cases)
+                flushed = time.monotonic()
+            paths = planned[case]
+            if args.resume and outputs_are_valid(list(paths.values()), scan):
+                cases[case] = {"status": "skipped", "image": str(scan), "output": str(next(iter(paths.values())))}
+                continue
+            for path in paths.values():
+                remove_leftovers(path)  # a killed run's half-written file of this case (a case is one part's)
+            cases[case] = predict_case(predictor, case, scan, paths, args)
+    except DiskFull:
+        with contextlib.suppress(DataError):  # record the cases done, where the disk still has room for it
+            update_record(out, header, cases)
+        raise
+    update_record(out, header, cases)
+    return cases
 
 
 def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, Path],
                  args: argparse.Namespace) -> dict:
     """Predict one scan and write its outputs; its entry of predictions.json. A failure is the entry's status: one
-    bad scan must not stop the batch."""
+    bad scan must not stop the batch, and leaves none of its files. A full disk stops the batch: every later case
+    would fail the same way.
+
+    Raises:
+        DiskFull: an output could not be written for want of space.
+    """
     started = time.perf_counter()
-    structures = predictor.structures
+    written: list[Path] = []
     try:
         prediction = predictor(scan, keep_probabilities=args.save_probabilities)
-        if "nifti" in paths:
-            save_like(prediction.label, prediction.reference, paths["nifti"])
-        if "dicom-seg" in paths:
-            write_dicom_seg(prediction.label, structures, read_series_header(scan), paths["dicom-seg"])
-        if args.save_probabilities:
-            save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, paths["probabilities"])
-        if args.preview:
-            overlay_png(paths["preview"], load_volume(scan).array,
-                        prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict")
+        write_case_outputs(prediction, case, scan, paths, predictor.structures, written)
     except Exception as error:  # MONAI wraps the cause in RuntimeError
+        for path in written:  # no case is left half-written: a mask without its probabilities
+            path.unlink(missing_ok=True)
+        if isinstance(error, DiskFull):
+            raise
         found = user_error(error)
         message = str(found) if found else f"{type(error).__name__}: {error}"
         log.error(f"{scan}: failed: {message}")
         return {"status": "failed", "image": str(scan), "error": message}
+    structures = predictor.structures
     voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
     counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
     found = [s for i, s in enumerate(structures) if counts[i + 1]]
@@ -349,6 +362,22 @@ def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, P
              "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)}}
     log.info(f"{case}: {entry['seconds']} s, found {', '.join(found) or 'nothing'}")
     return entry
+
+
+def write_case_outputs(prediction: Prediction, case: str, scan: Path, paths: dict[str, Path],
+                       structures: Sequence[str], written: list[Path]) -> None:
+    """Write one case's outputs (``paths`` by kind), adding each to ``written`` once it is in place."""
+    for kind, path in paths.items():
+        if kind == "nifti":
+            save_like(prediction.label, prediction.reference, path)
+        elif kind == "dicom-seg":
+            write_dicom_seg(prediction.label, structures, read_series_header(scan), path)
+        elif kind == "probabilities":
+            save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, path)
+        else:
+            overlay_png(path, load_volume(scan).array, prediction.reference.affine, prediction.masks(),
+                        f"{case}: fsseg-predict")
+        written.append(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
