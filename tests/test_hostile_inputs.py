@@ -34,6 +34,7 @@ from fsseg.data.make_list import main as make_list
 from fsseg.data.phantom import main as phantom
 from fsseg.data.samples import main as sample_data
 from fsseg.data.transforms import Preprocessing
+from fsseg.export_bundle import main as export_bundle
 from fsseg.importing import main as import_checkpoint
 from fsseg.inference.predict import main as predict
 from fsseg.inference.record import LABELS, LOCK, REPORT
@@ -189,6 +190,13 @@ def _(inp, out, ckpt):
     root = nnunet_dataset(inp / "Dataset001_X", SAMPLE_CT)
     return make_list, ["nnunet", "--root", str(root), "-o", str(root / "dataset.json"), "--force"], \
         "would replace input"
+
+
+@hostile("a bundle exported into a folder of the user's")
+def _(inp, out, ckpt):
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    return export_bundle, ["-m", str(ckpt), "-o", str(out)], "already exists"
 
 
 # --- DICOM that lies ---------------------------------------------------------------------------------------------
