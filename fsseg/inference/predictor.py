@@ -1,9 +1,11 @@
 """Predict label maps on a scan's own grid.
 
 image file -> deterministic preprocessing (RAS, spacing, HU window, crop, pad) -> MONAI sliding window with
-gaussian blending, only the requested structures' logits kept -> sigmoid -> ``Invertd`` resamples the
-probabilities onto the input grid one structure at a time -> threshold 0.5 -> one label map (ids 1..K in the
-order of ``structures``; where several pass, the most probable).
+gaussian blending, only the requested structures' logits kept -> sigmoid -> one label map on the input grid
+(ids 1..K in the order of ``structures``; a structure where its trilinearly resampled probability passes 0.5,
+and where several pass, the most probable): found from the model-grid winners, interpolating only at the
+structures' borders (:mod:`fsseg.inference.native_grid`), or, when the native probabilities of every structure or
+largest components are asked for, by ``Invertd`` resampling one structure at a time.
 
 A network whose backbone is frozen (:class:`FrozenBackbone`) runs in two passes instead: the backbone's
 features are stitched over the whole scan (float16), then the heads slide over them. Frozen-backbone adapters
@@ -31,10 +33,13 @@ from monai.transforms import Invertd, KeepLargestConnectedComponent
 
 from fsseg.data.io import load_scan_image
 from fsseg.data.transforms import IMAGE, Preprocessing, inference_transforms
+from fsseg.inference.native_grid import native_label
 
 PROBABILITIES = "probabilities"
 # Stitch on the GPU only while the output (channels x voxels, float32) stays under this size.
 GPU_STITCH_MAX_BYTES = 2 * 1024**3
+# Blend logits in float16 when float32 would take more than this (see Predictor.stitched_logits).
+STITCH_FLOAT32_MAX_BYTES = 1024**3
 RECORDED = ("overlap", "amp", "cpu_bf16")
 # The largest roi that the CPU runs two windows at a time (see InferenceSettings).
 CPU_SMALL_ROI_VOXELS = 64 ** 3
@@ -43,8 +48,9 @@ CPU_SMALL_ROI_VOXELS = 64 ** 3
 def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
     """Sigmoid of stitched (K, X, Y, Z) logits, kept in float16 on the CPU, one channel at a time: the K x volume
     float32 copies are what a full-size CT with many structures cannot afford (the threshold lies far from
-    float16's resolution, 5e-4 at 0.5)."""
-    probabilities = torch.empty(logits.shape, dtype=torch.float16)
+    float16's resolution, 5e-4 at 0.5). Logits stitched in float16 on the CPU become their probabilities in place."""
+    in_place = logits.dtype == torch.float16 and logits.device.type == "cpu"
+    probabilities = logits if in_place else torch.empty(logits.shape, dtype=torch.float16)
     for k in range(logits.shape[0]):
         probabilities[k] = torch.sigmoid(logits[k].float()).cpu()
     return probabilities
@@ -172,11 +178,26 @@ class Predictor:
         self.transform = inference_transforms(preprocessing)
         self.invert = Invertd(PROBABILITIES, transform=self.transform, orig_keys=IMAGE, nearest_interp=False)
 
-    def _inferer(self, spatial_shape: Sequence[int], channels: int) -> SlidingWindowInferer:
+    def _inferer(self, spatial_shape: Sequence[int], channels: int, with_coord: bool = False) -> SlidingWindowInferer:
         output_bytes = 4 * channels * int(np.prod(spatial_shape))
-        stitch = self.device if self.device.type == "cuda" and output_bytes < GPU_STITCH_MAX_BYTES else torch.device("cpu")
+        on_gpu = self.device.type == "cuda" and output_bytes < GPU_STITCH_MAX_BYTES
         return SlidingWindowInferer(roi_size=self.preprocessing.roi, sw_batch_size=self.sw_batch_size,
-                                    overlap=self.settings.overlap, mode="gaussian", sw_device=self.device, device=stitch)
+                                    overlap=self.settings.overlap, mode="gaussian", sw_device=self.device,
+                                    device=self.device if on_gpu else torch.device("cpu"), with_coord=with_coord)
+
+    def stitched_logits(self, image: torch.Tensor, network: Network) -> torch.Tensor:
+        """The ``network``'s logits (K, *grid) over a (1, C, *grid) ``image``, blended over windows. MONAI blends in
+        the input's dtype: in float32, unless that would take more than ``STITCH_FLOAT32_MAX_BYTES`` (a full-size
+        scan with many structures: 5.5 GB for 117 at 1.5 mm), when it blends in float16 while the windows are
+        still read from the float32 image."""
+        channels = len(self.structures)
+        if 4 * channels * int(np.prod(image.shape[2:])) <= STITCH_FLOAT32_MAX_BYTES:
+            return self._inferer(image.shape[2:], channels)(image, network)[0]
+
+        def windows_of_image(_: torch.Tensor, where: list) -> torch.Tensor:
+            return network(torch.cat([image[tuple(w)] for w in where]).to(self.device))
+
+        return self._inferer(image.shape[2:], channels, with_coord=True)(image.half(), windows_of_image)[0]
 
     @property
     def sw_batch_size(self) -> int:
@@ -224,9 +245,8 @@ class Predictor:
         if isinstance(network, FrozenBackbone):
             return self.head_probabilities(self.stitched_features(image, network), network.heads)
         with self._autocast():
-            logits = self._inferer(image.shape[1:], len(self.structures))(image.as_tensor()[None].to(self.device),
-                                                                          network)
-        return probabilities_of(logits[0])
+            logits = self.stitched_logits(image.as_tensor()[None].to(self.device), network)
+        return probabilities_of(logits)
 
     def preprocess(self, path: str | Path) -> dict:
         """The scan in model space (``data[IMAGE]``, (1, X, Y, Z)), with what is needed to map back."""
@@ -234,8 +254,12 @@ class Predictor:
 
     def finish(self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image,
                keep_probabilities: bool = False) -> Prediction:
-        """Map model-space ``probabilities`` (K, *model grid) of ``data`` back onto the scan's grid, one structure
-        at a time, and threshold them into one label map."""
+        """Map model-space ``probabilities`` (K, *model grid) of ``data`` back onto the scan's grid and threshold
+        them into one label map: directly (:func:`native_label`, a cost that hardly grows with K) or, when every
+        structure's probabilities or largest component are asked for, by resampling one structure at a time."""
+        if not (keep_probabilities or self.settings.largest_component):
+            label = native_label(probabilities, data[IMAGE], self.settings.threshold)
+            return Prediction(label=label, probabilities=None, reference=reference, structures=self.structures)
         labels, kept = LabelMap(tuple(reference.shape[:3]), self.settings), []
         for k in range(probabilities.shape[0]):
             channel = dict(data)
