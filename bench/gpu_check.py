@@ -3,7 +3,8 @@
 1. CUDA detection: what torch sees and what fsseg's ``--device auto`` picks.
 2. fsseg-predict with AMP on SwinUNETR-48 (random weights, a decisive head) over a synthetic 512x512x400 CT at
    0.78x0.78x1.25 mm, all 29 structures: time and peak GPU memory; the same command on the CPU, and how far
-   the two label maps agree (float16 autocast against float32).
+   the two label maps agree (float16 autocast against float32). Then one structure against all 117 of the
+   totalseg117 template (goals: one in <= 3 s end to end, 117 within 1.3x of it).
 3. fsseg-adapt with lp, adapter and ft at K=1 on SwinUNETR-48 and phantoms at 1.5 mm (the shipped method
    settings, epochs capped): time and peak GPU memory per method, each in its own process.
 4. ``torchrun --nproc_per_node=1`` pretraining of SwinUNETR-48 on phantoms at 1.5 mm with the NCCL group (one
@@ -65,7 +66,7 @@ print(json.dumps({"exit": code, "seconds": round(time.perf_counter() - began, 2)
 METHODS = ("lp", "adapter", "ft")
 COMPARED = ("liver", "spleen", "stomach")
 OVERLAP = 0.25
-STEPS = ("predict", "adapt", "pretrain", "compare")
+STEPS = ("predict", "scaling", "adapt", "pretrain", "compare")
 
 
 class Sizes:
@@ -107,10 +108,10 @@ def detect() -> dict:
     return found
 
 
-def decisive_checkpoint(path: Path, sizes: Sizes) -> Path:
+def decisive_checkpoint(path: Path, sizes: Sizes, template_name: str = "fseft29") -> Path:
     """Random weights with the head scaled up, so that most voxels lie far from the threshold and two precisions
     can be compared on masks."""
-    template = load_template("fseft29")
+    template = load_template(template_name)
     torch.manual_seed(0)
     model = create_model(sizes.model, num_classes=len(template))
     with torch.no_grad():
@@ -144,6 +145,22 @@ def check_predict(work: Path, sizes: Sizes, checkpoint: Path) -> dict:
     scan = synthetic_ct(work / "ct.nii.gz", sizes.scan)
     return {"scan": {"shape": list(sizes.scan), "spacing_mm": list(SPACING)}, "overlap": OVERLAP, "structures": 29,
             "run": predict_run(work, sizes.device, scan, checkpoint, sizes.device, [])}
+
+
+def check_scaling(work: Path, sizes: Sizes) -> dict:
+    """One structure and all 117 of the totalseg117 template on the GPU (an uncompressed scan: the time is the
+    prediction's, not gzip's). Goals (issue 47): one structure in <= 3 s end to end, 117 within 1.3x of it."""
+    scan = work / "ct.nii"
+    if not scan.exists():
+        synthetic_ct(scan, sizes.scan)
+    checkpoint = decisive_checkpoint(work / "model_totalseg117.pt", sizes, "totalseg117")
+    first = load_template("totalseg117").structures[:1]
+    runs = {str(count): predict_run(work, f"scaling_{count}", scan, checkpoint, sizes.device,
+                                    list(first) if count == 1 else []) for count in (1, 117)}
+    result: dict = {"template": "totalseg117", "runs": runs}
+    if all(r.get("exit") == 0 for r in runs.values()):
+        result["ratio_117_to_1"] = round(runs["117"]["seconds"] / runs["1"]["seconds"], 2)
+    return result
 
 
 def check_compare(work: Path, sizes: Sizes, checkpoint: Path) -> dict:
@@ -279,7 +296,7 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run on a GPU machine, or with --smoke to check the script")
     checkpoint = decisive_checkpoint(work / "model.pt", sizes)
-    steps = {"predict": lambda: check_predict(work, sizes, checkpoint),
+    steps = {"predict": lambda: check_predict(work, sizes, checkpoint), "scaling": lambda: check_scaling(work, sizes),
              "adapt": lambda: check_adapt(work, sizes, checkpoint), "pretrain": lambda: check_pretrain(work, sizes),
              "compare": lambda: check_compare(work, sizes, checkpoint)}
     for name in args.steps:
@@ -304,6 +321,9 @@ def print_table(document: dict) -> None:
     print(f"\n{'step':<24} {'exit':>4} {'seconds':>8} {'GPU GB':>7} {'RSS GB':>7}  notes")
     if "predict" in document:
         line("predict, 29 structures", document["predict"]["run"])
+    for count, run in document.get("scaling", {}).get("runs", {}).items():
+        line(f"predict, {count} of totalseg117", run,
+             f"{document['scaling'].get('ratio_117_to_1')}x one structure" if count == "117" else "")
     for method, run in document.get("adapt", {}).get("methods", {}).items():
         line(f"adapt {method} K=1", run, f"Dice {run['dice']}, {run['epochs']} epochs" if "dice" in run else "")
     pre = document.get("pretrain")

@@ -57,21 +57,27 @@ def synthetic_ct(path: Path, shape: tuple[int, int, int] = SHAPE) -> Path:
     return path
 
 
-def checkpoint(path: Path, model_name: str) -> Path:
+def checkpoint(path: Path, model_name: str, template_name: str = "fseft29", head_scale: float = 1.0) -> Path:
+    """Random weights for ``template_name``; ``head_scale`` multiplies the head's weights: a decisive head puts
+    most voxels far from the threshold, as trained weights do, where the initial one leaves them near it."""
     from fsseg.checkpoint import save_checkpoint
     from fsseg.data.transforms import Preprocessing
     from fsseg.models import create_model
     from fsseg.templates import load_template
 
-    template = load_template("fseft29")
+    template = load_template(template_name)
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=len(template))
+    with torch.no_grad():
+        model.head.weight.mul_(head_scale)
     return save_checkpoint(path, {"arch": model.arch, "template": template.to_dict(),
                                   "preprocessing": Preprocessing().to_dict(), "state_dict": model.state_dict()})
 
 
-def run_predict(scan: Path, ckpt: Path, out: Path, overlap: float, organs: list[str] | None) -> dict:
-    args = ["-i", str(scan), "-o", str(out), "-m", str(ckpt), "--overlap", str(overlap), "--no-progress", "--quiet"]
+def run_predict(scan: Path, ckpt: Path, out: Path, overlap: float, organs: list[str] | None,
+                extra: tuple[str, ...] = ()) -> dict:
+    args = ["-i", str(scan), "-o", str(out), "-m", str(ckpt), "--overlap", str(overlap), "--no-progress", "--quiet",
+            *extra]
     if organs:
         args += ["--organs", *organs]
     result = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False)

@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from torch import nn
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd, KeepLargestConnectedComponent
 
@@ -38,8 +39,6 @@ from fsseg.inference.native_grid import native_label
 PROBABILITIES = "probabilities"
 # Stitch on the GPU only while the output (channels x voxels, float32) stays under this size.
 GPU_STITCH_MAX_BYTES = 2 * 1024**3
-# Blend logits in float16 when float32 would take more than this (see Predictor.stitched_logits).
-STITCH_FLOAT32_MAX_BYTES = 1024**3
 RECORDED = ("overlap", "amp", "cpu_bf16")
 # The largest roi that the CPU runs two windows at a time (see InferenceSettings).
 CPU_SMALL_ROI_VOXELS = 64 ** 3
@@ -48,9 +47,8 @@ CPU_SMALL_ROI_VOXELS = 64 ** 3
 def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
     """Sigmoid of stitched (K, X, Y, Z) logits, kept in float16 on the CPU, one channel at a time: the K x volume
     float32 copies are what a full-size CT with many structures cannot afford (the threshold lies far from
-    float16's resolution, 5e-4 at 0.5). Logits stitched in float16 on the CPU become their probabilities in place."""
-    in_place = logits.dtype == torch.float16 and logits.device.type == "cpu"
-    probabilities = logits if in_place else torch.empty(logits.shape, dtype=torch.float16)
+    float16's resolution, 5e-4 at 0.5)."""
+    probabilities = torch.empty(logits.shape, dtype=torch.float16)
     for k in range(logits.shape[0]):
         probabilities[k] = torch.sigmoid(logits[k].float()).cpu()
     return probabilities
@@ -102,11 +100,27 @@ Network = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class FrozenBackbone:
     """A network predicted in two passes: ``features`` (image windows -> (B, ``channels``, ...)) stitched over the
-    whole scan, then ``heads`` (feature windows -> logits) sliding over the stitched features."""
+    whole scan, then ``heads`` (feature windows -> logits) sliding over the stitched features. ``pointwise``:
+    (weight (K, F), bias (K,)) when the heads are one 1x1x1 convolution, applied to the stitched features voxel by
+    voxel instead of sliding."""
 
     features: Network
     channels: int
     heads: Network
+    pointwise: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def pointwise_probabilities(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Sigmoid probabilities (K, *grid, float16) of a 1x1x1 convolution (``weight`` (K, F), ``bias`` (K,)) of
+    stitched ``features`` (F, *grid), in float32 a slab of voxels at a time."""
+    flat = features.reshape(features.shape[0], -1)
+    weight, bias = weight.detach().float().cpu(), bias.detach().float().cpu()[:, None]
+    probabilities = torch.empty((weight.shape[0], flat.shape[1]), dtype=torch.float16)
+    step = max(1, 2**25 // weight.shape[0])  # 128 MB of float32 logits at a time
+    for start in range(0, flat.shape[1], step):
+        logits = torch.addmm(bias, weight, flat[:, start : start + step].float())
+        probabilities[:, start : start + step] = torch.sigmoid_(logits)
+    return probabilities.reshape(weight.shape[0], *features.shape[1:])
 
 
 class LabelMap:
@@ -131,12 +145,19 @@ class LabelMap:
 def prediction_network(models: Sequence[torch.nn.Module], channels: Sequence[int],
                        adapted: bool = True) -> Network | FrozenBackbone:
     """Models as one network over ``channels`` of their concatenated outputs, in order. A checkpoint's own model
-    (``adapted`` False) runs on each window. Adapted models (on one base checkpoint) run in two passes (the
+    (``adapted`` False) runs on each window, or, for more structures than it has feature channels, in two passes
+    with its 1x1x1 head applied voxel by voxel. Adapted models (on one base checkpoint) run in two passes (the
     backbone's features stitched once, every head over them) when every model keeps the backbone frozen, since
     those heads were trained and scored on stitched features; else every model on each window."""
     channels = list(channels)
     if not adapted:
         model = models[0]
+        head = model.head
+        if len(channels) > model.feature_channels and isinstance(head, nn.Conv3d) and head.kernel_size == (1, 1, 1):
+            # Blending windows is linear: the head of the blended features is the blend of the heads' logits, and
+            # F feature channels cost less to blend than K > F logits (117 structures take 5.5 GB at 1.5 mm).
+            return FrozenBackbone(model.features, model.feature_channels, lambda f: head(f)[:, channels],
+                                  (head.weight.flatten(1)[channels], head.bias[channels]))
         return lambda x: model(x)[:, channels]
 
     def heads(features: torch.Tensor) -> torch.Tensor:
@@ -178,26 +199,12 @@ class Predictor:
         self.transform = inference_transforms(preprocessing)
         self.invert = Invertd(PROBABILITIES, transform=self.transform, orig_keys=IMAGE, nearest_interp=False)
 
-    def _inferer(self, spatial_shape: Sequence[int], channels: int, with_coord: bool = False) -> SlidingWindowInferer:
+    def _inferer(self, spatial_shape: Sequence[int], channels: int) -> SlidingWindowInferer:
         output_bytes = 4 * channels * int(np.prod(spatial_shape))
         on_gpu = self.device.type == "cuda" and output_bytes < GPU_STITCH_MAX_BYTES
         return SlidingWindowInferer(roi_size=self.preprocessing.roi, sw_batch_size=self.sw_batch_size,
                                     overlap=self.settings.overlap, mode="gaussian", sw_device=self.device,
-                                    device=self.device if on_gpu else torch.device("cpu"), with_coord=with_coord)
-
-    def stitched_logits(self, image: torch.Tensor, network: Network) -> torch.Tensor:
-        """The ``network``'s logits (K, *grid) over a (1, C, *grid) ``image``, blended over windows. MONAI blends in
-        the input's dtype: in float32, unless that would take more than ``STITCH_FLOAT32_MAX_BYTES`` (a full-size
-        scan with many structures: 5.5 GB for 117 at 1.5 mm), when it blends in float16 while the windows are
-        still read from the float32 image."""
-        channels = len(self.structures)
-        if 4 * channels * int(np.prod(image.shape[2:])) <= STITCH_FLOAT32_MAX_BYTES:
-            return self._inferer(image.shape[2:], channels)(image, network)[0]
-
-        def windows_of_image(_: torch.Tensor, where: list) -> torch.Tensor:
-            return network(torch.cat([image[tuple(w)] for w in where]).to(self.device))
-
-        return self._inferer(image.shape[2:], channels, with_coord=True)(image.half(), windows_of_image)[0]
+                                    device=self.device if on_gpu else torch.device("cpu"))
 
     @property
     def sw_batch_size(self) -> int:
@@ -243,10 +250,14 @@ class Predictor:
         network = network if network is not None else self.network
         image = data[IMAGE]
         if isinstance(network, FrozenBackbone):
-            return self.head_probabilities(self.stitched_features(image, network), network.heads)
+            features = self.stitched_features(image, network)
+            if network.pointwise is not None:
+                return pointwise_probabilities(features, *network.pointwise)
+            return self.head_probabilities(features, network.heads)
         with self._autocast():
-            logits = self.stitched_logits(image.as_tensor()[None].to(self.device), network)
-        return probabilities_of(logits)
+            logits = self._inferer(image.shape[1:], len(self.structures))(image.as_tensor()[None].to(self.device),
+                                                                          network)
+        return probabilities_of(logits[0])
 
     def preprocess(self, path: str | Path) -> dict:
         """The scan in model space (``data[IMAGE]``, (1, X, Y, Z)), with what is needed to map back."""
@@ -257,9 +268,15 @@ class Predictor:
         """Map model-space ``probabilities`` (K, *model grid) of ``data`` back onto the scan's grid and threshold
         them into one label map: directly (:func:`native_label`, a cost that hardly grows with K) or, when every
         structure's probabilities or largest component are asked for, by resampling one structure at a time."""
-        if not (keep_probabilities or self.settings.largest_component):
-            label = native_label(probabilities, data[IMAGE], self.settings.threshold)
-            return Prediction(label=label, probabilities=None, reference=reference, structures=self.structures)
+        if keep_probabilities or self.settings.largest_component:
+            return self.resample_each(data, probabilities, reference, keep_probabilities)
+        label = native_label(probabilities, data[IMAGE], self.settings.threshold)
+        return Prediction(label=label, probabilities=None, reference=reference, structures=self.structures)
+
+    def resample_each(self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image,
+                      keep_probabilities: bool = False) -> Prediction:
+        """:meth:`finish` by resampling each structure's probabilities onto the scan's grid (``Invertd``) and
+        thresholding them: seconds per structure on a full-size scan."""
         labels, kept = LabelMap(tuple(reference.shape[:3]), self.settings), []
         for k in range(probabilities.shape[0]):
             channel = dict(data)
