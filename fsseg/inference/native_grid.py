@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-MIXED = 255  # a cell whose corners disagree; labels are ids 0..254
+LARGEST_ID = 254  # the label map is uint8
+# A cell's code: its corners' shared winner (>= 0); -k when structure k alone passes at some of its corners (it
+# alone can pass inside); MIXED when several structures pass at its corners.
+MIXED = -(LARGEST_ID + 1)
 SLAB_VOXELS = 2**22  # native voxels mapped at a time: bounds the coordinates' memory
 
 
@@ -77,37 +80,69 @@ def _pad_one(volume: torch.Tensor, box: ModelBox) -> torch.Tensor:
     return padded
 
 
-def _winners(probabilities: torch.Tensor, box: ModelBox, threshold: float) -> tuple[torch.Tensor, list]:
-    """The winner id of each model voxel of the box (0: none passes) and, per structure, the box-coordinate
-    bounds of the voxels where it passes (None: nowhere). Ties go to the earlier structure, as argmax does."""
+def _winners(probabilities: torch.Tensor, box: ModelBox, threshold: float) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The winner id of each model voxel of the box (0: none passes), how many structures pass there, and, per
+    structure, the box-coordinate bounds of the voxels where it passes (None: nowhere). Ties go to the earlier
+    structure, as argmax does."""
     region = tuple(slice(int(lo), int(lo + n)) for lo, n in zip(box.lo, box.size))
     label = torch.zeros(tuple(int(n) for n in box.size), dtype=torch.uint8)
+    count = torch.zeros(label.shape, dtype=torch.uint8)
     best = torch.zeros(label.shape, dtype=probabilities.dtype)
     bounds: list = []
     for k in range(probabilities.shape[0]):
-        passes = probabilities[k][region] > threshold
-        where = [torch.nonzero(passes.any(dim=tuple(d for d in range(3) if d != axis))) for axis in range(3)]
-        if any(len(w) == 0 for w in where):
-            bounds.append(None)
+        bound = _passing_bounds(probabilities[k][region], threshold)
+        bounds.append(bound)
+        if bound is None:
             continue
-        bounds.append([(int(w[0]), int(w[-1])) for w in where])
-        inside = tuple(slice(a, b + 1) for a, b in bounds[-1])
+        inside = tuple(slice(a, b + 1) for a, b in bound)
         p = probabilities[k][region][inside]
-        wins = passes[inside] & (p > best[inside])
+        passes = p > threshold
+        count[inside] += passes
+        wins = passes & (p > best[inside])
         label[inside][wins] = k + 1
         best[inside][wins] = p[wins]
-    return label, bounds
+    return label, count, bounds
 
 
-def _cell_labels(label: torch.Tensor, box: ModelBox) -> torch.Tensor:
-    """Per cell of the padded box (its corners q..q+1), the winner its 8 corners share, or MIXED."""
-    padded = _pad_one(label, box)
-    first = padded[:-1, :-1, :-1]
-    nx, ny, nz = first.shape
-    same = torch.ones(first.shape, dtype=torch.bool)
-    for dx, dy, dz in ((dx, dy, dz) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)):
-        same &= padded[dx : dx + nx, dy : dy + ny, dz : dz + nz] == first
-    return torch.where(same, first, torch.tensor(MIXED, dtype=torch.uint8))
+def _passing_bounds(probability: torch.Tensor, threshold: float) -> list[tuple[int, int]] | None:
+    """Per axis, the first and last index where ``probability`` passes ``threshold`` (None: nowhere); one pass
+    over the whole volume, the rest within the columns that pass."""
+    column = probability.amax(dim=2) > threshold
+    xs, ys = torch.nonzero(column.any(1))[:, 0], torch.nonzero(column.any(0))[:, 0]
+    if len(xs) == 0:
+        return None
+    block = probability[int(xs[0]) : int(xs[-1]) + 1, int(ys[0]) : int(ys[-1]) + 1]
+    zs = torch.nonzero(block.amax(dim=(0, 1)) > threshold)[:, 0]
+    return [(int(xs[0]), int(xs[-1])), (int(ys[0]), int(ys[-1])), (int(zs[0]), int(zs[-1]))]
+
+
+def _cell_codes(label: torch.Tensor, count: torch.Tensor, box: ModelBox) -> torch.Tensor:
+    """Per cell of the padded box (its corners q..q+1), its code (see MIXED) from its corners' winners ``label``
+    and numbers of passing structures ``count``."""
+    labels, counts = _pad_one(label, box).short(), _pad_one(count, box)
+    nx, ny, nz = (n - 1 for n in labels.shape)
+    corners = [(slice(dx, dx + nx), slice(dy, dy + ny), slice(dz, dz + nz)) for dx in (0, 1) for dy in (0, 1)
+               for dz in (0, 1)]
+    first = labels[corners[0]]
+    same, most = torch.ones(first.shape, dtype=torch.bool), counts[corners[0]].clone()
+    high, low = first.clone(), torch.where(first > 0, first, LARGEST_ID + 1)
+    for corner in corners[1:]:
+        same &= labels[corner] == first
+        torch.maximum(most, counts[corner], out=most)
+        torch.maximum(high, labels[corner], out=high)
+        torch.minimum(low, torch.where(labels[corner] > 0, labels[corner], LARGEST_ID + 1), out=low)
+    alone = (most <= 1) & (high == low)  # at most one passes at each corner, and always the same one
+    return torch.where(same, first, torch.where(alone, -high, torch.tensor(MIXED, dtype=torch.int16)))
+
+
+def _resolve_alone(probabilities: torch.Tensor, box: ModelBox, coords: torch.Tensor,
+                   structure: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Labels of native voxels (padded-box ``coords`` (3, N)) in cells where structure ``structure`` (ids, (N,))
+    alone can pass: that structure's interpolated probability against the threshold, all voxels at once."""
+    flat, weights = _corners(coords, box, tuple(probabilities.shape[1:]))
+    channel = (structure.long() - 1)[None].expand_as(flat)
+    value = (probabilities.reshape(probabilities.shape[0], -1)[channel, flat].float() * weights).sum(0)
+    return torch.where(value > threshold, structure, 0).to(torch.uint8)
 
 
 def _padded_coordinates(box: ModelBox, z0: int, z1: int) -> torch.Tensor:
@@ -157,10 +192,13 @@ def _resolve_mixed(probabilities: torch.Tensor, box: ModelBox, coords: torch.Ten
     corner of their cell interpolated and compared, the earlier structure winning ties."""
     label = torch.zeros(coords.shape[1], dtype=torch.uint8)
     best = torch.zeros(coords.shape[1])
+    if coords.shape[1] == 0:
+        return label
     cell = _cells(coords, box)
     flat, weights = _corners(coords, box, tuple(probabilities.shape[1:]))
+    reach = list(zip(cell.amin(1).tolist(), cell.amax(1).tolist()))  # the cells these voxels lie in
     for k, bound in enumerate(bounds):
-        if bound is None:
+        if bound is None or any(first > high or last + 1 < low for (first, last), (low, high) in zip(bound, reach)):
             continue
         near = torch.ones(coords.shape[1], dtype=torch.bool)
         for axis, (first, last) in enumerate(bound):
@@ -183,11 +221,11 @@ def native_label(probabilities: torch.Tensor, image: MetaTensor, threshold: floa
     Raises:
         ValueError: more than 254 structures (the label map is uint8).
     """
-    if probabilities.shape[0] >= MIXED:
-        raise ValueError(f"{probabilities.shape[0]} structures: a uint8 label map holds at most {MIXED - 1}")
+    if probabilities.shape[0] > LARGEST_ID:
+        raise ValueError(f"{probabilities.shape[0]} structures: a uint8 label map holds at most {LARGEST_ID}")
     box = model_box(image)
-    winners, bounds = _winners(probabilities, box, threshold)
-    cells = _cell_labels(winners, box).reshape(-1)
+    winners, count, bounds = _winners(probabilities, box, threshold)
+    cells = _cell_codes(winners, count, box).reshape(-1)
     strides = (int((box.size[1] + 1) * (box.size[2] + 1)), int(box.size[2] + 1))
     nx, ny, nz = box.native_shape
     out = torch.empty(box.native_shape, dtype=torch.uint8)
@@ -196,8 +234,11 @@ def native_label(probabilities: torch.Tensor, image: MetaTensor, threshold: floa
         z1 = min(z0 + step, nz)
         coords = _padded_coordinates(box, z0, z1)
         cell = _cells(coords, box)
-        labels = cells[cell[0] * strides[0] + cell[1] * strides[1] + cell[2]]
-        mixed = torch.nonzero(labels == MIXED)[:, 0]
+        codes = cells[cell[0] * strides[0] + cell[1] * strides[1] + cell[2]]
+        labels = codes.clamp(min=0).to(torch.uint8)
+        alone = torch.nonzero((codes < 0) & (codes > MIXED))[:, 0]
+        labels[alone] = _resolve_alone(probabilities, box, coords[:, alone], -codes[alone], threshold)
+        mixed = torch.nonzero(codes == MIXED)[:, 0]
         labels[mixed] = _resolve_mixed(probabilities, box, coords[:, mixed], bounds, threshold)
         out[:, :, z0:z1] = labels.reshape(nx, ny, z1 - z0)
     return out.numpy()
