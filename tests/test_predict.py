@@ -131,15 +131,17 @@ def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, capsys):
     assert report["broken"]["status"] == "failed"
 
 
-def test_cpu_bf16_gives_the_same_oracle_masks(tmp_path):
+def test_cpu_bf16_gives_the_same_oracle_masks_and_the_record_says_so(tmp_path):
     scans = tmp_path / "scans"
     path, blob = phantom_scan(scans, "identity", AFFINES["identity"])
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
-    out = tmp_path / "pred"
-    assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--organs", "liver", "--cpu-bf16",
-                    "--no-progress"]) == 0
-    predicted = np.asanyarray(nib.load(str(out / path.name)).dataobj) == 1
-    assert 2 * (predicted & blob).sum() / (predicted.sum() + blob.sum()) > 0.99
+    for flag, precision in (("--cpu-bf16", "cpu-bfloat16"), ("--no-cpu-bf16", "float32")):
+        out = tmp_path / flag
+        assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--organs", "liver", flag, "--device",
+                        "cpu", "--no-progress"]) == 0
+        predicted = np.asanyarray(nib.load(str(out / path.name)).dataobj) == 1
+        assert 2 * (predicted & blob).sum() / (predicted.sum() + blob.sum()) > 0.99
+        assert json.loads((out / "predictions.json").read_text())["precision"] == precision
 
 
 def test_cpu_default_runs_small_windows_in_pairs_with_the_features_of_one_at_a_time():

@@ -217,8 +217,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)")
     parser.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 autocast on the CPU: faster, with slightly different probabilities (default: "
-                        "the adapters' setting, else off)")
+                        help="bfloat16 autocast on the CPU: faster where the CPU has bfloat16 instructions, with "
+                        "slightly different probabilities (default: the adapters' setting, else off; "
+                        "predictions.json records the precision used)")
     parser.add_argument("--largest-component", action="store_true",
                         help="keep the largest connected component of each structure")
 
@@ -294,7 +295,8 @@ def _command(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(labels, indent=1) + "\n")
 
     header = {"model": str(args.model), "device": str(device), "structures": structures,
-              "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size}}
+              "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size},
+              "precision": predictor.precision}
     # this part's cases are recorded before their files are written: a later run then knows the files as its own
     update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})
     cases = predict_cases(predictor, scans, planned, out, header, args)

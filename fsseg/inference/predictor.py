@@ -62,8 +62,9 @@ class InferenceSettings:
     64^3 voxels and 1 for a larger one. A single small window sends PyTorch's CPU convolutions down their slow
     path (4x slower for the demo's UNet at 48^3), while a single large one already takes the fast path, where a
     second window saves no time and doubles the activations' memory. ``amp``: float16 autocast on CUDA.
-    ``cpu_bf16``: bfloat16 autocast on the CPU (about 1.8x faster for a UNet here, masks agreeing on > 99.99 % of
-    voxels with random weights; off by default: check it on your model).
+    ``cpu_bf16``: bfloat16 autocast on the CPU: off by default. Where the CPU has bfloat16 instructions it runs
+    about 1.8x faster, but ``bench/predict_scaling.py`` finds the masks of a UNet agreeing with float32 on fewer
+    voxels than the 99.99 % fsseg asks of a default; check it on your model.
     """
 
     overlap: float = 0.5

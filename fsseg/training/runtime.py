@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,16 +46,6 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
-
-
-def cpu_has_bf16_instructions() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, per Linux's /proc/cpuinfo): there PyTorch's
-    bfloat16 convolutions run faster than float32 ones; elsewhere bfloat16 is emulated and slower."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 class MixedPrecision:
