@@ -7,7 +7,8 @@ trilinear interpolation between the 8 model voxels around it (the corners of its
 have the same winner (the most probable structure above the threshold, or none) the interpolated values have it
 too, since a convex combination keeps every strict order and every side of the threshold. So the winners are
 found once on the model grid, each native voxel looks up its cell, and only voxels in cells whose corners
-disagree (the structures' borders) are interpolated, for the structures that pass at one of their corners.
+disagree (the structures' borders) are interpolated: for the one structure that can pass there (an organ against
+background), or, where several pass at the corners, for each of them.
 
 Geometry follows the inverse of the preprocessing: outside the foreground crop the probabilities are 0, and
 beyond the resampled grid's own edge the edge value holds (MONAI's ``border`` padding).

@@ -27,10 +27,11 @@ from typing import Callable, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
-from torch import nn
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd, KeepLargestConnectedComponent
+from torch import nn
 
 from fsseg.data.io import load_scan_image
 from fsseg.data.transforms import IMAGE, Preprocessing, inference_transforms
@@ -146,20 +147,27 @@ class LabelMap:
 def prediction_network(models: Sequence[torch.nn.Module], channels: Sequence[int],
                        adapted: bool = True) -> Network | FrozenBackbone:
     """Models as one network over ``channels`` of their concatenated outputs, in order. A checkpoint's own model
-    (``adapted`` False) runs on each window, or, for more structures than it has feature channels, in two passes
-    with its 1x1x1 head applied voxel by voxel. Adapted models (on one base checkpoint) run in two passes (the
+    (``adapted`` False) runs on each window with only the requested rows of its 1x1x1 head (a template of 117
+    structures would compute every row in every window), or, for more structures than it has feature channels,
+    in two passes with those rows applied voxel by voxel. Adapted models (on one base checkpoint) run in two passes (the
     backbone's features stitched once, every head over them) when every model keeps the backbone frozen, since
     those heads were trained and scored on stitched features; else every model on each window."""
     channels = list(channels)
     if not adapted:
         model = models[0]
         head = model.head
-        if len(channels) > model.feature_channels and isinstance(head, nn.Conv3d) and head.kernel_size == (1, 1, 1):
+        if not (isinstance(head, nn.Conv3d) and head.kernel_size == (1, 1, 1)):
+            return lambda x: model(x)[:, channels]
+        weight, bias = head.weight.flatten(1)[channels], head.bias[channels]
+
+        def rows(features: torch.Tensor) -> torch.Tensor:  # only the requested structures' rows of the head
+            return F.linear(features.movedim(1, -1), weight, bias).movedim(-1, 1)
+
+        if len(channels) > model.feature_channels:
             # Blending windows is linear: the head of the blended features is the blend of the heads' logits, and
             # F feature channels cost less to blend than K > F logits (117 structures take 5.5 GB at 1.5 mm).
-            return FrozenBackbone(model.features, model.feature_channels, lambda f: head(f)[:, channels],
-                                  (head.weight.flatten(1)[channels], head.bias[channels]))
-        return lambda x: model(x)[:, channels]
+            return FrozenBackbone(model.features, model.feature_channels, rows, (weight, bias))
+        return lambda x: rows(model.features(x))
 
     def heads(features: torch.Tensor) -> torch.Tensor:
         return torch.cat([m.head_forward(features) for m in models], dim=1)[:, channels]
