@@ -202,6 +202,8 @@ def plot(rows: list[dict], path: Path) -> Path:
             axis.plot([r["structures"] for r in full], [r[key] for r in full], "o-", label=f"{model}, {weights}")
         for count, style in ((1, "o--"), (ALL, "s-")):
             sized = sorted((r for r in mine if r["structures"] == count), key=lambda r: np.prod(parse(r["shape"])))
+            if len(sized) < 2:  # measured on one scan size only
+                continue
             axes[2].plot([np.prod(parse(r["shape"])) / 1e6 for r in sized], [r["seconds"] for r in sized], style,
                          label=f"{model}, {weights}, {count} structure{'s' if count > 1 else ''}")
     titles = ("seconds, 512x512x400", "peak memory (GB), 512x512x400", "seconds against scan size")

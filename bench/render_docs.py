@@ -119,16 +119,23 @@ def predict_scaling_block(document: dict) -> str:
     parts = [table(["model", "weights", "scan", "structures", "seconds", "s per extra structure", "× one structure",
                     "peak GB"], body)]
     compared = [[r["model"], r.get("weights", "initial"), cell(r["structures"]), f"{r['old_seconds']:.1f}",
-                 f"{r['seconds']:.1f}", f"{r['agree_percent']:.5f}", cell(r["min_dice"])]
+                 f"{r['seconds']:.1f}", f"{r['agree_percent']:.5f}", f"{r['min_dice']:.6f}"]
                 for r in rows if r["kind"] == "agreement"]
     if compared:
         parts.append("\nThe same probabilities returned to the 512×512×400 grid both ways (Dice over structures of "
                      "more than 1,000 voxels):\n\n" + table(["model", "weights", "structures", "resampling each (s)",
                                                               "direct (s)", "voxels agreeing %", "min Dice"], compared))
+    precision = [[r["model"], r["weights"], f"{r['seconds']:.1f}", f"{r['bf16_seconds']:.1f}", f"{r['speedup']:.2f}",
+                  f"{r['agree_percent']:.5f}"] for r in rows if r["kind"] == "precision"]
+    if precision:
+        parts.append("\nOne structure in float32 and under bfloat16 autocast (`--cpu-bf16`):\n\n" + table(
+            ["model", "weights", "float32 (s)", "bfloat16 (s)", "speed-up", "voxels agreeing %"], precision))
     host = {r["host"] for r in rows}
-    return (f"fsseg-predict on a synthetic CT, random weights (decisive: the head ×20, most voxels far from the "
-            f"threshold as with trained weights; initial: noise near it, the direct label map's worst case), "
-            f"overlap {rows[0]['overlap']}, each run in its own process; measured on {', '.join(sorted(host))}:\n\n"
+    return (f"Synthetic CT, random weights, overlap {rows[0]['overlap']}, each run in its own process. organs: the "
+            "network runs as in fsseg-predict and its probabilities are replaced by organ-like ones (ellipsoids with "
+            "smooth borders) before the return to the scan's grid, as a trained network's look; initial and "
+            "decisive: fsseg-predict itself, with the head as initialised or ×20. Measured on "
+            f"{', '.join(sorted(host))}:\n\n"
             + "".join(parts) + "\n![time and memory against structures and scan size](predict_scaling.png)\n")
 
 
