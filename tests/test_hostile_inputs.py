@@ -119,7 +119,8 @@ def _(inp, out, ckpt):
 
 @hostile("two cases whose outputs share one file")
 def _(inp, out, ckpt):
-    scan(inp, "x"), scan(inp, "x_probabilities")
+    for name in ("x", "x_probabilities"):
+        scan(inp, name)
     return predict, predicting(inp, out, ckpt, "--save-probabilities"), "would both be written to"
 
 
