@@ -136,11 +136,11 @@ def _cell_codes(label: torch.Tensor, count: torch.Tensor, box: ModelBox) -> torc
     return torch.where(same, first, torch.where(alone, -high, torch.tensor(MIXED, dtype=torch.int16)))
 
 
-def _resolve_alone(probabilities: torch.Tensor, box: ModelBox, coords: torch.Tensor,
+def _resolve_alone(probabilities: torch.Tensor, box: ModelBox, coords: torch.Tensor, cell: torch.Tensor,
                    structure: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Labels of native voxels (padded-box ``coords`` (3, N)) in cells where structure ``structure`` (ids, (N,))
-    alone can pass: that structure's interpolated probability against the threshold, all voxels at once."""
-    flat, weights = _corners(coords, box, tuple(probabilities.shape[1:]))
+    """Labels of native voxels (padded-box ``coords`` (3, N) in ``cell``) in cells where structure ``structure``
+    (ids, (N,)) alone can pass: that structure's interpolated probability against the threshold, all at once."""
+    flat, weights = _corners(coords, cell, box, tuple(probabilities.shape[1:]))
     channel = (structure.long() - 1)[None].expand_as(flat)
     value = (probabilities.reshape(probabilities.shape[0], -1)[channel, flat].float() * weights).sum(0)
     return torch.where(value > threshold, structure, 0).to(torch.uint8)
@@ -169,10 +169,11 @@ def _cells(coords: torch.Tensor, box: ModelBox) -> torch.Tensor:
     return cell
 
 
-def _corners(coords: torch.Tensor, box: ModelBox, grid: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8 model voxels around each padded-box coordinate of ``coords`` (3, N), as flat indices into the model
-    ``grid``, and their trilinear weights (0 for a corner beyond a side the crop cut): two (8, N) tensors."""
-    cell = _cells(coords, box)
+def _corners(coords: torch.Tensor, cell: torch.Tensor, box: ModelBox,
+             grid: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 model voxels around each padded-box coordinate of ``coords`` (3, N) (in ``cell``, :func:`_cells`), as
+    flat indices into the model ``grid``, and their trilinear weights (0 for a corner beyond a side the crop cut):
+    two (8, N) tensors."""
     fraction = coords - cell
     index, weight = [], []
     for d in range(3):
@@ -187,16 +188,15 @@ def _corners(coords: torch.Tensor, box: ModelBox, grid: tuple[int, ...]) -> tupl
     return flat, weights
 
 
-def _resolve_mixed(probabilities: torch.Tensor, box: ModelBox, coords: torch.Tensor, bounds: list,
-                   threshold: float) -> torch.Tensor:
-    """Labels of native voxels in mixed cells (padded-box ``coords`` (3, N)): each structure that passes at a
-    corner of their cell interpolated and compared, the earlier structure winning ties."""
+def _resolve_mixed(probabilities: torch.Tensor, box: ModelBox, coords: torch.Tensor, cell: torch.Tensor,
+                   bounds: list, threshold: float) -> torch.Tensor:
+    """Labels of native voxels in mixed cells (padded-box ``coords`` (3, N) in ``cell``): each structure that
+    passes at a corner of their cell interpolated and compared, the earlier structure winning ties."""
     label = torch.zeros(coords.shape[1], dtype=torch.uint8)
     best = torch.zeros(coords.shape[1])
     if coords.shape[1] == 0:
         return label
-    cell = _cells(coords, box)
-    flat, weights = _corners(coords, box, tuple(probabilities.shape[1:]))
+    flat, weights = _corners(coords, cell, box, tuple(probabilities.shape[1:]))
     reach = list(zip(cell.amin(1).tolist(), cell.amax(1).tolist()))  # the cells these voxels lie in
     for k, bound in enumerate(bounds):
         if bound is None or any(first > high or last + 1 < low for (first, last), (low, high) in zip(bound, reach)):
@@ -238,8 +238,8 @@ def native_label(probabilities: torch.Tensor, image: MetaTensor, threshold: floa
         codes = cells[cell[0] * strides[0] + cell[1] * strides[1] + cell[2]]
         labels = codes.clamp(min=0).to(torch.uint8)
         alone = torch.nonzero((codes < 0) & (codes > MIXED))[:, 0]
-        labels[alone] = _resolve_alone(probabilities, box, coords[:, alone], -codes[alone], threshold)
+        labels[alone] = _resolve_alone(probabilities, box, coords[:, alone], cell[:, alone], -codes[alone], threshold)
         mixed = torch.nonzero(codes == MIXED)[:, 0]
-        labels[mixed] = _resolve_mixed(probabilities, box, coords[:, mixed], bounds, threshold)
+        labels[mixed] = _resolve_mixed(probabilities, box, coords[:, mixed], cell[:, mixed], bounds, threshold)
         out[:, :, z0:z1] = labels.reshape(nx, ny, z1 - z0)
     return out.numpy()
