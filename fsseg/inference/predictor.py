@@ -27,15 +27,14 @@ from typing import Callable, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd, KeepLargestConnectedComponent
-from torch import nn
 
 from fsseg.data.io import load_scan_image
 from fsseg.data.transforms import IMAGE, Preprocessing, inference_transforms
 from fsseg.inference.native_grid import native_label
+from fsseg.models.base import pointwise_conv
 
 PROBABILITIES = "probabilities"
 # Stitch on the GPU only while the output (channels x voxels, float32) stays under this size.
@@ -154,14 +153,11 @@ def prediction_network(models: Sequence[torch.nn.Module], channels: Sequence[int
     those heads were trained and scored on stitched features; else every model on each window."""
     channels = list(channels)
     if not adapted:
-        model = models[0]
-        head = model.head
-        if not (isinstance(head, nn.Conv3d) and head.kernel_size == (1, 1, 1)):
-            return lambda x: model(x)[:, channels]
-        weight, bias = head.weight.flatten(1)[channels], head.bias[channels]
+        model = models[0]  # its head is a 1x1x1 convolution (the model contract, fsseg.models.base)
+        weight, bias = model.head.weight.flatten(1)[channels], model.head.bias[channels]
 
         def rows(features: torch.Tensor) -> torch.Tensor:  # only the requested structures' rows of the head
-            return F.linear(features.movedim(1, -1), weight, bias).movedim(-1, 1)
+            return pointwise_conv(features, weight, bias)
 
         if len(channels) > model.feature_channels:
             # Blending windows is linear: the head of the blended features is the blend of the heads' logits, and

@@ -20,6 +20,11 @@ BLOCK_GROUPS = ("encoder", "decoder", "last_decoder_block", "bottleneck", "head"
 HEAD_PRIOR_PROBABILITY = 0.01
 
 
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1x1 convolution of (B, C, X, Y, Z) ``x`` with ``weight`` (out, C) as a matrix product over channels."""
+    return F.linear(x.movedim(1, -1), weight, bias).movedim(-1, 1)
+
+
 class PointwiseConv3d(nn.Conv3d):
     """A 1x1x1 convolution computed as a matrix product over channels.
 
@@ -31,8 +36,7 @@ class PointwiseConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.view(self.out_channels, self.in_channels)
-        return F.linear(x.movedim(1, -1), weight, self.bias).movedim(-1, 1)
+        return pointwise_conv(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
 
 
 def new_head(feature_channels: int, num_classes: int) -> nn.Conv3d:
