@@ -218,6 +218,11 @@ def same_geometry(a_shape, a_affine, b_shape, b_affine, atol: float = 1e-3) -> s
     return None
 
 
+def cannot_write(path: str | Path, error: OSError) -> DataError:
+    """The one-line error of a file or folder that cannot be created or put in place."""
+    return DataError(f"{path}: cannot write ({error.strerror or error})")
+
+
 def write_failed(path: str | Path, error: Exception) -> DataError:
     """The one-line error of a write that failed part-way (a full disk, a quota), with the space left."""
     free = shutil.disk_usage(Path(path).parent).free / 2**20
@@ -254,7 +259,7 @@ def staged_writes(out: Path) -> Iterator[Path]:
         remove_leftovers(marker)
         staging = Path(tempfile.mkdtemp(prefix=f".{marker.name}.", suffix=".part", dir=out))
     except OSError as error:
-        raise DataError(f"{out}: cannot write ({error.strerror or error})") from None
+        raise cannot_write(out, error) from None
     try:
         try:
             yield staging
@@ -266,7 +271,7 @@ def staged_writes(out: Path) -> Iterator[Path]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)  # a rename within one folder tree: needs no free space
             except OSError as error:
-                raise DataError(f"{target}: cannot write ({error.strerror or error})") from None
+                raise cannot_write(target, error) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -285,7 +290,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
     except OSError as error:
-        raise DataError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise cannot_write(path, error) from None
     os.close(fd)
     try:
         try:
@@ -297,7 +302,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         try:
             os.replace(tmp, path)
         except OSError as error:
-            raise DataError(f"{path}: cannot write ({error.strerror or error})") from None
+            raise cannot_write(path, error) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
