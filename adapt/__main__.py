@@ -1,7 +1,7 @@
-"""``python -m adapt`` runs ``fsseg-adapt``."""
+"""``python -m fsseg.adapt`` runs ``fsseg-adapt``."""
 
 import sys
 
-from adapt.cli import main
+from fsseg.adapt.cli import main
 
 sys.exit(main())

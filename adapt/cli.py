@@ -13,7 +13,7 @@ from fsseg.config import load_config
 from fsseg.errors import ConfigError, DataError
 from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
 from fsseg.training.runtime import resolve_device, seed_everything
-from adapt.config import AdaptConfig
+from fsseg.adapt.config import AdaptConfig
 
 RUN_FILES = ("config.yaml", "results.json", "results.csv")
 # What marks the run files as fsseg-adapt's own (a config.yaml may be a pretraining run's or the user's).
@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from adapt.engine import run_adaptation  # torch-heavy: after --help and argument errors
-    from adapt.merge import merge_parts
+    from fsseg.adapt.engine import run_adaptation  # torch-heavy: after --help and argument errors
+    from fsseg.adapt.merge import merge_parts
 
     if not 0 <= args.part_id < args.num_parts:
         raise ConfigError(f"--part-id must lie in 0..{args.num_parts - 1} (--num-parts {args.num_parts}), "

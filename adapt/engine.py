@@ -43,9 +43,9 @@ from fsseg.metrics import score_structure
 from fsseg.templates import Template, expand_structures
 from fsseg.training.encoder_cache import EncodedScan, EncoderCache, pad_for_encoder, splits_at_encoder
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
-from adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
-from adapt.results import adapter_name, finished_runs, results_table, run_header, write_results, write_summary
-from adapt.training import Support, check_voxel_stride, train
+from fsseg.adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
+from fsseg.adapt.results import adapter_name, finished_runs, results_table, run_header, write_results, write_summary
+from fsseg.adapt.training import Support, check_voxel_stride, train
 
 log = logging.getLogger("fsseg.adapt")
 

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import yaml
 
-from adapt.config import AdaptConfig
-from adapt.results import adapter_name, results_table, write_results, write_summary
+from fsseg.adapt.config import AdaptConfig
+from fsseg.adapt.results import adapter_name, results_table, write_results, write_summary
 from fsseg.config import from_dict
 from fsseg.data.io import atomic_path
 from fsseg.errors import ConfigError

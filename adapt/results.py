@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adapt.config import AdaptConfig
+from fsseg.adapt.config import AdaptConfig
 from fsseg.adapters.artifact import SUFFIX
 from fsseg.config import to_dict
 from fsseg.data.io import atomic_path
 from fsseg.errors import ConfigError
 
 if TYPE_CHECKING:
-    from adapt.engine import Adaptation
+    from fsseg.adapt.engine import Adaptation
 
 log = logging.getLogger("fsseg.adapt")
 RESULT_FIELDS = ["organ", "method", "shots", "seed", "case", "dice", "nsd", "hd95", "transductive",

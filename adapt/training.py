@@ -17,7 +17,7 @@ import torch
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import RandShiftIntensity
 
-from adapt.config import TrainingConfig, TransductiveConfig
+from fsseg.adapt.config import TrainingConfig, TransductiveConfig
 from fsseg.adapters import AdaptedModel
 from fsseg.checkpoint import NonFiniteWeights
 from fsseg.data.datalist import Case

@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapt.config import AdaptConfig, load_method_settings
-from adapt.engine import Adaptation, predict_query
-from adapt.training import train
+from fsseg.adapt.config import AdaptConfig, load_method_settings
+from fsseg.adapt.engine import Adaptation, predict_query
+from fsseg.adapt.training import train
 from fsseg.adapters import adapt_model
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data import phantom

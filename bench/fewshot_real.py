@@ -62,7 +62,7 @@ import yaml
 
 from fsseg.config import load_config
 from fsseg.data.io import atomic_path
-from pretrain.config import PretrainConfig
+from fsseg.pretrain.config import PretrainConfig
 from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]

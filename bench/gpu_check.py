@@ -195,7 +195,7 @@ def check_adapt(work: Path, sizes: Sizes, checkpoint: Path) -> dict:
     for method in METHODS:
         out = work / f"adapt_{method}"
         shutil.rmtree(out, ignore_errors=True)
-        report = run_child("adapt.cli", [
+        report = run_child("fsseg.adapt.cli", [
             "--checkpoint", str(checkpoint), "--data-list", str(data_list), "--out", str(out), "--organ", "liver",
             "--shots", "1", "--seeds", "1", "--method", method, "--device", sizes.device,
             "--set", f"method_configs={configs}", "--set", "pictures=false", "--no-progress", "--quiet"], timeout=300)

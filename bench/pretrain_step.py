@@ -1,6 +1,6 @@
 """Seconds per pretraining step, split into data wait and compute, with and without the disk cache.
 
-Runs the real training loop (``pretrain.engine.train``) for a few steps on phantom volumes at real size
+Runs the real training loop (``fsseg.pretrain.engine.train``) for a few steps on phantom volumes at real size
 (1.5 mm) for the tiny config and for SwinUNETR-48 at 96^3, each three ways: no cache, cold cache (first
 epoch fills it) and warm cache (a second run reads it). Target: data wait < 10 % of a step once the cache
 is warm. Prints a table and writes JSON.
@@ -20,8 +20,8 @@ from pathlib import Path
 from fsseg.config import load_config
 from fsseg.data import phantom
 from fsseg.training.runtime import init_runtime
-from pretrain.config import PretrainConfig
-from pretrain.engine import train
+from fsseg.pretrain.config import PretrainConfig
+from fsseg.pretrain.engine import train
 from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]

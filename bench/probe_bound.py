@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from adapt.config import AdaptConfig
-from adapt.engine import Adaptation
+from fsseg.adapt.config import AdaptConfig
+from fsseg.adapt.engine import Adaptation
 from fsseg.config import load_config
 from results_file import write_result
 

@@ -1,7 +1,7 @@
-"""``python -m pretrain`` (and ``torchrun --nproc_per_node=N -m pretrain``) runs ``fsseg-pretrain``."""
+"""``python -m fsseg.pretrain`` (and ``torchrun --nproc_per_node=N -m fsseg.pretrain``) runs ``fsseg-pretrain``."""
 
 import sys
 
-from pretrain.cli import main
+from fsseg.pretrain.cli import main
 
 sys.exit(main())

@@ -12,7 +12,7 @@ from fsseg.config import load_config
 from fsseg.models import list_models
 from fsseg.outputs import check_run_file
 from fsseg.training.runtime import init_runtime, shutdown
-from pretrain.config import PretrainConfig
+from fsseg.pretrain.config import PretrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fsseg-pretrain",
         description="Pretrain a segmentation foundation model (feature extractor + one sigmoid channel per "
         "template structure) on partially labelled CT datasets: each case is supervised only on the structures "
-        "its dataset annotates. Multi-GPU: torchrun --nproc_per_node=N -m pretrain --config ...",
+        "its dataset annotates. Multi-GPU: torchrun --nproc_per_node=N -m fsseg.pretrain --config ...",
         epilog="Models: " + "; ".join(f"{name}: {text}" for name, text in list_models().items()),
     )
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/pretrain/tiny.yaml")
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from pretrain.engine import train  # torch-heavy: imported after --help and argument errors
+    from fsseg.pretrain.engine import train  # torch-heavy: imported after --help and argument errors
 
     overrides = list(args.overrides)
     if args.data_list:

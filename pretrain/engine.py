@@ -7,7 +7,7 @@ events, ``train.log`` and ``summary.json``. Every epoch re-seeds the sampler and
 
 A run can start from a checkpoint (``model.init``) with block groups frozen (``model.freeze``); with the encoder
 frozen on a network that splits there, the crops are read from encoder features cached per scan
-(:mod:`pretrain.encoder_features`).
+(:mod:`fsseg.pretrain.encoder_features`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from fsseg.templates import Template, load_template
 from fsseg.training.encoder_cache import splits_at_encoder
 from fsseg.training.freezing import freeze_groups, train_trainable_parts
 from fsseg.training.runtime import MixedPrecision, Runtime, seed_everything
-from pretrain.config import PretrainConfig
-from pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset
+from fsseg.pretrain.config import PretrainConfig
+from fsseg.pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset
 
 log = logging.getLogger("fsseg.pretrain")
 # What a checkpoint must hold to continue training from it.

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from adapt.cli import main
-from adapt.config import AdaptConfig, TrainingConfig
-from adapt.engine import Adaptation, predict_query
-from adapt.training import train
+from fsseg.adapt.cli import main
+from fsseg.adapt.config import AdaptConfig, TrainingConfig
+from fsseg.adapt.engine import Adaptation, predict_query
+from fsseg.adapt.training import train
 from conftest import TOTALSEG_LIST, cut_to_one_window, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import load_adapted_model, read_adapter_file

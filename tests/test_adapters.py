@@ -282,8 +282,8 @@ def nnunet():
                          + [("i3resnet", m) for m in ("lp", "adapter", "ft-last", "bias", "affine-ln")]
                          + [("nnunet", m) for m in ("lp", "ft-last", "bias", "affine-ln")])
 def test_training_changes_only_the_parameters_a_method_trains(request, tmp_path, model, method):
-    from adapt.config import TrainingConfig
-    from adapt.training import Support, train
+    from fsseg.adapt.config import TrainingConfig
+    from fsseg.adapt.training import Support, train
 
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.random((1, 64, 64, 32), dtype=np.float32))

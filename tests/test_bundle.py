@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 from conftest import write_method_configs
 from fsseg.checkpoint import read_checkpoint, save_checkpoint
 from fsseg.data.datalist import load_datalist

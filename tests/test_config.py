@@ -2,12 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from adapt.config import AdaptConfig, read_method_settings
+from fsseg.adapt.config import AdaptConfig, read_method_settings
 from conftest import REPO
 from fsseg.adapters import get_method, list_methods
 from fsseg.config import apply_overrides, from_dict, load_config, to_dict
 from fsseg.errors import ConfigError
-from pretrain.config import PretrainConfig
+from fsseg.pretrain.config import PretrainConfig
 
 METHOD_SETTINGS = sorted(p for p in (REPO / "configs" / "adapt").rglob("*.yaml") if p.stem != "default")
 

@@ -9,14 +9,14 @@ import numpy as np
 import torch
 import yaml
 
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 from conftest import SAMPLE_CT, write_method_configs, write_nifti
 from fsseg.checkpoint import read_checkpoint, save_checkpoint
 from fsseg.importing import main as import_checkpoint
 from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate
 from fsseg.models import create_model
-from pretrain.cli import main as pretrain
+from fsseg.pretrain.cli import main as pretrain
 from test_importing import published
 from test_predict import oracle_checkpoint
 from test_pretrain import args as pretrain_args

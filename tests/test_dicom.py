@@ -15,7 +15,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 from conftest import write_method_configs
 from dicom_series import new_uid, write_dicom_series
 from fsseg.checkpoint import save_checkpoint

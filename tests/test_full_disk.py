@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 from conftest import REPO, ct_like, write_method_configs, write_nifti
 from fsseg.data.phantom import main as phantom
 from fsseg.data.samples import main as sample_data

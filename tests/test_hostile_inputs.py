@@ -23,7 +23,7 @@ import pydicom
 import pytest
 import torch
 
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 from conftest import SAMPLE_CT, ct_like, write_nifti
 from dicom_series import write_dicom_series
 from fsseg.adapters import adapt_model, get_method
@@ -41,7 +41,7 @@ from fsseg.inference.record import LABELS, LOCK, REPORT
 from fsseg.metrics.evaluate import main as evaluate
 from fsseg.models import create_model
 from fsseg.templates import load_template
-from pretrain.cli import main as pretrain
+from fsseg.pretrain.cli import main as pretrain
 from test_make_list import nnunet_dataset
 from test_nnunet import write_results_folder
 from test_pretrain import args as pretrain_args

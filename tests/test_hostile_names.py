@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 from conftest import SAMPLE_CT, ct_like, write_nifti
 from fsseg.data.check import main as check_data
 from fsseg.inference.predict import main as predict

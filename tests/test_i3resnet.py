@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from adapt.cli import main as adapt
-from adapt.config import AdaptConfig, TrainingConfig
-from adapt.engine import Adaptation
-from adapt.training import train
+from fsseg.adapt.cli import main as adapt
+from fsseg.adapt.config import AdaptConfig, TrainingConfig
+from fsseg.adapt.engine import Adaptation
+from fsseg.adapt.training import train
 from conftest import REPO, SAMPLE_CT, cut_to_one_window, source_lists, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
@@ -24,8 +24,8 @@ from fsseg.importing import main as import_checkpoint
 from fsseg.models import create_model
 from fsseg.templates import load_template
 from fsseg.training.encoder_cache import EncoderCache, pad_for_encoder
-from pretrain.cli import main as pretrain
-from pretrain.encoder_features import SKIPS, EncoderFeatureDataset
+from fsseg.pretrain.cli import main as pretrain
+from fsseg.pretrain.encoder_features import SKIPS, EncoderFeatureDataset
 
 CT = SAMPLE_CT
 FSEFT = load_template("fseft29")

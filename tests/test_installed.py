@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapt.config import TrainingConfig
+from fsseg.adapt.config import TrainingConfig
 
 from conftest import REPO
 
@@ -52,6 +52,14 @@ def installed(tmp_path_factory) -> Path:
     run([python, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", wheel])
     run([python, "-m", "pip", "install", "-q", wheel])  # its dependencies, when they are missing
     return VENV / "bin"
+
+
+def test_the_wheel_installs_one_top_level_name_fsseg(installed, tmp_path):
+    listing = ("from importlib.metadata import files; "
+               "print('\\n'.join(sorted({f.parts[0] for f in files('fsseg') if f.parts[0] != '..'})))")
+    found = run([installed / "python", "-c", listing], tmp_path).stdout.split()
+    assert [name for name in found if not name.endswith(".dist-info")] == ["fsseg"], found
+    run([installed / "python", "-c", "import fsseg.pretrain.engine, fsseg.adapt.engine"], tmp_path)
 
 
 def test_installed_commands_run_from_the_users_folder_with_the_shipped_settings(installed, tmp_path):

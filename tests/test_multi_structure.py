@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 from conftest import TOTALSEG_LIST, write_method_configs
 from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate

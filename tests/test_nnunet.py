@@ -16,7 +16,7 @@ from conftest import TOTALSEG_LIST, write_method_configs
 from fsseg.checkpoint import load_model
 from fsseg.importing import main as import_checkpoint
 from fsseg.inference.predict import main as predict
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 
 pytest.importorskip("dynamic_network_architectures", reason="nnU-Net import needs dynamic-network-architectures")
 

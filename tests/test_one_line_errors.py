@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapt.cli import main as adapt
+from fsseg.adapt.cli import main as adapt
 from conftest import SAMPLE_CT, ct_like, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
@@ -24,7 +24,7 @@ from fsseg.importing import main as import_checkpoint
 from fsseg.inference.predictor import FrozenBackbone, Predictor
 from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate
-from pretrain.cli import main as pretrain
+from fsseg.pretrain.cli import main as pretrain
 from test_predict import oracle_checkpoint
 from test_pretrain import args as pretrain_args
 

@@ -59,8 +59,8 @@ def test_a_predictions_json_of_another_tool_is_refused(tmp_path, tiny_checkpoint
 
 def test_run_folders_holding_another_commands_or_the_users_config_are_refused(tmp_path, tiny_checkpoint,
                                                                                phantom_dir, capsys):
-    from adapt.cli import main as adapt
-    from pretrain.cli import main as pretrain
+    from fsseg.adapt.cli import main as adapt
+    from fsseg.pretrain.cli import main as pretrain
 
     theirs = {"pretraining run": "model: {name: unet_tiny}\noptim: {lr: 0.001}\ndata: {lists: []}\n",
               "user's notes": "my: notes\n"}

@@ -14,7 +14,7 @@ import nibabel as nib
 
 from conftest import REPO, SAMPLE_CT, source_lists
 from fsseg.checkpoint import load_model, read_checkpoint
-from pretrain.cli import main
+from fsseg.pretrain.cli import main
 
 TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
 FAST = ["preprocessing.spacing=[4.0, 4.0, 4.0]", "preprocessing.roi=[32, 32, 32]", "optim.warmup_epochs=1"]
@@ -180,7 +180,7 @@ def test_a_schedule_of_few_steps_is_warned_of(tmp_path, capsys):
 
 
 def test_the_warning_starts_below_the_smallest_recipe(caplog):
-    from pretrain.engine import MIN_STEPS, warn_if_short
+    from fsseg.pretrain.engine import MIN_STEPS, warn_if_short
 
     warn_if_short(MIN_STEPS - 1, 8, 2)
     assert f"{MIN_STEPS - 1} optimizer steps" in caplog.text

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from adapt.cli import main as adapt
-from adapt.config import AdaptConfig
-from adapt.engine import Adaptation
+from fsseg.adapt.cli import main as adapt
+from fsseg.adapt.config import AdaptConfig
+from fsseg.adapt.engine import Adaptation
 from conftest import SAMPLE_CT, TOTALSEG_LIST, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import save_adapter
@@ -24,7 +24,7 @@ from fsseg.data.datalist import load_datalist
 from fsseg.errors import DataError
 from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate
-from pretrain.cli import main as pretrain
+from fsseg.pretrain.cli import main as pretrain
 from test_predict import oracle_checkpoint
 from test_pretrain import args as pretrain_args
 
