@@ -65,8 +65,9 @@ class Query:
 class Adaptation:
     """One adaptation run's data and frozen backbone, shared by every method, shot count and seed."""
 
-    def __init__(self, config: AdaptConfig, out: Path, device: torch.device) -> None:
+    def __init__(self, config: AdaptConfig, out: Path, device: torch.device, progress: bool | None = None) -> None:
         self.config, self.out, self.device = config, out, device
+        self.progress = progress  # inside each training run: a bar (True), a line an epoch (False) or nothing
         self.base, self.template, self.pre, _ = load_model(config.checkpoint)
         self.base = self.base.to(device).eval()
         self.checkpoint_sha = sha256_file(config.checkpoint)
@@ -220,7 +221,7 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
     """
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    run = Adaptation(config, out, device)
+    run = Adaptation(config, out, device, progress)
     log.info(f"{run.datalist.name}: {len(run.pool)} support candidates, {len(run.tests)} test cases, "
              f"targets {', '.join(run.organs)}")
     finished = finished_runs(out / "results.json", run) if resume else {}
@@ -274,8 +275,9 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     ti = run.config.ti
     rows, predictions = [], {}
     support_ids = " ".join(s.case.id for s in supports)
+    report = {"name": f"{method} K={shots} seed {seed}", "progress": run.progress}
     if ti.enabled:
-        warmed = train(adapted, supports, run, training, seed, until=min(ti.warmup_epochs, training.epochs))
+        warmed = train(adapted, supports, run, training, seed, until=min(ti.warmup_epochs, training.epochs), **report)
         warm_seconds = time.time() - began
         if warmed.stopped:
             log.warning(f"{method} K={shots} seed {seed}: the support loss plateaued after {warmed.epochs} epochs, "
@@ -288,14 +290,14 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
             own = copy.deepcopy(adapted)
             began_query = time.time()
             more = train(own, supports, run, training, seed, ti=(ti, pooled, size_targets(supports, query)),
-                         resume=warmed)
+                         resume=warmed, **report)
             seconds = warm_seconds + time.time() - began_query
             scored, predictions[case.id] = score_rows(run, own, query, method, shots, seed, trainable, total, seconds,
                                                       more.epochs, support_ids, transductive=True)
             rows += scored
         run.keep_if_best(method, shots, seed, rows, predictions)
         return rows
-    ran = train(adapted, supports, run, training, seed).epochs
+    ran = train(adapted, supports, run, training, seed, **report).epochs
     seconds = time.time() - began
     if run.config.save_adapters:
         save_adapter(run.out / "adapters" / adapter_name(run.organs, method, shots, seed), adapted, method, options,

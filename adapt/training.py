@@ -1,4 +1,5 @@
-"""The training loop of one adaptation run: support crops -> optimizer steps, on a schedule that does not depend on K.
+"""One adaptation run's training: support crops -> the training core (:mod:`fsseg.training.loop`), on a schedule
+that does not depend on K.
 
 An epoch is ``training.steps_per_epoch`` optimizer steps (default 10), each on one support volume's crops, the
 supports visited in seeded shuffled rounds that run on across epochs; so the learning-rate schedule (warm-up,
@@ -10,16 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
-from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import RandShiftIntensity
 
 from fsseg.adapt.config import TrainingConfig, TransductiveConfig
 from fsseg.adapters import AdaptedModel
-from fsseg.checkpoint import NonFiniteWeights
 from fsseg.data.datalist import Case
 from fsseg.data.sampling import CropSampler
 from fsseg.data.transforms import Preprocessing
@@ -27,6 +26,7 @@ from fsseg.errors import ConfigError
 from fsseg.losses import PartialLabelLoss
 from fsseg.losses.size_prior import size_constraint_loss
 from fsseg.training.encoder_cache import EncodedScan, pad_for_encoder
+from fsseg.training.loop import EpochStats, MicroBatch, Schedule, Step, Trainer, TrainingProgress, fit
 from fsseg.training.runtime import MixedPrecision, enable_activation_checkpointing
 
 log = logging.getLogger("fsseg.adapt")
@@ -139,9 +139,96 @@ def crop_batch(source: np.ndarray, crops: list[tuple[slice, ...]], layout: torch
     return batch
 
 
+class SupportCrops:
+    """The supports' crops as the training core's :class:`~fsseg.training.loop.CropSource`: each step one support
+    volume's crops in micro-batches, the supports visited in seeded shuffled rounds that run on across epochs."""
+
+    def __init__(self, adapted: AdaptedModel, supports: list[Support], run: Source, training: TrainingConfig,
+                 seed: int, inputs: str, precision: MixedPrecision) -> None:
+        self.adapted, self.supports, self.training, self.inputs = adapted, supports, training, inputs
+        self.device = run.device
+        cached = inputs == "features"
+        self.crop = training.crop_size if (cached and training.crop_size) else run.pre.roi
+        self.targets = [s.target for s in supports]
+        bodies = [s.image.numpy() if training.neg_in_body else None for s in supports]
+        align = None
+        if inputs == "encoder":
+            self.sources = [run.encoded(s) for s in supports]
+            align = self.sources[0].strides[-1]
+            self.targets = [pad_for_encoder(torch.from_numpy(t), self.sources[0].strides, self.crop).numpy()
+                            for t in self.targets]
+            bodies = [np.asarray(e.levels[0], dtype=np.float32) if training.neg_in_body else None
+                      for e in self.sources]
+        else:
+            self.sources = [run.features(s) if cached else s.image.numpy() for s in supports]
+        stride = training.voxel_stride if cached else 1
+        self.samplers = [CropSampler(t, self.crop, training.pos, training.neg, stride, body=b, align=align)
+                         for t, b in zip(self.targets, bodies)]
+        self.steps_per_epoch = steps_per_epoch(training, len(supports))
+        self.rng, self.pending = np.random.RandomState(seed), []
+        self.shift = RandShiftIntensity(training.intensity_shift, prob=training.intensity_shift_prob)
+        self.shift.set_random_state(state=self.rng)  # one random stream for crops and shifts, continued on resume
+        # Convolutions over cached features run 1.2x faster channels-last on the CPU; inference stays contiguous.
+        self.layout = torch.channels_last_3d if cached else torch.contiguous_format
+        # Cached features go in at the autocast precision: the convolutions would cast them to it anyway.
+        self.dtype = (precision.dtype or torch.float32) if cached else torch.float32
+        self.micro = training.micro_batch or training.crops_per_volume
+
+    def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Logits of a micro-batch: the head on cached features, the decoder on encoder skips, else the network."""
+        if self.inputs == "encoder":
+            return self.adapted.decode_forward(inputs)
+        return self.adapted.head_forward(inputs) if self.inputs == "features" else self.adapted(inputs)
+
+    def steps(self, epoch: int) -> Iterator[Step]:
+        self.adapted.set_train_mode()
+        for i in visits(self.rng, len(self.supports), self.steps_per_epoch, self.pending):
+            slices = self.samplers[i].slices(self.training.crops_per_volume, self.rng)
+            yield Step(self.micro_batches(i, slices), f"support '{self.supports[i].case.id}'")
+
+    def micro_batches(self, i: int, slices: list[tuple[slice, ...]]) -> Iterator[MicroBatch]:
+        """Support ``i``'s crops at ``slices``, ``micro`` at a time: their gradients add up to the whole batch's
+        (the loss is a mean over crops)."""
+        for first in range(0, len(slices), self.micro):
+            part = slices[first : first + self.micro]
+            y = torch.stack([torch.from_numpy(self.targets[i][s].astype(np.float32)) for s in part]).to(self.device)
+            if self.inputs == "encoder":
+                crop_skips = [self.sources[i].crop([s.start for s in c[1:]], self.crop) for c in part]
+                inputs = [torch.stack(level).to(self.device) for level in zip(*crop_skips)]
+            else:
+                x = crop_batch(self.sources[i], part, self.layout, self.dtype)
+                if self.inputs == "image" and self.training.intensity_shift_prob:
+                    x = torch.stack([torch.as_tensor(self.shift(volume)) for volume in x])
+                inputs = x.to(self.device)
+            yield MicroBatch(inputs, y, torch.ones(y.shape[:2], device=self.device), (len(part), len(slices)))
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state(), "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.pending = list(state["pending"])
+
+
+def check_inputs(adapted: AdaptedModel, inputs: str, training: TrainingConfig) -> None:
+    """``inputs`` is one of :data:`INPUTS` that trains ``adapted`` exactly."""
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got '{inputs}'")
+    if (inputs == "features" and not adapted.backbone_frozen) or (inputs == "encoder" and not adapted.encoder_frozen):
+        raise ValueError(f"cached {inputs} inputs need the {'backbone' if inputs == 'features' else 'encoder'} frozen")
+    if inputs == "features" and training.voxel_stride > 1:
+        check_voxel_stride(adapted, training)
+    if inputs != "image" and training.intensity_shift and training.intensity_shift_prob:
+        log.info(f"training.intensity_shift: not applied, this method trains on cached {inputs} features (no image "
+                 "to shift)")
+    if training.activation_checkpointing and inputs == "image" and not enable_activation_checkpointing(adapted):
+        log.warning("training.activation_checkpointing: this network offers none; training without it")
+
+
 def train(adapted: AdaptedModel, supports: list[Support], run: Source, training: TrainingConfig, seed: int,
           until: int | None = None, ti: tuple[TransductiveConfig, torch.Tensor, list[float]] | None = None,
-          resume: TrainResult | None = None, inputs: str | None = None) -> TrainResult:
+          resume: TrainResult | None = None, inputs: str | None = None, name: str = "adapt",
+          progress: bool | None = None) -> TrainResult:
     """Train ``adapted`` on the supports up to epoch ``until`` (default ``training.epochs``) or the plateau stop.
 
     ``inputs`` (one of :data:`INPUTS`; default :func:`training_inputs`) says what the crops are cut from:
@@ -150,119 +237,52 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
     of the encoder's deepest stride. ``resume`` continues an earlier call's run where it ended (schedule, crop
     RNG, plateau stop), on a copy of the model it trained. With ``ti`` = (settings, pooled query features,
     target proportions), each epoch ends with one step on lam * L_TI of the query; the plateau stop watches the
-    support loss alone, as without ``ti``.
+    support loss alone, as without ``ti``. ``progress``: a bar named ``name`` (True), a log line an epoch (False)
+    or nothing (None).
     """
     inputs = inputs or training_inputs(adapted)
-    if inputs not in INPUTS:
-        raise ValueError(f"inputs must be one of {INPUTS}, got '{inputs}'")
-    if (inputs == "features" and not adapted.backbone_frozen) or (inputs == "encoder" and not adapted.encoder_frozen):
-        raise ValueError(f"cached {inputs} inputs need the {'backbone' if inputs == 'features' else 'encoder'} frozen")
-    cached = inputs == "features"
-    stride = training.voxel_stride if cached else 1
-    if stride > 1:
-        check_voxel_stride(adapted, training)
-    device = run.device
-    crop = training.crop_size if (cached and training.crop_size) else run.pre.roi
-    targets = [s.target for s in supports]
-    bodies = [s.image.numpy() if training.neg_in_body else None for s in supports]
-    align = None
-    if inputs == "encoder":
-        sources = [run.encoded(s) for s in supports]
-        align = sources[0].strides[-1]
-        targets = [pad_for_encoder(torch.from_numpy(t), sources[0].strides, crop).numpy() for t in targets]
-        bodies = [np.asarray(e.levels[0], dtype=np.float32) if training.neg_in_body else None for e in sources]
-    else:
-        sources = [run.features(s) if cached else s.image.numpy() for s in supports]
-    samplers = [CropSampler(t, crop, training.pos, training.neg, stride, body=b, align=align)
-                for t, b in zip(targets, bodies)]
-    per_epoch = steps_per_epoch(training, len(supports))
-    params = [p for p in adapted.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=training.warmup_epochs * per_epoch,
-                                     t_total=(training.cosine_epochs or training.epochs) * per_epoch,
-                                     warmup_multiplier=training.warmup_start)
-    rng, pending = np.random.RandomState(seed), []
-    shift = RandShiftIntensity(training.intensity_shift, prob=training.intensity_shift_prob)
-    shift.set_random_state(state=rng)  # one random stream for crops and shifts, continued by ``resume``
-    if inputs != "image" and training.intensity_shift and training.intensity_shift_prob:
-        log.info(f"training.intensity_shift: not applied, this method trains on cached {inputs} features (no image "
-                 "to shift)")
+    check_inputs(adapted, inputs, training)
+    precision = MixedPrecision(run.device, cpu_bf16=training.cpu_bf16)
+    source = SupportCrops(adapted, supports, run, training, seed, inputs, precision)
+    per_epoch = source.steps_per_epoch
+    schedule = Schedule(training.lr, training.weight_decay, training.warmup_epochs * per_epoch,
+                        (training.cosine_epochs or training.epochs) * per_epoch, training.warmup_start)
+    trainer = Trainer(adapted.parameters(), source.forward, PartialLabelLoss(training.dice_weight, training.bce_weight),
+                      schedule, precision, "nothing of this run was saved")
     stopper = EarlyStopper(training.early_stop_window, training.early_stop_patience, training.early_stop_min_delta,
                            resume.losses if resume else None)
     if resume:
-        optimizer.load_state_dict(resume.state["optimizer"])
-        scheduler.load_state_dict(resume.state["scheduler"])
-        rng.set_state(resume.state["rng"])
-        pending = list(resume.state["pending"])
-    loss_fn = PartialLabelLoss(training.dice_weight, training.bce_weight)
-    precision = MixedPrecision(device, cpu_bf16=training.cpu_bf16)
-    # Convolutions over cached features run 1.2x faster channels-last on the CPU; inference stays contiguous.
-    layout = torch.channels_last_3d if cached else torch.contiguous_format
-    # Cached features go in at the autocast precision: the convolutions would cast them to it anyway.
-    features_dtype = (precision.dtype or torch.float32) if cached else torch.float32
-    for part in (adapted.trunk, adapted.head):
-        part.to(memory_format=layout)
-    micro = training.micro_batch or training.crops_per_volume
-    if training.activation_checkpointing and inputs == "image" and not enable_activation_checkpointing(adapted):
-        log.warning("training.activation_checkpointing: this network offers none; training without it")
-    stopped = bool(resume and resume.stopped)
-    for epoch in range(len(stopper.losses), training.epochs if until is None else until):
-        if stopped:
-            break
-        adapted.set_train_mode()
-        losses = []
-        for i in visits(rng, len(supports), per_epoch, pending):
-            slices = samplers[i].slices(training.crops_per_volume, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss = 0.0
-            # One optimizer step per support volume; its crops go through in micro-batches whose gradients add
-            # up to the whole batch's (the loss is a mean over crops).
-            for first in range(0, len(slices), micro):
-                part = slices[first : first + micro]
-                y = torch.stack([torch.from_numpy(targets[i][s].astype(np.float32)) for s in part]).to(device)
-                if inputs == "encoder":
-                    crop_skips = [sources[i].crop([s.start for s in c[1:]], crop) for c in part]
-                    skips = [torch.stack(level).to(device) for level in zip(*crop_skips)]
-                    with precision.autocast():
-                        logits = adapted.decode_forward(skips)
-                else:
-                    x = crop_batch(sources[i], part, layout, features_dtype)
-                    if inputs == "image" and training.intensity_shift_prob:
-                        x = torch.stack([torch.as_tensor(shift(volume)) for volume in x])
-                    with precision.autocast():
-                        logits = adapted.head_forward(x.to(device)) if cached else adapted(x.to(device))
-                share = loss_fn(logits.float(), y, torch.ones(y.shape[:2], device=device)).total
-                share = share * len(part) / len(slices)
-                if not torch.isfinite(share):
-                    raise NonFiniteWeights(f"non-finite loss in epoch {epoch + 1} on support '{supports[i].case.id}'; "
-                                           "nothing of this run was saved")
-                precision.scaler.scale(share).backward()
-                loss += share.item()
-            precision.step(optimizer)
-            scheduler.step()
-            losses.append(loss)
+        trainer.load_state_dict(resume.state)
+        source.load_state_dict(resume.state)
+
+    def end_epoch(stats: EpochStats) -> bool:
         if ti is not None:
-            transductive_step(adapted, optimizer, precision, *ti)
-        stopped = stopper.should_stop(float(np.mean(losses)))
-        if stopped:
-            log.info(f"early stop after epoch {epoch + 1} ({(epoch + 1) * per_epoch} steps): loss plateau at "
-                     f"{stopper.losses[-1]:.4f}")
+            transductive_step(adapted, trainer, *ti)
+        if stopper.should_stop(stats.loss):
+            log.info(f"{name}: early stop after epoch {stats.epoch} ({stats.epoch * per_epoch} steps): loss plateau "
+                     f"at {stopper.losses[-1]:.4f}")
+            return True
+        return False
+
+    for part in (adapted.trunk, adapted.head):
+        part.to(memory_format=source.layout)
+    epochs = range(len(stopper.losses), training.epochs if until is None else until)
+    stopped = bool(resume and resume.stopped)
+    if not stopped:
+        report = TrainingProgress(name, epochs, per_epoch, bar=bool(progress), lines=progress is False, log=log)
+        stopped = fit(trainer, source, epochs, end_epoch, report).stopped
     for part in (adapted.trunk, adapted.head):
         part.to(memory_format=torch.contiguous_format)
     adapted.eval()
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng.get_state(),
-             "pending": list(pending)}
-    return TrainResult(stopper.losses, stopped, state)
+    return TrainResult(stopper.losses, stopped, trainer.state_dict() | source.state_dict())
 
 
-def transductive_step(adapted: AdaptedModel, optimizer: torch.optim.Optimizer, precision: MixedPrecision,
-                      settings: TransductiveConfig, pooled: torch.Tensor, proportions: list[float]) -> None:
+def transductive_step(adapted: AdaptedModel, trainer: Trainer, settings: TransductiveConfig, pooled: torch.Tensor,
+                      proportions: list[float]) -> None:
     """One step on lam * L_TI: the predicted soft size of each structure on the (pooled) query features against
     its expected proportion; no step when every size lies inside its band."""
     predicted = torch.sigmoid(adapted.head_forward(pooled)).mean(dim=(0, 2, 3, 4))
     penalty = torch.stack([size_constraint_loss(predicted[k], s, settings.gamma, settings.form)
                            for k, s in enumerate(proportions)]).mean()
     if penalty.item() > 0:
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(settings.lam * penalty).backward()
-        precision.step(optimizer)
+        trainer.extra_step(settings.lam * penalty)

@@ -1,8 +1,8 @@
-"""The pretraining loop: partial-label supervised training of a foundation model on several datasets.
+"""Pretraining: partial-label supervised training of a foundation model on several datasets.
 
 Data lists -> cached preprocessing + random crops -> uniform-over-datasets sampling -> model -> task-masked
-Dice + BCE -> AdamW with warm-up and cosine decay. Rank 0 writes checkpoints (atomically), TensorBoard
-events, ``train.log`` and ``summary.json``. Every epoch re-seeds the sampler and the random transforms from
+Dice + BCE -> AdamW with warm-up and cosine decay (the training core, :mod:`fsseg.training.loop`). Rank 0
+writes checkpoints (atomically), TensorBoard events, ``train.log`` and ``summary.json``. Every epoch re-seeds the sampler and the random transforms from
 (seed, epoch, rank), so a run resumed from a checkpoint continues exactly as an uninterrupted one would.
 
 A run can start from a checkpoint (``model.init``) with block groups frozen (``model.freeze``); with the encoder
@@ -16,19 +16,19 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import yaml
 from monai.data import DataLoader, Dataset, DistributedWeightedRandomSampler
-from monai.optimizers import WarmupCosineSchedule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fsseg.checkpoint import (NonFiniteWeights, head_trained, load_weights, read_checkpoint, rng_state,
-                              save_checkpoint, save_model_file, set_rng_state, sha256_file, versions)
+from fsseg.checkpoint import (head_trained, load_weights, read_checkpoint, rng_state, save_checkpoint,
+                              save_model_file, set_rng_state, sha256_file, versions)
 from fsseg.config import to_dict
 from fsseg.data.cache import cached_dataset, content_hash
 from fsseg.data.datalist import load_datalist
@@ -41,6 +41,7 @@ from fsseg.outputs import prepare_output_dir
 from fsseg.templates import Template, load_template
 from fsseg.training.encoder_cache import splits_at_encoder
 from fsseg.training.freezing import freeze_groups, train_trainable_parts
+from fsseg.training.loop import EpochStats, Fit, MicroBatch, Schedule, Step, Trainer, TrainingProgress, fit
 from fsseg.training.runtime import MixedPrecision, Runtime, seed_everything
 from fsseg.pretrain.config import PretrainConfig
 from fsseg.pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset
@@ -173,11 +174,50 @@ def warn_if_short(steps: int, volumes: int, batch_size: int) -> None:
                     "sampling.volumes_per_epoch, or the model will have learned little")
 
 
-def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None = None, progress: bool = True) -> dict:
-    """Run (or resume) pretraining into ``out``; return the summary written to ``summary.json``."""
-    paths = RunPaths(out)
-    started = time.time()
-    template = load_template(cfg.template)
+class LoaderCrops:
+    """The pretraining batches as the training core's :class:`~fsseg.training.loop.CropSource`: volumes drawn
+    with their datasets' weights, each epoch's sampler and random transforms seeded from (seed, epoch, rank)."""
+
+    def __init__(self, dataset: Dataset, weights: list[float], cfg: PretrainConfig, runtime: Runtime, cached: bool,
+                 network: torch.nn.Module) -> None:
+        self.dataset, self.runtime, self.cached, self.network, self.seed = dataset, runtime, cached, network, cfg.seed
+        self.volumes = cfg.sampling.volumes_per_epoch or len(weights)
+        self.generator = torch.Generator()
+        self.sampler = DistributedWeightedRandomSampler(
+            dataset, weights, num_samples_per_rank=math.ceil(self.volumes / runtime.world_size),
+            generator=self.generator, num_replicas=runtime.world_size, rank=runtime.rank, seed=cfg.seed,
+        )
+        self.loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=self.sampler,
+                                 num_workers=cfg.num_workers)
+        self.steps_per_epoch = len(self.loader)
+
+    def steps(self, epoch: int) -> Iterator[Step]:
+        rank_seed = (self.seed * 1_000_003 + epoch) * self.runtime.world_size + self.runtime.rank
+        self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(rank_seed)
+        (self.dataset if self.cached else self.dataset.transform).set_random_state(seed=rank_seed % 2**32)
+        torch.manual_seed(rank_seed)
+        train_trainable_parts(self.network)
+        device = self.runtime.device
+        for batch in self.loader:
+            inputs = [s.to(device) for s in batch[SKIPS]] if self.cached else batch[IMAGE].to(device)
+            micro = MicroBatch(inputs, batch[LABEL].to(device), batch[TASK_MASK].to(device))
+            yield Step([micro], f"cases {', '.join(map(str, batch['id']))}")
+
+
+@dataclass
+class RunState:
+    """Where a run stands: epochs done, the loss of each, the best."""
+
+    epoch: int = 0
+    best: float = math.inf
+    history: list[float] = field(default_factory=list)
+
+
+def prepare_model(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, template: Template,
+                  resume: str | None) -> tuple[SegmentationModel, dict | None, bool]:
+    """The model with its starting weights and frozen groups, the checkpoint it resumes from (or None), and
+    whether its crops are cached encoder features."""
     check_roi(cfg.model.name, cfg.preprocessing.roi)
     seed_everything(cfg.seed)
     model = create_model(cfg.model.name, num_classes=len(template), **cfg.model.kwargs).to(runtime.device)
@@ -185,24 +225,30 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     payload = read_checkpoint(resume_path) if resume_path else None
     if payload is not None:
         _check_resumable(payload, model.arch, template, cfg, resume_path)
-
     if runtime.is_main:
-        prepare_output_dir(out, "--out")
+        prepare_output_dir(paths.out, "--out")
         _log_to_file(paths.log)
     if payload is not None:  # before the encoder cache encodes anything with these weights
         model.load_state_dict(payload["state_dict"])
+        log.info(f"resumed from {resume_path} after epoch {payload['epoch']} (step {payload['step']})")
     elif cfg.model.init:
         start_from(model, cfg, template)
     trainable = freeze_groups(model, cfg.model.freeze)
-    cached = "encoder" in cfg.model.freeze and cfg.data.encoder_cache and splits_at_encoder(model)
+    cached = bool("encoder" in cfg.model.freeze and cfg.data.encoder_cache and splits_at_encoder(model))
     if cached and cfg.num_workers:
         raise ConfigError("num_workers must be 0 with cached encoder features (each step only reads crops of "
                           "memory-mapped files; workers would draw the same crops)")
     if cfg.model.freeze:
         log.info(f"frozen: {', '.join(cfg.model.freeze)}; {trainable:,} parameters train"
                  + ("; crops read the encoder's features, cached per scan" if cached else ""))
+    return model, payload, cached
+
+
+def prepare_crops(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, template: Template,
+                  model: SegmentationModel, cached: bool, progress: bool) -> LoaderCrops:
+    """The run's crop source; with ``cached``, the encoder's features of every scan computed first (rank 0)."""
     runtime.barrier()  # the cache folder exists before other ranks use it
-    dataset, weights, lines = build_dataset(cfg, template, out, model if cached else None)
+    dataset, weights, lines = build_dataset(cfg, template, paths.out, model if cached else None)
     for line in lines:
         log.info(line)
     if cached:
@@ -210,132 +256,119 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
             for index in tqdm(range(len(dataset)), desc="encoder features", unit="scan", disable=not progress):
                 dataset.prepare(index)
         runtime.barrier()
+    trained = DecoderHead(model) if cached else model
+    network = DistributedDataParallel(trained) if runtime.distributed else trained
+    return LoaderCrops(dataset, weights, cfg, runtime, cached, network)
 
-    volumes = cfg.sampling.volumes_per_epoch or len(weights)
-    generator = torch.Generator()
-    sampler = DistributedWeightedRandomSampler(
-        dataset, weights, num_samples_per_rank=math.ceil(volumes / runtime.world_size), generator=generator,
-        num_replicas=runtime.world_size, rank=runtime.rank, seed=cfg.seed,
-    )
-    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.num_workers)
-    steps_per_epoch = len(loader)
-    warn_if_short(cfg.optim.epochs * steps_per_epoch, volumes, cfg.optim.batch_size)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
-                                     t_total=cfg.optim.epochs * steps_per_epoch)
-    precision = MixedPrecision(runtime.device, enabled=cfg.amp)
-    scaler = precision.scaler
+def make_trainer(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: SegmentationModel,
+                 crops: LoaderCrops, payload: dict | None) -> tuple[Trainer, RunState]:
+    """AdamW with warm-up and cosine decay over the run's steps, continued from ``payload`` when it resumes."""
+    per_epoch = crops.steps_per_epoch
+    warn_if_short(cfg.optim.epochs * per_epoch, crops.volumes, cfg.optim.batch_size)
+    schedule = Schedule(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs * per_epoch,
+                        cfg.optim.epochs * per_epoch, grad_clip=cfg.optim.grad_clip)
     loss_fn = PartialLabelLoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.smooth)
-
-    start_epoch, step, best, history = 0, 0, math.inf, []
+    trainer = Trainer(model.parameters(), crops.network, loss_fn, schedule, MixedPrecision(runtime.device, cfg.amp),
+                      f"stopped without saving, {paths.latest} keeps the last finite state")
+    state = RunState()
     if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if scheduler.t_total != cfg.optim.epochs * steps_per_epoch:
-            # The saved state holds the old end, past which MONAI's cosine climbs back to the peak: move it, so the
-            # learning rate decays from here to 0 at the new end, as if the run had been planned this long.
-            scheduler.t_total = cfg.optim.epochs * steps_per_epoch
-            log.info(f"optim.epochs is now {cfg.optim.epochs}: the cosine decay ends at step {scheduler.t_total}")
-        if payload["scaler"] and scaler.is_enabled():  # empty when saved without float16 (CPU, bfloat16)
-            scaler.load_state_dict(payload["scaler"])
+        if payload["scheduler"].get("t_total") != schedule.total_steps:
+            log.info(f"optim.epochs is now {cfg.optim.epochs}: the cosine decay ends at step {schedule.total_steps}")
+        trainer.load_state_dict(payload)
         set_rng_state(payload["rng"])
-        start_epoch, step, best, history = payload["epoch"], payload["step"], payload["best_loss"], payload["history"]
-        log.info(f"resumed from {resume_path} after epoch {start_epoch} (step {step})")
+        state = RunState(payload["epoch"], payload["best_loss"], payload["history"])
+    return trainer, state
+
+
+def end_of_epoch(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: SegmentationModel,
+                 template: Template, trainer: Trainer, state: RunState, writer: SummaryWriter | None,
+                 report: TrainingProgress) -> Callable[[EpochStats], bool]:
+    """What ends each epoch: the loss over all ranks, TensorBoard and the log, and (rank 0) the checkpoints."""
+
+    def end_epoch(stats: EpochStats) -> bool:
+        channels = torch.zeros(len(template), dtype=torch.float64)
+        sums = stats.per_channel if stats.per_channel is not None else channels
+        batches = stats.annotated if stats.annotated is not None else channels
+        totals = torch.tensor([stats.loss_sum, stats.steps], dtype=torch.float64)
+        totals, sums, batches = (runtime.all_reduce(t) for t in (totals, sums, batches))
+        state.epoch, loss = stats.epoch, float(totals[0] / totals[1].clamp(min=1))
+        state.history.append(loss)
+        if runtime.is_main:
+            lr = trainer.scheduler.get_last_lr()[0]
+            writer.add_scalar("loss/total", loss, stats.epoch)
+            writer.add_scalar("lr", lr, stats.epoch)
+            per_channel = sums / batches.clamp(min=1)
+            for channel in torch.nonzero(batches)[:, 0].tolist():
+                writer.add_scalar(f"loss/{template.structures[channel]}", float(per_channel[channel]), stats.epoch)
+            log.info(f"epoch {stats.epoch}/{cfg.optim.epochs}: loss {loss:.4f}, lr {lr:.3g}, step {stats.step}, "
+                     f"{report.seconds_left():.0f} s left")
+            save_epoch(cfg, paths, model, template, trainer, state, loss)
+        runtime.barrier()
+        return False
+
+    return end_epoch
+
+
+def save_epoch(cfg: PretrainConfig, paths: RunPaths, model: SegmentationModel, template: Template,
+               trainer: Trainer, state: RunState, loss: float) -> None:
+    """The latest checkpoint, the best when ``loss`` is the lowest so far, and every ``checkpoint_every``-th."""
+    is_best = loss < state.best
+    state.best = min(state.best, loss)
+    checkpoint = {
+        "kind": "pretrain", "arch": model.arch, "template": template.to_dict(),
+        "preprocessing": cfg.preprocessing.to_dict(), "state_dict": model.state_dict(),
+        **trainer.state_dict(), "epoch": state.epoch, "rng": rng_state(),
+        "config": to_dict(cfg), "best_loss": state.best, "history": state.history,
+    }
+    save_checkpoint(paths.latest, checkpoint)
+    if is_best:
+        save_checkpoint(paths.best, checkpoint)
+    if state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.optim.epochs:
+        save_checkpoint(paths.periodic(state.epoch), checkpoint)
+
+
+def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None = None, progress: bool = True) -> dict:
+    """Run (or resume) pretraining into ``out``; return the summary written to ``summary.json``."""
+    paths = RunPaths(out)
+    started = time.time()
+    template = load_template(cfg.template)
+    model, payload, cached = prepare_model(cfg, paths, runtime, template, resume)
+    crops = prepare_crops(cfg, paths, runtime, template, model, cached, progress)
+    trainer, state = make_trainer(cfg, paths, runtime, model, crops, payload)
     if runtime.is_main:  # only once the run is accepted: a refused --resume keeps the run's own config
         with atomic_path(paths.config) as tmp:
             tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if start_epoch >= cfg.optim.epochs:
-        log.info(f"nothing to do: {start_epoch} epochs done, optim.epochs is {cfg.optim.epochs} (raise it to continue)")
-    trained = DecoderHead(model) if cached else model
-    network = DistributedDataParallel(trained) if runtime.distributed else trained
+    if state.epoch >= cfg.optim.epochs:
+        log.info(f"nothing to do: {state.epoch} epochs done, optim.epochs is {cfg.optim.epochs} (raise it to continue)")
     writer = SummaryWriter(str(paths.tensorboard)) if runtime.is_main else None
     log.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {runtime.device}"
              f" x{runtime.world_size}" + (f" (process group: {runtime.backend})" if runtime.distributed else "")
-             + f"; {steps_per_epoch} steps per epoch")
+             + f"; {crops.steps_per_epoch} steps per epoch")
+    epochs = range(state.epoch, cfg.optim.epochs)
+    report = TrainingProgress("pretrain", epochs, crops.steps_per_epoch, bar=progress and runtime.is_main,
+                              lines=False, log=log)
+    ran = fit(trainer, crops, epochs, end_of_epoch(cfg, paths, runtime, model, template, trainer, state, writer,
+                                                   report), report)
+    if writer is not None:
+        writer.close()
+    return finish(cfg, paths, runtime, model, template, trainer, state, ran, crops.steps_per_epoch, started)
 
-    data_seconds = compute_seconds = 0.0
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        epoch_seed = cfg.seed * 1_000_003 + epoch
-        sampler.set_epoch(epoch)
-        generator.manual_seed(epoch_seed * runtime.world_size + runtime.rank)
-        random_state = (epoch_seed * runtime.world_size + runtime.rank) % 2**32
-        (dataset if cached else dataset.transform).set_random_state(seed=random_state)
-        torch.manual_seed(epoch_seed * runtime.world_size + runtime.rank)
-        train_trainable_parts(network)
-        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, batches
-        channel_sums = torch.zeros(len(template), dtype=torch.float64)
-        channel_batches = torch.zeros(len(template), dtype=torch.float64)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step",
-                   disable=not (progress and runtime.is_main), leave=False)
-        tick = time.perf_counter()
-        for batch in bar:
-            loaded = time.perf_counter()
-            inputs = [s.to(runtime.device) for s in batch[SKIPS]] if cached else batch[IMAGE].to(runtime.device)
-            targets = batch[LABEL].to(runtime.device)
-            masks = batch[TASK_MASK].to(runtime.device)
-            optimizer.zero_grad(set_to_none=True)
-            with precision.autocast():
-                logits = network(inputs)
-            result = loss_fn(logits, targets, masks)
-            if not scaler.is_enabled() and not torch.isfinite(result.total):  # else the scaler skips the step
-                raise NonFiniteWeights(f"non-finite loss at epoch {epoch + 1}, step {step + 1} (cases "
-                                       f"{', '.join(map(str, batch['id']))}); stopped without saving, "
-                                       f"{paths.latest} keeps the last finite state")
-            scaler.scale(result.total).backward()
-            if cfg.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            precision.step(optimizer)
-            scheduler.step()
-            step += 1
-            totals += torch.tensor([result.total.item(), 1.0], dtype=torch.float64)
-            channel_sums += result.per_channel.cpu().double()
-            channel_batches += result.annotated.cpu().double()
-            done = time.perf_counter()
-            data_seconds, compute_seconds = data_seconds + loaded - tick, compute_seconds + done - loaded
-            tick = done
-            bar.set_postfix(loss=f"{result.total.item():.4f}")
-        totals, channel_sums, channel_batches = (runtime.all_reduce(t) for t in (totals, channel_sums, channel_batches))
-        epoch_loss = float(totals[0] / totals[1].clamp(min=1))
-        history.append(epoch_loss)
-        if runtime.is_main:
-            lr = scheduler.get_last_lr()[0]
-            writer.add_scalar("loss/total", epoch_loss, epoch + 1)
-            writer.add_scalar("lr", lr, epoch + 1)
-            per_channel = channel_sums / channel_batches.clamp(min=1)
-            for channel in torch.nonzero(channel_batches)[:, 0].tolist():
-                writer.add_scalar(f"loss/{template.structures[channel]}", float(per_channel[channel]), epoch + 1)
-            log.info(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {epoch_loss:.4f}, lr {lr:.3g}, step {step}")
-            is_best = epoch_loss < best
-            best = min(best, epoch_loss)
-            checkpoint = {
-                "kind": "pretrain", "arch": model.arch, "template": template.to_dict(),
-                "preprocessing": cfg.preprocessing.to_dict(), "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rng_state(),
-                "config": to_dict(cfg), "best_loss": best, "history": history,
-            }
-            save_checkpoint(paths.latest, checkpoint)
-            if is_best:
-                save_checkpoint(paths.best, checkpoint)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
-                save_checkpoint(paths.periodic(epoch + 1), checkpoint)
-        runtime.barrier()
 
+def finish(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: SegmentationModel, template: Template,
+           trainer: Trainer, state: RunState, ran: Fit, steps_per_epoch: int, started: float) -> dict:
+    """The run's summary (written by rank 0 to ``summary.json``, with ``model.pt``: the weights to share)."""
     summary = {
         "versions": versions(), "device": str(runtime.device), "world_size": runtime.world_size,
         "model": model.arch, "parameters": sum(p.numel() for p in model.parameters()),
-        "template": template.name, "epochs": cfg.optim.epochs, "steps": step, "steps_per_epoch": steps_per_epoch,
-        "final_loss": history[-1] if history else None, "best_loss": best if history else None,
-        "seconds": round(time.time() - started, 2),
-        "seconds_data_wait": round(data_seconds, 3), "seconds_compute": round(compute_seconds, 3),
-        "checkpoint": str(paths.latest), "loss_history": history,
+        "template": template.name, "epochs": cfg.optim.epochs, "steps": trainer.step_count,
+        "steps_per_epoch": steps_per_epoch, "final_loss": state.history[-1] if state.history else None,
+        "best_loss": state.best if state.history else None, "seconds": round(time.time() - started, 2),
+        "seconds_data_wait": round(sum(e.seconds_data for e in ran.epochs), 3),
+        "seconds_compute": round(sum(e.seconds_compute for e in ran.epochs), 3),
+        "checkpoint": str(paths.latest), "loss_history": state.history,
     }
     if runtime.is_main:
-        if writer is not None:
-            writer.close()
         with atomic_path(paths.summary) as tmp:
             tmp.write_text(json.dumps(summary, indent=1) + "\n")
         if paths.latest.exists():
