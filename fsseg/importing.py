@@ -213,28 +213,9 @@ def convert(state: dict[str, torch.Tensor], layout: Layout, template: Template, 
     own = model.state_dict()
     if "head.weight" in mapped and template.name != layout.template:
         mapped.update(_head_by_name(mapped, load_template(layout.template), template, own, log))
-    coverage = Coverage({})
-    usable = {}
-    for key, value in mapped.items():
-        kind = "unexpected" if key not in own else ("mismatched" if own[key].shape != value.shape else "loaded")
-        coverage.rows.setdefault(coverage.block(key, model), {k: [] for k in ("loaded", "missing", "unexpected",
-                                                                         "mismatched")})[kind].append(key)
-        if kind == "loaded":
-            usable[key] = value
-    for key in own:
-        if key not in mapped and not key.endswith(DERIVED_BUFFERS):
-            coverage.rows.setdefault(coverage.block(key, model), {k: [] for k in ("loaded", "missing", "unexpected",
-                                                                             "mismatched")})["missing"].append(key)
+    coverage, usable = _coverage(mapped, own, model)
     log(coverage.format())
-    broken = sorted({block for block, kinds in coverage.rows.items() if block != "head"
-                     and any(k.startswith(layout.required_prefix) for k in kinds["missing"] + kinds["mismatched"])})
-    if broken:
-        first = next(k for block in broken for k in coverage.rows[block]["missing"] + coverage.rows[block]["mismatched"])
-        raise DataError(f"backbone tensors missing or of the wrong shape in block(s) {', '.join(broken)} "
-                        f"(e.g. {first}); this file does not fit the '{layout.name}' layout")
-    unexpected = [k for kinds in coverage.rows.values() for k in kinds["unexpected"]]
-    if unexpected:
-        raise DataError(f"{len(unexpected)} tensor(s) have no place in the model, e.g. {unexpected[0]}")
+    _check_backbone(coverage, layout)
     head = coverage.rows.get("head", {})
     head_complete = len(head.get("loaded", [])) == 2
     if not head_complete:
@@ -254,6 +235,39 @@ def convert(state: dict[str, torch.Tensor], layout: Layout, template: Template, 
     result = model.load_state_dict(usable, strict=False)
     assert not result.unexpected_keys
     return model, coverage
+
+
+def _coverage(mapped: dict, own: dict, model: SegmentationModel) -> tuple[Coverage, dict]:
+    """Each tensor's fate per block (loaded, missing, unexpected, mismatched), and the ones that load."""
+    coverage = Coverage({})
+    usable = {}
+
+    def note(key: str, kind: str) -> None:
+        kinds = ("loaded", "missing", "unexpected", "mismatched")
+        coverage.rows.setdefault(coverage.block(key, model), {k: [] for k in kinds})[kind].append(key)
+
+    for key, value in mapped.items():
+        kind = "unexpected" if key not in own else ("mismatched" if own[key].shape != value.shape else "loaded")
+        note(key, kind)
+        if kind == "loaded":
+            usable[key] = value
+    for key in own:
+        if key not in mapped and not key.endswith(DERIVED_BUFFERS):
+            note(key, "missing")
+    return coverage, usable
+
+
+def _check_backbone(coverage: Coverage, layout: Layout) -> None:
+    """Raises DataError when a required backbone tensor is missing or mismatched, or a tensor has no place."""
+    broken = sorted({block for block, kinds in coverage.rows.items() if block != "head"
+                     and any(k.startswith(layout.required_prefix) for k in kinds["missing"] + kinds["mismatched"])})
+    if broken:
+        first = next(k for block in broken for k in coverage.rows[block]["missing"] + coverage.rows[block]["mismatched"])
+        raise DataError(f"backbone tensors missing or of the wrong shape in block(s) {', '.join(broken)} "
+                        f"(e.g. {first}); this file does not fit the '{layout.name}' layout")
+    unexpected = [k for kinds in coverage.rows.values() for k in kinds["unexpected"]]
+    if unexpected:
+        raise DataError(f"{len(unexpected)} tensor(s) have no place in the model, e.g. {unexpected[0]}")
 
 
 def _head_by_name(mapped: dict, source: Template, target: Template, own: dict, log) -> dict:
