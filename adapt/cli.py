@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from fsseg.adapt.config import AdaptConfig
 from fsseg.adapters import list_methods
 from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
 from fsseg.config import load_config
 from fsseg.errors import ConfigError, DataError
 from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
 from fsseg.training.runtime import resolve_device, seed_everything
-from fsseg.adapt.config import AdaptConfig
 
 RUN_FILES = ("config.yaml", "results.json", "results.csv")
 # What marks the run files as fsseg-adapt's own (a config.yaml may be a pretraining run's or the user's).
@@ -31,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(method x K, mean ± std over seeds) and writes results.json, results.csv and adapter files.",
         epilog="Methods: " + "; ".join(f"{name}: {text}" for name, text in list_methods().items()),
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help="run config (default: configs/adapt/default.yaml: the demo's model and liver task)")
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="run config (default: configs/adapt/default.yaml: the demo's model and liver task)",
+    )
     parser.add_argument("--checkpoint", help="pretrained fsseg checkpoint")
     parser.add_argument("--data-list", help="data list with train (support pool) and test cases")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
@@ -40,22 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shots", type=int, nargs="+", metavar="K", help="support-set sizes, e.g. 1 5 10")
     parser.add_argument("--method", nargs="+", choices=sorted(list_methods()), help="adaptation method(s)")
     parser.add_argument("--seeds", type=int, help="support draws per K (seeds 0..N-1)")
-    parser.add_argument("--ti", action=argparse.BooleanOptionalAction, default=None,
-                        help="transductive organ-size constraint on each test case (frozen-backbone methods)")
+    parser.add_argument(
+        "--ti",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="transductive organ-size constraint on each test case (frozen-backbone methods)",
+    )
     parser.add_argument("--out", default="runs/adapt", help="run directory (default runs/adapt)")
-    parser.add_argument("--continue", dest="resume", action="store_true",
-                        help="keep the (method, K, seed) runs that OUT/results.json already holds for the same "
-                        "checkpoint, data list, structures and method settings; run only the rest")
+    parser.add_argument(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="keep the (method, K, seed) runs that OUT/results.json already holds for the same "
+        "checkpoint, data list, structures and method settings; run only the rest",
+    )
     sweep = parser.add_argument_group(
         "sweeps over several machines",
         "Split the (method, K, seed) runs into P disjoint parts (e.g. a SLURM array: --num-parts 8 --part-id "
         "$SLURM_ARRAY_TASK_ID --out runs/sweep/part$SLURM_ARRAY_TASK_ID), then combine them: fsseg-adapt --merge "
         "runs/sweep/part* --out runs/sweep/all. Every run is seeded from its own identity, so the merged results "
-        "equal one run of the whole sweep.")
+        "equal one run of the whole sweep.",
+    )
     sweep.add_argument("--num-parts", type=int, default=1, metavar="P", help="parts the sweep is split into")
     sweep.add_argument("--part-id", type=int, default=0, metavar="I", help="which part this is, 0..P-1")
-    sweep.add_argument("--merge", nargs="+", metavar="DIR",
-                       help="merge the parts' run directories into --out (nothing is trained)")
+    sweep.add_argument(
+        "--merge", nargs="+", metavar="DIR", help="merge the parts' run directories into --out (nothing is trained)"
+    )
     add_run_arguments(parser, "ti.gamma=0.5")
     add_common_arguments(parser)
     return parser
@@ -66,32 +79,48 @@ def _command(args: argparse.Namespace) -> int:
     from fsseg.adapt.merge import merge_parts
 
     if not 0 <= args.part_id < args.num_parts:
-        raise ConfigError(f"--part-id must lie in 0..{args.num_parts - 1} (--num-parts {args.num_parts}), "
-                          f"got {args.part_id}")
+        raise ConfigError(
+            f"--part-id must lie in 0..{args.num_parts - 1} (--num-parts {args.num_parts}), got {args.part_id}"
+        )
     if args.merge:
         out = Path(args.out)
-        check_outputs([out / name for name in RUN_FILES], [Path(d) / "results.json" for d in args.merge],
-                      option="--out")
+        check_outputs(
+            [out / name for name in RUN_FILES], [Path(d) / "results.json" for d in args.merge], option="--out"
+        )
         check_own_run_files(out)
         prepare_output_dir(out, "--out")
         merge_parts([Path(d) for d in args.merge], out)
         print(f"merged {len(args.merge)} part(s): {out / 'results.csv'}, {out / 'results.json'}")
         return 0
     overrides = list(args.overrides)
-    for key, value in (("checkpoint", args.checkpoint), ("data_list", args.data_list), ("data_root", args.data_root),
-                       ("organs", args.organ), ("shots", args.shots), ("methods", args.method),
-                       ("seeds", args.seeds), ("ti.enabled", args.ti)):
+    for key, value in (
+        ("checkpoint", args.checkpoint),
+        ("data_list", args.data_list),
+        ("data_root", args.data_root),
+        ("organs", args.organ),
+        ("shots", args.shots),
+        ("methods", args.method),
+        ("seeds", args.seeds),
+        ("ti.enabled", args.ti),
+    ):
         if value is not None:
             overrides.append(override(key, value))
     config = load_config(AdaptConfig, args.config, overrides)
     out = Path(args.out)
-    check_outputs([out / name for name in RUN_FILES], [config.checkpoint, config.data_list, args.config],
-                  option="--out")
+    check_outputs(
+        [out / name for name in RUN_FILES], [config.checkpoint, config.data_list, args.config], option="--out"
+    )
     check_own_run_files(out)
     prepare_output_dir(out, "--out")
     seed_everything(0)
-    run_adaptation(config, out, resolve_device(args.device), progress=not args.no_progress,
-                   resume=args.resume, part=(args.part_id, args.num_parts))
+    run_adaptation(
+        config,
+        out,
+        resolve_device(args.device),
+        progress=not args.no_progress,
+        resume=args.resume,
+        part=(args.part_id, args.num_parts),
+    )
     print(f"results: {out / 'results.csv'}, {out / 'results.json'}; adapters in {out / 'adapters'}")
     return 0
 

@@ -70,8 +70,10 @@ class TrainingConfig:
         if self.dice_weight + self.bce_weight <= 0:
             raise ConfigError("training.dice_weight and training.bce_weight cannot both be 0: nothing would train")
         if self.cosine_epochs is not None and self.cosine_epochs < self.epochs:
-            raise ConfigError(f"training.cosine_epochs={self.cosine_epochs} must be at least epochs={self.epochs}: "
-                              "past its end the cosine would climb back up")
+            raise ConfigError(
+                f"training.cosine_epochs={self.cosine_epochs} must be at least epochs={self.epochs}: "
+                "past its end the cosine would climb back up"
+            )
 
 
 @dataclass
@@ -162,8 +164,10 @@ def method_settings_file(folder: str | Path, method: str) -> Path:
     """
     path = find_config(folder) / f"{method}.yaml"
     if not path.is_file():
-        raise ConfigError(f"{path}: no settings for method '{method}' (method_configs is {folder}); add the file "
-                          f"or point method_configs at a folder that has it")
+        raise ConfigError(
+            f"{path}: no settings for method '{method}' (method_configs is {folder}); add the file "
+            f"or point method_configs at a folder that has it"
+        )
     return path
 
 

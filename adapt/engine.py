@@ -24,6 +24,9 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from fsseg.adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
+from fsseg.adapt.results import adapter_name, finished_runs, results_table, run_header, write_results, write_summary
+from fsseg.adapt.training import Support, check_voxel_stride, train
 from fsseg.adapters import AdaptedModel, adapt_model, get_method
 from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.feature_cache import FeatureStore
@@ -43,9 +46,6 @@ from fsseg.metrics import score_structure
 from fsseg.templates import Template, expand_structures
 from fsseg.training.encoder_cache import EncodedScan, EncoderCache, pad_for_encoder, splits_at_encoder
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
-from fsseg.adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
-from fsseg.adapt.results import adapter_name, finished_runs, results_table, run_header, write_results, write_summary
-from fsseg.adapt.training import Support, check_voxel_stride, train
 
 log = logging.getLogger("fsseg.adapt")
 
@@ -76,29 +76,41 @@ class Adaptation:
         if self.base.head_trained:
             known = [o for o in self.organs if o in self.template]
             fresh = [o for o in self.organs if o not in self.template]
-            log.info(f"heads: {', '.join(known) or 'none'} start from the checkpoint's '{self.template.name}' rows"
-                     + (f"; fresh head rows for {', '.join(fresh)} (not in the template)" if fresh else ""))
+            log.info(
+                f"heads: {', '.join(known) or 'none'} start from the checkpoint's '{self.template.name}' rows"
+                + (f"; fresh head rows for {', '.join(fresh)} (not in the template)" if fresh else "")
+            )
         else:
-            log.info(f"heads: fresh rows for {', '.join(self.organs)} (the checkpoint's head was not trained: "
-                     "it was imported without one)")
+            log.info(
+                f"heads: fresh rows for {', '.join(self.organs)} (the checkpoint's head was not trained: "
+                "it was imported without one)"
+            )
         if not self.base.decoder_trained:
-            log.warning("warning: the checkpoint's decoder was never trained (an encoder imported alone): methods "
-                        "that keep it frozen read features of initial decoder weights; train it first with "
-                        "fsseg-pretrain (model.init: this checkpoint, model.freeze: [encoder])")
+            log.warning(
+                "warning: the checkpoint's decoder was never trained (an encoder imported alone): methods "
+                "that keep it frozen read features of initial decoder weights; train it first with "
+                "fsseg-pretrain (model.init: this checkpoint, model.freeze: [encoder])"
+            )
         self.targets = Template("targets", tuple(self.organs), tuple(range(1, len(self.organs) + 1)))
         self.pool, self.tests = self._pools(self.datalist)
         self.settings = {m: self._method_settings(m) for m in config.methods}
-        self.inference = InferenceSettings(overlap=config.overlap, sw_batch_size=config.sw_batch_size, amp=config.amp,
-                                           cpu_bf16=config.cpu_bf16)
+        self.inference = InferenceSettings(
+            overlap=config.overlap, sw_batch_size=config.sw_batch_size, amp=config.amp, cpu_bf16=config.cpu_bf16
+        )
         self.predictor = Predictor(self.base, self.organs, self.pre, device, self.inference)
         backbone = FrozenBackbone(self.base.features, self.base.feature_channels, self.base.head)
         cache = Path(config.cache_dir) if config.cache_dir else out
         # The overlap enters the key: stitched features blend windows, so other overlaps give other features.
-        self.store = FeatureStore(cache / "features", json.dumps([self.checkpoint_sha, self.predictor.precision,
-                                                                  config.overlap]),
-                                  lambda image: self.predictor.stitched_features(image, backbone))
-        self.encoder_cache = EncoderCache(cache / "encoder_features", self.base, json.dumps(
-            [self.checkpoint_sha, self.base.arch])) if splits_at_encoder(self.base) else None
+        self.store = FeatureStore(
+            cache / "features",
+            json.dumps([self.checkpoint_sha, self.predictor.precision, config.overlap]),
+            lambda image: self.predictor.stitched_features(image, backbone),
+        )
+        self.encoder_cache = (
+            EncoderCache(cache / "encoder_features", self.base, json.dumps([self.checkpoint_sha, self.base.arch]))
+            if splits_at_encoder(self.base)
+            else None
+        )
         self.support_transform = inference_transforms(self.pre, keys=(IMAGE, LABEL), template=self.targets)
         self._supports: dict[str, Support] = {}
         self._queries: dict[str, Query] = {}
@@ -108,8 +120,10 @@ class Adaptation:
     def _pools(self, datalist: DataList) -> tuple[list[Case], list[Case]]:
         missing = [o for o in self.organs if o not in datalist.structures]
         if missing:
-            raise DataError(f"{datalist.path}: no case annotates {', '.join(missing)}; it annotates: "
-                            f"{', '.join(datalist.structures)}")
+            raise DataError(
+                f"{datalist.path}: no case annotates {', '.join(missing)}; it annotates: "
+                f"{', '.join(datalist.structures)}"
+            )
         tests, pool = datalist.cases_annotating(self.organs, "test"), datalist.cases_annotating(self.organs, "train")
         if not tests:
             raise DataError(f"{datalist.path}: no 'test' case annotates {', '.join(self.organs)}")
@@ -122,8 +136,10 @@ class Adaptation:
             check_case_grid(case)
         too_many = [k for k in self.config.shots if k > len(pool)]
         if too_many:
-            raise DataError(f"K={max(too_many)} shots asked for, but only {len(pool)} train case(s) of "
-                            f"{datalist.path.name} annotate {', '.join(self.organs)}")
+            raise DataError(
+                f"K={max(too_many)} shots asked for, but only {len(pool)} train case(s) of "
+                f"{datalist.path.name} annotate {', '.join(self.organs)}"
+            )
         return pool, tests
 
     def _method_settings(self, method: str) -> tuple[MethodSettings, object]:
@@ -135,8 +151,10 @@ class Adaptation:
         if self.config.ti.enabled or settings.training.voxel_stride > 1:  # at start-up, not after hours
             probe = adapt_model(self.base, self.template, self.organs, method, options, settings.compose)
             if self.config.ti.enabled and not probe.backbone_frozen:
-                raise ConfigError(f"--ti needs a frozen backbone; method '{method}' trains a part of it (use lp or "
-                                  "adapter, without compose)")
+                raise ConfigError(
+                    f"--ti needs a frozen backbone; method '{method}' trains a part of it (use lp or "
+                    "adapter, without compose)"
+                )
             check_voxel_stride(probe, settings.training, f"'{method}'")
         return settings, options
 
@@ -154,12 +172,19 @@ class Adaptation:
     def query(self, case: Case) -> Query:
         if case.id not in self._queries:
             masks, reference_volume = load_case_masks(case, self.datalist.label_map, self.organs)
-            self._queries[case.id] = Query(case, self.predictor.preprocess(case.image), masks,
-                                           load_scan_image(case.image), reference_volume.spacing, self._scan_key(case))
+            self._queries[case.id] = Query(
+                case,
+                self.predictor.preprocess(case.image),
+                masks,
+                load_scan_image(case.image),
+                reference_volume.spacing,
+                self._scan_key(case),
+            )
         return self._queries[case.id]
 
-    def keep_if_best(self, method: str, shots: int, seed: int, rows: list[dict],
-                     predictions: dict[str, dict[str, np.ndarray]]) -> None:
+    def keep_if_best(
+        self, method: str, shots: int, seed: int, rows: list[dict], predictions: dict[str, dict[str, np.ndarray]]
+    ) -> None:
         """Draw the test-case overlays of a method's best run so far (highest mean Dice) into pictures/<method>/."""
         mean = float(np.mean([r["dice"] for r in rows]))
         if not self.pictures or mean <= self._best.get(method, -1.0):
@@ -168,11 +193,14 @@ class Adaptation:
         for row in rows:
             query = self._queries[row["case"]]
             organ = row["organ"]
-            overlay_png(self.out / "pictures" / method / f"{row['case']}_{organ}.png",
-                        np.asanyarray(query.reference.dataobj), query.reference.affine,
-                        {organ: predictions[row["case"]][organ]},
-                        f"{row['case']}, {organ}: {method} K={shots} seed {seed}, Dice {row['dice']:.3f}",
-                        truth={organ: query.masks[organ]})
+            overlay_png(
+                self.out / "pictures" / method / f"{row['case']}_{organ}.png",
+                np.asanyarray(query.reference.dataobj),
+                query.reference.affine,
+                {organ: predictions[row["case"]][organ]},
+                f"{row['case']}, {organ}: {method} K={shots} seed {seed}, Dice {row['dice']:.3f}",
+                truth={organ: query.masks[organ]},
+            )
 
     def _scan_key(self, case: Case) -> str:
         """Identifies a scan's model-space volume: its file content and the preprocessing."""
@@ -210,8 +238,14 @@ def size_targets(supports: list[Support], query: Query) -> list[float]:
     return [organ_size_prior([s.target[k] for s in supports]) / voxels for k in range(len(supports[0].target))]
 
 
-def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progress: bool = True,
-                   resume: bool = False, part: tuple[int, int] = (0, 1)) -> dict:
+def run_adaptation(
+    config: AdaptConfig,
+    out: Path,
+    device: torch.device,
+    progress: bool = True,
+    resume: bool = False,
+    part: tuple[int, int] = (0, 1),
+) -> dict:
     """Every (method, K, seed), or part ``part`` = (I, P) of them; writes results.json, results.csv and adapter
     files under ``out``.
 
@@ -222,13 +256,15 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     run = Adaptation(config, out, device, progress)
-    log.info(f"{run.datalist.name}: {len(run.pool)} support candidates, {len(run.tests)} test cases, "
-             f"targets {', '.join(run.organs)}")
+    log.info(
+        f"{run.datalist.name}: {len(run.pool)} support candidates, {len(run.tests)} test cases, "
+        f"targets {', '.join(run.organs)}"
+    )
     finished = finished_runs(out / "results.json", run) if resume else {}
     with atomic_path(out / "config.yaml") as tmp:  # only once the run is accepted: a refused --continue keeps it
         tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     rows: list[dict] = []
-    mine = config.jobs()[part[0]::part[1]]
+    mine = config.jobs()[part[0] :: part[1]]
     if part[1] > 1:
         log.info(f"part {part[0]} of parts 0..{part[1] - 1}: {len(mine)} of the sweep's {len(config.jobs())} runs")
     jobs = tqdm(total=len(mine), desc="adapt", unit="run", disable=not progress, file=sys.stderr)
@@ -246,8 +282,10 @@ def run_adaptation(config: AdaptConfig, out: Path, device: torch.device, progres
         jobs.update()
     jobs.close()
     if finished:
-        log.warning(f"results.json no longer lists earlier runs that were not asked for this time: "
-                    f"{', '.join(f'{m} K={k} seed {s}' for m, k, s in finished)}")
+        log.warning(
+            f"results.json no longer lists earlier runs that were not asked for this time: "
+            f"{', '.join(f'{m} K={k} seed {s}' for m, k, s in finished)}"
+        )
     if run.pictures and len(config.shots) > 1:
         for organ, methods in results_table(rows, config).items():
             name = "dice_vs_shots.png" if len(run.organs) == 1 else f"dice_vs_shots_{organ}.png"
@@ -280,51 +318,124 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
         warmed = train(adapted, supports, run, training, seed, until=min(ti.warmup_epochs, training.epochs), **report)
         warm_seconds = time.time() - began
         if warmed.stopped:
-            log.warning(f"{method} K={shots} seed {seed}: the support loss plateaued after {warmed.epochs} epochs, "
-                        f"before ti.warmup_epochs={ti.warmup_epochs}: no TI step was taken (the same stop as "
-                        "without --ti); lower ti.warmup_epochs to let TI act")
+            log.warning(
+                f"{method} K={shots} seed {seed}: the support loss plateaued after {warmed.epochs} epochs, "
+                f"before ti.warmup_epochs={ti.warmup_epochs}: no TI step was taken (the same stop as "
+                "without --ti); lower ti.warmup_epochs to let TI act"
+            )
         for case in run.tests:
             query = run.query(case)
             pooled = torch.from_numpy(np.asarray(run.features(query), dtype=np.float32))[None]
             pooled = F.avg_pool3d(pooled, ti.pool).to(run.device) if ti.pool > 1 else pooled.to(run.device)
             own = copy.deepcopy(adapted)
             began_query = time.time()
-            more = train(own, supports, run, training, seed, ti=(ti, pooled, size_targets(supports, query)),
-                         resume=warmed, **report)
+            more = train(
+                own,
+                supports,
+                run,
+                training,
+                seed,
+                ti=(ti, pooled, size_targets(supports, query)),
+                resume=warmed,
+                **report,
+            )
             seconds = warm_seconds + time.time() - began_query
-            scored, predictions[case.id] = score_rows(run, own, query, method, shots, seed, trainable, total, seconds,
-                                                      more.epochs, support_ids, transductive=True)
+            scored, predictions[case.id] = score_rows(
+                run,
+                own,
+                query,
+                method,
+                shots,
+                seed,
+                trainable,
+                total,
+                seconds,
+                more.epochs,
+                support_ids,
+                transductive=True,
+            )
             rows += scored
         run.keep_if_best(method, shots, seed, rows, predictions)
         return rows
     ran = train(adapted, supports, run, training, seed, **report).epochs
     seconds = time.time() - began
     if run.config.save_adapters:
-        save_adapter(run.out / "adapters" / adapter_name(run.organs, method, shots, seed), adapted, method, options,
-                     run.config.checkpoint, run.pre, {"shots": shots, "seed": seed, "support": support_ids.split(),
-                      "inference": run.inference.record(), "compose": to_dict(settings.compose)})
+        save_adapter(
+            run.out / "adapters" / adapter_name(run.organs, method, shots, seed),
+            adapted,
+            method,
+            options,
+            run.config.checkpoint,
+            run.pre,
+            {
+                "shots": shots,
+                "seed": seed,
+                "support": support_ids.split(),
+                "inference": run.inference.record(),
+                "compose": to_dict(settings.compose),
+            },
+        )
     for case in run.tests:
-        scored, predictions[case.id] = score_rows(run, adapted, run.query(case), method, shots, seed, trainable, total,
-                                                  seconds, ran, support_ids, transductive=False)
+        scored, predictions[case.id] = score_rows(
+            run,
+            adapted,
+            run.query(case),
+            method,
+            shots,
+            seed,
+            trainable,
+            total,
+            seconds,
+            ran,
+            support_ids,
+            transductive=False,
+        )
         rows += scored
-    log.info(f"{method} K={shots} seed {seed}: {ran} epochs, {trainable:,} trainable of {total:,} parameters, "
-             f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}")
+    log.info(
+        f"{method} K={shots} seed {seed}: {ran} epochs, {trainable:,} trainable of {total:,} parameters, "
+        f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}"
+    )
     run.keep_if_best(method, shots, seed, rows, predictions)
     return rows
 
 
-def score_rows(run: Adaptation, adapted: AdaptedModel, query: Query, method: str, shots: int, seed: int,
-               trainable: int, total: int, seconds: float, epochs: int, support: str,
-               transductive: bool) -> tuple[list[dict], dict[str, np.ndarray]]:
+def score_rows(
+    run: Adaptation,
+    adapted: AdaptedModel,
+    query: Query,
+    method: str,
+    shots: int,
+    seed: int,
+    trainable: int,
+    total: int,
+    seconds: float,
+    epochs: int,
+    support: str,
+    transductive: bool,
+) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Result rows of one test case (one per target structure) and the predicted masks."""
     predicted = predict_query(adapted, query, run)
     rows = []
     for organ in run.organs:
         score = score_structure(predicted[organ], query.masks[organ], query.spacing, run.config.nsd_tolerance)
-        rows.append({"organ": organ, "method": method, "shots": shots, "seed": seed, "case": query.case.id,
-                     "dice": round(score.dice, 4), "nsd": round(score.nsd, 4), "hd95": round(score.hd95, 2),
-                     "transductive": transductive, "trainable_params": trainable, "total_params": total,
-                     "train_seconds": round(seconds, 2), "epochs": epochs, "support": support})
+        rows.append(
+            {
+                "organ": organ,
+                "method": method,
+                "shots": shots,
+                "seed": seed,
+                "case": query.case.id,
+                "dice": round(score.dice, 4),
+                "nsd": round(score.nsd, 4),
+                "hd95": round(score.hd95, 2),
+                "transductive": transductive,
+                "trainable_params": trainable,
+                "total_params": total,
+                "train_seconds": round(seconds, 2),
+                "epochs": epochs,
+                "support": support,
+            }
+        )
     return rows, predicted
 
 
@@ -335,5 +446,3 @@ def _pictures_available() -> bool:
         log.warning(f"pictures skipped: {error}")
         return False
     return True
-
-

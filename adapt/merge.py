@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -29,10 +29,15 @@ def _read_part(folder: Path) -> tuple[dict, dict]:
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise ConfigError(f"--merge: {folder} cannot be read ({error})") from None
     rows = document.get("rows") if isinstance(document, dict) else None
-    if not isinstance(config_data, dict) or not isinstance(rows, list) or not all(
-            isinstance(r, dict) and {"method", "shots", "seed"} <= set(r) for r in rows):
-        raise ConfigError(f"--merge: {folder} is not a part of fsseg-adapt (its results.json holds no list of rows "
-                          "with method, shots and seed, or its config.yaml is not a mapping)")
+    if (
+        not isinstance(config_data, dict)
+        or not isinstance(rows, list)
+        or not all(isinstance(r, dict) and {"method", "shots", "seed"} <= set(r) for r in rows)
+    ):
+        raise ConfigError(
+            f"--merge: {folder} is not a part of fsseg-adapt (its results.json holds no list of rows "
+            "with method, shots and seed, or its config.yaml is not a mapping)"
+        )
     return document, config_data
 
 
@@ -58,8 +63,10 @@ def merge_parts(folders: Sequence[Path], out: Path) -> dict:
     for folder, document, _ in parts:
         for job in dict.fromkeys((r["method"], r["shots"], r["seed"]) for r in document["rows"]):
             if job not in order:
-                raise ConfigError(f"--merge: {folder} holds {job[0]} K={job[1]} seed {job[2]}, which is not a run of "
-                                  "the sweep its config.yaml describes")
+                raise ConfigError(
+                    f"--merge: {folder} holds {job[0]} K={job[1]} seed {job[2]}, which is not a run of "
+                    "the sweep its config.yaml describes"
+                )
             if job in owner:
                 raise ConfigError(f"--merge: {job[0]} K={job[1]} seed {job[2]} is in both {owner[job]} and {folder}")
             owner[job] = folder
@@ -67,8 +74,10 @@ def merge_parts(folders: Sequence[Path], out: Path) -> dict:
     missing = [job for job in order if job not in owner]
     if missing:
         listed = ", ".join(f"{m} K={k} seed {s}" for m, k, s in missing[:6]) + (" ..." if len(missing) > 6 else "")
-        raise ConfigError(f"--merge: {len(missing)} run(s) of the sweep are in no part: {listed} (a part that failed "
-                          "or has not finished; run it, with --continue, and merge again)")
+        raise ConfigError(
+            f"--merge: {len(missing)} run(s) of the sweep are in no part: {listed} (a part that failed "
+            "or has not finished; run it, with --continue, and merge again)"
+        )
     rows.sort(key=lambda r: order[(r["method"], r["shots"], r["seed"])])
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     # each run's adapter from the part that ran it, and nothing else of a part's folder: a foreign file, or a stale

@@ -21,17 +21,39 @@ if TYPE_CHECKING:
     from fsseg.adapt.engine import Adaptation
 
 log = logging.getLogger("fsseg.adapt")
-RESULT_FIELDS = ["organ", "method", "shots", "seed", "case", "dice", "nsd", "hd95", "transductive",
-                 "trainable_params", "total_params", "train_seconds", "epochs", "support"]
+RESULT_FIELDS = [
+    "organ",
+    "method",
+    "shots",
+    "seed",
+    "case",
+    "dice",
+    "nsd",
+    "hd95",
+    "transductive",
+    "trainable_params",
+    "total_params",
+    "train_seconds",
+    "epochs",
+    "support",
+]
 
 
 def run_signature(run: Adaptation) -> dict:
     """What every result row depends on besides its method's settings (compared by ``--continue``)."""
     config = run.config
-    return _plain({"checkpoint_sha256": run.checkpoint_sha, "data_list": str(Path(run.datalist.path).resolve()),
-                   "organs": run.organs, "tests": [case.id for case in run.tests], "overlap": config.overlap,
-                   "precision": run.predictor.precision,
-                   "nsd_tolerance": config.nsd_tolerance, "ti": to_dict(config.ti)})
+    return _plain(
+        {
+            "checkpoint_sha256": run.checkpoint_sha,
+            "data_list": str(Path(run.datalist.path).resolve()),
+            "organs": run.organs,
+            "tests": [case.id for case in run.tests],
+            "overlap": config.overlap,
+            "precision": run.predictor.precision,
+            "nsd_tolerance": config.nsd_tolerance,
+            "ti": to_dict(config.ti),
+        }
+    )
 
 
 def method_signatures(run: Adaptation) -> dict:
@@ -57,24 +79,34 @@ def finished_runs(path: Path, run: Adaptation) -> dict[tuple[str, int, int], lis
     except (OSError, ValueError) as error:
         raise ConfigError(f"--continue: {path} cannot be read ({error}); remove it to start afresh") from None
     rows = document.get("rows") if isinstance(document, dict) else None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"method", "shots", "seed"} <= set(r)
-                                             for r in rows):
-        raise ConfigError(f"--continue: {path} is not a results file of fsseg-adapt (no list of rows with "
-                          "method, shots and seed); remove it to start afresh")
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and {"method", "shots", "seed"} <= set(r) for r in rows
+    ):
+        raise ConfigError(
+            f"--continue: {path} is not a results file of fsseg-adapt (no list of rows with "
+            "method, shots and seed); remove it to start afresh"
+        )
     if document.get("signature") != run_signature(run):
-        raise ConfigError(f"--continue: {path} comes from another checkpoint, data list, target structures, TI or "
-                          "scoring settings; choose another --out or drop --continue to start afresh")
+        raise ConfigError(
+            f"--continue: {path} comes from another checkpoint, data list, target structures, TI or "
+            "scoring settings; choose another --out or drop --continue to start afresh"
+        )
     saved, current = document.get("method_settings"), method_signatures(run)
     saved = saved if isinstance(saved, dict) else {}
     groups: dict[tuple[str, int, int], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["shots"], row["seed"]), []).append(row)
     complete = len(run.tests) * len(run.organs)
-    kept = {job: rows for job, rows in groups.items()
-            if len(rows) == complete and job[0] in current and saved.get(job[0]) == current[job[0]]}
+    kept = {
+        job: rows
+        for job, rows in groups.items()
+        if len(rows) == complete and job[0] in current and saved.get(job[0]) == current[job[0]]
+    }
     changed = sorted({job[0] for job in groups if job[0] in current and saved.get(job[0]) != current[job[0]]})
-    log.info(f"--continue: keeping {len(kept)} finished run(s) of {path}"
-             + (f"; running again those of {', '.join(changed)} (settings changed)" if changed else ""))
+    log.info(
+        f"--continue: keeping {len(kept)} finished run(s) of {path}"
+        + (f"; running again those of {', '.join(changed)} (settings changed)" if changed else "")
+    )
     return kept
 
 
@@ -86,13 +118,18 @@ def results_table(rows: list[dict], config: AdaptConfig) -> dict:
             for shots in config.shots:
                 per_seed = []
                 for seed in range(config.seeds):
-                    dice = [r["dice"] for r in rows if (r["organ"], r["method"], r["shots"], r["seed"]) ==
-                            (organ, method, shots, seed)]
+                    dice = [
+                        r["dice"]
+                        for r in rows
+                        if (r["organ"], r["method"], r["shots"], r["seed"]) == (organ, method, shots, seed)
+                    ]
                     if dice:
                         per_seed.append(float(np.mean(dice)))
                 if per_seed:
                     table.setdefault(organ, {}).setdefault(method, {})[shots] = (
-                        float(np.mean(per_seed)), float(np.std(per_seed)))
+                        float(np.mean(per_seed)),
+                        float(np.std(per_seed)),
+                    )
     return table
 
 
@@ -104,13 +141,20 @@ def format_table(table: dict, config: AdaptConfig, rows: list[dict]) -> str:
     lines = []
     for organ, methods in table.items():
         lines.append(f"Dice on the test cases, {organ} (mean ± std over {config.seeds} seed(s)):")
-        lines.append(f"{'method':<10}" + "".join(f"{'K=' + str(k):>16}" for k in config.shots)
-                     + f"{'trainable':>14}{'fewer':>9}{'s/run':>8}")
+        lines.append(
+            f"{'method':<10}"
+            + "".join(f"{'K=' + str(k):>16}" for k in config.shots)
+            + f"{'trainable':>14}{'fewer':>9}{'s/run':>8}"
+        )
         for method, cells in methods.items():
             trainable, total = parameters[method]
-            lines.append(f"{method:<10}" + "".join(
-                f"{cells[k][0]:>9.3f} ± {cells[k][1]:.3f}" if k in cells else f"{'-':>16}" for k in config.shots)
-                + f"{trainable:>14,}{total / trainable:>8.0f}x{seconds[method]:>8.0f}")
+            lines.append(
+                f"{method:<10}"
+                + "".join(
+                    f"{cells[k][0]:>9.3f} ± {cells[k][1]:.3f}" if k in cells else f"{'-':>16}" for k in config.shots
+                )
+                + f"{trainable:>14,}{total / trainable:>8.0f}x{seconds[method]:>8.0f}"
+            )
     return "\n".join(lines)
 
 
@@ -124,12 +168,14 @@ def measured(table: dict, rows: list[dict]) -> str:
         best = []
         for k in shots:
             method = max((m for m in methods if k in methods[m]), key=lambda m: methods[m][k][0])
-            best.append(f"at K={k} {method} ({trainable[method]:,} trainable parameters) with "
-                        f"{methods[method][k][0]:.3f}")
+            best.append(
+                f"at K={k} {method} ({trainable[method]:,} trainable parameters) with {methods[method][k][0]:.3f}"
+            )
         text = f"Measured on {organ}: the highest mean Dice " + ", ".join(best)
         if "ft" in methods:
-            text += (f"; full fine-tuning ({trainable['ft']:,}) reached "
-                     + ", ".join(f"{methods['ft'][k][0]:.3f} at K={k}" for k in shots if k in methods["ft"]))
+            text += f"; full fine-tuning ({trainable['ft']:,}) reached " + ", ".join(
+                f"{methods['ft'][k][0]:.3f} at K={k}" for k in shots if k in methods["ft"]
+            )
         sentences.append(text + ".")
     return "\n".join(sentences)
 
@@ -160,18 +206,30 @@ def best_adapter(rows: list[dict], out: Path, organs: list[str]) -> dict | None:
             means[method] = float(np.mean(dice))
     method = max(means, key=means.get)
     path = out / "adapters" / adapter_name(organs, method, shots, 0)
-    return {"method": method, "shots": shots, "mean_dice": means[method], "adapter": str(path) if path.exists() else None}
+    return {
+        "method": method,
+        "shots": shots,
+        "mean_dice": means[method],
+        "adapter": str(path) if path.exists() else None,
+    }
 
 
 def run_header(run: Adaptation) -> dict:
     """What results.json says of the inputs every row shares (compared by ``--continue`` and ``--merge``)."""
-    return {"checkpoint": run.config.checkpoint, "checkpoint_sha256": run.checkpoint_sha,
-            "data_list": run.config.data_list, "organs": run.organs, "evaluation_space": "native grid of each test case",
-            "signature": run_signature(run), "method_settings": method_signatures(run)}
+    return {
+        "checkpoint": run.config.checkpoint,
+        "checkpoint_sha256": run.checkpoint_sha,
+        "data_list": run.config.data_list,
+        "organs": run.organs,
+        "evaluation_space": "native grid of each test case",
+        "signature": run_signature(run),
+        "method_settings": method_signatures(run),
+    }
 
 
-def write_results(out: Path, rows: list[dict], config: AdaptConfig, header: dict, seconds: float,
-                  part: tuple[int, int] = (0, 1)) -> None:
+def write_results(
+    out: Path, rows: list[dict], config: AdaptConfig, header: dict, seconds: float, part: tuple[int, int] = (0, 1)
+) -> None:
     """results.csv and results.json (``header`` from :func:`run_header`, the table, the rows) under ``out``;
     ``part`` = (part id, parts) of a sweep split over machines."""
     with atomic_path(out / "results.csv") as tmp, tmp.open("w", newline="") as handle:
@@ -180,11 +238,15 @@ def write_results(out: Path, rows: list[dict], config: AdaptConfig, header: dict
         writer.writerows(rows)
     table = results_table(rows, config)
     document = {
-        "best": best_adapter(rows, out, header["organs"]), **header,
-        "table": {o: {m: {str(k): {"mean": v[0], "std": v[1]} for k, v in c.items()} for m, c in ms.items()}
-                  for o, ms in table.items()},
+        "best": best_adapter(rows, out, header["organs"]),
+        **header,
+        "table": {
+            o: {m: {str(k): {"mean": v[0], "std": v[1]} for k, v in c.items()} for m, c in ms.items()}
+            for o, ms in table.items()
+        },
         "part": {"id": part[0], "of": part[1]},
-        "rows": rows, "seconds": round(seconds, 1),
+        "rows": rows,
+        "seconds": round(seconds, 1),
     }
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(document, indent=1) + "\n")

@@ -10,8 +10,9 @@ cosine) and the loss-plateau stop, both counted in epochs, mean the same number 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -117,13 +118,16 @@ def visits(rng: np.random.RandomState, supports: int, count: int, pending: list[
 def check_voxel_stride(adapted: AdaptedModel, training: TrainingConfig, method: str = "this method") -> None:
     """Strided crops skip voxels, which only a head that looks at each voxel on its own can train on."""
     if training.voxel_stride > 1 and not adapted.per_voxel_head:
-        raise ConfigError(f"training.voxel_stride={training.voxel_stride} needs a per-voxel head (1x1x1 "
-                          f"convolutions only, e.g. lp); {method}'s adapter looks at neighbouring voxels: "
-                          "use a smaller crop_size instead")
+        raise ConfigError(
+            f"training.voxel_stride={training.voxel_stride} needs a per-voxel head (1x1x1 "
+            f"convolutions only, e.g. lp); {method}'s adapter looks at neighbouring voxels: "
+            "use a smaller crop_size instead"
+        )
 
 
-def crop_batch(source: np.ndarray, crops: list[tuple[slice, ...]], layout: torch.memory_format,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def crop_batch(
+    source: np.ndarray, crops: list[tuple[slice, ...]], layout: torch.memory_format, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The ``crops`` of a (C, X, Y, Z) array as one batch of ``dtype`` in ``layout``, each crop converted and laid
     out in one copy by torch (numpy's float16 conversion and a separate stack and layout change took 0.3 s of a
     0.4 s linear-probe step on SwinUNETR-48 features)."""
@@ -143,8 +147,16 @@ class SupportCrops:
     """The supports' crops as the training core's :class:`~fsseg.training.loop.CropSource`: each step one support
     volume's crops in micro-batches, the supports visited in seeded shuffled rounds that run on across epochs."""
 
-    def __init__(self, adapted: AdaptedModel, supports: list[Support], run: Source, training: TrainingConfig,
-                 seed: int, inputs: str, precision: MixedPrecision) -> None:
+    def __init__(
+        self,
+        adapted: AdaptedModel,
+        supports: list[Support],
+        run: Source,
+        training: TrainingConfig,
+        seed: int,
+        inputs: str,
+        precision: MixedPrecision,
+    ) -> None:
         self.adapted, self.supports, self.training, self.inputs = adapted, supports, training, inputs
         self.device = run.device
         cached = inputs == "features"
@@ -155,15 +167,17 @@ class SupportCrops:
         if inputs == "encoder":
             self.sources = [run.encoded(s) for s in supports]
             align = self.sources[0].strides[-1]
-            self.targets = [pad_for_encoder(torch.from_numpy(t), self.sources[0].strides, self.crop).numpy()
-                            for t in self.targets]
-            bodies = [np.asarray(e.levels[0], dtype=np.float32) if training.neg_in_body else None
-                      for e in self.sources]
+            self.targets = [
+                pad_for_encoder(torch.from_numpy(t), self.sources[0].strides, self.crop).numpy() for t in self.targets
+            ]
+            bodies = [np.asarray(e.levels[0], dtype=np.float32) if training.neg_in_body else None for e in self.sources]
         else:
             self.sources = [run.features(s) if cached else s.image.numpy() for s in supports]
         stride = training.voxel_stride if cached else 1
-        self.samplers = [CropSampler(t, self.crop, training.pos, training.neg, stride, body=b, align=align)
-                         for t, b in zip(self.targets, bodies)]
+        self.samplers = [
+            CropSampler(t, self.crop, training.pos, training.neg, stride, body=b, align=align)
+            for t, b in zip(self.targets, bodies)
+        ]
         self.steps_per_epoch = steps_per_epoch(training, len(supports))
         self.rng, self.pending = np.random.RandomState(seed), []
         self.shift = RandShiftIntensity(training.intensity_shift, prob=training.intensity_shift_prob)
@@ -219,16 +233,26 @@ def check_inputs(adapted: AdaptedModel, inputs: str, training: TrainingConfig) -
     if inputs == "features" and training.voxel_stride > 1:
         check_voxel_stride(adapted, training)
     if inputs != "image" and training.intensity_shift and training.intensity_shift_prob:
-        log.info(f"training.intensity_shift: not applied, this method trains on cached {inputs} features (no image "
-                 "to shift)")
+        log.info(
+            f"training.intensity_shift: not applied, this method trains on cached {inputs} features (no image to shift)"
+        )
     if training.activation_checkpointing and inputs == "image" and not enable_activation_checkpointing(adapted):
         log.warning("training.activation_checkpointing: this network offers none; training without it")
 
 
-def train(adapted: AdaptedModel, supports: list[Support], run: Source, training: TrainingConfig, seed: int,
-          until: int | None = None, ti: tuple[TransductiveConfig, torch.Tensor, list[float]] | None = None,
-          resume: TrainResult | None = None, inputs: str | None = None, name: str = "adapt",
-          progress: bool | None = None) -> TrainResult:
+def train(
+    adapted: AdaptedModel,
+    supports: list[Support],
+    run: Source,
+    training: TrainingConfig,
+    seed: int,
+    until: int | None = None,
+    ti: tuple[TransductiveConfig, torch.Tensor, list[float]] | None = None,
+    resume: TrainResult | None = None,
+    inputs: str | None = None,
+    name: str = "adapt",
+    progress: bool | None = None,
+) -> TrainResult:
     """Train ``adapted`` on the supports up to epoch ``until`` (default ``training.epochs``) or the plateau stop.
 
     ``inputs`` (one of :data:`INPUTS`; default :func:`training_inputs`) says what the crops are cut from:
@@ -245,12 +269,27 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
     precision = MixedPrecision(run.device, cpu_bf16=training.cpu_bf16)
     source = SupportCrops(adapted, supports, run, training, seed, inputs, precision)
     per_epoch = source.steps_per_epoch
-    schedule = Schedule(training.lr, training.weight_decay, training.warmup_epochs * per_epoch,
-                        (training.cosine_epochs or training.epochs) * per_epoch, training.warmup_start)
-    trainer = Trainer(adapted.parameters(), source.forward, PartialLabelLoss(training.dice_weight, training.bce_weight),
-                      schedule, precision, "nothing of this run was saved")
-    stopper = EarlyStopper(training.early_stop_window, training.early_stop_patience, training.early_stop_min_delta,
-                           resume.losses if resume else None)
+    schedule = Schedule(
+        training.lr,
+        training.weight_decay,
+        training.warmup_epochs * per_epoch,
+        (training.cosine_epochs or training.epochs) * per_epoch,
+        training.warmup_start,
+    )
+    trainer = Trainer(
+        adapted.parameters(),
+        source.forward,
+        PartialLabelLoss(training.dice_weight, training.bce_weight),
+        schedule,
+        precision,
+        "nothing of this run was saved",
+    )
+    stopper = EarlyStopper(
+        training.early_stop_window,
+        training.early_stop_patience,
+        training.early_stop_min_delta,
+        resume.losses if resume else None,
+    )
     if resume:
         trainer.load_state_dict(resume.state)
         source.load_state_dict(resume.state)
@@ -259,8 +298,10 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
         if ti is not None:
             transductive_step(adapted, trainer, *ti)
         if stopper.should_stop(stats.loss):
-            log.info(f"{name}: early stop after epoch {stats.epoch} ({stats.epoch * per_epoch} steps): loss plateau "
-                     f"at {stopper.losses[-1]:.4f}")
+            log.info(
+                f"{name}: early stop after epoch {stats.epoch} ({stats.epoch * per_epoch} steps): loss plateau "
+                f"at {stopper.losses[-1]:.4f}"
+            )
             return True
         return False
 
@@ -277,12 +318,18 @@ def train(adapted: AdaptedModel, supports: list[Support], run: Source, training:
     return TrainResult(stopper.losses, stopped, trainer.state_dict() | source.state_dict())
 
 
-def transductive_step(adapted: AdaptedModel, trainer: Trainer, settings: TransductiveConfig, pooled: torch.Tensor,
-                      proportions: list[float]) -> None:
+def transductive_step(
+    adapted: AdaptedModel,
+    trainer: Trainer,
+    settings: TransductiveConfig,
+    pooled: torch.Tensor,
+    proportions: list[float],
+) -> None:
     """One step on lam * L_TI: the predicted soft size of each structure on the (pooled) query features against
     its expected proportion; no step when every size lies inside its band."""
     predicted = torch.sigmoid(adapted.head_forward(pooled)).mean(dim=(0, 2, 3, 4))
-    penalty = torch.stack([size_constraint_loss(predicted[k], s, settings.gamma, settings.form)
-                           for k, s in enumerate(proportions)]).mean()
+    penalty = torch.stack(
+        [size_constraint_loss(predicted[k], s, settings.gamma, settings.form) for k, s in enumerate(proportions)]
+    ).mean()
     if penalty.item() > 0:
         trainer.extra_step(settings.lam * penalty)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_file import write_result
 
 from fsseg.adapt.config import AdaptConfig, load_method_settings
 from fsseg.adapt.engine import Adaptation, predict_query
@@ -45,7 +46,6 @@ from fsseg.data.transforms import Preprocessing
 from fsseg.metrics import score_structure
 from fsseg.models import create_model
 from fsseg.templates import load_template
-from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 LEARNING_RATES = {"lp": 1e-1, "adapter": 1e-2}  # FSEFT v1's, for short runs
@@ -53,14 +53,24 @@ LEARNING_RATES = {"lp": 1e-1, "adapter": 1e-2}  # FSEFT v1's, for short runs
 # reference's 6 would make its loop 1.5x slower, so the adapter's speed-up is an underestimate).
 REFERENCE_CROPS = {"lp": 6, "adapter": 4}
 TARGETS = {"lp": 60, "adapter": 30}
-QUESTION = ("How much faster does fsseg's frozen-feature cache adapt than the reference code's loop, at equal or "
-            "better Dice? SwinUNETR-48 (random weights), K = 1 real-size phantom, both loops over the same steps; "
-            "totals for 100 epochs, fsseg's including the one feature extraction. Targets: lp >= 60x, adapter "
-            ">= 30x, fsseg's Dice >= the reference's - 0.01.")
+QUESTION = (
+    "How much faster does fsseg's frozen-feature cache adapt than the reference code's loop, at equal or "
+    "better Dice? SwinUNETR-48 (random weights), K = 1 real-size phantom, both loops over the same steps; "
+    "totals for 100 epochs, fsseg's including the one feature extraction. Targets: lp >= 60x, adapter "
+    ">= 30x, fsseg's Dice >= the reference's - 0.01."
+)
 COMMAND = "python bench/adapt_speed.py [--methods lp adapter] [--work DIR]"
-COLUMNS = {"method": "method", "fsseg_crop": "fsseg reads", "feature_extraction_s": "extraction s",
-           "fsseg_s_per_epoch": "fsseg s/epoch", "reference_s_per_epoch": "reference s/epoch",
-           "speedup": "speed-up", "target": "target", "dice_fsseg": "Dice fsseg", "dice_reference": "Dice reference"}
+COLUMNS = {
+    "method": "method",
+    "fsseg_crop": "fsseg reads",
+    "feature_extraction_s": "extraction s",
+    "fsseg_s_per_epoch": "fsseg s/epoch",
+    "reference_s_per_epoch": "reference s/epoch",
+    "speedup": "speed-up",
+    "target": "target",
+    "dice_fsseg": "Dice fsseg",
+    "dice_reference": "Dice reference",
+}
 
 
 def make_inputs(work: Path, model: str, spacing: float, shots: int, tests: int) -> tuple[Path, Path]:
@@ -68,15 +78,23 @@ def make_inputs(work: Path, model: str, spacing: float, shots: int, tests: int) 
     data_list, checkpoint = work / "bench_target.json", work / "model.pt"
     if data_list.is_file() and checkpoint.is_file():
         return data_list, checkpoint
-    dataset = phantom.PhantomDataset("bench_target", {str(i + 1): n for i, n in enumerate(phantom.STRUCTURES)},
-                                     train=shots, test=tests)
+    dataset = phantom.PhantomDataset(
+        "bench_target", {str(i + 1): n for i, n in enumerate(phantom.STRUCTURES)}, train=shots, test=tests
+    )
     data_list = phantom.write_dataset(work, dataset, seed=0, spacing=(spacing,) * 3, progress=False)
     template = load_template()
     torch.manual_seed(0)
     network = create_model(model, num_classes=len(template))
     pre = Preprocessing() if model.startswith("swin") else Preprocessing(spacing=(3.0,) * 3, roi=(48,) * 3)
-    checkpoint = save_checkpoint(checkpoint, {"arch": network.arch, "template": template.to_dict(),
-                                 "preprocessing": pre.to_dict(), "state_dict": network.state_dict()})
+    checkpoint = save_checkpoint(
+        checkpoint,
+        {
+            "arch": network.arch,
+            "template": template.to_dict(),
+            "preprocessing": pre.to_dict(),
+            "state_dict": network.state_dict(),
+        },
+    )
     return data_list, checkpoint
 
 
@@ -137,23 +155,33 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["lp", "adapter"], choices=sorted(LEARNING_RATES))
     parser.add_argument("--epochs", type=int, default=10, help="epochs trained by both loops (default 10)")
     parser.add_argument("--extrapolate", type=int, default=100, help="schedule length the totals are given for")
-    parser.add_argument("--fsseg-bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="fsseg extracts features and trains under bfloat16 autocast (default on)")
+    parser.add_argument(
+        "--fsseg-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fsseg extracts features and trains under bfloat16 autocast (default on)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         rows = measure(work, args)
-    print(f"\nBoth loops trained {args.epochs} epoch(s) of {args.shots} step(s) (lr as FSEFT v1, cosine decay); "
-          f"totals for {args.extrapolate} epochs; fsseg's includes extracting the support features once.")
-    print(f"{'method':<8} {'fsseg reads':>12} {'extract s':>9} {'fsseg s/ep':>10} {'ref s/ep':>9} {'fsseg tot':>10} "
-          f"{'ref tot':>9} {'speedup':>8} {'target':>7} {'Dice fsseg':>10} {'Dice ref':>9} {'not lower':>9}")
+    print(
+        f"\nBoth loops trained {args.epochs} epoch(s) of {args.shots} step(s) (lr as FSEFT v1, cosine decay); "
+        f"totals for {args.extrapolate} epochs; fsseg's includes extracting the support features once."
+    )
+    print(
+        f"{'method':<8} {'fsseg reads':>12} {'extract s':>9} {'fsseg s/ep':>10} {'ref s/ep':>9} {'fsseg tot':>10} "
+        f"{'ref tot':>9} {'speedup':>8} {'target':>7} {'Dice fsseg':>10} {'Dice ref':>9} {'not lower':>9}"
+    )
     for r in rows:
-        print(f"{r['method']:<8} {r['fsseg_crop']:>12} {r['feature_extraction_s']:>9} {r['fsseg_s_per_epoch']:>10} "
-              f"{r['reference_s_per_epoch']:>9} {r['fsseg_total_s']:>10} {r['reference_total_s']:>9} "
-              f"{r['speedup']:>7}x {r['target']:>6}x {r['dice_fsseg']:>10} {r['dice_reference']:>9} "
-              f"{'yes' if r['dice_not_lower'] else 'NO':>9}")
+        print(
+            f"{r['method']:<8} {r['fsseg_crop']:>12} {r['feature_extraction_s']:>9} {r['fsseg_s_per_epoch']:>10} "
+            f"{r['reference_s_per_epoch']:>9} {r['fsseg_total_s']:>10} {r['reference_total_s']:>9} "
+            f"{r['speedup']:>7}x {r['target']:>6}x {r['dice_fsseg']:>10} {r['dice_reference']:>9} "
+            f"{'yes' if r['dice_not_lower'] else 'NO':>9}"
+        )
     # methods measured earlier are kept
     out = write_result("adapt_speed", rows, QUESTION, COMMAND, COLUMNS, key=lambda r: r["method"], out=Path(args.out))
     print(f"wrote {out}")
@@ -163,8 +191,16 @@ def measure(work: Path, args: argparse.Namespace) -> list[dict]:
     data_list, checkpoint = make_inputs(work, args.model, args.spacing, args.shots, args.tests)
     runs = {}
     for style, bf16 in (("reference", False), ("fsseg", args.fsseg_bf16)):
-        config = AdaptConfig(checkpoint=str(checkpoint), data_list=str(data_list), organs=["liver"],
-                             shots=[args.shots], methods=args.methods, seeds=1, overlap=0.25, cpu_bf16=bf16)
+        config = AdaptConfig(
+            checkpoint=str(checkpoint),
+            data_list=str(data_list),
+            organs=["liver"],
+            shots=[args.shots],
+            methods=args.methods,
+            seeds=1,
+            overlap=0.25,
+            cpu_bf16=bf16,
+        )
         runs[style] = Adaptation(config, work / "run", torch.device("cpu"))  # one cache; the precision is in its key
     fast = runs["fsseg"]
     supports = [fast.support(case) for case in fast.pool[: args.shots]]
@@ -188,22 +224,34 @@ def measure(work: Path, args: argparse.Namespace) -> list[dict]:
             dice[style] = mean_dice(adapted, runs[style])
         fsseg_total = extraction + timings["fsseg"] * args.extrapolate
         reference_total = timings["reference"] * args.extrapolate
-        rows.append({
-            "method": method, "fsseg_bf16": args.fsseg_bf16,
-            "model": args.model, "shots": args.shots,
-            "support_shape": list(supports[0].image.shape[1:]), "epochs_run": args.epochs,
-            "steps_run": args.epochs * len(supports), "lr": training.lr, "fsseg_crops_per_step": crops["fsseg"],
-            "reference_crops_per_step": crops["reference"],
-            "fsseg_crop": crop_read(training, fast, True), "reference_crop": crop_read(training, fast, False),
-            "feature_extraction_s": round(extraction, 1),
-            "fsseg_s_per_epoch": round(timings["fsseg"], 2), "reference_s_per_epoch": round(timings["reference"], 1),
-            "extrapolated_epochs": args.extrapolate,
-            "fsseg_total_s": round(fsseg_total, 1), "reference_total_s": round(reference_total, 1),
-            "speedup": round(reference_total / fsseg_total, 1), "target": TARGETS[method],
-            "dice_fsseg": round(dice["fsseg"], 4), "dice_reference": round(dice["reference"], 4),
-            "dice_not_lower": dice["fsseg"] >= dice["reference"] - 0.01,
-            "live_vs_cached_feature_difference": round(mismatch, 3),
-        })
+        rows.append(
+            {
+                "method": method,
+                "fsseg_bf16": args.fsseg_bf16,
+                "model": args.model,
+                "shots": args.shots,
+                "support_shape": list(supports[0].image.shape[1:]),
+                "epochs_run": args.epochs,
+                "steps_run": args.epochs * len(supports),
+                "lr": training.lr,
+                "fsseg_crops_per_step": crops["fsseg"],
+                "reference_crops_per_step": crops["reference"],
+                "fsseg_crop": crop_read(training, fast, True),
+                "reference_crop": crop_read(training, fast, False),
+                "feature_extraction_s": round(extraction, 1),
+                "fsseg_s_per_epoch": round(timings["fsseg"], 2),
+                "reference_s_per_epoch": round(timings["reference"], 1),
+                "extrapolated_epochs": args.extrapolate,
+                "fsseg_total_s": round(fsseg_total, 1),
+                "reference_total_s": round(reference_total, 1),
+                "speedup": round(reference_total / fsseg_total, 1),
+                "target": TARGETS[method],
+                "dice_fsseg": round(dice["fsseg"], 4),
+                "dice_reference": round(dice["reference"], 4),
+                "dice_not_lower": dice["fsseg"] >= dice["reference"] - 0.01,
+                "live_vs_cached_feature_difference": round(mismatch, 3),
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 

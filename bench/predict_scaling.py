@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from predict_memory import checkpoint, run_predict, synthetic_ct
 from results_file import REPO, write_result
 
@@ -45,18 +44,32 @@ STRUCTURES = (1, 8, 29, ALL)
 HEAD_SCALES = {"organs": 1.0, "decisive": 20.0, "initial": 1.0}
 SIZES = ((256, 256, 200), (512, 512, 400), (512, 512, 600))
 FULL = (512, 512, 400)
-QUESTION = ("What does fsseg-predict cost with 1 to 117 structures (totalseg117) and on scans from 256x256x200 to "
-            "512x512x600 (synthetic CT at 0.78x0.78x1.25 mm, random weights with organ-like or raw masks, each "
-            "run in its own process), and "
-            "does the direct label map give the masks of resampling each structure? Goals (2 CPU cores): at most "
-            "1 s more per extra structure, 117 structures within 1.3x the time of one, peak memory <= 6 GB.")
-COMMAND = ("python bench/predict_scaling.py [--models unet_tiny swinunetr] [--weights organs initial decisive] "
-           "[--kinds structures size agreement precision]")
-COLUMNS = {"kind": "kind", "model": "model", "weights": "weights", "shape": "scan", "structures": "structures",
-           "seconds": "seconds",
-           "peak_rss_gb": "peak GB", "per_structure_s": "s per extra structure", "ratio_to_one": "x one structure",
-           "old_seconds": "resampling each (s)", "bf16_seconds": "bfloat16 (s)", "agree_percent": "voxels agreeing %",
-           "min_dice": "min Dice"}
+QUESTION = (
+    "What does fsseg-predict cost with 1 to 117 structures (totalseg117) and on scans from 256x256x200 to "
+    "512x512x600 (synthetic CT at 0.78x0.78x1.25 mm, random weights with organ-like or raw masks, each "
+    "run in its own process), and "
+    "does the direct label map give the masks of resampling each structure? Goals (2 CPU cores): at most "
+    "1 s more per extra structure, 117 structures within 1.3x the time of one, peak memory <= 6 GB."
+)
+COMMAND = (
+    "python bench/predict_scaling.py [--models unet_tiny swinunetr] [--weights organs initial decisive] "
+    "[--kinds structures size agreement precision]"
+)
+COLUMNS = {
+    "kind": "kind",
+    "model": "model",
+    "weights": "weights",
+    "shape": "scan",
+    "structures": "structures",
+    "seconds": "seconds",
+    "peak_rss_gb": "peak GB",
+    "per_structure_s": "s per extra structure",
+    "ratio_to_one": "x one structure",
+    "old_seconds": "resampling each (s)",
+    "bf16_seconds": "bfloat16 (s)",
+    "agree_percent": "voxels agreeing %",
+    "min_dice": "min Dice",
+}
 
 
 def shape_name(shape: tuple[int, int, int]) -> str:
@@ -73,8 +86,10 @@ def predicted(scan: Path, ckpt: Path, out: Path, count: int, overlap: float, ext
 
     names = load_template(TEMPLATE).structures
     measured = run_predict(scan, ckpt, out, overlap, None if count == ALL else names[:count], extra)
-    print(f"  {scan.name} {count:>3} structures: {measured['seconds']:.1f} s, peak {measured['peak_rss_gb']:.2f} GB",
-          flush=True)
+    print(
+        f"  {scan.name} {count:>3} structures: {measured['seconds']:.1f} s, peak {measured['peak_rss_gb']:.2f} GB",
+        flush=True,
+    )
     return measured
 
 
@@ -102,7 +117,7 @@ def organ_probabilities(probabilities: torch.Tensor, image: torch.Tensor, seed: 
         lo, hi = np.maximum(centre - 2 * radii, 0).astype(int), np.minimum(centre + 2 * radii, grid).astype(int)
         axes = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
         r = np.sqrt(sum(((a - c) / s) ** 2 for a, c, s in zip(axes, centre, radii)))
-        probabilities[k][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = torch.sigmoid(torch.from_numpy(8 * (1 - r)))
+        probabilities[k][lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = torch.sigmoid(torch.from_numpy(8 * (1 - r)))
     return probabilities
 
 
@@ -117,8 +132,9 @@ def model_space(scan: Path, ckpt: Path, count: int, overlap: float, weights: str
     model, template, pre, _ = load_model(ckpt)
     model.eval()
     network = prediction_network([model], list(range(count)), adapted=False)  # as fsseg-predict builds it
-    predictor = Predictor(network, template.structures[:count], pre, torch.device("cpu"),
-                          InferenceSettings(overlap=overlap))
+    predictor = Predictor(
+        network, template.structures[:count], pre, torch.device("cpu"), InferenceSettings(overlap=overlap)
+    )
     reference, data = load_scan_image(scan), predictor.preprocess(scan)
     probabilities = predictor.model_space_probabilities(data)
     began = time.perf_counter()
@@ -135,8 +151,11 @@ def organ_run(scan: Path, ckpt: Path, count: int, overlap: float, out: Path) -> 
     began = time.perf_counter()
     predictor, data, reference, probabilities, organ_seconds = model_space(scan, ckpt, count, overlap, "organs")
     save_like(predictor.finish(data, probabilities, reference).label, reference, out)
-    return {"exit": 0, "seconds": time.perf_counter() - began - organ_seconds,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    return {
+        "exit": 0,
+        "seconds": time.perf_counter() - began - organ_seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+    }
 
 
 def organ_predicted(scan: Path, ckpt: Path, out: Path, count: int, overlap: float) -> dict:
@@ -146,8 +165,11 @@ def organ_predicted(scan: Path, ckpt: Path, out: Path, count: int, overlap: floa
     if result.returncode != 0:
         raise SystemExit(f"the organ run failed:\n{result.stderr[-2000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"  {scan.name} {count:>3} organ-like structures: {measured['seconds']:.1f} s, peak "
-          f"{measured['peak_rss_gb']:.2f} GB", flush=True)
+    print(
+        f"  {scan.name} {count:>3} organ-like structures: {measured['seconds']:.1f} s, peak "
+        f"{measured['peak_rss_gb']:.2f} GB",
+        flush=True,
+    )
     return measured
 
 
@@ -165,9 +187,13 @@ def agreement(scan: Path, ckpt: Path, count: int, overlap: float, weights: str) 
         a, b = old == k, new == k
         if a.sum() > 1000:
             dice.append(2 * float((a & b).sum()) / float(a.sum() + b.sum()))
-    row = {"seconds": round(new_seconds, 2), "old_seconds": round(old_seconds, 2),
-           "agree_percent": round(100 * float((old == new).mean()), 5),
-           "min_dice": round(min(dice), 6) if dice else None, "compared": len(dice)}
+    row = {
+        "seconds": round(new_seconds, 2),
+        "old_seconds": round(old_seconds, 2),
+        "agree_percent": round(100 * float((old == new).mean()), 5),
+        "min_dice": round(min(dice), 6) if dice else None,
+        "compared": len(dice),
+    }
     print(f"  agreement on {count} structures: {row}", flush=True)
     return row
 
@@ -178,13 +204,18 @@ def precision(work: Path, ckpt: Path, count: int, overlap: float) -> dict:
     import nibabel as nib
 
     scan = scan_of(work, FULL)
-    runs = {flag: predicted(scan, ckpt, work / f"pred_{flag}", count, overlap, (f"--{flag}",))
-            for flag in ("no-cpu-bf16", "cpu-bf16")}
+    runs = {
+        flag: predicted(scan, ckpt, work / f"pred_{flag}", count, overlap, (f"--{flag}",))
+        for flag in ("no-cpu-bf16", "cpu-bf16")
+    }
     masks = [np.asanyarray(nib.load(str(work / f"pred_{flag}" / f"{scan.stem}.nii.gz")).dataobj) for flag in runs]
-    return {"seconds": runs["no-cpu-bf16"]["seconds"], "bf16_seconds": runs["cpu-bf16"]["seconds"],
-            "speedup": round(runs["no-cpu-bf16"]["seconds"] / runs["cpu-bf16"]["seconds"], 3),
-            "agree_percent": round(100 * float((masks[0] == masks[1]).mean()), 5),
-            "peak_rss_gb": runs["no-cpu-bf16"]["peak_rss_gb"]}
+    return {
+        "seconds": runs["no-cpu-bf16"]["seconds"],
+        "bf16_seconds": runs["cpu-bf16"]["seconds"],
+        "speedup": round(runs["no-cpu-bf16"]["seconds"] / runs["cpu-bf16"]["seconds"], 3),
+        "agree_percent": round(100 * float((masks[0] == masks[1]).mean()), 5),
+        "peak_rss_gb": runs["no-cpu-bf16"]["peak_rss_gb"],
+    }
 
 
 def plot(rows: list[dict], path: Path) -> Path:
@@ -204,8 +235,12 @@ def plot(rows: list[dict], path: Path) -> Path:
             sized = sorted((r for r in mine if r["structures"] == count), key=lambda r: np.prod(parse(r["shape"])))
             if len(sized) < 2:  # measured on one scan size only
                 continue
-            axes[2].plot([np.prod(parse(r["shape"])) / 1e6 for r in sized], [r["seconds"] for r in sized], style,
-                         label=f"{model}, {weights}, {count} structure{'s' if count > 1 else ''}")
+            axes[2].plot(
+                [np.prod(parse(r["shape"])) / 1e6 for r in sized],
+                [r["seconds"] for r in sized],
+                style,
+                label=f"{model}, {weights}, {count} structure{'s' if count > 1 else ''}",
+            )
     titles = ("seconds, 512x512x400", "peak memory (GB), 512x512x400", "seconds against scan size")
     for axis, title, xlabel in zip(axes, titles, ("structures", "structures", "million voxels")):
         axis.set_title(title, fontsize=10)
@@ -225,20 +260,39 @@ def parse(shape: str) -> tuple[int, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["unet_tiny", "swinunetr"])
-    parser.add_argument("--kinds", nargs="+", default=["structures", "size", "agreement", "precision"],
-                        choices=["structures", "size", "agreement", "precision"])
-    parser.add_argument("--structures", nargs="+", type=int, default=list(STRUCTURES),
-                        help="structure counts of --kinds structures (default 1 8 29 117)")
-    parser.add_argument("--agreement-structures", type=int, default=29,
-                        help="structures compared old against new (resampling each takes seconds per structure)")
-    parser.add_argument("--weights", nargs="+", default=["organs"], choices=list(HEAD_SCALES),
-                        help="organs: the network runs with random weights, and its probabilities are replaced by "
-                        "organ-like ones (compact ellipsoids with smooth borders) before the return to the scan's "
-                        "grid, as a trained network's would look; initial: random weights as initialised, masks of "
-                        "noise near the threshold; decisive: the head x20, overlapping half-volume masks. The last "
-                        "two are the direct label map's worst cases: borders everywhere")
-    parser.add_argument("--organ-run", nargs=5, metavar=("SCAN", "CKPT", "COUNT", "OVERLAP", "OUT"),
-                        help=argparse.SUPPRESS)  # one organ-like run, in the child process
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["structures", "size", "agreement", "precision"],
+        choices=["structures", "size", "agreement", "precision"],
+    )
+    parser.add_argument(
+        "--structures",
+        nargs="+",
+        type=int,
+        default=list(STRUCTURES),
+        help="structure counts of --kinds structures (default 1 8 29 117)",
+    )
+    parser.add_argument(
+        "--agreement-structures",
+        type=int,
+        default=29,
+        help="structures compared old against new (resampling each takes seconds per structure)",
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=["organs"],
+        choices=list(HEAD_SCALES),
+        help="organs: the network runs with random weights, and its probabilities are replaced by "
+        "organ-like ones (compact ellipsoids with smooth borders) before the return to the scan's "
+        "grid, as a trained network's would look; initial: random weights as initialised, masks of "
+        "noise near the threshold; decisive: the head x20, overlapping half-volume masks. The last "
+        "two are the direct label map's worst cases: borders everywhere",
+    )
+    parser.add_argument(
+        "--organ-run", nargs=5, metavar=("SCAN", "CKPT", "COUNT", "OVERLAP", "OUT"), help=argparse.SUPPRESS
+    )  # one organ-like run, in the child process
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
     parser.add_argument("--work", help="keep scans and checkpoints here (default: a temporary folder)")
     args = parser.parse_args()
@@ -265,14 +319,34 @@ def main() -> None:
             rows.append({"kind": "predict", **common, "shape": shape_name(shape), "structures": count, **measured})
         if "agreement" in args.kinds:
             compared = agreement(scan_of(work, FULL), ckpt, args.agreement_structures, args.overlap, weights)
-            rows.append({"kind": "agreement", **common, "shape": shape_name(FULL),
-                         "structures": args.agreement_structures, **compared})
+            rows.append(
+                {
+                    "kind": "agreement",
+                    **common,
+                    "shape": shape_name(FULL),
+                    "structures": args.agreement_structures,
+                    **compared,
+                }
+            )
         if "precision" in args.kinds and weights != "organs":
-            rows.append({"kind": "precision", **common, "shape": shape_name(FULL), "structures": 1,
-                         **precision(work, ckpt, 1, args.overlap)})
+            rows.append(
+                {
+                    "kind": "precision",
+                    **common,
+                    "shape": shape_name(FULL),
+                    "structures": 1,
+                    **precision(work, ckpt, 1, args.overlap),
+                }
+            )
     with_growth([r for r in rows if r["kind"] == "predict"])
-    out = write_result("predict_scaling", rows, QUESTION, COMMAND, COLUMNS,
-                       key=lambda r: (r["kind"], r["model"], r.get("weights", "initial"), r["shape"], r["structures"]))
+    out = write_result(
+        "predict_scaling",
+        rows,
+        QUESTION,
+        COMMAND,
+        COLUMNS,
+        key=lambda r: (r["kind"], r["model"], r.get("weights", "initial"), r["shape"], r["structures"]),
+    )
     print(f"wrote {out}")
     print(f"wrote {plot(json.loads(out.read_text())['rows'], REPO / 'docs' / 'predict_scaling.png')}")
 

@@ -19,28 +19,36 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.metrics import compute_dice
+from results_file import write_result
 
 from fsseg.adapt.config import AdaptConfig
 from fsseg.adapt.engine import Adaptation
 from fsseg.config import load_config
-from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTION = ("What is the best any linear head can do on a checkpoint's frozen features, whatever lp's schedule? "
-            "Logistic regression fitted to convergence on every voxel of the supports' cached features, scored by "
-            "Dice on the list's test cases.")
-COMMAND = ("python bench/probe_bound.py --checkpoint CKPT --data-list LIST --organ NAME [--train 5] "
-           "[--label TEXT]")
-COLUMNS = {"checkpoint": "checkpoint", "organ": "structure", "feature_channels": "feature channels",
-           "train_dice": "Dice on the supports", "test_dice_mean": "Dice on the test cases"}
+QUESTION = (
+    "What is the best any linear head can do on a checkpoint's frozen features, whatever lp's schedule? "
+    "Logistic regression fitted to convergence on every voxel of the supports' cached features, scored by "
+    "Dice on the list's test cases."
+)
+COMMAND = "python bench/probe_bound.py --checkpoint CKPT --data-list LIST --organ NAME [--train 5] [--label TEXT]"
+COLUMNS = {
+    "checkpoint": "checkpoint",
+    "organ": "structure",
+    "feature_channels": "feature channels",
+    "train_dice": "Dice on the supports",
+    "test_dice_mean": "Dice on the test cases",
+}
 
 
 def voxels(run: Adaptation, case) -> tuple[torch.Tensor, torch.Tensor]:
     """(voxels, channels) features and (voxels,) binary target of one case in model space."""
     support = run.support(case)
     features = np.asarray(run.features(support), dtype=np.float32)
-    return (torch.from_numpy(features.reshape(features.shape[0], -1).T),
-            torch.from_numpy(support.target[0].reshape(-1).astype(np.float32)))
+    return (
+        torch.from_numpy(features.reshape(features.shape[0], -1).T),
+        torch.from_numpy(support.target[0].reshape(-1).astype(np.float32)),
+    )
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,12 +83,21 @@ def main() -> None:
     parser.add_argument("--label", help="what the checkpoint is, for the results (default: its path)")
     parser.add_argument("--out", default=str(REPO / "bench/results/probe_bound.json"))
     args = parser.parse_args()
-    config = load_config(AdaptConfig, None, [f"checkpoint={args.checkpoint}", f"data_list={args.data_list}",
-                                             f"organs=[{args.organ}]", "methods=[lp]", "pictures=false",
-                                             f"method_configs={REPO / 'configs/adapt'}"])
+    config = load_config(
+        AdaptConfig,
+        None,
+        [
+            f"checkpoint={args.checkpoint}",
+            f"data_list={args.data_list}",
+            f"organs=[{args.organ}]",
+            "methods=[lp]",
+            "pictures=false",
+            f"method_configs={REPO / 'configs/adapt'}",
+        ],
+    )
     with tempfile.TemporaryDirectory() as work:
         run = Adaptation(config, Path(work), torch.device("cpu"))
-        train = [voxels(run, case) for case in run.pool[:args.train]]
+        train = [voxels(run, case) for case in run.pool[: args.train]]
         tests = {case.id: voxels(run, case) for case in run.tests}
     x, y = torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train])
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -88,14 +105,28 @@ def main() -> None:
     weight, bias = fit(x, y, args.iterations)
     train_dice = dice((x @ weight + bias > 0).float(), y)
     scores = {case: dice((((f - mean) / std) @ weight + bias > 0).float(), t) for case, (f, t) in tests.items()}
-    row = {"checkpoint": args.label or args.checkpoint, "organ": args.organ, "feature_channels": int(x.shape[1]),
-           "train_cases": [c.id for c in run.pool[:args.train]], "train_dice": round(train_dice, 4),
-           "test_dice": {k: round(v, 4) for k, v in scores.items()},
-           "test_dice_mean": round(float(np.mean(list(scores.values()))), 4)}
-    print(f"{args.organ}: best linear head on {x.shape[1]} feature channels of {len(train)} train case(s): "
-          f"Dice {train_dice:.3f} on them, {row['test_dice_mean']:.3f} on {len(scores)} test case(s)")
-    out = write_result("probe_bound", [row], QUESTION, COMMAND, COLUMNS,
-                       key=lambda r: (r["checkpoint"], r["organ"]), out=Path(args.out))
+    row = {
+        "checkpoint": args.label or args.checkpoint,
+        "organ": args.organ,
+        "feature_channels": int(x.shape[1]),
+        "train_cases": [c.id for c in run.pool[: args.train]],
+        "train_dice": round(train_dice, 4),
+        "test_dice": {k: round(v, 4) for k, v in scores.items()},
+        "test_dice_mean": round(float(np.mean(list(scores.values()))), 4),
+    }
+    print(
+        f"{args.organ}: best linear head on {x.shape[1]} feature channels of {len(train)} train case(s): "
+        f"Dice {train_dice:.3f} on them, {row['test_dice_mean']:.3f} on {len(scores)} test case(s)"
+    )
+    out = write_result(
+        "probe_bound",
+        [row],
+        QUESTION,
+        COMMAND,
+        COLUMNS,
+        key=lambda r: (r["checkpoint"], r["organ"]),
+        out=Path(args.out),
+    )
     print(f"wrote {out}")
 
 

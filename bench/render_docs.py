@@ -2,7 +2,8 @@
 
 Writes docs/benchmarks.md whole, and the marked blocks ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``
 of README.md and the docs pages: ``fewshot_real`` (the real-CT table), ``param_counts`` (the methods' trainable
-parameters) and ``predict_scaling`` (fsseg-predict against structures and scan size). ``--check`` writes nothing and exits 1 naming the files that are out of date (a test runs it).
+parameters) and ``predict_scaling`` (fsseg-predict against structures and scan size). ``--check`` writes nothing
+and exits 1 naming the files that are out of date (a test runs it).
 
     python bench/render_docs.py [--check]
 """
@@ -20,8 +21,12 @@ from fewshot_real_table import dice_of, firsts, wins_against
 from results_file import REPO, RESULTS, STAMP
 
 BENCHMARKS_PAGE = REPO / "docs" / "benchmarks.md"
-PAGES_WITH_BLOCKS = [REPO / "README.md", REPO / "docs" / "index.md", REPO / "docs" / "adaptation.md",
-                     REPO / "docs" / "prediction.md"]
+PAGES_WITH_BLOCKS = [
+    REPO / "README.md",
+    REPO / "docs" / "index.md",
+    REPO / "docs" / "adaptation.md",
+    REPO / "docs" / "prediction.md",
+]
 BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n).*?(<!-- /results:(?P=name) -->)", re.S)
 REFERENCE = ("unet", "ft (uncapped)")  # what the frozen-backbone methods are measured against
 MODEL_NAMES = {"unet": "tiny UNet", "merlin": "Merlin encoder"}  # fewshot_real.py's foundation models
@@ -66,13 +71,25 @@ def fewshot_summary(rows: list[dict]) -> str:
             c = cells.get(k)
             line.append(f"{c['dice_mean']:.3f} ± {c['dice_std']:.3f} ({c['pairs']})" if c else "–")
         for counts in (first, wins):
-            line.append(" / ".join(f"{counts[(model, method, k)][0]} of {counts[(model, method, k)][1]}"
-                                   if (model, method, k) in counts else "–" for k in shots))
+            line.append(
+                " / ".join(
+                    f"{counts[(model, method, k)][0]} of {counts[(model, method, k)][1]}"
+                    if (model, method, k) in counts
+                    else "–"
+                    for k in shots
+                )
+            )
         line.append(f"{next(iter(cells.values()))['trainable_params']:,}")
         body.append(line)
     ks = " / ".join(f"K = {k}" for k in shots)
-    header = ["model", "method", *(f"K = {k}: Dice (pairs)" for k in shots), f"first of its model's, {ks}",
-              f"above {MODEL_NAMES[REFERENCE[0]]} `{REFERENCE[1]}`, {ks}", "trainable"]
+    header = [
+        "model",
+        "method",
+        *(f"K = {k}: Dice (pairs)" for k in shots),
+        f"first of its model's, {ks}",
+        f"above {MODEL_NAMES[REFERENCE[0]]} `{REFERENCE[1]}`, {ks}",
+        "trainable",
+    ]
     return table(header, body)
 
 
@@ -81,21 +98,31 @@ def fewshot_pairs(rows: list[dict]) -> str:
     dice = dice_of(rows)
     columns = list(dict.fromkeys((r["model"], arm(r)) for r in rows))
     pairs = sorted({pair for *_, pair in dice})
-    body = [[str(k), f"{' + '.join(supports)} → {test}",
-             *(f"{dice[(m, a, (k, supports, test))]:.3f}" if (m, a, (k, supports, test)) in dice else "–"
-               for m, a in columns)] for k, supports, test in pairs]
+    body = [
+        [
+            str(k),
+            f"{' + '.join(supports)} → {test}",
+            *(
+                f"{dice[(m, a, (k, supports, test))]:.3f}" if (m, a, (k, supports, test)) in dice else "–"
+                for m, a in columns
+            ),
+        ]
+        for k, supports, test in pairs
+    ]
     return table(["K", "supports → test", *(f"{m} `{a}`" for m, a in columns)], body)
 
 
 def fewshot_block(document: dict) -> str:
     """The real-CT table of README.md and docs/index.md."""
     rows = document["rows"]
-    return (f"{TARGET.capitalize()} Dice on a held-out subject of the sample CT, mean ± std over the (supports, test) "
-            "pairs; in how many pairs each method was its model's best, and beat full fine-tuning; trainable "
-            "parameters. The tiny UNet (0.36M) is pretrained on the subjects left over; Merlin's encoder is a "
-            "real 117M-parameter CT encoder with a decoder pretrained the same way. Methods are capped at the "
-            "run's epochs unless marked uncapped. From `bench/results/fewshot_real.json` (every pair: "
-            "[Benchmarks](docs/benchmarks.md)):\n\n" + fewshot_summary(rows))
+    return (
+        f"{TARGET.capitalize()} Dice on a held-out subject of the sample CT, mean ± std over the (supports, test) "
+        "pairs; in how many pairs each method was its model's best, and beat full fine-tuning; trainable "
+        "parameters. The tiny UNet (0.36M) is pretrained on the subjects left over; Merlin's encoder is a "
+        "real 117M-parameter CT encoder with a decoder pretrained the same way. Methods are capped at the "
+        "run's epochs unless marked uncapped. From `bench/results/fewshot_real.json` (every pair: "
+        "[Benchmarks](docs/benchmarks.md)):\n\n" + fewshot_summary(rows)
+    )
 
 
 def param_counts_block(document: dict) -> str:
@@ -113,58 +140,134 @@ def predict_scaling_block(document: dict) -> str:
     label map agrees with resampling each structure."""
     rows = document["rows"]
     runs = [r for r in rows if r["kind"] == "predict"]
-    body = [[r["model"], r.get("weights", "initial"), r["shape"], cell(r["structures"]), f"{r['seconds']:.1f}",
-             cell(r.get("per_structure_s")), cell(r.get("ratio_to_one")), f"{r['peak_rss_gb']:.2f}"]
-            for r in sorted(runs, key=lambda r: (r["model"], r.get("weights", "initial"), r["shape"], r["structures"]))]
-    parts = [table(["model", "weights", "scan", "structures", "seconds", "s per extra structure", "× one structure",
-                    "peak GB"], body)]
-    compared = [[r["model"], r.get("weights", "initial"), cell(r["structures"]), f"{r['old_seconds']:.1f}",
-                 f"{r['seconds']:.1f}", f"{r['agree_percent']:.5f}", f"{r['min_dice']:.6f}"]
-                for r in rows if r["kind"] == "agreement"]
+    body = [
+        [
+            r["model"],
+            r.get("weights", "initial"),
+            r["shape"],
+            cell(r["structures"]),
+            f"{r['seconds']:.1f}",
+            cell(r.get("per_structure_s")),
+            cell(r.get("ratio_to_one")),
+            f"{r['peak_rss_gb']:.2f}",
+        ]
+        for r in sorted(runs, key=lambda r: (r["model"], r.get("weights", "initial"), r["shape"], r["structures"]))
+    ]
+    parts = [
+        table(
+            [
+                "model",
+                "weights",
+                "scan",
+                "structures",
+                "seconds",
+                "s per extra structure",
+                "× one structure",
+                "peak GB",
+            ],
+            body,
+        )
+    ]
+    compared = [
+        [
+            r["model"],
+            r.get("weights", "initial"),
+            cell(r["structures"]),
+            f"{r['old_seconds']:.1f}",
+            f"{r['seconds']:.1f}",
+            f"{r['agree_percent']:.5f}",
+            f"{r['min_dice']:.6f}",
+        ]
+        for r in rows
+        if r["kind"] == "agreement"
+    ]
     if compared:
-        parts.append("\nThe same probabilities returned to the 512×512×400 grid both ways (Dice over structures of "
-                     "more than 1,000 voxels):\n\n" + table(["model", "weights", "structures", "resampling each (s)",
-                                                              "direct (s)", "voxels agreeing %", "min Dice"], compared))
-    precision = [[r["model"], r["weights"], f"{r['seconds']:.1f}", f"{r['bf16_seconds']:.1f}", f"{r['speedup']:.2f}",
-                  f"{r['agree_percent']:.5f}"] for r in rows if r["kind"] == "precision"]
+        parts.append(
+            "\nThe same probabilities returned to the 512×512×400 grid both ways (Dice over structures of "
+            "more than 1,000 voxels):\n\n"
+            + table(
+                [
+                    "model",
+                    "weights",
+                    "structures",
+                    "resampling each (s)",
+                    "direct (s)",
+                    "voxels agreeing %",
+                    "min Dice",
+                ],
+                compared,
+            )
+        )
+    precision = [
+        [
+            r["model"],
+            r["weights"],
+            f"{r['seconds']:.1f}",
+            f"{r['bf16_seconds']:.1f}",
+            f"{r['speedup']:.2f}",
+            f"{r['agree_percent']:.5f}",
+        ]
+        for r in rows
+        if r["kind"] == "precision"
+    ]
     if precision:
-        parts.append("\nOne structure in float32 and under bfloat16 autocast (`--cpu-bf16`):\n\n" + table(
-            ["model", "weights", "float32 (s)", "bfloat16 (s)", "speed-up", "voxels agreeing %"], precision))
+        parts.append(
+            "\nOne structure in float32 and under bfloat16 autocast (`--cpu-bf16`):\n\n"
+            + table(["model", "weights", "float32 (s)", "bfloat16 (s)", "speed-up", "voxels agreeing %"], precision)
+        )
     host = {r["host"] for r in rows}
-    return (f"Synthetic CT, random weights, overlap {rows[0]['overlap']}, each run in its own process. organs: the "
-            "network runs as in fsseg-predict and its probabilities are replaced by organ-like ones (ellipsoids with "
-            "smooth borders) before the return to the scan's grid, as a trained network's look; initial and "
-            "decisive: fsseg-predict itself, with the head as initialised or ×20. Measured on "
-            f"{', '.join(sorted(host))}:\n\n"
-            + "".join(parts) + "\n![time and memory against structures and scan size](predict_scaling.png)\n")
+    return (
+        f"Synthetic CT, random weights, overlap {rows[0]['overlap']}, each run in its own process. organs: the "
+        "network runs as in fsseg-predict and its probabilities are replaced by organ-like ones (ellipsoids with "
+        "smooth borders) before the return to the scan's grid, as a trained network's look; initial and "
+        "decisive: fsseg-predict itself, with the head as initialised or ×20. Measured on "
+        f"{', '.join(sorted(host))}:\n\n"
+        + "".join(parts)
+        + "\n![time and memory against structures and scan size](predict_scaling.png)\n"
+    )
 
 
 def benchmarks_page(documents: dict[str, dict]) -> str:
     """docs/benchmarks.md: each benchmark's question, command and rows; the real-CT one summarised first."""
-    parts = ["# Benchmarks\n\n<!-- Generated by bench/render_docs.py from bench/results/*.json: do not edit. -->\n\n"
-             "Each benchmark answers one question; its script writes one current JSON file in `bench/results/` "
-             "(git keeps the earlier ones), every row stamped with the commit, date, host and torch it was "
-             "measured with. `python bench/render_docs.py` renders this page from them.\n"]
+    parts = [
+        "# Benchmarks\n\n<!-- Generated by bench/render_docs.py from bench/results/*.json: do not edit. -->\n\n"
+        "Each benchmark answers one question; its script writes one current JSON file in `bench/results/` "
+        "(git keeps the earlier ones), every row stamped with the commit, date, host and torch it was "
+        "measured with. `python bench/render_docs.py` renders this page from them.\n"
+    ]
     for name, document in documents.items():
         parts.append(f"\n## {name}\n\n{document['question']}\n\nRun: `{document['command']}`\n\n")
         if name == "fewshot_real":
-            parts.append("Summary (methods trained for at most the run's epoch cap unless marked uncapped):\n\n"
-                         + fewshot_summary(document["rows"]) + "\nDice per pair:\n\n" + fewshot_pairs(document["rows"])
-                         + "\nEvery row:\n\n")
+            parts.append(
+                "Summary (methods trained for at most the run's epoch cap unless marked uncapped):\n\n"
+                + fewshot_summary(document["rows"])
+                + "\nDice per pair:\n\n"
+                + fewshot_pairs(document["rows"])
+                + "\nEvery row:\n\n"
+            )
         parts.append(rows_table(document))
     return "".join(parts)
 
 
 def rendered(documents: dict[str, dict]) -> dict[Path, str]:
     """The new text of every file the results appear in."""
-    blocks = {"fewshot_real": fewshot_block, "param_counts": param_counts_block,
-              "predict_scaling": predict_scaling_block}
+    blocks = {
+        "fewshot_real": fewshot_block,
+        "param_counts": param_counts_block,
+        "predict_scaling": predict_scaling_block,
+    }
     out = {BENCHMARKS_PAGE: benchmarks_page(documents)}
     for page in PAGES_WITH_BLOCKS:
         text = page.read_text()
         link = "benchmarks.md" if page.parent.name == "docs" else "docs/benchmarks.md"
-        out[page] = BLOCK.sub(lambda m: m.group(1) + blocks[m.group("name")](documents[m.group("name")]).replace(
-            "docs/benchmarks.md", link) + m.group(3), text)
+        out[page] = BLOCK.sub(
+            lambda m: (  # noqa: B023 (called by sub at once, in this iteration)
+                m.group(1)
+                + blocks[m.group("name")](documents[m.group("name")]).replace("docs/benchmarks.md", link)
+                + m.group(3)
+            ),
+            text,
+        )
     return out
 
 
@@ -174,12 +277,12 @@ def main() -> None:
     args = parser.parse_args()
     documents = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     documents = {"fewshot_real": documents.pop("fewshot_real"), **documents}
-    stale = [path for path, text in rendered(documents).items()
-             if not path.is_file() or path.read_text() != text]
+    stale = [path for path, text in rendered(documents).items() if not path.is_file() or path.read_text() != text]
     if args.check:
         if stale:
-            sys.exit("out of date (run python bench/render_docs.py): "
-                     + ", ".join(str(p.relative_to(REPO)) for p in stale))
+            sys.exit(
+                "out of date (run python bench/render_docs.py): " + ", ".join(str(p.relative_to(REPO)) for p in stale)
+            )
         return
     for path, text in rendered(documents).items():
         if path in stale:

@@ -11,8 +11,9 @@ import datetime
 import json
 import os
 import subprocess
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import Callable
 
 import torch
 
@@ -26,6 +27,7 @@ STAMP = ("commit", "date", "host", "torch")
 
 def provenance() -> dict[str, str]:
     """The commit (``+changes`` when the tree differs from it), today's date, the host and torch's version."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -38,8 +40,15 @@ def provenance() -> dict[str, str]:
     return {"commit": commit, "date": datetime.date.today().isoformat(), "host": host, "torch": str(torch.__version__)}
 
 
-def write_result(name: str, rows: list[dict], question: str, command: str, columns: dict[str, str],
-                 key: Callable[[dict], Hashable] | None = None, out: Path | None = None) -> Path:
+def write_result(
+    name: str,
+    rows: list[dict],
+    question: str,
+    command: str,
+    columns: dict[str, str],
+    key: Callable[[dict], Hashable] | None = None,
+    out: Path | None = None,
+) -> Path:
     """Write the benchmark's file with ``rows`` stamped by :func:`provenance`; return its path.
 
     ``columns`` maps the row fields the table shows to their headers. With ``key``, the rows of the current file

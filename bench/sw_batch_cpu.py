@@ -16,21 +16,30 @@ from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
+from results_file import write_result
 
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference import Predictor
 from fsseg.models import create_model
-from results_file import write_result
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTION = ("How long does a sliding window take on the CPU against the windows per forward pass (sw_batch_size), "
-            "and which does fsseg pick? Random weights on a random volume, overlap 0.5.")
+QUESTION = (
+    "How long does a sliding window take on the CPU against the windows per forward pass (sw_batch_size), "
+    "and which does fsseg pick? Random weights on a random volume, overlap 0.5."
+)
 COMMAND = "python bench/sw_batch_cpu.py [--batches 1 2 4]"
-COLUMNS = {"model": "model", "roi": "roi", "sw_batch_size": "windows a pass", "fsseg_default": "fsseg default",
-           "seconds": "seconds"}
+COLUMNS = {
+    "model": "model",
+    "roi": "roi",
+    "sw_batch_size": "windows a pass",
+    "fsseg_default": "fsseg default",
+    "seconds": "seconds",
+}
 # (model, its kwargs, roi, volume): volumes of the demo's phantoms at 3 mm and of a small CT at 1.5 mm.
-CASES = [("unet_tiny", {}, (48, 48, 48), (111, 87, 78)),
-         ("swinunetr", {"feature_size": 48}, (96, 96, 96), (130, 120, 96))]
+CASES = [
+    ("unet_tiny", {}, (48, 48, 48), (111, 87, 78)),
+    ("swinunetr", {"feature_size": 48}, (96, 96, 96), (130, 120, 96)),
+]
 
 
 def seconds(model: torch.nn.Module, volume: torch.Tensor, roi: tuple[int, ...], batch: int) -> float:
@@ -54,16 +63,26 @@ def main() -> None:
         default = Predictor(model, ["a"], Preprocessing(roi=roi), torch.device("cpu")).sw_batch_size
         volume = torch.rand(1, 1, *shape)
         for batch in sorted({1, *args.batches}):
-            results.append({"model": name, "roi": list(roi), "volume": list(shape), "sw_batch_size": batch,
-                            "fsseg_default": batch == default, "seconds": round(seconds(model, volume, roi, batch), 2)})
+            results.append(
+                {
+                    "model": name,
+                    "roi": list(roi),
+                    "volume": list(shape),
+                    "sw_batch_size": batch,
+                    "fsseg_default": batch == default,
+                    "seconds": round(seconds(model, volume, roi, batch), 2),
+                }
+            )
             print(f"{name:<10} roi {roi[0]:>3}^3 sw_batch_size {batch}: {results[-1]['seconds']:7.2f} s", flush=True)
 
     print(f"\n{'model':<10} {'roi':>5} {'sw_batch_size':>13} {'seconds':>8} {'vs 1':>6}")
     for r in results:
         single = next(s["seconds"] for s in results if s["model"] == r["model"] and s["sw_batch_size"] == 1)
         mark = " (fsseg default)" if r["fsseg_default"] else ""
-        print(f"{r['model']:<10} {r['roi'][0]:>5} {r['sw_batch_size']:>13} {r['seconds']:>8.2f} "
-              f"{single / r['seconds']:>5.2f}x{mark}")
+        print(
+            f"{r['model']:<10} {r['roi'][0]:>5} {r['sw_batch_size']:>13} {r['seconds']:>8.2f} "
+            f"{single / r['seconds']:>5.2f}x{mark}"
+        )
     out = write_result("sw_batch_cpu", results, QUESTION, COMMAND, COLUMNS, out=Path(args.out))
     print(f"wrote {out}")
 

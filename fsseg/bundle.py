@@ -9,7 +9,7 @@ float16) and :class:`LabelMapd` (fsseg's label map from native-grid probabilitie
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.data import MetaTensor
@@ -20,7 +20,14 @@ from torch import nn
 from fsseg.adapters import Composition, adapt_model, get_method
 from fsseg.config import from_dict
 from fsseg.data.transforms import IMAGE, Preprocessing
-from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, LabelMap, Network, Predictor, prediction_network
+from fsseg.inference.predictor import (
+    FrozenBackbone,
+    InferenceSettings,
+    LabelMap,
+    Network,
+    Predictor,
+    prediction_network,
+)
 from fsseg.models import create_model
 from fsseg.templates import Template
 
@@ -36,17 +43,28 @@ class BundleNetwork(nn.Module):
         structures: their names.
     """
 
-    def __init__(self, arch: dict, template: dict, adapters: Sequence[dict], channels: Sequence[int],
-                 structures: Sequence[str]) -> None:
+    def __init__(
+        self, arch: dict, template: dict, adapters: Sequence[dict], channels: Sequence[int], structures: Sequence[str]
+    ) -> None:
         super().__init__()
         template_ = Template.from_dict(template)
         base = create_model(arch["name"], num_classes=len(template_), **arch["kwargs"])
         self.adapted = bool(adapters)
-        self.models = nn.ModuleList([base] if not adapters else [
-            adapt_model(base, template_, spec["structures"], spec["method"],
-                        from_dict(get_method(spec["method"]).config_cls, spec["options"]),
-                        from_dict(Composition, spec.get("compose") or {}))
-            for spec in adapters])
+        self.models = nn.ModuleList(
+            [base]
+            if not adapters
+            else [
+                adapt_model(
+                    base,
+                    template_,
+                    spec["structures"],
+                    spec["method"],
+                    from_dict(get_method(spec["method"]).config_cls, spec["options"]),
+                    from_dict(Composition, spec.get("compose") or {}),
+                )
+                for spec in adapters
+            ]
+        )
         self.channels, self.structures = list(channels), list(structures)
 
     def prediction_network(self) -> Network | FrozenBackbone:
@@ -63,16 +81,23 @@ class BundleInferer(Inferer):
     """fsseg's sliding window over a preprocessed scan: sigmoid probabilities (B=1, K, ...) as fsseg-predict
     computes them (kept in float16 between the window and the inversion, as there)."""
 
-    def __init__(self, preprocessing: dict, overlap: float = 0.5, sw_batch_size: int | None = None, amp: bool = True,
-                 cpu_bf16: bool = False) -> None:
+    def __init__(
+        self,
+        preprocessing: dict,
+        overlap: float = 0.5,
+        sw_batch_size: int | None = None,
+        amp: bool = True,
+        cpu_bf16: bool = False,
+    ) -> None:
         super().__init__()
         self.preprocessing = Preprocessing.from_dict(preprocessing)
         self.settings = InferenceSettings(overlap=overlap, sw_batch_size=sw_batch_size, amp=amp, cpu_bf16=cpu_bf16)
 
     def __call__(self, inputs: MetaTensor, network: BundleNetwork, *args, **kwargs) -> MetaTensor:
         device = next(network.parameters()).device
-        predictor = Predictor(network.prediction_network(), network.structures, self.preprocessing, device,
-                              self.settings)
+        predictor = Predictor(
+            network.prediction_network(), network.structures, self.preprocessing, device, self.settings
+        )
         probabilities = predictor.model_space_probabilities({IMAGE: inputs[0]})
         return MetaTensor(probabilities.float()[None], meta=inputs.meta, applied_operations=inputs.applied_operations)
 

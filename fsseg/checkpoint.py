@@ -34,8 +34,14 @@ FORMAT_VERSION = 1
 
 def versions() -> dict[str, str]:
     """Versions of the software that wrote a checkpoint or a run, and the CPU instruction sets it ran on."""
-    return {"fsseg": fsseg.__version__, "monai": monai.__version__, "torch": str(torch.__version__),
-            "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu_instruction_sets()}
+    return {
+        "fsseg": fsseg.__version__,
+        "monai": monai.__version__,
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_instruction_sets(),
+    }
 
 
 def cpu_instruction_sets() -> str:
@@ -48,8 +54,14 @@ def cpu_instruction_sets() -> str:
     probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
     found = [name for name, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return " ".join([platform.machine(), torch.backends.cpu.get_cpu_capability(), *found,
-                     *([f"ONEDNN_MAX_CPU_ISA={cap}"] if cap else [])])
+    return " ".join(
+        [
+            platform.machine(),
+            torch.backends.cpu.get_cpu_capability(),
+            *found,
+            *([f"ONEDNN_MAX_CPU_ISA={cap}"] if cap else []),
+        ]
+    )
 
 
 def sha256_file(path: str | Path) -> str:
@@ -66,8 +78,13 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -80,8 +97,9 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["gauss"]))
+    np.random.set_state(
+        (numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -95,8 +113,10 @@ def check_finite_weights(state_dict: dict[str, torch.Tensor], what: str) -> None
     """Raise :class:`NonFiniteWeights` naming the first tensor of ``state_dict`` with NaN or infinite values."""
     for name, tensor in state_dict.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteWeights(f"{what}: tensor {name} holds NaN or infinite values (training diverged; "
-                                   "check the input scans, or lower the learning rate); nothing was saved")
+            raise NonFiniteWeights(
+                f"{what}: tensor {name} holds NaN or infinite values (training diverged; "
+                "check the input scans, or lower the learning rate); nothing was saved"
+            )
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
@@ -146,15 +166,20 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", unsafe: bool = F
     except pickle.UnpicklingError as error:
         refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
         if refused and re.search(r"whose module \S+ is blocked", str(error)):  # os, subprocess, builtins.exec ...
-            raise DataError(f"{path}: {what} holds code, a call to {refused.group(1)}, that unpickling would run; "
-                            "it is never loaded") from None
+            raise DataError(
+                f"{path}: {what} holds code, a call to {refused.group(1)}, that unpickling would run; "
+                "it is never loaded"
+            ) from None
         if refused:
-            raise DataError(f"{path}: {what} holds a Python object of type {refused.group(1)} besides tensors; "
-                            f"it is not loaded because unpickling it could run code{hint}") from None
+            raise DataError(
+                f"{path}: {what} holds a Python object of type {refused.group(1)} besides tensors; "
+                f"it is not loaded because unpickling it could run code{hint}"
+            ) from None
         raise DataError(f"{path}: cannot read {what}, its data is damaged (UnpicklingError)") from None
     except Exception as error:  # torch raises many types for damaged zip/pickle data
-        raise DataError(f"{path}: cannot read {what}, the file is truncated or corrupt "
-                        f"({type(error).__name__})") from None
+        raise DataError(
+            f"{path}: cannot read {what}, the file is truncated or corrupt ({type(error).__name__})"
+        ) from None
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -176,8 +201,9 @@ def read_checkpoint(path: str | Path) -> dict:
         Template.from_dict(payload["template"])
         Preprocessing.from_dict(payload["preprocessing"])
     except (KeyError, TypeError, ValueError, AttributeError, FssegError) as error:
-        raise DataError(f"{path}: checkpoint's template or preprocessing is malformed ({type(error).__name__}: "
-                        f"{error})") from None
+        raise DataError(
+            f"{path}: checkpoint's template or preprocessing is malformed ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(payload["state_dict"], dict):
         raise DataError(f"{path}: checkpoint's 'state_dict' is not a mapping of tensors")
     return payload
@@ -209,11 +235,15 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str):
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise DataError(f"{source}: tensor {name} has shape {shape}, the model expects {tuple(own[name].shape)}")
         if tensor.dtype != own[name].dtype:
-            raise DataError(f"{source}: tensor {name} is {tensor.dtype}, the model expects {own[name].dtype}; the "
-                            "file is damaged or was not written by fsseg")
+            raise DataError(
+                f"{source}: tensor {name} is {tensor.dtype}, the model expects {own[name].dtype}; the "
+                "file is damaged or was not written by fsseg"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DataError(f"{source}: tensor {name} holds NaN or infinite values; the file is damaged or comes "
-                            "from a diverged run, and is not used")
+            raise DataError(
+                f"{source}: tensor {name} holds NaN or infinite values; the file is damaged or comes "
+                "from a diverged run, and is not used"
+            )
     return model.load_state_dict(state_dict, strict=False)
 
 
@@ -227,9 +257,11 @@ def model_from_checkpoint(payload: dict, source: str = "checkpoint") -> Segmenta
     model = create_model(payload["arch"]["name"], num_classes=len(template), **payload["arch"]["kwargs"])
     result = load_weights(model, payload["state_dict"], source)
     if result.missing_keys or result.unexpected_keys:
-        raise DataError(f"{source}: weights do not fit architecture '{payload['arch']['name']}' "
-                        f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected tensors, "
-                        f"e.g. {(result.missing_keys or result.unexpected_keys)[0]})")
+        raise DataError(
+            f"{source}: weights do not fit architecture '{payload['arch']['name']}' "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected tensors, "
+            f"e.g. {(result.missing_keys or result.unexpected_keys)[0]})"
+        )
     model.head_trained = head_trained(payload)
     model.decoder_trained = decoder_trained(payload)
     return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fsseg.adapters.artifact import KIND as ADAPTER_KIND
 from fsseg.adapters.artifact import is_safetensors, read_adapter_file
@@ -19,11 +19,15 @@ def describe(payload: dict, source: str) -> str:
     lines = [f"{source}: {payload.get('kind', 'checkpoint')}"]
     if payload.get("kind") == ADAPTER_KIND:
         counts = payload.get("parameters", {})
-        lines += [f"  method: {payload['method']} {payload.get('options', {})}",
-                  f"  structures: {', '.join(payload['structures'])}",
-                  f"  trained tensors: {len(payload['state_dict'])} ({counts.get('trainable', '?'):,} of "
-                  f"{counts.get('total', '?'):,} parameters)" if counts else "",
-                  f"  base checkpoint sha256: {payload['base_sha256']}"]
+        lines += [
+            f"  method: {payload['method']} {payload.get('options', {})}",
+            f"  structures: {', '.join(payload['structures'])}",
+            f"  trained tensors: {len(payload['state_dict'])} ({counts.get('trainable', '?'):,} of "
+            f"{counts.get('total', '?'):,} parameters)"
+            if counts
+            else "",
+            f"  base checkpoint sha256: {payload['base_sha256']}",
+        ]
     else:
         model = model_from_checkpoint(payload, source)
         lines.append(f"  architecture: {payload['arch']['name']} {payload['arch']['kwargs']}")
@@ -31,8 +35,10 @@ def describe(payload: dict, source: str) -> str:
         for group, params in model.parameter_groups().items():
             lines.append(f"    {group:<20} {sum(p.numel() for p in params):>12,}")
         template = payload["template"]
-        lines.append(f"  template: {template['name']} ({len(template['structures'])} structures: "
-                     f"{', '.join(template['structures'][:8])}{', ...' if len(template['structures']) > 8 else ''})")
+        lines.append(
+            f"  template: {template['name']} ({len(template['structures'])} structures: "
+            f"{', '.join(template['structures'][:8])}{', ...' if len(template['structures']) > 8 else ''})"
+        )
         for key in ("epoch", "step", "source"):
             if key in payload:
                 lines.append(f"  {key}: {payload[key]}")
@@ -43,8 +49,11 @@ def describe(payload: dict, source: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsseg-inspect", description="Print what an fsseg checkpoint or adapter "
-                                     "file holds: architecture, parameters per block, template, preprocessing, versions.")
+    parser = argparse.ArgumentParser(
+        prog="fsseg-inspect",
+        description="Print what an fsseg checkpoint or adapter "
+        "file holds: architecture, parameters per block, template, preprocessing, versions.",
+    )
     parser.add_argument("files", nargs="+", metavar="FILE", help="checkpoint(s) or adapter file(s)")
     add_common_arguments(parser)
     return parser
@@ -54,8 +63,9 @@ def _command(args: argparse.Namespace) -> int:
     for path in args.files:
         payload = read_adapter_file(path) if is_safetensors(require_file(path)) else load_torch_file(path, "file")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise DataError(f"{path}: not an fsseg checkpoint or adapter (convert published weights with "
-                            "fsseg-import-checkpoint)")
+            raise DataError(
+                f"{path}: not an fsseg checkpoint or adapter (convert published weights with fsseg-import-checkpoint)"
+            )
         print(describe(payload, str(path)))
     return 0
 

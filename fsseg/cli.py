@@ -6,7 +6,8 @@ import argparse
 import logging
 import math
 import sys
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import yaml
 
@@ -25,7 +26,9 @@ def number_in(interval: str, kind: type = float) -> Callable[[str], float | int]
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got '{text}'"
+            ) from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
         try:
@@ -48,10 +51,20 @@ def add_run_arguments(parser: argparse.ArgumentParser, example: str) -> None:
     """Flags of the training stages: ``--set`` overrides, ``--device`` and ``--no-progress``."""
     from fsseg.training.runtime import DEVICES
 
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a config value, e.g. --set {example} (repeatable)")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and clusters)")
 
 

@@ -1,7 +1,8 @@
 """YAML configuration validated into dataclasses, with ``--set key=value`` overrides.
 
 Unknown keys and values of the wrong type are errors naming the dotted key, raised at start-up rather than
-hours into a run. Values of ``--set`` are parsed as YAML (``--set optim.lr=3e-4 --set model.kwargs={feature_size: 24}``).
+hours into a run. Values of ``--set`` are parsed as YAML
+(``--set optim.lr=3e-4 --set model.kwargs={feature_size: 24}``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -33,8 +35,9 @@ def load_yaml(path: str | Path) -> dict:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(error, 'problem', error)}") from None
     if data is None:
-        raise ConfigError(f"{path}: the config file is empty; give at least one setting, or leave --config out "
-                          "for the defaults")
+        raise ConfigError(
+            f"{path}: the config file is empty; give at least one setting, or leave --config out for the defaults"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     return data
@@ -99,8 +102,10 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                          f"valid keys{' of ' + where if where else ''}: {', '.join(fields)}")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():

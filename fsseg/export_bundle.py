@@ -17,8 +17,8 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import monai
 import numpy as np
@@ -41,17 +41,43 @@ OUTPUT_POSTFIX = "seg"
 def preprocessing_transforms(pre: Preprocessing) -> list[dict]:
     """fsseg's inference preprocessing as the MONAI transforms of a bundle config (the same steps and arguments)."""
     steps = [
-        {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True,
-         "ensure_channel_first": True, "dtype": "$numpy.float32"},
+        {
+            "_target_": "LoadImaged",
+            "keys": "image",
+            "reader": "NibabelReader",
+            "image_only": True,
+            "ensure_channel_first": True,
+            "dtype": "$numpy.float32",
+        },
         {"_target_": "Orientationd", "keys": "image", "axcodes": pre.orientation, "labels": None},
-        {"_target_": "Spacingd", "keys": "image", "pixdim": list(pre.spacing), "mode": "bilinear",
-         "dtype": "$numpy.float32"},
-        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": pre.hu_window[0], "a_max": pre.hu_window[1],
-         "b_min": 0.0, "b_max": 1.0, "clip": True},
+        {
+            "_target_": "Spacingd",
+            "keys": "image",
+            "pixdim": list(pre.spacing),
+            "mode": "bilinear",
+            "dtype": "$numpy.float32",
+        },
+        {
+            "_target_": "ScaleIntensityRanged",
+            "keys": "image",
+            "a_min": pre.hu_window[0],
+            "a_max": pre.hu_window[1],
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+        },
     ]
     if pre.crop_foreground:
-        steps.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "allow_smaller": True,
-                      "start_coord_key": None, "end_coord_key": None})
+        steps.append(
+            {
+                "_target_": "CropForegroundd",
+                "keys": "image",
+                "source_key": "image",
+                "allow_smaller": True,
+                "start_coord_key": None,
+                "end_coord_key": None,
+            }
+        )
     steps.append({"_target_": "SpatialPadd", "keys": "image", "spatial_size": list(pre.roi)})
     return steps
 
@@ -69,23 +95,67 @@ def inference_config(model: Model, network: dict, settings: InferenceSettings) -
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing_transforms(model.preprocessing)},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
-                       "num_workers": 0},
-        "inferer": {"_target_": "fsseg.bundle.BundleInferer", "preprocessing": model.preprocessing.to_dict(),
-                    "sw_batch_size": settings.sw_batch_size, **settings.record()},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": False, "to_tensor": True},
-            {"_target_": "fsseg.bundle.LabelMapd", "keys": "pred", "threshold": settings.threshold,
-             "largest_component": settings.largest_component},
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": OUTPUT_POSTFIX,
-             "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False},
-        ]},
-        "handlers": [{"_target_": "CheckpointLoader", "load_path": "$os.path.join(@bundle_root, 'models', 'model.pt')",
-                      "load_dict": {"model": "@network"}, "strict": True, "map_location": "@device"}],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
-                      "val_handlers": "@handlers", "amp": False},
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": 1,
+            "shuffle": False,
+            "num_workers": 0,
+        },
+        "inferer": {
+            "_target_": "fsseg.bundle.BundleInferer",
+            "preprocessing": model.preprocessing.to_dict(),
+            "sw_batch_size": settings.sw_batch_size,
+            **settings.record(),
+        },
+        "postprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {
+                    "_target_": "Invertd",
+                    "keys": "pred",
+                    "transform": "@preprocessing",
+                    "orig_keys": "image",
+                    "nearest_interp": False,
+                    "to_tensor": True,
+                },
+                {
+                    "_target_": "fsseg.bundle.LabelMapd",
+                    "keys": "pred",
+                    "threshold": settings.threshold,
+                    "largest_component": settings.largest_component,
+                },
+                {
+                    "_target_": "SaveImaged",
+                    "keys": "pred",
+                    "output_dir": "@output_dir",
+                    "output_postfix": OUTPUT_POSTFIX,
+                    "output_dtype": "$numpy.uint8",
+                    "resample": False,
+                    "separate_folder": False,
+                    "print_log": False,
+                },
+            ],
+        },
+        "handlers": [
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": "$os.path.join(@bundle_root, 'models', 'model.pt')",
+                "load_dict": {"model": "@network"},
+                "strict": True,
+                "map_location": "@device",
+            }
+        ],
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@dataloader",
+            "network": "@network",
+            "inferer": "@inferer",
+            "postprocessing": "@postprocessing",
+            "val_handlers": "@handlers",
+            "amp": False,
+        },
         "run": ["$@evaluator.run()"],
     }
 
@@ -96,37 +166,68 @@ def metadata(model: Model, checkpoint: str, adapters: Sequence[str]) -> dict:
     return {
         "version": "0.1.0",
         "changelog": {"0.1.0": f"exported by fsseg-export-bundle {__version__}"},
-        "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__, "required_packages_version": {"fsseg": __version__},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"fsseg": __version__},
         "name": f"fsseg {', '.join(model.structures)}",
         "task": f"CT segmentation of {', '.join(model.structures)}",
         "description": "An fsseg checkpoint" + (" with its adapters" if adapters else "") + " as a MONAI bundle; "
-                       "its masks are fsseg-predict's.",
-        "authors": "fsseg", "copyright": "", "data_source": "", "data_type": "nifti",
+        "its masks are fsseg-predict's.",
+        "authors": "fsseg",
+        "copyright": "",
+        "data_source": "",
+        "data_type": "nifti",
         "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
-                                 "spatial_shape": list(model.preprocessing.roi), "dtype": "float32",
-                                 "value_range": [0, 1], "is_patch_data": True, "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 1,
-                                 "spatial_shape": list(model.preprocessing.roi), "dtype": "uint8",
-                                 "value_range": [0, len(model.structures)], "is_patch_data": False,
-                                 "channel_def": labels}},
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield",
+                    "modality": "CT",
+                    "num_channels": 1,
+                    "spatial_shape": list(model.preprocessing.roi),
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": 1,
+                    "spatial_shape": list(model.preprocessing.roi),
+                    "dtype": "uint8",
+                    "value_range": [0, len(model.structures)],
+                    "is_patch_data": False,
+                    "channel_def": labels,
+                }
+            },
         },
-        "fsseg": {"checkpoint": {"file": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint)},
-                  "adapters": [{"file": str(Path(a).resolve()), "sha256": sha256_file(a)} for a in adapters],
-                  "preprocessing": model.preprocessing.to_dict(), "python": platform.python_version()},
+        "fsseg": {
+            "checkpoint": {"file": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint)},
+            "adapters": [{"file": str(Path(a).resolve()), "sha256": sha256_file(a)} for a in adapters],
+            "preprocessing": model.preprocessing.to_dict(),
+            "python": platform.python_version(),
+        },
     }
 
 
-def export_bundle(model: Model, checkpoint: str, adapters: Sequence[str], settings: InferenceSettings,
-                  out: Path) -> Path:
+def export_bundle(
+    model: Model, checkpoint: str, adapters: Sequence[str], settings: InferenceSettings, out: Path
+) -> Path:
     """Write ``model`` (built by fsseg-predict's :func:`build_model` from ``checkpoint`` and ``adapters``) as a
     bundle into ``out``, a new folder filled under a temporary name and then renamed."""
-    network = {"arch": model.models[0].arch if not model.adapters else model.models[0].base.arch,
-               "template": read_checkpoint(checkpoint)["template"], "channels": model.channels,
-               "structures": model.structures,
-               "adapters": [{key: info.get(key) for key in ("method", "options", "compose", "structures")}
-                            for info in model.adapters]}
+    network = {
+        "arch": model.models[0].arch if not model.adapters else model.models[0].base.arch,
+        "template": read_checkpoint(checkpoint)["template"],
+        "channels": model.channels,
+        "structures": model.structures,
+        "adapters": [
+            {key: info.get(key) for key in ("method", "options", "compose", "structures")} for info in model.adapters
+        ],
+    }
     bundle = BundleNetwork(**network)
     for rebuilt, loaded in zip(bundle.models, model.models):
         rebuilt.load_state_dict(loaded.state_dict())
@@ -139,9 +240,11 @@ def export_bundle(model: Model, checkpoint: str, adapters: Sequence[str], settin
         (staging / "models").mkdir()
         save_torch_file(bundle.state_dict(), staging / "models" / "model.pt")
         (staging / "configs" / "inference.json").write_text(
-            json.dumps(inference_config(model, network, settings), indent=1) + "\n")
+            json.dumps(inference_config(model, network, settings), indent=1) + "\n"
+        )
         (staging / "configs" / "metadata.json").write_text(
-            json.dumps(metadata(model, checkpoint, adapters), indent=1) + "\n")
+            json.dumps(metadata(model, checkpoint, adapters), indent=1) + "\n"
+        )
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -158,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         "installed where the bundle runs.",
     )
     parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
-    parser.add_argument("--adapter", nargs="+", metavar="FILE", help="adapter file(s) of fsseg-adapt for this checkpoint")
+    parser.add_argument(
+        "--adapter", nargs="+", metavar="FILE", help="adapter file(s) of fsseg-adapt for this checkpoint"
+    )
     parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
     parser.add_argument("-o", "--output", required=True, help="the bundle folder to create (it must not exist)")
     add_inference_arguments(parser)
@@ -173,8 +278,10 @@ def _command(args: argparse.Namespace) -> int:
     check_outputs([out], [args.model, *(args.adapter or [])], option="--output")
     model = build_model(args.model, args.adapter, args.organs, torch.device("cpu"))
     export_bundle(model, args.model, args.adapter or [], inference_settings(args, model.recorded), out)
-    print(f"wrote {out}: run it with python -m monai.bundle run --config_file {out / 'configs' / 'inference.json'} "
-          f"--bundle_root {out} --dataset_dir SCANS")
+    print(
+        f"wrote {out}: run it with python -m monai.bundle run --config_file {out / 'configs' / 'inference.json'} "
+        f"--bundle_root {out} --dataset_dir SCANS"
+    )
     return 0
 
 

@@ -30,15 +30,16 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from fsseg.checkpoint import load_torch_file, save_checkpoint, sha256_file
-from fsseg.data.io import remove_leftovers
 from fsseg.cli import add_common_arguments, run_cli
+from fsseg.data.io import remove_leftovers
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
 from fsseg.importing_nnunet import CHECKPOINT, import_nnunet
@@ -90,8 +91,10 @@ def _ssl_rename(key: str) -> str | None:
 MERLIN_IMAGE_ENCODER = "encode_image.i3_resnet."
 MERLIN_PREPROCESSING = Preprocessing(spacing=(1.5, 1.5, 3.0), hu_window=(-1000.0, 1000.0), roi=(96, 96, 64))
 I3RESNET_ENCODER = tuple(f"backbone.{name}." for name in ENCODER_MODULES)
-ENCODER_ONLY = ("the file holds the I3ResNet-152 encoder alone; the decoder and head start initialised (train them "
-                "with fsseg-pretrain, model.init and model.freeze: [encoder], or adapt with ft)")
+ENCODER_ONLY = (
+    "the file holds the I3ResNet-152 encoder alone; the decoder and head start initialised (train them "
+    "with fsseg-pretrain, model.init and model.freeze: [encoder], or adapt with ft)"
+)
 
 
 def _i3resnet_rename(key: str) -> str | None:
@@ -99,12 +102,12 @@ def _i3resnet_rename(key: str) -> str | None:
 
 
 def _merlin_rename(key: str) -> str | None:
-    return _i3resnet_rename(key[len(MERLIN_IMAGE_ENCODER):]) if key.startswith(MERLIN_IMAGE_ENCODER) else None
+    return _i3resnet_rename(key[len(MERLIN_IMAGE_ENCODER) :]) if key.startswith(MERLIN_IMAGE_ENCODER) else None
 
 
 def _merlin_part(key: str) -> str:
     """``encode_text``, ``classifier``, ``contrastive_head``, ...: the parts of Merlin that are not imported."""
-    return key[len(MERLIN_IMAGE_ENCODER):].split(".")[0] if key.startswith(MERLIN_IMAGE_ENCODER) else key.split(".")[0]
+    return key[len(MERLIN_IMAGE_ENCODER) :].split(".")[0] if key.startswith(MERLIN_IMAGE_ENCODER) else key.split(".")[0]
 
 
 def _embedding_rows(state: dict) -> int:
@@ -112,34 +115,84 @@ def _embedding_rows(state: dict) -> int:
     return int(embedding.shape[0]) if embedding is not None else -1
 
 
-TEXT_HEAD = ("its head is conditioned on CLIP text embeddings (a generated per-structure convolution stack), not a "
-             "1x1x1 convolution per structure, so it is left out; adapt a new head with fsseg-adapt")
+TEXT_HEAD = (
+    "its head is conditioned on CLIP text embeddings (a generated per-structure convolution stack), not a "
+    "1x1x1 convolution per structure, so it is left out; adapt a new head with fsseg-adapt"
+)
 
 LAYOUTS = {
     layout.name: layout
     for layout in (
-        Layout("fseft", lambda s: "swinViT.patch_embed.proj.weight" in s and "classifier.weight" in s,
-               lambda k: "head." + k[len("classifier."):] if k.startswith("classifier.") else "backbone." + k,
-               _swin_arch, "fseft29", "backbone."),
-        Layout("clip-driven", lambda s: "backbone.swinViT.patch_embed.proj.weight" in s and _embedding_rows(s) == 32,
-               _universal_rename, _swin_arch, "clip32", "backbone.", TEXT_HEAD),
-        Layout("suprem-swinunetr",
-               lambda s: "backbone.swinViT.patch_embed.proj.weight" in s and _embedding_rows(s) != 32,
-               _universal_rename, _swin_arch, "abdomenatlas25", "backbone.", TEXT_HEAD),
-        Layout("suprem-unet", lambda s: "backbone.down_tr64.ops.0.conv1.weight" in s,
-               _universal_rename, lambda s: ("unet3d", {}), "abdomenatlas25", "backbone.", TEXT_HEAD),
-        Layout("monai-ssl-swin", lambda s: "layers1.0.blocks.0.mlp.fc1.weight" in s, _ssl_rename, _swin_arch,
-               "fseft29", "backbone.swinViT.",
-               "a self-supervised encoder has no segmentation head; the decoder and head start initialised",
-               decoder_trained=False),
+        Layout(
+            "fseft",
+            lambda s: "swinViT.patch_embed.proj.weight" in s and "classifier.weight" in s,
+            lambda k: "head." + k[len("classifier.") :] if k.startswith("classifier.") else "backbone." + k,
+            _swin_arch,
+            "fseft29",
+            "backbone.",
+        ),
+        Layout(
+            "clip-driven",
+            lambda s: "backbone.swinViT.patch_embed.proj.weight" in s and _embedding_rows(s) == 32,
+            _universal_rename,
+            _swin_arch,
+            "clip32",
+            "backbone.",
+            TEXT_HEAD,
+        ),
+        Layout(
+            "suprem-swinunetr",
+            lambda s: "backbone.swinViT.patch_embed.proj.weight" in s and _embedding_rows(s) != 32,
+            _universal_rename,
+            _swin_arch,
+            "abdomenatlas25",
+            "backbone.",
+            TEXT_HEAD,
+        ),
+        Layout(
+            "suprem-unet",
+            lambda s: "backbone.down_tr64.ops.0.conv1.weight" in s,
+            _universal_rename,
+            lambda s: ("unet3d", {}),
+            "abdomenatlas25",
+            "backbone.",
+            TEXT_HEAD,
+        ),
+        Layout(
+            "monai-ssl-swin",
+            lambda s: "layers1.0.blocks.0.mlp.fc1.weight" in s,
+            _ssl_rename,
+            _swin_arch,
+            "fseft29",
+            "backbone.swinViT.",
+            "a self-supervised encoder has no segmentation head; the decoder and head start initialised",
+            decoder_trained=False,
+        ),
         # Merlin's I3ResNet is ResNet-152 by definition: a file missing a whole block is reported, never read as a
         # shallower network.
-        Layout("merlin", lambda s: MERLIN_IMAGE_ENCODER + "layer4.0.conv1.weight" in s, _merlin_rename,
-               lambda s: ("i3resnet152", {}), "fseft29", I3RESNET_ENCODER, ENCODER_ONLY, MERLIN_PREPROCESSING,
-               decoder_trained=False, part=_merlin_part),
-        Layout("astra", lambda s: "layer4.0.conv1.weight" in s and "conv1.weight" in s, _i3resnet_rename,
-               lambda s: ("i3resnet152", {}), "fseft29", I3RESNET_ENCODER, ENCODER_ONLY, MERLIN_PREPROCESSING,
-               decoder_trained=False),
+        Layout(
+            "merlin",
+            lambda s: MERLIN_IMAGE_ENCODER + "layer4.0.conv1.weight" in s,
+            _merlin_rename,
+            lambda s: ("i3resnet152", {}),
+            "fseft29",
+            I3RESNET_ENCODER,
+            ENCODER_ONLY,
+            MERLIN_PREPROCESSING,
+            decoder_trained=False,
+            part=_merlin_part,
+        ),
+        Layout(
+            "astra",
+            lambda s: "layer4.0.conv1.weight" in s and "conv1.weight" in s,
+            _i3resnet_rename,
+            lambda s: ("i3resnet152", {}),
+            "fseft29",
+            I3RESNET_ENCODER,
+            ENCODER_ONLY,
+            MERLIN_PREPROCESSING,
+            decoder_trained=False,
+        ),
     )
 }
 
@@ -163,8 +216,7 @@ def detect_layout(state: dict) -> Layout:
     matches = [layout for layout in LAYOUTS.values() if layout.detect(state)]
     if len(matches) != 1:
         sample = ", ".join(list(state)[:4])
-        raise DataError(f"cannot tell the layout from the keys (first: {sample}); give --format "
-                        f"({', '.join(LAYOUTS)})")
+        raise DataError(f"cannot tell the layout from the keys (first: {sample}); give --format ({', '.join(LAYOUTS)})")
     return matches[0]
 
 
@@ -186,13 +238,20 @@ class Coverage:
     def format(self) -> str:
         lines = [f"{'block':<28} {'loaded':>7} {'missing':>8} {'unexpected':>11} {'shape':>6}"]
         for block, kinds in self.rows.items():
-            lines.append(f"{block:<28} {len(kinds['loaded']):>7} {len(kinds['missing']):>8} "
-                         f"{len(kinds['unexpected']):>11} {len(kinds['mismatched']):>6}")
+            lines.append(
+                f"{block:<28} {len(kinds['loaded']):>7} {len(kinds['missing']):>8} "
+                f"{len(kinds['unexpected']):>11} {len(kinds['mismatched']):>6}"
+            )
         return "\n".join(lines)
 
 
-def convert(state: dict[str, torch.Tensor], layout: Layout, template: Template, drop_head: bool,
-            log: Callable[[str], None] = print) -> tuple[SegmentationModel, Coverage]:
+def convert(
+    state: dict[str, torch.Tensor],
+    layout: Layout,
+    template: Template,
+    drop_head: bool,
+    log: Callable[[str], None] = print,
+) -> tuple[SegmentationModel, Coverage]:
     """Build the fsseg model ``layout`` describes and load ``state`` into it, strictly.
 
     The model's ``head_trained`` says whether the head came from the file (else it is initialisation).
@@ -223,15 +282,19 @@ def convert(state: dict[str, torch.Tensor], layout: Layout, template: Template, 
             log(f"head: {layout.head_note}")
         elif not drop_head:
             problem = "has the wrong shape" if head.get("mismatched") else "is missing"
-            raise DataError(f"the head {problem} for template '{template.name}' ({len(template)} structures); "
-                            "add --drop-head to import the backbone alone with a fresh head")
+            raise DataError(
+                f"the head {problem} for template '{template.name}' ({len(template)} structures); "
+                "add --drop-head to import the backbone alone with a fresh head"
+            )
         usable = {k: v for k, v in usable.items() if not k.startswith("head.")}
         log("head: not trained; fsseg-predict refuses it until fsseg-adapt has trained new head rows")
     model.head_trained = head_complete
     model.decoder_trained = layout.decoder_trained
     if dropped:
-        log(f"left out {len(dropped)} tensor(s) outside the segmentation network: "
-            f"{', '.join(sorted({layout.part(k) for k in dropped}))}")
+        log(
+            f"left out {len(dropped)} tensor(s) outside the segmentation network: "
+            f"{', '.join(sorted({layout.part(k) for k in dropped}))}"
+        )
     result = model.load_state_dict(usable, strict=False)
     assert not result.unexpected_keys
     return model, coverage
@@ -259,12 +322,22 @@ def _coverage(mapped: dict, own: dict, model: SegmentationModel) -> tuple[Covera
 
 def _check_backbone(coverage: Coverage, layout: Layout) -> None:
     """Raises DataError when a required backbone tensor is missing or mismatched, or a tensor has no place."""
-    broken = sorted({block for block, kinds in coverage.rows.items() if block != "head"
-                     and any(k.startswith(layout.required_prefix) for k in kinds["missing"] + kinds["mismatched"])})
+    broken = sorted(
+        {
+            block
+            for block, kinds in coverage.rows.items()
+            if block != "head"
+            and any(k.startswith(layout.required_prefix) for k in kinds["missing"] + kinds["mismatched"])
+        }
+    )
     if broken:
-        first = next(k for block in broken for k in coverage.rows[block]["missing"] + coverage.rows[block]["mismatched"])
-        raise DataError(f"backbone tensors missing or of the wrong shape in block(s) {', '.join(broken)} "
-                        f"(e.g. {first}); this file does not fit the '{layout.name}' layout")
+        first = next(
+            k for block in broken for k in coverage.rows[block]["missing"] + coverage.rows[block]["mismatched"]
+        )
+        raise DataError(
+            f"backbone tensors missing or of the wrong shape in block(s) {', '.join(broken)} "
+            f"(e.g. {first}); this file does not fit the '{layout.name}' layout"
+        )
     unexpected = [k for kinds in coverage.rows.values() for k in kinds["unexpected"]]
     if unexpected:
         raise DataError(f"{len(unexpected)} tensor(s) have no place in the model, e.g. {unexpected[0]}")
@@ -280,8 +353,10 @@ def _head_by_name(mapped: dict, source: Template, target: Template, own: dict, l
         weight[target.channel(name)] = mapped["head.weight"][source.channel(name)]
         bias[target.channel(name)] = mapped["head.bias"][source.channel(name)]
     fresh = [name for name in target.structures if name not in source]
-    log(f"head: {len(shared)} structure(s) of '{target.name}' taken from the '{source.name}' head by name"
-        + (f"; fresh rows for {', '.join(fresh)}" if fresh else ""))
+    log(
+        f"head: {len(shared)} structure(s) of '{target.name}' taken from the '{source.name}' head by name"
+        + (f"; fresh rows for {', '.join(fresh)}" if fresh else "")
+    )
     return {"head.weight": weight, "head.bias": bias}
 
 
@@ -292,22 +367,41 @@ def build_parser() -> argparse.ArgumentParser:
         "Swin, Merlin's I3ResNet-152 CT encoder) or an nnU-Net v2 results folder (TotalSegmentator's too) into an "
         "fsseg checkpoint, with a coverage report. Fails when any backbone tensor is missing or mismatched.",
     )
-    parser.add_argument("source", help="the published file (.pt/.pth), or an nnU-Net results folder "
-                        "(Trainer__Plans__Configuration, holding plans.json, dataset.json and fold_N/)")
-    parser.add_argument("--format", default="auto", choices=["auto", *LAYOUTS, "nnunet"],
-                        help="its key layout (default auto: detected from the keys, and said; nnunet for a folder)")
+    parser.add_argument(
+        "source",
+        help="the published file (.pt/.pth), or an nnU-Net results folder "
+        "(Trainer__Plans__Configuration, holding plans.json, dataset.json and fold_N/)",
+    )
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", *LAYOUTS, "nnunet"],
+        help="its key layout (default auto: detected from the keys, and said; nnunet for a folder)",
+    )
     parser.add_argument("--fold", default="0", help="with --format nnunet: the fold to import (0-4, or all)")
-    parser.add_argument("--checkpoint-name", default=CHECKPOINT,
-                        help=f"with --format nnunet: the checkpoint file in fold_N/ (default {CHECKPOINT})")
-    parser.add_argument("--orientation", default="RAS",
-                        help="with --format nnunet: the orientation the training images were stored in (default RAS, "
-                        "TotalSegmentator's; nnU-Net does not reorient, so the model expects that orientation)")
+    parser.add_argument(
+        "--checkpoint-name",
+        default=CHECKPOINT,
+        help=f"with --format nnunet: the checkpoint file in fold_N/ (default {CHECKPOINT})",
+    )
+    parser.add_argument(
+        "--orientation",
+        default="RAS",
+        help="with --format nnunet: the orientation the training images were stored in (default RAS, "
+        "TotalSegmentator's; nnU-Net does not reorient, so the model expects that orientation)",
+    )
     parser.add_argument("-o", "--output", required=True, help="fsseg checkpoint to write")
     parser.add_argument("--template", help="structure template of the head (default: the layout's own)")
-    parser.add_argument("--drop-head", action="store_true",
-                        help="import the backbone alone when the head is missing or does not fit the template")
-    parser.add_argument("--unsafe-load", action="store_true",
-                        help="allow files that pickle non-tensor objects (only for files from a source you trust)")
+    parser.add_argument(
+        "--drop-head",
+        action="store_true",
+        help="import the backbone alone when the head is missing or does not fit the template",
+    )
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="allow files that pickle non-tensor objects (only for files from a source you trust)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     add_common_arguments(parser)
     return parser
@@ -333,13 +427,23 @@ def _command(args: argparse.Namespace) -> int:
         layout = LAYOUTS[args.format]
     template = load_template(args.template or layout.template)
     model, coverage = convert(state, layout, template, args.drop_head)
-    save_checkpoint(output, {
-        "kind": "imported", "arch": model.arch, "template": template.to_dict(), "head_trained": model.head_trained,
-        "decoder_trained": model.decoder_trained, "preprocessing": layout.preprocessing.to_dict(),
-        "state_dict": model.state_dict(),
-        "source": {"file": str(Path(args.source).resolve()), "sha256": sha256_file(args.source),
-                   "format": layout.name},
-    })
+    save_checkpoint(
+        output,
+        {
+            "kind": "imported",
+            "arch": model.arch,
+            "template": template.to_dict(),
+            "head_trained": model.head_trained,
+            "decoder_trained": model.decoder_trained,
+            "preprocessing": layout.preprocessing.to_dict(),
+            "state_dict": model.state_dict(),
+            "source": {
+                "file": str(Path(args.source).resolve()),
+                "sha256": sha256_file(args.source),
+                "format": layout.name,
+            },
+        },
+    )
     print(f"wrote {output}: {model.arch['name']} {model.arch['kwargs']}, template {template.name}")
     return 0
 

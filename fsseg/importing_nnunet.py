@@ -35,17 +35,30 @@ CHECKPOINT = "checkpoint_final.pth"
 CT_NORMALIZATION = "CTNormalization"
 # Plans written before nnU-Net 2.4 name the network and its sizes; these are the layers nnU-Net then used.
 LEGACY_LAYERS = {
-    "conv_op": "torch.nn.modules.conv.Conv3d", "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-    "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}, "conv_bias": True,
+    "conv_op": "torch.nn.modules.conv.Conv3d",
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+    "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+    "dropout_op": None,
+    "dropout_op_kwargs": None,
+    "nonlin": "torch.nn.LeakyReLU",
+    "nonlin_kwargs": {"inplace": True},
+    "conv_bias": True,
 }
-LEGACY_CLASSES = {"PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                  "ResidualEncoderUNet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"}
+LEGACY_CLASSES = {
+    "PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "ResidualEncoderUNet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+}
 # nnU-Net's training log holds numpy scalars: data, not code, so they may be unpickled (under numpy 1's module
 # name too, which numpy 2 renamed).
 _MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-NUMPY_SCALARS = [(_MULTIARRAY.scalar, "numpy.core.multiarray.scalar"), _MULTIARRAY.scalar, np.dtype,
-                 type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
+NUMPY_SCALARS = [
+    (_MULTIARRAY.scalar, "numpy.core.multiarray.scalar"),
+    _MULTIARRAY.scalar,
+    np.dtype,
+    type(np.dtype(np.float64)),
+    type(np.dtype(np.float32)),
+    type(np.dtype(np.int64)),
+]
 
 
 def read_json(path: Path) -> dict:
@@ -87,8 +100,10 @@ def architecture(config: dict, where: Path) -> tuple[str, dict, list[str]]:
     try:
         return _architecture(config, where)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise DataError(f"{where}: the configuration's network is described with missing or malformed values "
-                        f"({type(error).__name__}: {error})") from None
+        raise DataError(
+            f"{where}: the configuration's network is described with missing or malformed values "
+            f"({type(error).__name__}: {error})"
+        ) from None
 
 
 def _architecture(config: dict, where: Path) -> tuple[str, dict, list[str]]:
@@ -102,11 +117,15 @@ def _architecture(config: dict, where: Path) -> tuple[str, dict, list[str]]:
         raise DataError(f"{where}: network '{name}' is not one fsseg can build (only {', '.join(LEGACY_CLASSES)})")
     stages = len(config["conv_kernel_sizes"])
     kwargs = {
-        "n_stages": stages, "kernel_sizes": config["conv_kernel_sizes"], "strides": config["pool_op_kernel_sizes"],
-        "features_per_stage": [min(config["UNet_base_num_features"] * 2**i, config["unet_max_num_features"])
-                               for i in range(stages)],
+        "n_stages": stages,
+        "kernel_sizes": config["conv_kernel_sizes"],
+        "strides": config["pool_op_kernel_sizes"],
+        "features_per_stage": [
+            min(config["UNet_base_num_features"] * 2**i, config["unet_max_num_features"]) for i in range(stages)
+        ],
         "n_conv_per_stage": config["n_conv_per_stage_encoder"],
-        "n_conv_per_stage_decoder": config["n_conv_per_stage_decoder"], **LEGACY_LAYERS,
+        "n_conv_per_stage_decoder": config["n_conv_per_stage_decoder"],
+        **LEGACY_LAYERS,
     }
     return LEGACY_CLASSES[name], kwargs, ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
@@ -119,8 +138,10 @@ def structures(dataset: dict, where: Path) -> list[str]:
     """
     labels = dataset.get("labels", {})
     if any(not isinstance(value, int) for value in labels.values()):
-        raise DataError(f"{where}: region-based labels (a class made of several ids) have no per-structure head "
-                        "fsseg can map; only plain label ids are imported")
+        raise DataError(
+            f"{where}: region-based labels (a class made of several ids) have no per-structure head "
+            "fsseg can map; only plain label ids are imported"
+        )
     if "ignore" in labels:
         raise DataError(f"{where}: an 'ignore' label is not supported")
     ids = sorted(labels.values())
@@ -133,7 +154,9 @@ def structures(dataset: dict, where: Path) -> list[str]:
     return names
 
 
-def preprocessing(plans: dict, config: dict, dataset: dict, orientation: str, where: Path) -> tuple[Preprocessing, float, float]:
+def preprocessing(
+    plans: dict, config: dict, dataset: dict, orientation: str, where: Path
+) -> tuple[Preprocessing, float, float]:
     """fsseg's preprocessing for a configuration, with the backbone's input scale and shift."""
     channels = dataset.get("channel_names", dataset.get("modality", {}))
     if len(channels) != 1:
@@ -146,16 +169,22 @@ def preprocessing(plans: dict, config: dict, dataset: dict, orientation: str, wh
     mean, std = float(stats["mean"]), max(float(stats["std"]), 1e-8)
     transpose = plans.get("transpose_forward", [0, 1, 2])
     stored = Preprocessing(orientation=orientation).orientation[::-1]  # SimpleITK's array axes: z, y, x
-    pre = Preprocessing(orientation="".join(stored[axis] for axis in transpose), spacing=tuple(config["spacing"]),
-                        hu_window=(low, high), roi=tuple(config["patch_size"]), crop_foreground=False)
+    pre = Preprocessing(
+        orientation="".join(stored[axis] for axis in transpose),
+        spacing=tuple(config["spacing"]),
+        hu_window=(low, high),
+        roi=tuple(config["patch_size"]),
+        crop_foreground=False,
+    )
     return pre, (high - low) / std, (low - mean) / std
 
 
 def read_weights(path: Path, unsafe: bool) -> dict[str, torch.Tensor]:
     """The network weights of an nnU-Net checkpoint, without the prefixes of DDP and torch.compile."""
     with torch.serialization.safe_globals(NUMPY_SCALARS):
-        payload = load_torch_file(path, "nnU-Net checkpoint", unsafe,
-                                  "" if unsafe else "; if you trust the file's source, add --unsafe-load")
+        payload = load_torch_file(
+            path, "nnU-Net checkpoint", unsafe, "" if unsafe else "; if you trust the file's source, add --unsafe-load"
+        )
     weights = payload.get("network_weights") if isinstance(payload, dict) else None
     if not isinstance(weights, dict):
         raise DataError(f"{path}: no 'network_weights' in it; not an nnU-Net v2 checkpoint")
@@ -166,13 +195,21 @@ def results_configuration(folder: Path) -> str:
     """The configuration a results folder was trained with: its name is Trainer__Plans__Configuration."""
     parts = folder.resolve().name.split("__")
     if len(parts) != 3:
-        raise DataError(f"{folder}: not an nnU-Net results folder (its name should be Trainer__Plans__Configuration, "
-                        "like nnUNetTrainer__nnUNetPlans__3d_fullres)")
+        raise DataError(
+            f"{folder}: not an nnU-Net results folder (its name should be Trainer__Plans__Configuration, "
+            "like nnUNetTrainer__nnUNetPlans__3d_fullres)"
+        )
     return parts[2]
 
 
-def import_nnunet(folder: str | Path, fold: str = "0", checkpoint: str = CHECKPOINT, orientation: str = "RAS",
-                  unsafe: bool = False, log: Callable[[str], None] = print) -> dict:
+def import_nnunet(
+    folder: str | Path,
+    fold: str = "0",
+    checkpoint: str = CHECKPOINT,
+    orientation: str = "RAS",
+    unsafe: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The fsseg checkpoint payload of an nnU-Net results folder.
 
     Raises:
@@ -194,31 +231,59 @@ def import_nnunet(folder: str | Path, fold: str = "0", checkpoint: str = CHECKPO
     weights_file = folder / f"fold_{fold}" / checkpoint
     if not weights_file.is_file():
         found = sorted(str(p.relative_to(folder)) for p in folder.glob("fold_*/*.pth"))
-        raise DataError(f"{weights_file}: not found; this folder holds {', '.join(found) or 'no fold_N/*.pth'} "
-                        "(choose with --fold and --checkpoint-name)")
+        raise DataError(
+            f"{weights_file}: not found; this folder holds {', '.join(found) or 'no fold_N/*.pth'} "
+            "(choose with --fold and --checkpoint-name)"
+        )
     weights = read_weights(weights_file, unsafe)
-    template = Template(name=f"nnunet-{folder.parent.name}", structures=tuple(names),
-                        ids=tuple(range(1, len(names) + 1)))
+    template = Template(
+        name=f"nnunet-{folder.parent.name}", structures=tuple(names), ids=tuple(range(1, len(names) + 1))
+    )
     try:
-        model = create_model("nnunet", num_classes=len(names), network_class=network_class, arch_kwargs=arch_kwargs,
-                             requires_import=requires_import, input_scale=scale, input_shift=shift)
+        model = create_model(
+            "nnunet",
+            num_classes=len(names),
+            network_class=network_class,
+            arch_kwargs=arch_kwargs,
+            requires_import=requires_import,
+            input_scale=scale,
+            input_shift=shift,
+        )
     except ConfigError as error:
         raise DataError(f"{folder / 'plans.json'}: {error}") from None
     state = _fsseg_state(weights, model.state_dict(), weights_file, log)
     model.load_state_dict(state)
-    log(f"nnU-Net {template.name.removeprefix('nnunet-')}, configuration {name}, fold {fold}: "
+    log(
+        f"nnU-Net {template.name.removeprefix('nnunet-')}, configuration {name}, fold {fold}: "
         f"{network_class.rsplit('.', 1)[-1]}, {arch_kwargs['n_stages']} stages, {model.feature_channels} feature "
-        f"channels; {len(names)} structures: {', '.join(names)}")
-    log("head: nnU-Net's softmax over background + classes as per-structure logits (class minus background): the "
-        "label map is nnU-Net's argmax; a structure's probability is P(k) / (P(k) + P(background))")
-    log(f"preprocessing: orientation {pre.orientation} (training images in {orientation}, read as SimpleITK "
+        f"channels; {len(names)} structures: {', '.join(names)}"
+    )
+    log(
+        "head: nnU-Net's softmax over background + classes as per-structure logits (class minus background): the "
+        "label map is nnU-Net's argmax; a structure's probability is P(k) / (P(k) + P(background))"
+    )
+    log(
+        f"preprocessing: orientation {pre.orientation} (training images in {orientation}, read as SimpleITK "
         f"stores them), spacing {'x'.join(f'{s:g}' for s in pre.spacing)} mm, windows {'x'.join(map(str, pre.roi))}, "
         f"CT normalisation: HU clipped to [{pre.hu_window[0]:g}, {pre.hu_window[1]:g}], then z-scored in the backbone; "
-        "not reproduced: nnU-Net's third-order resampling (fsseg resamples linearly) and test-time mirroring")
-    return {"kind": "imported", "arch": model.arch, "template": template.to_dict(), "head_trained": True,
-            "decoder_trained": True, "preprocessing": pre.to_dict(), "state_dict": model.state_dict(),
-            "source": {"file": str(weights_file.resolve()), "sha256": sha256_file(weights_file), "format": "nnunet",
-                       "configuration": name, "fold": fold}}
+        "not reproduced: nnU-Net's third-order resampling (fsseg resamples linearly) and test-time mirroring"
+    )
+    return {
+        "kind": "imported",
+        "arch": model.arch,
+        "template": template.to_dict(),
+        "head_trained": True,
+        "decoder_trained": True,
+        "preprocessing": pre.to_dict(),
+        "state_dict": model.state_dict(),
+        "source": {
+            "file": str(weights_file.resolve()),
+            "sha256": sha256_file(weights_file),
+            "format": "nnunet",
+            "configuration": name,
+            "fold": fold,
+        },
+    }
 
 
 def _fsseg_state(weights: dict, own: dict, source: Path, log: Callable[[str], None]) -> dict:
@@ -240,12 +305,16 @@ def _fsseg_state(weights: dict, own: dict, source: Path, log: Callable[[str], No
         else:
             counts["loaded"] += 1
     counts["unexpected"] = [k for k in state if k not in own]
-    log(f"tensors: {counts['loaded']} loaded, {len(counts['missing'])} missing, {len(counts['unexpected'])} "
+    log(
+        f"tensors: {counts['loaded']} loaded, {len(counts['missing'])} missing, {len(counts['unexpected'])} "
         f"unexpected, {len(counts['mismatched'])} of the wrong shape; {len(seg_layers) - 1} deep-supervision "
-        "layer(s) left out")
+        "layer(s) left out"
+    )
     for kind in ("missing", "mismatched", "unexpected"):
         if counts[kind]:
             first = counts[kind][0].removeprefix("backbone.net.")
-            raise DataError(f"{source}: {len(counts[kind])} tensor(s) {kind.replace('mismatched', 'of the wrong shape')}"
-                            f" for the network plans.json describes, e.g. {first}")
+            raise DataError(
+                f"{source}: {len(counts[kind])} tensor(s) {kind.replace('mismatched', 'of the wrong shape')}"
+                f" for the network plans.json describes, e.g. {first}"
+            )
     return {key: state[key] for key in own}

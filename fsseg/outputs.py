@@ -13,8 +13,8 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
@@ -30,8 +30,12 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path], folder: str | Path | None = None,
-                  option: str = "--output") -> None:
+def check_outputs(
+    outputs: Iterable[str | Path],
+    inputs: Iterable[str | Path],
+    folder: str | Path | None = None,
+    option: str = "--output",
+) -> None:
     """Refuse outputs that would replace an input, and an output ``folder`` that holds input files.
 
     Each input is looked at once (a data list may name a hundred thousand masks), each output once.
@@ -61,8 +65,9 @@ def check_file_name(name: str, what: str) -> str:
         DataError: naming ``what`` and the name.
     """
     if re.search(r"[/\\\x00-\x1f\x7f]", name):
-        raise DataError(f"{what} {name!r} cannot be part of a file name: it holds a path separator or a control "
-                        "character")
+        raise DataError(
+            f"{what} {name!r} cannot be part of a file name: it holds a path separator or a control character"
+        )
     return name
 
 

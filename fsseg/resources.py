@@ -13,8 +13,12 @@ import importlib.resources
 from pathlib import Path
 
 # Name under fsseg/shipped/ in a wheel -> folder in the repository.
-FOLDERS = {"configs": "configs", "datasets": "data_lists/datasets", "examples": "data_lists/examples",
-           "sample_ct": "sample_data/ct"}
+FOLDERS = {
+    "configs": "configs",
+    "datasets": "data_lists/datasets",
+    "examples": "data_lists/examples",
+    "sample_ct": "sample_data/ct",
+}
 
 
 def shipped_dir(name: str) -> Path:

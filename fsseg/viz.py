@@ -5,9 +5,9 @@ matplotlib is an optional extra (``pip install -e .[viz]``); without it the comm
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from itertools import cycle
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -40,8 +40,14 @@ def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple
     return np.asanyarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
 
 
-def overlay_png(path: str | Path, image: np.ndarray, affine: np.ndarray, prediction: Mapping[str, np.ndarray],
-                title: str, truth: Mapping[str, np.ndarray] | None = None) -> Path:
+def overlay_png(
+    path: str | Path,
+    image: np.ndarray,
+    affine: np.ndarray,
+    prediction: Mapping[str, np.ndarray],
+    title: str,
+    truth: Mapping[str, np.ndarray] | None = None,
+) -> Path:
     """Axial, coronal and sagittal slices through the structure, each mask drawn as a contour, in radiological
     orientation with side markers; ground truth in greens, predictions in reds.
 
@@ -52,17 +58,23 @@ def overlay_png(path: str | Path, image: np.ndarray, affine: np.ndarray, predict
     """
     plt = pyplot()
     volume, zooms = _canonical(image.astype(np.float32), affine)  # RAS: +x toward the patient's right
-    contours = [(f"ground truth: {name}", colour, mask) for (name, mask), colour in zip((truth or {}).items(),
-                                                                                        cycle(TRUTH_COLOURS))]
-    contours += [(f"prediction: {name}", colour, mask) for (name, mask), colour in zip(prediction.items(),
-                                                                                      cycle(PREDICTION_COLOURS))]
+    contours = [
+        (f"ground truth: {name}", colour, mask)
+        for (name, mask), colour in zip((truth or {}).items(), cycle(TRUTH_COLOURS))
+    ]
+    contours += [
+        (f"prediction: {name}", colour, mask)
+        for (name, mask), colour in zip(prediction.items(), cycle(PREDICTION_COLOURS))
+    ]
     contours = [(label, colour, _canonical(mask.astype(np.uint8), affine)[0] > 0) for label, colour, mask in contours]
     anchor = next((mask for *_, mask in contours if mask.any()), None)
     centre = np.argwhere(anchor).mean(0).astype(int) if anchor is not None else np.array(volume.shape) // 2
     # (name, cut, aspect, marker on the viewer's left, on the right); the horizontal axis is flipped in each
-    views = [("axial", lambda a: a[:, :, centre[2]], zooms[1] / zooms[0], "R", "L"),
-             ("coronal", lambda a: a[:, centre[1], :], zooms[2] / zooms[0], "R", "L"),
-             ("sagittal", lambda a: a[centre[0], :, :], zooms[2] / zooms[1], "A", "P")]
+    views = [
+        ("axial", lambda a: a[:, :, centre[2]], zooms[1] / zooms[0], "R", "L"),
+        ("coronal", lambda a: a[:, centre[1], :], zooms[2] / zooms[0], "R", "L"),
+        ("sagittal", lambda a: a[centre[0], :, :], zooms[2] / zooms[1], "A", "P"),
+    ]
     figure, axes = plt.subplots(1, 3, figsize=(12, 4.6))
     for axis, (name, cut, aspect, left, right) in zip(axes, views):
         axis.imshow(np.clip(cut(volume), *DISPLAY_WINDOW_HU).T, cmap="gray", origin="lower", aspect=aspect)
@@ -72,8 +84,17 @@ def overlay_png(path: str | Path, image: np.ndarray, affine: np.ndarray, predict
                 axis.contour(section, levels=[0.5], colors=[colour], linewidths=1.2)
         axis.invert_xaxis()
         for x, marker in ((0.03, left), (0.97, right)):
-            axis.text(x, 0.5, marker, transform=axis.transAxes, color="yellow", fontsize=12, fontweight="bold",
-                      ha="center", va="center")
+            axis.text(
+                x,
+                0.5,
+                marker,
+                transform=axis.transAxes,
+                color="yellow",
+                fontsize=12,
+                fontweight="bold",
+                ha="center",
+                va="center",
+            )
         axis.set_title(name)
         axis.axis("off")
     handles = [plt.Line2D([], [], color=colour, label=label) for label, colour, _ in contours]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
 from fsseg.config import load_config
 from fsseg.models import list_models
 from fsseg.outputs import check_run_file
-from fsseg.training.runtime import init_runtime, shutdown
 from fsseg.pretrain.config import PretrainConfig
+from fsseg.training.runtime import init_runtime, shutdown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-list", nargs="+", metavar="LIST.json", help="data lists (replace data.lists)")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
     parser.add_argument("--out", default="runs/pretrain", help="run directory (default: runs/pretrain)")
-    parser.add_argument("--resume", metavar="auto|PATH",
-                        help="'auto' continues from <out>/checkpoint_latest.pt when present; or a checkpoint path. "
-                        "optim.epochs may be raised when resuming")
+    parser.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="'auto' continues from <out>/checkpoint_latest.pt when present; or a checkpoint path. "
+        "optim.epochs may be raised when resuming",
+    )
     add_run_arguments(parser, "optim.lr=3e-4")
     add_common_arguments(parser)
     return parser

@@ -27,8 +27,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         unknown = [g for g in self.freeze if g not in BLOCK_GROUPS or g == "head"]
         if unknown:
-            raise ConfigError(f"model.freeze: unknown block group(s) {', '.join(map(str, unknown))}; expected some "
-                              f"of {', '.join(g for g in BLOCK_GROUPS if g != 'head')}")
+            raise ConfigError(
+                f"model.freeze: unknown block group(s) {', '.join(map(str, unknown))}; expected some "
+                f"of {', '.join(g for g in BLOCK_GROUPS if g != 'head')}"
+            )
 
 
 @dataclass

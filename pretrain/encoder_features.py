@@ -9,8 +9,8 @@ augmentation but the crop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,9 +50,19 @@ class EncoderFeatureDataset(torch.utils.data.Dataset):
         channels: the template's structure count (one-hot label channels).
     """
 
-    def __init__(self, scans: torch.utils.data.Dataset, keys: Sequence[str], model: SegmentationModel,
-                 encoder_key: str, folder: Path, roi: Sequence[int], crops: int, pos: float, neg: float,
-                 channels: int) -> None:
+    def __init__(
+        self,
+        scans: torch.utils.data.Dataset,
+        keys: Sequence[str],
+        model: SegmentationModel,
+        encoder_key: str,
+        folder: Path,
+        roi: Sequence[int],
+        crops: int,
+        pos: float,
+        neg: float,
+        channels: int,
+    ) -> None:
         self.scans, self.keys = scans, list(keys)
         self.cache = EncoderCache(folder, model, encoder_key)
         self.roi, self.crops, self.pos, self.neg, self.channels = tuple(roi), crops, pos, neg, channels
@@ -74,9 +84,13 @@ class EncoderFeatureDataset(torch.utils.data.Dataset):
         strides = self.cache.strides
         image = pad_for_encoder(torch.as_tensor(data[IMAGE]).as_subclass(torch.Tensor).float(), strides, self.roi)
         label = pad_for_encoder(torch.as_tensor(data[LABEL]).as_subclass(torch.Tensor), strides, self.roi)
-        return self.cache.encode(self.keys[index], image, {"label": label.to(torch.uint8)},
-                                 {"task_mask": torch.as_tensor(data[TASK_MASK]).tolist(), "id": data["id"]},
-                                 name=f"scan {index + 1}/{len(self)}")
+        return self.cache.encode(
+            self.keys[index],
+            image,
+            {"label": label.to(torch.uint8)},
+            {"task_mask": torch.as_tensor(data[TASK_MASK]).tolist(), "id": data["id"]},
+            name=f"scan {index + 1}/{len(self)}",
+        )
 
     def _case(self, index: int):
         if index not in self._cases:

@@ -2,8 +2,9 @@
 
 Data lists -> cached preprocessing + random crops -> uniform-over-datasets sampling -> model -> task-masked
 Dice + BCE -> AdamW with warm-up and cosine decay (the training core, :mod:`fsseg.training.loop`). Rank 0
-writes checkpoints (atomically), TensorBoard events, ``train.log`` and ``summary.json``. Every epoch re-seeds the sampler and the random transforms from
-(seed, epoch, rank), so a run resumed from a checkpoint continues exactly as an uninterrupted one would.
+writes checkpoints (atomically), TensorBoard events, ``train.log`` and ``summary.json``. Every epoch re-seeds the
+sampler and the random transforms from (seed, epoch, rank), so a run resumed from a checkpoint continues exactly
+as an uninterrupted one would.
 
 A run can start from a checkpoint (``model.init``) with block groups frozen (``model.freeze``); with the encoder
 frozen on a network that splits there, the crops are read from encoder features cached per scan
@@ -16,9 +17,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import yaml
@@ -27,8 +29,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fsseg.checkpoint import (head_trained, load_weights, read_checkpoint, rng_state, save_checkpoint,
-                              save_model_file, set_rng_state, sha256_file, versions)
+from fsseg.checkpoint import (
+    head_trained,
+    load_weights,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_model_file,
+    set_rng_state,
+    sha256_file,
+    versions,
+)
 from fsseg.config import to_dict
 from fsseg.data.cache import cached_dataset, content_hash
 from fsseg.data.datalist import load_datalist
@@ -38,13 +49,13 @@ from fsseg.errors import ConfigError
 from fsseg.losses import PartialLabelLoss
 from fsseg.models import SegmentationModel, check_roi, create_model
 from fsseg.outputs import prepare_output_dir
+from fsseg.pretrain.config import PretrainConfig
+from fsseg.pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset
 from fsseg.templates import Template, load_template
 from fsseg.training.encoder_cache import splits_at_encoder
 from fsseg.training.freezing import freeze_groups, train_trainable_parts
 from fsseg.training.loop import EpochStats, Fit, MicroBatch, Schedule, Step, Trainer, TrainingProgress, fit
 from fsseg.training.runtime import MixedPrecision, Runtime, seed_everything
-from fsseg.pretrain.config import PretrainConfig
-from fsseg.pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset
 
 log = logging.getLogger("fsseg.pretrain")
 # What a checkpoint must hold to continue training from it.
@@ -89,8 +100,9 @@ class RunPaths:
         return self.out / "tensorboard"
 
 
-def build_dataset(cfg: PretrainConfig, template: Template, out: Path,
-                  frozen_encoder: SegmentationModel | None = None) -> tuple[Dataset, list[float], list[str]]:
+def build_dataset(
+    cfg: PretrainConfig, template: Template, out: Path, frozen_encoder: SegmentationModel | None = None
+) -> tuple[Dataset, list[float], list[str]]:
     """The training cases of every list, with their sampling weights and a line per dataset for the log; with
     ``frozen_encoder``, crops of its features cached per scan."""
     if not cfg.data.lists:
@@ -111,14 +123,26 @@ def build_dataset(cfg: PretrainConfig, template: Template, out: Path,
     fingerprint = json.dumps([cfg.preprocessing.to_dict(), template.to_dict()], sort_keys=True)
     cache_dir = Path(cfg.data.cache_dir or out / "cache")
     if frozen_encoder is not None:
-        scans = cached_dataset(items, inference_transforms(cfg.preprocessing, (IMAGE, LABEL), template), cache_dir,
-                               fingerprint)
+        scans = cached_dataset(
+            items, inference_transforms(cfg.preprocessing, (IMAGE, LABEL), template), cache_dir, fingerprint
+        )
         keys = [content_hash(fingerprint)(item).decode() for item in items]
-        encoder_key = json.dumps([sha256_file(cfg.model.init) if cfg.model.init else f"seed {cfg.seed}",
-                                  frozen_encoder.arch])
+        encoder_key = json.dumps(
+            [sha256_file(cfg.model.init) if cfg.model.init else f"seed {cfg.seed}", frozen_encoder.arch]
+        )
         aug = cfg.augmentation
-        dataset = EncoderFeatureDataset(scans, keys, frozen_encoder, encoder_key, cache_dir / "encoder_features",
-                                        cfg.preprocessing.roi, aug.crops_per_volume, aug.pos, aug.neg, len(template))
+        dataset = EncoderFeatureDataset(
+            scans,
+            keys,
+            frozen_encoder,
+            encoder_key,
+            cache_dir / "encoder_features",
+            cfg.preprocessing.roi,
+            aug.crops_per_volume,
+            aug.pos,
+            aug.neg,
+            len(template),
+        )
         return dataset, weights, lines
     transform = train_transforms(cfg.preprocessing, template, cfg.augmentation)
     dataset = cached_dataset(items, transform, cache_dir, fingerprint) if cfg.data.cache else Dataset(items, transform)
@@ -134,13 +158,17 @@ def start_from(model: SegmentationModel, cfg: PretrainConfig, template: Template
     init = cfg.model.init
     payload = read_checkpoint(init)
     if payload["arch"] != model.arch:
-        raise ConfigError(f"model.init {init} holds model {payload['arch']}, the config asks for {model.arch}; set "
-                          f"model.name (and model.kwargs) to the checkpoint's")
+        raise ConfigError(
+            f"model.init {init} holds model {payload['arch']}, the config asks for {model.arch}; set "
+            f"model.name (and model.kwargs) to the checkpoint's"
+        )
     # The roi is a window size (memory, context), not something the weights learnt: the rest must agree.
     made, given = (dict(p, roi=None) for p in (payload["preprocessing"], cfg.preprocessing.to_dict()))
     if made != given:
-        raise ConfigError(f"model.init {init} was made for preprocessing {payload['preprocessing']}; set the "
-                          f"config's preprocessing to it, any roi (it has {cfg.preprocessing.to_dict()})")
+        raise ConfigError(
+            f"model.init {init} was made for preprocessing {payload['preprocessing']}; set the "
+            f"config's preprocessing to it, any roi (it has {cfg.preprocessing.to_dict()})"
+        )
     state = dict(payload["state_dict"])
     if not head_trained(payload) or payload["template"] != template.to_dict():
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -152,13 +180,17 @@ def start_from(model: SegmentationModel, cfg: PretrainConfig, template: Template
 def _check_resumable(payload: dict, model_arch: dict, template: Template, cfg: PretrainConfig, source: Path) -> None:
     missing = [key for key in RESUME_KEYS if key not in payload]
     if missing:
-        raise ConfigError(f"{source}: cannot resume from it, it holds no training state ({', '.join(missing)}; "
-                          f"kind '{payload.get('kind', 'unknown')}'); only fsseg-pretrain checkpoints resume")
+        raise ConfigError(
+            f"{source}: cannot resume from it, it holds no training state ({', '.join(missing)}; "
+            f"kind '{payload.get('kind', 'unknown')}'); only fsseg-pretrain checkpoints resume"
+        )
     expected = {"arch": model_arch, "template": template.to_dict(), "preprocessing": cfg.preprocessing.to_dict()}
     for key, value in expected.items():
         if payload[key] != value:
-            raise ConfigError(f"{source}: cannot resume, the checkpoint's {key} differs from the config's "
-                              f"({payload[key]} vs {value}); use another --out to start a new run")
+            raise ConfigError(
+                f"{source}: cannot resume, the checkpoint's {key} differs from the config's "
+                f"({payload[key]} vs {value}); use another --out to start a new run"
+            )
 
 
 # The fewest optimizer steps of fsseg's own pretraining recipes (the phantom demo: 150); a run of fewer has
@@ -169,26 +201,41 @@ MIN_STEPS = 100
 def warn_if_short(steps: int, volumes: int, batch_size: int) -> None:
     """Warn when the whole schedule comes to fewer than ``MIN_STEPS`` optimizer steps."""
     if steps < MIN_STEPS:
-        log.warning(f"warning: this schedule is {steps} optimizer steps in all ({volumes} volumes an epoch in batches "
-                    f"of {batch_size}); fsseg's smallest recipe takes {MIN_STEPS}+. Raise optim.epochs or "
-                    "sampling.volumes_per_epoch, or the model will have learned little")
+        log.warning(
+            f"warning: this schedule is {steps} optimizer steps in all ({volumes} volumes an epoch in batches "
+            f"of {batch_size}); fsseg's smallest recipe takes {MIN_STEPS}+. Raise optim.epochs or "
+            "sampling.volumes_per_epoch, or the model will have learned little"
+        )
 
 
 class LoaderCrops:
     """The pretraining batches as the training core's :class:`~fsseg.training.loop.CropSource`: volumes drawn
     with their datasets' weights, each epoch's sampler and random transforms seeded from (seed, epoch, rank)."""
 
-    def __init__(self, dataset: Dataset, weights: list[float], cfg: PretrainConfig, runtime: Runtime, cached: bool,
-                 network: torch.nn.Module) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        weights: list[float],
+        cfg: PretrainConfig,
+        runtime: Runtime,
+        cached: bool,
+        network: torch.nn.Module,
+    ) -> None:
         self.dataset, self.runtime, self.cached, self.network, self.seed = dataset, runtime, cached, network, cfg.seed
         self.volumes = cfg.sampling.volumes_per_epoch or len(weights)
         self.generator = torch.Generator()
         self.sampler = DistributedWeightedRandomSampler(
-            dataset, weights, num_samples_per_rank=math.ceil(self.volumes / runtime.world_size),
-            generator=self.generator, num_replicas=runtime.world_size, rank=runtime.rank, seed=cfg.seed,
+            dataset,
+            weights,
+            num_samples_per_rank=math.ceil(self.volumes / runtime.world_size),
+            generator=self.generator,
+            num_replicas=runtime.world_size,
+            rank=runtime.rank,
+            seed=cfg.seed,
         )
-        self.loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=self.sampler,
-                                 num_workers=cfg.num_workers)
+        self.loader = DataLoader(
+            dataset, batch_size=cfg.optim.batch_size, sampler=self.sampler, num_workers=cfg.num_workers
+        )
         self.steps_per_epoch = len(self.loader)
 
     def steps(self, epoch: int) -> Iterator[Step]:
@@ -214,8 +261,9 @@ class RunState:
     history: list[float] = field(default_factory=list)
 
 
-def prepare_model(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, template: Template,
-                  resume: str | None) -> tuple[SegmentationModel, dict | None, bool]:
+def prepare_model(
+    cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, template: Template, resume: str | None
+) -> tuple[SegmentationModel, dict | None, bool]:
     """The model with its starting weights and frozen groups, the checkpoint it resumes from (or None), and
     whether its crops are cached encoder features."""
     check_roi(cfg.model.name, cfg.preprocessing.roi)
@@ -236,16 +284,27 @@ def prepare_model(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, templa
     trainable = freeze_groups(model, cfg.model.freeze)
     cached = bool("encoder" in cfg.model.freeze and cfg.data.encoder_cache and splits_at_encoder(model))
     if cached and cfg.num_workers:
-        raise ConfigError("num_workers must be 0 with cached encoder features (each step only reads crops of "
-                          "memory-mapped files; workers would draw the same crops)")
+        raise ConfigError(
+            "num_workers must be 0 with cached encoder features (each step only reads crops of "
+            "memory-mapped files; workers would draw the same crops)"
+        )
     if cfg.model.freeze:
-        log.info(f"frozen: {', '.join(cfg.model.freeze)}; {trainable:,} parameters train"
-                 + ("; crops read the encoder's features, cached per scan" if cached else ""))
+        log.info(
+            f"frozen: {', '.join(cfg.model.freeze)}; {trainable:,} parameters train"
+            + ("; crops read the encoder's features, cached per scan" if cached else "")
+        )
     return model, payload, cached
 
 
-def prepare_crops(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, template: Template,
-                  model: SegmentationModel, cached: bool, progress: bool) -> LoaderCrops:
+def prepare_crops(
+    cfg: PretrainConfig,
+    paths: RunPaths,
+    runtime: Runtime,
+    template: Template,
+    model: SegmentationModel,
+    cached: bool,
+    progress: bool,
+) -> LoaderCrops:
     """The run's crop source; with ``cached``, the encoder's features of every scan computed first (rank 0)."""
     runtime.barrier()  # the cache folder exists before other ranks use it
     dataset, weights, lines = build_dataset(cfg, template, paths.out, model if cached else None)
@@ -261,16 +320,33 @@ def prepare_crops(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, templa
     return LoaderCrops(dataset, weights, cfg, runtime, cached, network)
 
 
-def make_trainer(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: SegmentationModel,
-                 crops: LoaderCrops, payload: dict | None) -> tuple[Trainer, RunState]:
+def make_trainer(
+    cfg: PretrainConfig,
+    paths: RunPaths,
+    runtime: Runtime,
+    model: SegmentationModel,
+    crops: LoaderCrops,
+    payload: dict | None,
+) -> tuple[Trainer, RunState]:
     """AdamW with warm-up and cosine decay over the run's steps, continued from ``payload`` when it resumes."""
     per_epoch = crops.steps_per_epoch
     warn_if_short(cfg.optim.epochs * per_epoch, crops.volumes, cfg.optim.batch_size)
-    schedule = Schedule(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs * per_epoch,
-                        cfg.optim.epochs * per_epoch, grad_clip=cfg.optim.grad_clip)
+    schedule = Schedule(
+        cfg.optim.lr,
+        cfg.optim.weight_decay,
+        cfg.optim.warmup_epochs * per_epoch,
+        cfg.optim.epochs * per_epoch,
+        grad_clip=cfg.optim.grad_clip,
+    )
     loss_fn = PartialLabelLoss(cfg.loss.dice_weight, cfg.loss.bce_weight, cfg.loss.smooth)
-    trainer = Trainer(model.parameters(), crops.network, loss_fn, schedule, MixedPrecision(runtime.device, cfg.amp),
-                      f"stopped without saving, {paths.latest} keeps the last finite state")
+    trainer = Trainer(
+        model.parameters(),
+        crops.network,
+        loss_fn,
+        schedule,
+        MixedPrecision(runtime.device, cfg.amp),
+        f"stopped without saving, {paths.latest} keeps the last finite state",
+    )
     state = RunState()
     if payload is not None:
         if payload["scheduler"].get("t_total") != schedule.total_steps:
@@ -281,9 +357,17 @@ def make_trainer(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: 
     return trainer, state
 
 
-def end_of_epoch(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: SegmentationModel,
-                 template: Template, trainer: Trainer, state: RunState, writer: SummaryWriter | None,
-                 report: TrainingProgress) -> Callable[[EpochStats], bool]:
+def end_of_epoch(
+    cfg: PretrainConfig,
+    paths: RunPaths,
+    runtime: Runtime,
+    model: SegmentationModel,
+    template: Template,
+    trainer: Trainer,
+    state: RunState,
+    writer: SummaryWriter | None,
+    report: TrainingProgress,
+) -> Callable[[EpochStats], bool]:
     """What ends each epoch: the loss over all ranks, TensorBoard and the log, and (rank 0) the checkpoints."""
 
     def end_epoch(stats: EpochStats) -> bool:
@@ -301,8 +385,10 @@ def end_of_epoch(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: 
             per_channel = sums / batches.clamp(min=1)
             for channel in torch.nonzero(batches)[:, 0].tolist():
                 writer.add_scalar(f"loss/{template.structures[channel]}", float(per_channel[channel]), stats.epoch)
-            log.info(f"epoch {stats.epoch}/{cfg.optim.epochs}: loss {loss:.4f}, lr {lr:.3g}, step {stats.step}, "
-                     f"{report.seconds_left():.0f} s left")
+            log.info(
+                f"epoch {stats.epoch}/{cfg.optim.epochs}: loss {loss:.4f}, lr {lr:.3g}, step {stats.step}, "
+                f"{report.seconds_left():.0f} s left"
+            )
             save_epoch(cfg, paths, model, template, trainer, state, loss)
         runtime.barrier()
         return False
@@ -310,16 +396,30 @@ def end_of_epoch(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: 
     return end_epoch
 
 
-def save_epoch(cfg: PretrainConfig, paths: RunPaths, model: SegmentationModel, template: Template,
-               trainer: Trainer, state: RunState, loss: float) -> None:
+def save_epoch(
+    cfg: PretrainConfig,
+    paths: RunPaths,
+    model: SegmentationModel,
+    template: Template,
+    trainer: Trainer,
+    state: RunState,
+    loss: float,
+) -> None:
     """The latest checkpoint, the best when ``loss`` is the lowest so far, and every ``checkpoint_every``-th."""
     is_best = loss < state.best
     state.best = min(state.best, loss)
     checkpoint = {
-        "kind": "pretrain", "arch": model.arch, "template": template.to_dict(),
-        "preprocessing": cfg.preprocessing.to_dict(), "state_dict": model.state_dict(),
-        **trainer.state_dict(), "epoch": state.epoch, "rng": rng_state(),
-        "config": to_dict(cfg), "best_loss": state.best, "history": state.history,
+        "kind": "pretrain",
+        "arch": model.arch,
+        "template": template.to_dict(),
+        "preprocessing": cfg.preprocessing.to_dict(),
+        "state_dict": model.state_dict(),
+        **trainer.state_dict(),
+        "epoch": state.epoch,
+        "rng": rng_state(),
+        "config": to_dict(cfg),
+        "best_loss": state.best,
+        "history": state.history,
     }
     save_checkpoint(paths.latest, checkpoint)
     if is_best:
@@ -342,39 +442,68 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     if state.epoch >= cfg.optim.epochs:
         log.info(f"nothing to do: {state.epoch} epochs done, optim.epochs is {cfg.optim.epochs} (raise it to continue)")
     writer = SummaryWriter(str(paths.tensorboard)) if runtime.is_main else None
-    log.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {runtime.device}"
-             f" x{runtime.world_size}" + (f" (process group: {runtime.backend})" if runtime.distributed else "")
-             + f"; {crops.steps_per_epoch} steps per epoch")
+    log.info(
+        f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {runtime.device}"
+        f" x{runtime.world_size}"
+        + (f" (process group: {runtime.backend})" if runtime.distributed else "")
+        + f"; {crops.steps_per_epoch} steps per epoch"
+    )
     epochs = range(state.epoch, cfg.optim.epochs)
-    report = TrainingProgress("pretrain", epochs, crops.steps_per_epoch, bar=progress and runtime.is_main,
-                              lines=False, log=log)
-    ran = fit(trainer, crops, epochs, end_of_epoch(cfg, paths, runtime, model, template, trainer, state, writer,
-                                                   report), report)
+    report = TrainingProgress(
+        "pretrain", epochs, crops.steps_per_epoch, bar=progress and runtime.is_main, lines=False, log=log
+    )
+    ran = fit(
+        trainer,
+        crops,
+        epochs,
+        end_of_epoch(cfg, paths, runtime, model, template, trainer, state, writer, report),
+        report,
+    )
     if writer is not None:
         writer.close()
     return finish(cfg, paths, runtime, model, template, trainer, state, ran, crops.steps_per_epoch, started)
 
 
-def finish(cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, model: SegmentationModel, template: Template,
-           trainer: Trainer, state: RunState, ran: Fit, steps_per_epoch: int, started: float) -> dict:
+def finish(
+    cfg: PretrainConfig,
+    paths: RunPaths,
+    runtime: Runtime,
+    model: SegmentationModel,
+    template: Template,
+    trainer: Trainer,
+    state: RunState,
+    ran: Fit,
+    steps_per_epoch: int,
+    started: float,
+) -> dict:
     """The run's summary (written by rank 0 to ``summary.json``, with ``model.pt``: the weights to share)."""
     summary = {
-        "versions": versions(), "device": str(runtime.device), "world_size": runtime.world_size,
-        "model": model.arch, "parameters": sum(p.numel() for p in model.parameters()),
-        "template": template.name, "epochs": cfg.optim.epochs, "steps": trainer.step_count,
-        "steps_per_epoch": steps_per_epoch, "final_loss": state.history[-1] if state.history else None,
-        "best_loss": state.best if state.history else None, "seconds": round(time.time() - started, 2),
+        "versions": versions(),
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "model": model.arch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "template": template.name,
+        "epochs": cfg.optim.epochs,
+        "steps": trainer.step_count,
+        "steps_per_epoch": steps_per_epoch,
+        "final_loss": state.history[-1] if state.history else None,
+        "best_loss": state.best if state.history else None,
+        "seconds": round(time.time() - started, 2),
         "seconds_data_wait": round(sum(e.seconds_data for e in ran.epochs), 3),
         "seconds_compute": round(sum(e.seconds_compute for e in ran.epochs), 3),
-        "checkpoint": str(paths.latest), "loss_history": state.history,
+        "checkpoint": str(paths.latest),
+        "loss_history": state.history,
     }
     if runtime.is_main:
         with atomic_path(paths.summary) as tmp:
             tmp.write_text(json.dumps(summary, indent=1) + "\n")
         if paths.latest.exists():
             save_model_file(paths.latest, paths.model)
-        log.info(f"done: {paths.latest} (loss {summary['final_loss']}; {paths.model.name} without the training "
-                 f"state, to share), summary in {paths.summary}")
+        log.info(
+            f"done: {paths.latest} (loss {summary['final_loss']}; {paths.model.name} without the training "
+            f"state, to share), summary in {paths.summary}"
+        )
     return summary
 
 

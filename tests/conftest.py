@@ -93,9 +93,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = create_model("unet_tiny", num_classes=len(template))
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
-    return save_checkpoint(path, {"arch": model.arch, "template": template.to_dict(),
-                                  "preprocessing": Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32)).to_dict(),
-                                  "state_dict": model.state_dict()})
+    return save_checkpoint(
+        path,
+        {
+            "arch": model.arch,
+            "template": template.to_dict(),
+            "preprocessing": Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32)).to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
 
 
 def write_method_configs(folder: Path, epochs: int = 8, **training) -> Path:
@@ -107,8 +113,14 @@ def write_method_configs(folder: Path, epochs: int = 8, **training) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for method in list_methods():
         # two steps an epoch: a K=1 epoch revisits its support, a K=3 round runs on into the next epoch
-        settings = {"epochs": epochs, "steps_per_epoch": 2, "warmup_epochs": 1, "crops_per_volume": 2, "lr": 1e-2,
-                    **training}
+        settings = {
+            "epochs": epochs,
+            "steps_per_epoch": 2,
+            "warmup_epochs": 1,
+            "crops_per_volume": 2,
+            "lr": 1e-2,
+            **training,
+        }
         (folder / f"{method}.yaml").write_text(yaml.safe_dump({"training": settings}))
     return folder
 

@@ -16,9 +16,17 @@ def new_uid() -> str:
     return f"2.25.{uuid.uuid4().int}"
 
 
-def write_dicom_series(nifti: Path, folder: Path, *, intercept: float = -1024.0, modality: str = "CT",
-                       series_uid: str | None = None, study_uid: str | None = None, drop: tuple[int, ...] = (),
-                       shift_mm: dict[int, float] | None = None) -> str:
+def write_dicom_series(
+    nifti: Path,
+    folder: Path,
+    *,
+    intercept: float = -1024.0,
+    modality: str = "CT",
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    drop: tuple[int, ...] = (),
+    shift_mm: dict[int, float] | None = None,
+) -> str:
     """Write every slice of ``nifti`` as one DICOM file in ``folder``; return the series UID.
 
     The voxels are stored shifted by the rescale ``intercept`` (GDCM encodes the HU values given), and files are
@@ -37,8 +45,16 @@ def write_dicom_series(nifti: Path, folder: Path, *, intercept: float = -1024.0,
     return series_uid
 
 
-def _write_slices(image, folder: Path, series_uid: str, study_uid: str, drop: tuple[int, ...],
-                  shift_mm: dict[int, float], intercept: float, modality: str) -> None:
+def _write_slices(
+    image,
+    folder: Path,
+    series_uid: str,
+    study_uid: str,
+    drop: tuple[int, ...],
+    shift_mm: dict[int, float],
+    intercept: float,
+    modality: str,
+) -> None:
     direction = image.GetDirection()
     frame_uid = new_uid()
     writer = sitk.ImageFileWriter()
@@ -50,13 +66,25 @@ def _write_slices(image, folder: Path, series_uid: str, study_uid: str, drop: tu
         position[2] += shift_mm.get(index, 0.0)
         sop_uid = new_uid()
         tags = {
-            "0008|0016": CT_IMAGE_STORAGE, "0008|0018": sop_uid, "0008|0060": modality,
-            "0008|0020": "20260101", "0008|0030": "120000", "0008|0050": "1",
-            "0010|0010": "Test^Patient", "0010|0020": "FSSEG-TEST", "0020|000d": study_uid, "0020|000e": series_uid,
-            "0020|0010": "1", "0020|0011": "1", "0020|0013": str(index + 1), "0020|0052": frame_uid,
+            "0008|0016": CT_IMAGE_STORAGE,
+            "0008|0018": sop_uid,
+            "0008|0060": modality,
+            "0008|0020": "20260101",
+            "0008|0030": "120000",
+            "0008|0050": "1",
+            "0010|0010": "Test^Patient",
+            "0010|0020": "FSSEG-TEST",
+            "0020|000d": study_uid,
+            "0020|000e": series_uid,
+            "0020|0010": "1",
+            "0020|0011": "1",
+            "0020|0013": str(index + 1),
+            "0020|0052": frame_uid,
             "0020|0032": "\\".join(f"{v:.6f}" for v in position),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[0::3], *direction[1::3])),
-            "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0028|1052": f"{intercept:g}", "0028|1053": "1",
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+            "0028|1052": f"{intercept:g}",
+            "0028|1053": "1",
         }
         plane = image[:, :, index]
         for tag, value in tags.items():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TOTALSEG_LIST, cut_to_one_window, write_method_configs
 from fsseg.adapt.cli import main
 from fsseg.adapt.config import AdaptConfig, TrainingConfig
 from fsseg.adapt.engine import Adaptation, predict_query
 from fsseg.adapt.training import train
-from conftest import TOTALSEG_LIST, cut_to_one_window, write_method_configs
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import load_adapted_model, read_adapter_file
 from fsseg.checkpoint import read_checkpoint
@@ -21,17 +21,45 @@ from fsseg.inference.predict import main as predict
 
 
 def adapt_args(checkpoint, data_list, out, configs, *extra, cache=None):
-    return ["--checkpoint", str(checkpoint), "--data-list", str(data_list), "--out", str(out),
-            "--set", f"method_configs={configs}", "--set", "overlap=0.25", "--no-progress", *extra,
-            *(["--set", f"cache_dir={cache}"] if cache else [])]
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--data-list",
+        str(data_list),
+        "--out",
+        str(out),
+        "--set",
+        f"method_configs={configs}",
+        "--set",
+        "overlap=0.25",
+        "--no-progress",
+        *extra,
+        *(["--set", f"cache_dir={cache}"] if cache else []),
+    ]
 
 
 def test_adapt_on_phantoms_writes_table_results_and_adapters(phantom_dir, tiny_checkpoint, tmp_path, capsys):
     configs = write_method_configs(tmp_path / "configs", epochs=3)
     out = tmp_path / "run"
-    code = main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                           "--organ", "gallbladder", "--shots", "1", "2", "--method", "lp", "adapter", "ft-last",
-                           "--seeds", "1"))
+    code = main(
+        adapt_args(
+            tiny_checkpoint,
+            phantom_dir / "phantom_target.json",
+            out,
+            configs,
+            "--organ",
+            "gallbladder",
+            "--shots",
+            "1",
+            "2",
+            "--method",
+            "lp",
+            "adapter",
+            "ft-last",
+            "--seeds",
+            "1",
+        )
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "Dice on the test cases, gallbladder" in printed and "K=1" in printed and "K=2" in printed
@@ -61,14 +89,26 @@ def read_rows(out):
         return list(csv.DictReader(handle))
 
 
-def test_continue_keeps_finished_runs_and_redoes_changed_ones(phantom_dir, tiny_checkpoint, tmp_path, capsys,
-                                                              feature_cache):
+def test_continue_keeps_finished_runs_and_redoes_changed_ones(
+    phantom_dir, tiny_checkpoint, tmp_path, capsys, feature_cache
+):
     import yaml
 
     configs = write_method_configs(tmp_path / "configs", epochs=2)
     out = tmp_path / "run"
-    args = adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                      "--organ", "liver", "--shots", "1", "--seeds", "1", cache=feature_cache)
+    args = adapt_args(
+        tiny_checkpoint,
+        phantom_dir / "phantom_target.json",
+        out,
+        configs,
+        "--organ",
+        "liver",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        cache=feature_cache,
+    )
     assert main(args + ["--method", "lp"]) == 0
     first = read_rows(out)
     lp_file = out / "adapters" / "liver_lp_k1_s0.safetensors"
@@ -93,9 +133,29 @@ def test_runs_sharing_a_cache_dir_compute_each_scans_features_once(phantom_dir, 
     cache = tmp_path / "cache"
 
     def run(out, method, *extra):
-        assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
-                               "--shots", "1", "--seeds", "1", "--method", method, "--set", "pictures=false",
-                               *extra, cache=cache)) == 0
+        assert (
+            main(
+                adapt_args(
+                    tiny_checkpoint,
+                    phantom_dir / "phantom_target.json",
+                    out,
+                    configs,
+                    "--organ",
+                    "liver",
+                    "--shots",
+                    "1",
+                    "--seeds",
+                    "1",
+                    "--method",
+                    method,
+                    "--set",
+                    "pictures=false",
+                    *extra,
+                    cache=cache,
+                )
+            )
+            == 0
+        )
         assert not (out / "features").exists()
         return {p.name: p.stat().st_mtime_ns for p in (cache / "features").glob("*.npy")}
 
@@ -111,9 +171,23 @@ def test_a_runs_dice_does_not_depend_on_what_else_is_asked(phantom_dir, tiny_che
 
     def scratch_run(out, *methods, resume=False):
         """Dice rows and trained weights of the scratch run (random weights: they show any shift of the RNG)."""
-        args = adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
-                          "--shots", "1", "--seeds", "1", "--method", *methods, "--set", "pictures=false",
-                          cache=feature_cache)
+        args = adapt_args(
+            tiny_checkpoint,
+            phantom_dir / "phantom_target.json",
+            out,
+            configs,
+            "--organ",
+            "liver",
+            "--shots",
+            "1",
+            "--seeds",
+            "1",
+            "--method",
+            *methods,
+            "--set",
+            "pictures=false",
+            cache=feature_cache,
+        )
         assert main(args + (["--continue"] if resume else [])) == 0
         weights = read_adapter_file(out / "adapters" / "liver_scratch_k1_s0.safetensors")["state_dict"]
         return [(r["case"], r["dice"], r["nsd"]) for r in read_rows(out) if r["method"] == "scratch"], weights
@@ -128,23 +202,50 @@ def test_a_runs_dice_does_not_depend_on_what_else_is_asked(phantom_dir, tiny_che
 
 
 @pytest.mark.parametrize("method", ["lp", "adapter", "ft"])
-def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored(phantom_dir, tiny_checkpoint,
-                                                                                  tmp_path, method, feature_cache):
+def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored(
+    phantom_dir, tiny_checkpoint, tmp_path, method, feature_cache
+):
     # The 3x3x3 spatial adapter is where stitching features and stitching per-window logits part ways; the run
     # scores at overlap 0.25 and fsseg-predict is not told so: the adapter file carries it.
     # learning rates at which the random-weight tiny UNet finds some liver within 15 steps
-    configs = write_method_configs(tmp_path / "configs", epochs=15, crops_per_volume=4,
-                                   lr={"lp": 1.0, "adapter": 0.1, "ft": 1e-2}[method])
+    configs = write_method_configs(
+        tmp_path / "configs", epochs=15, crops_per_volume=4, lr={"lp": 1.0, "adapter": 0.1, "ft": 1e-2}[method]
+    )
     out = tmp_path / "run"
-    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                           "--organ", "liver", "--shots", "1", "--method", method, "--seeds", "1",
-                           cache=feature_cache)) == 0
+    assert (
+        main(
+            adapt_args(
+                tiny_checkpoint,
+                phantom_dir / "phantom_target.json",
+                out,
+                configs,
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                method,
+                "--seeds",
+                "1",
+                cache=feature_cache,
+            )
+        )
+        == 0
+    )
     adapter = out / "adapters" / f"liver_{method}_k1_s0.safetensors"
     adapted, pre, info = load_adapted_model(adapter, tiny_checkpoint)
     assert info["inference"]["overlap"] == 0.25
-    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[1], methods=[method], seeds=1, method_configs=str(configs),
-                         overlap=0.25, cache_dir=str(feature_cache))
+    config = AdaptConfig(
+        checkpoint=str(tiny_checkpoint),
+        data_list=str(phantom_dir / "phantom_target.json"),
+        organs=["liver"],
+        shots=[1],
+        methods=[method],
+        seeds=1,
+        method_configs=str(configs),
+        overlap=0.25,
+        cache_dir=str(feature_cache),
+    )
     run = Adaptation(config, out, torch.device("cpu"))  # the run's features, cached
     with open(out / "results.csv") as handle:
         rows = {r["case"]: r for r in csv.DictReader(handle)}
@@ -153,8 +254,22 @@ def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored
     scans.mkdir()
     for case in run.tests:
         (scans / f"{case.id}.nii.gz").symlink_to(case.image)
-    assert predict(["-i", str(scans), "-o", str(tmp_path / "pred"), "-m", str(tiny_checkpoint), "--adapter",
-                    str(adapter), "--no-progress"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(scans),
+                "-o",
+                str(tmp_path / "pred"),
+                "-m",
+                str(tiny_checkpoint),
+                "--adapter",
+                str(adapter),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "pred" / "labels.json").read_text()) == {"0": "background", "1": "liver"}
     for case in run.tests:
         query = run.query(case)
@@ -171,20 +286,60 @@ def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored
 def test_adapter_on_another_checkpoint_is_refused(phantom_dir, tiny_checkpoint, tmp_path):
     configs = write_method_configs(tmp_path / "configs", epochs=1)
     out = tmp_path / "run"
-    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                           "--organ", "liver", "--shots", "1", "--method", "lp", "--seeds", "1")) == 0
+    assert (
+        main(
+            adapt_args(
+                tiny_checkpoint,
+                phantom_dir / "phantom_target.json",
+                out,
+                configs,
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "--seeds",
+                "1",
+            )
+        )
+        == 0
+    )
     other = tmp_path / "other.pt"
     payload = read_checkpoint(tiny_checkpoint)
     payload["preprocessing"]["overlap_note"] = "changed"
     torch.save(payload, other)
-    image = phantom_dir / "phantom_target" / json.loads((phantom_dir / "phantom_target.json").read_text())["cases"][0]["image"]
-    assert predict(["-i", str(image), "-o", str(tmp_path / "p2"), "-m", str(other), "--adapter",
-                    str(out / "adapters" / "liver_lp_k1_s0.safetensors")]) == 2
+    image = (
+        phantom_dir
+        / "phantom_target"
+        / json.loads((phantom_dir / "phantom_target.json").read_text())["cases"][0]["image"]
+    )
+    assert (
+        predict(
+            [
+                "-i",
+                str(image),
+                "-o",
+                str(tmp_path / "p2"),
+                "-m",
+                str(other),
+                "--adapter",
+                str(out / "adapters" / "liver_lp_k1_s0.safetensors"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_cached_features_train_the_linear_probe_exactly_like_live_features(phantom_dir, tiny_checkpoint, tmp_path):
-    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[1], methods=["lp"], seeds=1)
+    config = AdaptConfig(
+        checkpoint=str(tiny_checkpoint),
+        data_list=str(phantom_dir / "phantom_target.json"),
+        organs=["liver"],
+        shots=[1],
+        methods=["lp"],
+        seeds=1,
+    )
     run = Adaptation(config, tmp_path, torch.device("cpu"))
     support = run.support(run.pool[0])
     # A support exactly one window large: the cached sliding-window features are the live features.
@@ -199,12 +354,29 @@ def test_cached_features_train_the_linear_probe_exactly_like_live_features(phant
     assert np.allclose(heads[True][1], heads[False][1], atol=2e-3)
 
 
-def test_voxel_stride_is_refused_at_start_for_an_adapter_that_sees_neighbours(phantom_dir, tiny_checkpoint,
-                                                                              tmp_path, capsys):
+def test_voxel_stride_is_refused_at_start_for_an_adapter_that_sees_neighbours(
+    phantom_dir, tiny_checkpoint, tmp_path, capsys
+):
     configs = write_method_configs(tmp_path / "configs", voxel_stride=2)
     out = tmp_path / "run"
-    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                           "--organ", "liver", "--shots", "1", "--method", "lp", "adapter")) == 2
+    assert (
+        main(
+            adapt_args(
+                tiny_checkpoint,
+                phantom_dir / "phantom_target.json",
+                out,
+                configs,
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "adapter",
+            )
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "voxel_stride=2 needs a per-voxel head" in err and "'adapter'" in err and "Traceback" not in err
     assert not (out / "features").exists()
@@ -212,23 +384,40 @@ def test_voxel_stride_is_refused_at_start_for_an_adapter_that_sees_neighbours(ph
 
 @pytest.mark.parametrize("method, stride", [("lp", 1), ("lp", 2), ("adapter", 1), ("ft-last", 1), ("ft", 1)])
 def test_support_loss_falls(phantom_dir, tiny_checkpoint, tmp_path, method, stride):
-    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[2], methods=[method], seeds=1)
+    config = AdaptConfig(
+        checkpoint=str(tiny_checkpoint),
+        data_list=str(phantom_dir / "phantom_target.json"),
+        organs=["liver"],
+        shots=[2],
+        methods=[method],
+        seeds=1,
+    )
     run = Adaptation(config, tmp_path, torch.device("cpu"))
     supports = [run.support(c) for c in run.pool[:2]]
     torch.manual_seed(0)
     adapted = adapt_model(run.base, run.template, ["liver"], method)
     before = fixed_crop_loss(adapted, supports, run)
     lr = {"lp": 1e-1, "adapter": 1e-1, "ft-last": 1e-2, "ft": 1e-2}[method]  # a random backbone learns slowly
-    train(adapted, supports, run, TrainingConfig(lr=lr, epochs=24, crops_per_volume=2, voxel_stride=stride,
-                                                 steps_per_epoch=None), seed=0)
+    train(
+        adapted,
+        supports,
+        run,
+        TrainingConfig(lr=lr, epochs=24, crops_per_volume=2, voxel_stride=stride, steps_per_epoch=None),
+        seed=0,
+    )
     assert fixed_crop_loss(adapted, supports, run) < 0.9 * before
 
 
 def test_micro_batches_train_like_the_whole_batch(phantom_dir, tiny_checkpoint, tmp_path):
     """What lets ft fit a GPU: crops one at a time train the same model as all crops at once."""
-    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[1], methods=["ft-last"], seeds=1)
+    config = AdaptConfig(
+        checkpoint=str(tiny_checkpoint),
+        data_list=str(phantom_dir / "phantom_target.json"),
+        organs=["liver"],
+        shots=[1],
+        methods=["ft-last"],
+        seeds=1,
+    )
     run = Adaptation(config, tmp_path, torch.device("cpu"))
     supports = [run.support(run.pool[0])]
     torch.manual_seed(0)
@@ -239,8 +428,13 @@ def test_micro_batches_train_like_the_whole_batch(phantom_dir, tiny_checkpoint, 
     outputs, losses = {}, {}
     for micro in (None, 1):
         adapted = copy.deepcopy(start)
-        result = train(adapted, supports, run, TrainingConfig(lr=1e-2, epochs=3, crops_per_volume=3, micro_batch=micro,
-                                                              steps_per_epoch=None), seed=0)
+        result = train(
+            adapted,
+            supports,
+            run,
+            TrainingConfig(lr=1e-2, epochs=3, crops_per_volume=3, micro_batch=micro, steps_per_epoch=None),
+            seed=0,
+        )
         losses[micro] = result.losses
         with torch.no_grad():
             outputs[micro] = adapted.eval()(image)
@@ -257,11 +451,25 @@ def steps_taken(result):
 
 def test_schedule_and_early_stop_take_as_many_steps_at_one_shot_as_at_three(phantom_dir, tiny_checkpoint, tmp_path):
     """The plateau stop never fires before window + patience epochs of steps_per_epoch steps, whatever K is."""
-    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[1], methods=["lp"], seeds=1)
+    config = AdaptConfig(
+        checkpoint=str(tiny_checkpoint),
+        data_list=str(phantom_dir / "phantom_target.json"),
+        organs=["liver"],
+        shots=[1],
+        methods=["lp"],
+        seeds=1,
+    )
     run = Adaptation(config, tmp_path, torch.device("cpu"))
-    training = TrainingConfig(lr=1e-2, epochs=50, steps_per_epoch=4, crops_per_volume=1, crop_size=(16, 16, 16),
-                              early_stop_window=2, early_stop_patience=3, early_stop_min_delta=10.0)  # always flat
+    training = TrainingConfig(
+        lr=1e-2,
+        epochs=50,
+        steps_per_epoch=4,
+        crops_per_volume=1,
+        crop_size=(16, 16, 16),
+        early_stop_window=2,
+        early_stop_patience=3,
+        early_stop_min_delta=10.0,
+    )  # always flat
     taken = {}
     for shots in (1, 3):
         supports = [run.support(case) for case in run.pool[:shots]]
@@ -273,8 +481,14 @@ def test_schedule_and_early_stop_take_as_many_steps_at_one_shot_as_at_three(phan
 
 def test_resumed_training_continues_the_crops_instead_of_replaying_them(phantom_dir, tiny_checkpoint, tmp_path):
     """What the transductive arm does after its support-only epochs: the same run as one straight call."""
-    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[3], methods=["adapter"], seeds=1)
+    config = AdaptConfig(
+        checkpoint=str(tiny_checkpoint),
+        data_list=str(phantom_dir / "phantom_target.json"),
+        organs=["liver"],
+        shots=[3],
+        methods=["adapter"],
+        seeds=1,
+    )
     run = Adaptation(config, tmp_path, torch.device("cpu"))
     supports = [run.support(case) for case in run.pool[:3]]  # 2 steps an epoch: a round spans two epochs
     training = TrainingConfig(lr=1e-2, epochs=6, steps_per_epoch=2, crops_per_volume=2, crop_size=(16, 16, 16))
@@ -289,16 +503,38 @@ def test_resumed_training_continues_the_crops_instead_of_replaying_them(phantom_
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_transductive_and_plain_runs_stop_by_the_same_rule(phantom_dir, tiny_checkpoint, tmp_path, caplog,
-                                                            feature_cache):
-    configs = write_method_configs(tmp_path / "configs", epochs=8, early_stop_window=1, early_stop_patience=2,
-                                   early_stop_min_delta=10.0)  # the plateau stop fires as soon as it may: epoch 3
+def test_transductive_and_plain_runs_stop_by_the_same_rule(
+    phantom_dir, tiny_checkpoint, tmp_path, caplog, feature_cache
+):
+    configs = write_method_configs(
+        tmp_path / "configs", epochs=8, early_stop_window=1, early_stop_patience=2, early_stop_min_delta=10.0
+    )  # the plateau stop fires as soon as it may: epoch 3
     epochs = {}
     for ti in ("--no-ti", "--ti"):
         out = tmp_path / ti
-        assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs, "--organ", "liver",
-                               "--shots", "1", "--method", "lp", "--seeds", "1", ti,
-                               "--set", "ti.warmup_epochs=2", cache=feature_cache)) == 0
+        assert (
+            main(
+                adapt_args(
+                    tiny_checkpoint,
+                    phantom_dir / "phantom_target.json",
+                    out,
+                    configs,
+                    "--organ",
+                    "liver",
+                    "--shots",
+                    "1",
+                    "--method",
+                    "lp",
+                    "--seeds",
+                    "1",
+                    ti,
+                    "--set",
+                    "ti.warmup_epochs=2",
+                    cache=feature_cache,
+                )
+            )
+            == 0
+        )
         with open(out / "results.csv") as handle:
             epochs[ti] = {int(r["epochs"]) for r in csv.DictReader(handle)}
     assert epochs == {"--no-ti": {3}, "--ti": {3}}
@@ -322,9 +558,30 @@ def fixed_crop_loss(adapted, supports, run, crops=4):
 def test_transductive_rows_adapt_once_per_query(phantom_dir, tiny_checkpoint, tmp_path, feature_cache):
     configs = write_method_configs(tmp_path / "configs", epochs=6)
     out = tmp_path / "ti"
-    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                           "--organ", "liver", "--shots", "2", "--method", "lp", "adapter", "--seeds", "1", "--ti",
-                           "--set", "ti.warmup_epochs=3", cache=feature_cache)) == 0
+    assert (
+        main(
+            adapt_args(
+                tiny_checkpoint,
+                phantom_dir / "phantom_target.json",
+                out,
+                configs,
+                "--organ",
+                "liver",
+                "--shots",
+                "2",
+                "--method",
+                "lp",
+                "adapter",
+                "--seeds",
+                "1",
+                "--ti",
+                "--set",
+                "ti.warmup_epochs=3",
+                cache=feature_cache,
+            )
+        )
+        == 0
+    )
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 2 and all(r["transductive"] == "True" for r in rows)
@@ -332,17 +589,49 @@ def test_transductive_rows_adapt_once_per_query(phantom_dir, tiny_checkpoint, tm
 
 
 def test_transductive_needs_a_frozen_backbone(phantom_dir, tiny_checkpoint, tmp_path, capsys):
-    assert main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x",
-                           write_method_configs(tmp_path / "m"),
-                           "--organ", "liver", "--shots", "1", "--method", "ft", "--ti")) == 2
+    assert (
+        main(
+            adapt_args(
+                tiny_checkpoint,
+                phantom_dir / "phantom_target.json",
+                tmp_path / "x",
+                write_method_configs(tmp_path / "m"),
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "ft",
+                "--ti",
+            )
+        )
+        == 2
+    )
     assert "--ti needs a frozen backbone" in capsys.readouterr().err
 
 
 def test_adapt_liver_on_real_ct_one_shot(sample_ct, tiny_checkpoint, tmp_path):
     configs = write_method_configs(tmp_path / "configs", epochs=3)
     out = tmp_path / "real"
-    assert main(adapt_args(tiny_checkpoint, TOTALSEG_LIST, out, configs, "--organ", "liver", "--shots", "1",
-                           "--method", "lp", "--seeds", "1")) == 0
+    assert (
+        main(
+            adapt_args(
+                tiny_checkpoint,
+                TOTALSEG_LIST,
+                out,
+                configs,
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "--seeds",
+                "1",
+            )
+        )
+        == 0
+    )
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["case"] for r in rows} == {"lidc_0001_abd_1p4mm"}
@@ -358,8 +647,9 @@ def test_subject_shared_with_a_test_case_is_left_out(sample_ct, tiny_checkpoint,
             case["split"] = "test"  # slices of the train case ts_example_ct (subject TS-A)
     path = tmp_path / "leaky.json"
     path.write_text(json.dumps(data))
-    config = AdaptConfig(checkpoint=str(tiny_checkpoint), data_list=str(path), organs=["liver"], shots=[1],
-                         methods=["lp"], seeds=1)
+    config = AdaptConfig(
+        checkpoint=str(tiny_checkpoint), data_list=str(path), organs=["liver"], shots=[1], methods=["lp"], seeds=1
+    )
     run = Adaptation(config, tmp_path / "run", torch.device("cpu"))
     assert [c.id for c in run.pool] == ["ts_example_dicom"]
 
@@ -371,14 +661,23 @@ def test_subject_shared_with_a_test_case_is_left_out(sample_ct, tiny_checkpoint,
         (["--organ", "liver", "--shots", "9"], "K=9 shots asked for, but only 3 train case"),
         (["--organ", "liver", "--shots", "1", "--method", "prompt"], "invalid choice: 'prompt'"),
         # A folder without lp.yaml: never the built-in defaults in silence.
-        (["--organ", "liver", "--shots", "1", "--method", "lp", "--set", "method_configs=elsewhere"],
-         "elsewhere/lp.yaml: no settings for method 'lp'"),
+        (
+            ["--organ", "liver", "--shots", "1", "--method", "lp", "--set", "method_configs=elsewhere"],
+            "elsewhere/lp.yaml: no settings for method 'lp'",
+        ),
     ],
 )
 def test_bad_requests_are_one_line(phantom_dir, tiny_checkpoint, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) if "prompt" in message else _nothing():
-        code = main(adapt_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x",
-                               write_method_configs(tmp_path / "m"), *extra))
+        code = main(
+            adapt_args(
+                tiny_checkpoint,
+                phantom_dir / "phantom_target.json",
+                tmp_path / "x",
+                write_method_configs(tmp_path / "m"),
+                *extra,
+            )
+        )
         assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -397,23 +696,50 @@ def test_empty_support_mask_and_checkpoint_without_preprocessing(phantom_dir, ti
     data["root"] = str(phantom_dir / "phantom_target")
     image = data["cases"][0]["image"]
     data["cases"] = [c for c in data["cases"] if c["split"] == "test"] + [
-        {"id": "blank", "image": image, "labels": {"liver": str(tmp_path / "blank.nii.gz")}}]
+        {"id": "blank", "image": image, "labels": {"liver": str(tmp_path / "blank.nii.gz")}}
+    ]
     reference = nib.load(str(phantom_dir / "phantom_target" / image))
     nib.save(nib.Nifti1Image(np.zeros(reference.shape, np.uint8), reference.affine), str(tmp_path / "blank.nii.gz"))
     path = tmp_path / "blank.json"
     path.write_text(json.dumps(data))
-    assert main(adapt_args(tiny_checkpoint, path, tmp_path / "x",
-                           write_method_configs(tmp_path / "m"), "--organ", "liver", "--shots", "1",
-                           "--method", "lp")) == 2
+    assert (
+        main(
+            adapt_args(
+                tiny_checkpoint,
+                path,
+                tmp_path / "x",
+                write_method_configs(tmp_path / "m"),
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+            )
+        )
+        == 2
+    )
     assert "support case 'blank': the liver mask is empty" in capsys.readouterr().err
 
     payload = read_checkpoint(tiny_checkpoint)
     del payload["preprocessing"]
     broken = tmp_path / "no_pre.pt"
     torch.save(payload, broken)
-    assert main(adapt_args(broken, phantom_dir / "phantom_target.json", tmp_path / "y",
-                           write_method_configs(tmp_path / "m"), "--organ", "liver",
-                           "--shots", "1")) == 2
+    assert (
+        main(
+            adapt_args(
+                broken,
+                phantom_dir / "phantom_target.json",
+                tmp_path / "y",
+                write_method_configs(tmp_path / "m"),
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+            )
+        )
+        == 2
+    )
     assert "checkpoint lacks preprocessing" in capsys.readouterr().err
 
 
@@ -428,15 +754,27 @@ def swin_checkpoint(tmp_path_factory):
     template = load_template()
     torch.manual_seed(0)
     model = create_model("swinunetr_tiny", num_classes=len(template))
-    return save_checkpoint(tmp_path_factory.mktemp("swin") / "swin.pt", {
-        "arch": model.arch, "template": template.to_dict(), "state_dict": model.state_dict(),
-        "preprocessing": Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(64, 64, 32)).to_dict()})
+    return save_checkpoint(
+        tmp_path_factory.mktemp("swin") / "swin.pt",
+        {
+            "arch": model.arch,
+            "template": template.to_dict(),
+            "state_dict": model.state_dict(),
+            "preprocessing": Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(64, 64, 32)).to_dict(),
+        },
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "bias", "scratch"])
 def test_transformer_methods_train_their_own_parameters(phantom_dir, swin_checkpoint, tmp_path, method):
-    config = AdaptConfig(checkpoint=str(swin_checkpoint), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[1], methods=[method], seeds=1)
+    config = AdaptConfig(
+        checkpoint=str(swin_checkpoint),
+        data_list=str(phantom_dir / "phantom_target.json"),
+        organs=["liver"],
+        shots=[1],
+        methods=[method],
+        seeds=1,
+    )
     run = Adaptation(config, tmp_path, torch.device("cpu"))
     supports = [run.support(run.pool[0])]
     torch.manual_seed(0)
@@ -449,18 +787,36 @@ def test_transformer_methods_train_their_own_parameters(phantom_dir, swin_checkp
     assert sum(not torch.equal(value, after[name]) for name, value in before.items()) > 0.9 * len(before)
 
 
-def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir, tiny_checkpoint, tmp_path, capsys,
-                                                                     feature_cache):
+def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(
+    phantom_dir, tiny_checkpoint, tmp_path, capsys, feature_cache
+):
     configs = write_method_configs(tmp_path / "configs", epochs=1)
     sweep = ["--organ", "liver", "--shots", "1", "2", "--method", "lp", "adapter", "--seeds", "1"]
     data = phantom_dir / "phantom_target.json"
     assert main(adapt_args(tiny_checkpoint, data, tmp_path / "whole", configs, *sweep, cache=feature_cache)) == 0
     parts = [tmp_path / f"part{i}" for i in range(2)]
     for i, part in enumerate(parts):
-        assert main(adapt_args(tiny_checkpoint, data, part, configs, *sweep, "--num-parts", "2", "--part-id",
-                               str(i), cache=feature_cache)) == 0
+        assert (
+            main(
+                adapt_args(
+                    tiny_checkpoint,
+                    data,
+                    part,
+                    configs,
+                    *sweep,
+                    "--num-parts",
+                    "2",
+                    "--part-id",
+                    str(i),
+                    cache=feature_cache,
+                )
+            )
+            == 0
+        )
     assert [sorted({(r["method"], int(r["shots"])) for r in read_rows(p)}) for p in parts] == [
-        [("lp", 1), ("lp", 2)], [("adapter", 1), ("adapter", 2)]]
+        [("lp", 1), ("lp", 2)],
+        [("adapter", 1), ("adapter", 2)],
+    ]
     capsys.readouterr()
     assert main(["--merge", str(parts[0]), "--out", str(tmp_path / "merged")]) == 2
     assert "2 run(s) of the sweep are in no part: adapter K=1 seed 0, adapter K=2 seed 0" in capsys.readouterr().err
@@ -472,8 +828,11 @@ def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir
     (broken / "config.yaml").write_text((parts[0] / "config.yaml").read_text())
     foreign = json.loads((parts[1] / "results.json").read_text())
     foreign["rows"] = [{**foreign["rows"][0], "method": "scratch", "shots": 9}]
-    for results, message in (("{}", "holds no list of rows"), ('{"rows": [{"method": "lp"}]}', "holds no list of rows"),
-                             (json.dumps(foreign), "scratch K=9 seed 0, which is not a run of the sweep")):
+    for results, message in (
+        ("{}", "holds no list of rows"),
+        ('{"rows": [{"method": "lp"}]}', "holds no list of rows"),
+        (json.dumps(foreign), "scratch K=9 seed 0, which is not a run of the sweep"),
+    ):
         (broken / "results.json").write_text(results)
         capsys.readouterr()
         assert main(["--merge", str(parts[0]), str(broken), "--out", str(tmp_path / "merged_broken")]) == 2
@@ -486,9 +845,13 @@ def test_a_sweep_run_in_parts_and_merged_equals_one_run_of_the_whole(phantom_dir
     assert main(["--merge", *map(str, parts), "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "adapters" / "liver_lp_k2_s0.safetensors").read_bytes() == lp
     timing = ("train_seconds",)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
     assert strip(read_rows(tmp_path / "merged")) == strip(read_rows(tmp_path / "whole"))
     merged, whole = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("merged", "whole"))
     assert merged["table"] == whole["table"] and merged["best"]["method"] == whole["best"]["method"]
     assert sorted(p.name for p in (tmp_path / "merged" / "adapters").iterdir()) == sorted(
-        p.name for p in (tmp_path / "whole" / "adapters").iterdir())
+        p.name for p in (tmp_path / "whole" / "adapters").iterdir()
+    )

@@ -71,7 +71,9 @@ def test_each_method_trains_only_what_it_should(swin, method):
 
 def test_trainable_counts_on_the_62m_swinunetr_match_the_reference():
     base = create_model("swinunetr", num_classes=29)
-    counts = {m: adapt_model(base, TEMPLATE, ["liver"], m).parameter_counts()[0] for m in ("lp", "adapter", "ft-last", "ft")}
+    counts = {
+        m: adapt_model(base, TEMPLATE, ["liver"], m).parameter_counts()[0] for m in ("lp", "adapter", "ft-last", "ft")
+    }
     assert counts == {"lp": 49, "adapter": 124_465, "ft-last": 209_713, "ft": 62_186_659}
     assert counts["ft"] / counts["ft-last"] > 290  # the "~300x fewer parameters"
 
@@ -106,8 +108,15 @@ def test_lora_needs_matching_layers():
 @pytest.mark.parametrize("method", sorted(list_methods()))
 def test_adapter_file_round_trip_and_base_check(tmp_path, swin, method):
     template = TEMPLATE
-    base_path = save_checkpoint(tmp_path / "base.pt", {"arch": swin.arch, "template": template.to_dict(),
-                                "preprocessing": Preprocessing().to_dict(), "state_dict": swin.state_dict()})
+    base_path = save_checkpoint(
+        tmp_path / "base.pt",
+        {
+            "arch": swin.arch,
+            "template": template.to_dict(),
+            "preprocessing": Preprocessing().to_dict(),
+            "state_dict": swin.state_dict(),
+        },
+    )
     adapted = adapt_model(swin, template, ["liver"], method)
     with torch.no_grad():
         for p in adapted.parameters():
@@ -122,8 +131,15 @@ def test_adapter_file_round_trip_and_base_check(tmp_path, swin, method):
     with torch.no_grad():
         assert torch.allclose(loaded(x), adapted(x), atol=1e-6)
     assert info["structures"] == ["liver"] and pre == Preprocessing()
-    other = save_checkpoint(tmp_path / "other.pt", {"arch": swin.arch, "template": template.to_dict(),
-                            "preprocessing": Preprocessing(spacing=(2, 2, 2)).to_dict(), "state_dict": swin.state_dict()})
+    other = save_checkpoint(
+        tmp_path / "other.pt",
+        {
+            "arch": swin.arch,
+            "template": template.to_dict(),
+            "preprocessing": Preprocessing(spacing=(2, 2, 2)).to_dict(),
+            "state_dict": swin.state_dict(),
+        },
+    )
     with pytest.raises(DataError, match="was trained on another base checkpoint"):
         load_adapted_model(path, other)
 
@@ -159,8 +175,10 @@ def test_negative_crops_are_centred_inside_the_body_not_in_air_or_padding():
     image = np.zeros((1, 60, 50, 40), np.float32)  # 0: air and padding after the HU window
     image[0, 15:45, 10:40, 5:35] = 0.4
     crop = (8, 8, 8)
-    centres = [tuple(s.start + c // 2 for s, c in zip(slices[1:], crop))
-               for slices in CropSampler(label, crop, pos=0, neg=1, body=image).slices(200, np.random.RandomState(0))]
+    centres = [
+        tuple(s.start + c // 2 for s, c in zip(slices[1:], crop))
+        for slices in CropSampler(label, crop, pos=0, neg=1, body=image).slices(200, np.random.RandomState(0))
+    ]
     assert all(image[(0, *c)] > 0 and not label[(0, *c)] for c in centres)
     anywhere = CropSampler(label, crop, pos=0, neg=1).slices(200, np.random.RandomState(0))
     assert any(image[(0, *(s.start + c // 2 for s, c in zip(slices[1:], crop)))] == 0 for slices in anywhere)
@@ -171,21 +189,33 @@ def swin48():
     return create_model("swinunetr", num_classes=len(TEMPLATE)).eval()
 
 
-@pytest.mark.parametrize("method, options, compose, trainable", [
-    ("lp", None, None, 49),
-    ("adapter", None, None, 124_465),
-    ("ft-last", None, None, 209_713),
-    ("ft", None, None, 62_186_659),
-    ("lora", None, None, 34_609),
-    ("lora", LoRAConfig(rank=12, alpha=12, targets=r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.qkv$"), None, 69_169),
-    ("bias", None, None, 21_697),
-    ("bias", BiasConfig("reference"), None, 210_739),
-    ("affine-ln", None, None, 17_329),
-    ("adaptformer", None, None, 47_697),
-    ("lp", None, Composition(decoder="fine-tuned"), 19_597_873),
-    ("lora", LoRAConfig(rank=12, alpha=12, targets=r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.qkv$"),
-     Composition(decoder="fine-tuned"), 19_666_993),
-])
+@pytest.mark.parametrize(
+    "method, options, compose, trainable",
+    [
+        ("lp", None, None, 49),
+        ("adapter", None, None, 124_465),
+        ("ft-last", None, None, 209_713),
+        ("ft", None, None, 62_186_659),
+        ("lora", None, None, 34_609),
+        (
+            "lora",
+            LoRAConfig(rank=12, alpha=12, targets=r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.qkv$"),
+            None,
+            69_169,
+        ),
+        ("bias", None, None, 21_697),
+        ("bias", BiasConfig("reference"), None, 210_739),
+        ("affine-ln", None, None, 17_329),
+        ("adaptformer", None, None, 47_697),
+        ("lp", None, Composition(decoder="fine-tuned"), 19_597_873),
+        (
+            "lora",
+            LoRAConfig(rank=12, alpha=12, targets=r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.qkv$"),
+            Composition(decoder="fine-tuned"),
+            19_666_993,
+        ),
+    ],
+)
 def test_trainable_parameters_match_the_reference_counts_on_swinunetr_48(swin48, method, options, compose, trainable):
     # The reference's table for one binary structure (method.md section 3.2); its head row is 48 + 1.
     assert adapt_model(swin48, TEMPLATE, ["liver"], method, options, compose).parameter_counts()[0] == trainable
@@ -273,14 +303,23 @@ def nnunet():
     from test_nnunet import ARCHITECTURE
 
     torch.manual_seed(0)
-    return create_model("nnunet", num_classes=len(TEMPLATE), network_class=ARCHITECTURE["network_class_name"],
-                        arch_kwargs=ARCHITECTURE["arch_kwargs"], requires_import=ARCHITECTURE["_kw_requires_import"],
-                        input_scale=2.0, input_shift=-1.0).eval()
+    return create_model(
+        "nnunet",
+        num_classes=len(TEMPLATE),
+        network_class=ARCHITECTURE["network_class_name"],
+        arch_kwargs=ARCHITECTURE["arch_kwargs"],
+        requires_import=ARCHITECTURE["_kw_requires_import"],
+        input_scale=2.0,
+        input_shift=-1.0,
+    ).eval()
 
 
-@pytest.mark.parametrize("model, method", [("swin", m) for m in sorted(list_methods())]
-                         + [("i3resnet", m) for m in ("lp", "adapter", "ft-last", "bias", "affine-ln")]
-                         + [("nnunet", m) for m in ("lp", "ft-last", "bias", "affine-ln")])
+@pytest.mark.parametrize(
+    "model, method",
+    [("swin", m) for m in sorted(list_methods())]
+    + [("i3resnet", m) for m in ("lp", "adapter", "ft-last", "bias", "affine-ln")]
+    + [("nnunet", m) for m in ("lp", "ft-last", "bias", "affine-ln")],
+)
 def test_training_changes_only_the_parameters_a_method_trains(request, tmp_path, model, method):
     from fsseg.adapt.config import TrainingConfig
     from fsseg.adapt.training import Support, train
@@ -295,13 +334,20 @@ def test_training_changes_only_the_parameters_a_method_trains(request, tmp_path,
     before = {n: t.clone() for n, t in adapted.state_dict().items()}
     # What may change: the trained parameters, and the statistics of a norm whose own affine parameters train.
     # (a module registered under two names, as nnU-Net's convolutions are, shows a trained tensor under both)
-    trained = trainable_names(adapted) | {
-        name for name, tensor in adapted.state_dict(keep_vars=True).items() if tensor.requires_grad} | {
-        f"{name}.{buffer}" for name, module in adapted.named_modules()
-        if any(p.requires_grad for p in module.parameters(recurse=False)) for buffer, _ in module.named_buffers(recurse=False)}
+    trained = (
+        trainable_names(adapted)
+        | {name for name, tensor in adapted.state_dict(keep_vars=True).items() if tensor.requires_grad}
+        | {
+            f"{name}.{buffer}"
+            for name, module in adapted.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))
+            for buffer, _ in module.named_buffers(recurse=False)
+        }
+    )
     # Weight decay and a large step: every trained tensor moves, so a frozen one that moved would show.
-    training = TrainingConfig(lr=1e-1, weight_decay=0.1, epochs=2, warmup_epochs=0, steps_per_epoch=1,
-                              crops_per_volume=1, crop_size=None)
+    training = TrainingConfig(
+        lr=1e-1, weight_decay=0.1, epochs=2, warmup_epochs=0, steps_per_epoch=1, crops_per_volume=1, crop_size=None
+    )
     train(adapted, [support], SyntheticRun(base, tmp_path), training, seed=0)
     changed = {n for n, t in adapted.state_dict().items() if not torch.equal(t, before[n])}
     assert changed and changed <= trained, sorted(changed - trained)[:5]
@@ -313,12 +359,24 @@ def test_adapter_files_are_safetensors_with_json_metadata(tmp_path, swin):
 
     from safetensors import safe_open
 
-    checkpoint = save_checkpoint(tmp_path / "base.pt", {"arch": swin.arch, "template": TEMPLATE.to_dict(),
-                                                        "preprocessing": Preprocessing().to_dict(),
-                                                        "state_dict": swin.state_dict()})
+    checkpoint = save_checkpoint(
+        tmp_path / "base.pt",
+        {
+            "arch": swin.arch,
+            "template": TEMPLATE.to_dict(),
+            "preprocessing": Preprocessing().to_dict(),
+            "state_dict": swin.state_dict(),
+        },
+    )
     adapted = adapt_model(swin, TEMPLATE, ["liver"], "adapter")
-    path = save_adapter(tmp_path / "liver.safetensors", adapted, "adapter", get_method("adapter").config_cls(),
-                        checkpoint, Preprocessing())
+    path = save_adapter(
+        tmp_path / "liver.safetensors",
+        adapted,
+        "adapter",
+        get_method("adapter").config_cls(),
+        checkpoint,
+        Preprocessing(),
+    )
     with safe_open(str(path), framework="pt") as handle:  # safetensors' own reader, nothing of fsseg's
         names = set(handle.keys())
         metadata = json.loads(handle.metadata()["fsseg"])

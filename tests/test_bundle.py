@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fsseg.adapt.cli import main as adapt
 from conftest import write_method_configs
+from fsseg.adapt.cli import main as adapt
 from fsseg.checkpoint import read_checkpoint, save_checkpoint
 from fsseg.data.datalist import load_datalist
 from fsseg.export_bundle import main as export_bundle
@@ -25,10 +25,34 @@ def adapters(phantom_dir, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapt")
     for method, lr in (("lp", 1.0), ("adapter", 0.1)):
         configs = write_method_configs(out / f"configs_{method}", epochs=15, crops_per_volume=4, lr=lr)
-        assert adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-                      "--organ", "liver", "--shots", "1", "--method", method, "--seeds", "1", "--out",
-                      str(out / method), "--set", f"method_configs={configs}", "--set", "pictures=false",
-                      "--set", "overlap=0.25", "--no-progress"]) == 0
+        assert (
+            adapt(
+                [
+                    "--checkpoint",
+                    str(tiny_checkpoint),
+                    "--data-list",
+                    str(phantom_dir / "phantom_target.json"),
+                    "--organ",
+                    "liver",
+                    "--shots",
+                    "1",
+                    "--method",
+                    method,
+                    "--seeds",
+                    "1",
+                    "--out",
+                    str(out / method),
+                    "--set",
+                    f"method_configs={configs}",
+                    "--set",
+                    "pictures=false",
+                    "--set",
+                    "overlap=0.25",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     return {method: out / method / "adapters" / f"liver_{method}_k1_s0.safetensors" for method in ("lp", "adapter")}
 
 
@@ -42,8 +66,9 @@ def confident_checkpoint(checkpoint, path):
 
 
 @pytest.mark.parametrize("method", ["lp", "adapter", None])
-def test_a_bundle_run_by_monai_writes_the_masks_of_fsseg_predict(phantom_dir, tiny_checkpoint, adapters, tmp_path,
-                                                                 method):
+def test_a_bundle_run_by_monai_writes_the_masks_of_fsseg_predict(
+    phantom_dir, tiny_checkpoint, adapters, tmp_path, method
+):
     scans = tmp_path / "scans"
     scans.mkdir()
     for case in load_datalist(phantom_dir / "phantom_target.json").split("test"):
@@ -53,20 +78,43 @@ def test_a_bundle_run_by_monai_writes_the_masks_of_fsseg_predict(phantom_dir, ti
     bundle = tmp_path / "bundle"
     assert export_bundle(["-m", str(checkpoint), *chosen, "-o", str(bundle)]) == 0
     assert {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} == {
-        "configs/metadata.json", "configs/inference.json", "models/model.pt"}
-    assert predict(["-i", str(scans), "-o", str(tmp_path / "fsseg"), "-m", str(checkpoint), *chosen,
-                    "--no-progress"]) == 0
+        "configs/metadata.json",
+        "configs/inference.json",
+        "models/model.pt",
+    }
+    assert (
+        predict(["-i", str(scans), "-o", str(tmp_path / "fsseg"), "-m", str(checkpoint), *chosen, "--no-progress"]) == 0
+    )
     # MONAI's own runner, from a folder of the user's, not the checkout
     work = tmp_path / "work"
     work.mkdir()
-    run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                          str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle), "--dataset_dir",
-                          str(scans), "--output_dir", str(tmp_path / "monai")], cwd=work, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--bundle_root",
+            str(bundle),
+            "--dataset_dir",
+            str(scans),
+            "--output_dir",
+            str(tmp_path / "monai"),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     found = 0
     for scan in sorted(scans.iterdir()):
         stem = scan.name.removesuffix(".nii.gz")
-        ours, theirs = nib.load(str(tmp_path / "fsseg" / scan.name)), nib.load(str(tmp_path / "monai" / f"{stem}_seg.nii.gz"))
+        ours, theirs = (
+            nib.load(str(tmp_path / "fsseg" / scan.name)),
+            nib.load(str(tmp_path / "monai" / f"{stem}_seg.nii.gz")),
+        )
         assert np.allclose(theirs.affine, ours.affine, atol=1e-5)
         mask = np.asanyarray(theirs.dataobj).reshape(ours.shape)
         assert np.array_equal(mask, np.asanyarray(ours.dataobj))

@@ -95,8 +95,19 @@ def missing(folder):
 
 @pytest.mark.parametrize(
     "make_bad",
-    [corrupt, truncated, image_2d, image_4d, shape_mismatch, affine_mismatch, unknown_ids, empty_mask,
-     non_binary_mask, not_hu, missing],
+    [
+        corrupt,
+        truncated,
+        image_2d,
+        image_4d,
+        shape_mismatch,
+        affine_mismatch,
+        unknown_ids,
+        empty_mask,
+        non_binary_mask,
+        not_hu,
+        missing,
+    ],
 )
 def test_each_bad_input_fails_its_case_and_names_the_problem(tmp_path, capsys, make_bad):
     bad, message = make_bad(tmp_path)

@@ -24,7 +24,7 @@ def modules() -> dict[str, Path]:
 
 def test_no_function_is_longer_than_60_lines():
     long = []
-    for name, path in modules().items():
+    for path in modules().values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
@@ -62,18 +62,22 @@ def imported_at_load(tree: ast.Module, name: str, known: set[str], is_package: b
 def test_no_module_imports_itself_through_others():
     paths = modules()
     known = set(paths)
-    graph = {name: imported_at_load(ast.parse(path.read_text()), name, known, path.name == "__init__.py")
-             for name, path in paths.items()}
+    graph = {
+        name: imported_at_load(ast.parse(path.read_text()), name, known, path.name == "__init__.py")
+        for name, path in paths.items()
+    }
     # A package's __init__ that imports its own modules is how packages export names, not a circle.
-    graph = {name: {t for t in targets if not (t.startswith(name + ".") and paths[name].name == "__init__.py")}
-             for name, targets in graph.items()}
+    graph = {
+        name: {t for t in targets if not (t.startswith(name + ".") and paths[name].name == "__init__.py")}
+        for name, targets in graph.items()
+    }
     circles, state = [], {}
 
     def visit(name: str, path: list[str]) -> None:
         state[name] = "open"
         for target in sorted(graph[name]):
             if state.get(target) == "open":
-                circles.append(" -> ".join(path[path.index(target):] + [target]))
+                circles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path + [target])
         state[name] = "done"

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from fsseg.adapt.config import AdaptConfig, read_method_settings
 from conftest import REPO
+from fsseg.adapt.config import AdaptConfig, read_method_settings
 from fsseg.adapters import get_method, list_methods
 from fsseg.config import apply_overrides, from_dict, load_config, to_dict
 from fsseg.errors import ConfigError
@@ -65,8 +65,11 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
 
 
 def test_overrides_are_yaml_and_reach_nested_keys(tmp_path):
-    config = load_config(PretrainConfig, write(tmp_path, "optim:\n  lr: 0.1\n"),
-                         ["optim.lr=3e-4", "model.kwargs={feature_size: 24}", "data.lists=[a.json, b.json]"])
+    config = load_config(
+        PretrainConfig,
+        write(tmp_path, "optim:\n  lr: 0.1\n"),
+        ["optim.lr=3e-4", "model.kwargs={feature_size: 24}", "data.lists=[a.json, b.json]"],
+    )
     assert config.optim.lr == 3e-4 and config.model.kwargs == {"feature_size": 24}
     assert config.data.lists == ["a.json", "b.json"]
     with pytest.raises(ConfigError, match="expected key=value"):

@@ -8,18 +8,18 @@ import nibabel as nib
 import numpy as np
 import torch
 import yaml
+from test_importing import published
+from test_predict import oracle_checkpoint
+from test_pretrain import args as pretrain_args
 
-from fsseg.adapt.cli import main as adapt
 from conftest import SAMPLE_CT, write_method_configs, write_nifti
+from fsseg.adapt.cli import main as adapt
 from fsseg.checkpoint import read_checkpoint, save_checkpoint
 from fsseg.importing import main as import_checkpoint
 from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate
 from fsseg.models import create_model
 from fsseg.pretrain.cli import main as pretrain
-from test_importing import published
-from test_predict import oracle_checkpoint
-from test_pretrain import args as pretrain_args
 
 REAL = "ts_example_ct_sm"
 LIVER_ID = 5  # TotalSegmentator v2
@@ -39,15 +39,24 @@ def totalseg_layout(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray, n
     for case, (image, liver, affine) in cases.items():
         write_nifti(root / case / "ct.nii.gz", image, affine)
         write_nifti(root / case / "segmentations" / "liver.nii.gz", liver.astype(np.uint8), affine)
-        entries.append({"id": case, "image": f"{case}/ct.nii.gz", "labels": {"liver": f"{case}/segmentations/liver.nii.gz"},
-                        "split": "test"})
+        entries.append(
+            {
+                "id": case,
+                "image": f"{case}/ct.nii.gz",
+                "labels": {"liver": f"{case}/segmentations/liver.nii.gz"},
+                "split": "test",
+            }
+        )
     path = root / "list.json"
     path.write_text(json.dumps({"name": "ts", "root": ".", "cases": entries}))
     return path
 
 
 def real_case():
-    image, label = nib.load(str(SAMPLE_CT / "images" / f"{REAL}.nii.gz")), nib.load(str(SAMPLE_CT / "labels" / f"{REAL}.nii.gz"))
+    image, label = (
+        nib.load(str(SAMPLE_CT / "images" / f"{REAL}.nii.gz")),
+        nib.load(str(SAMPLE_CT / "labels" / f"{REAL}.nii.gz")),
+    )
     return np.asanyarray(image.dataobj).astype(np.int16), np.asanyarray(label.dataobj) == LIVER_ID, image.affine
 
 
@@ -69,8 +78,9 @@ def test_predict_refuses_output_folders_that_hold_a_lists_files(sample_ct, tmp_p
     before = digests(root)
     # A case folder (its ct.nii.gz), a label folder, the list's own folder: each holds an input.
     for target in (root / "s0001", root / "s0002" / "segmentations", root):
-        assert predict(["-i", str(data_list), "--split", "test", "-o", str(target), "-m", str(ckpt),
-                        "--no-progress"]) == 2
+        assert (
+            predict(["-i", str(data_list), "--split", "test", "-o", str(target), "-m", str(ckpt), "--no-progress"]) == 2
+        )
         assert "holds input" in capsys.readouterr().err
     assert digests(root) == before
 
@@ -95,8 +105,10 @@ def test_cases_with_one_file_name_get_their_own_masks_and_scores(tmp_path, capsy
         assert np.array_equal(np.asanyarray(nib.load(str(out / f"{case}.nii.gz")).dataobj) == 1, ball), case
     assert not (out / "ct.nii.gz").exists()
     report = tmp_path / "report"
-    assert evaluate(["--pred", str(out), "--data-list", str(data_list), "-o", str(report), "--no-plot",
-                     "--no-progress"]) == 0
+    assert (
+        evaluate(["--pred", str(out), "--data-list", str(data_list), "-o", str(report), "--no-plot", "--no-progress"])
+        == 0
+    )
     summary = json.loads((report / "summary.json").read_text())
     assert summary["cases"] == 2 and summary["structures"]["liver"]["dice"]["mean"] == 1.0
 
@@ -138,11 +150,29 @@ def test_refused_resume_and_continue_keep_the_runs_config(phantom_dir, tiny_chec
     run.mkdir()
     kept = {"organs": ["liver"], "shots": [1], "methods": ["lp"], "kept": True}  # an earlier run's, kept
     (run / "config.yaml").write_text(yaml.safe_dump(kept))
-    (run / "results.json").write_text(json.dumps({"signature": {"checkpoint_sha256": "another"}, "organs": ["liver"],
-                                                  "rows": []}))
-    code = adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-                  "--out", str(run), "--set", f"method_configs={write_method_configs(tmp_path / 'm')}",
-                  "--organ", "liver", "--shots", "1", "--method", "lp", "--continue", "--no-progress"])
+    (run / "results.json").write_text(
+        json.dumps({"signature": {"checkpoint_sha256": "another"}, "organs": ["liver"], "rows": []})
+    )
+    code = adapt(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--data-list",
+            str(phantom_dir / "phantom_target.json"),
+            "--out",
+            str(run),
+            "--set",
+            f"method_configs={write_method_configs(tmp_path / 'm')}",
+            "--organ",
+            "liver",
+            "--shots",
+            "1",
+            "--method",
+            "lp",
+            "--continue",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "comes from another checkpoint" in capsys.readouterr().err
     assert yaml.safe_load((run / "config.yaml").read_text()) == kept
 
@@ -152,8 +182,18 @@ def test_continue_writes_what_a_killed_run_left_missing(tmp_path):
     write_nifti(scans / "a.nii.gz", blob_scan((20, 18, 12))[0])
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
     out = tmp_path / "pred"
-    command = ["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--organs", "liver", "--save-probabilities",
-               "--no-progress"]
+    command = [
+        "-i",
+        str(scans),
+        "-o",
+        str(out),
+        "-m",
+        str(ckpt),
+        "--organs",
+        "liver",
+        "--save-probabilities",
+        "--no-progress",
+    ]
     assert predict(command) == 0
     # What kill -9 during the probabilities leaves: the mask, a hidden part file, no probabilities.
     probabilities = out / "a_probabilities.nii.gz"
@@ -203,8 +243,9 @@ def test_a_rerun_removes_what_a_killed_import_or_export_left(tiny_checkpoint, tm
     assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755  # a new folder's permissions, not mkdtemp's 0700
 
 
-def test_a_case_that_fails_after_its_mask_is_written_leaves_none_of_its_files(tmp_path, tiny_checkpoint, monkeypatch,
-                                                                             capsys):
+def test_a_case_that_fails_after_its_mask_is_written_leaves_none_of_its_files(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys
+):
     import fsseg.inference.predict as predict_module
     from conftest import ct_like
 
@@ -218,8 +259,12 @@ def test_a_case_that_fails_after_its_mask_is_written_leaves_none_of_its_files(tm
 
     monkeypatch.setattr(predict_module, "overlay_png", fails_for_b)
     out = tmp_path / "out"
-    assert predict(["-i", str(tmp_path / "scans"), "-o", str(out), "-m", str(tiny_checkpoint), "--preview",
-                    "--no-progress"]) == 1
+    assert (
+        predict(
+            ["-i", str(tmp_path / "scans"), "-o", str(out), "-m", str(tiny_checkpoint), "--preview", "--no-progress"]
+        )
+        == 1
+    )
     assert "the picture could not be drawn" in capsys.readouterr().err
     assert (out / "a.nii.gz").exists() and (out / "a_preview.png").exists()
     assert not (out / "b.nii.gz").exists()  # the mask was written before the picture failed

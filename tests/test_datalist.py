@@ -8,7 +8,11 @@ from fsseg.errors import DataError
 
 
 def write_list(path, **fields):
-    data = {"name": "demo", "label_map": {"1": "liver"}, "cases": [{"id": "a", "image": "a.nii.gz", "label": "a_l.nii.gz"}]}
+    data = {
+        "name": "demo",
+        "label_map": {"1": "liver"},
+        "cases": [{"id": "a", "image": "a.nii.gz", "label": "a_l.nii.gz"}],
+    }
     data.update(fields)
     path.write_text(json.dumps(data))
     return path
@@ -28,15 +32,29 @@ def test_shipped_real_ct_lists_resolve_into_the_sample_data(sample_ct):
 
 def test_example_list_matches_the_example_format(tmp_path):
     path = tmp_path / "btcv.json"
-    path.write_text(json.dumps({
-        "name": "btcv", "root": "base",
-        "label_map": {"1": "spleen", "2": "kidney_right", "6": "liver"},
-        "cases": [
-            {"id": "img0001", "image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz", "split": "train"},
-            {"id": "s0011", "image": "s0011/ct.nii.gz", "labels": {"liver": "s0011/segmentations/liver.nii.gz"},
-             "split": "test"},
-        ],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "btcv",
+                "root": "base",
+                "label_map": {"1": "spleen", "2": "kidney_right", "6": "liver"},
+                "cases": [
+                    {
+                        "id": "img0001",
+                        "image": "imagesTr/img0001.nii.gz",
+                        "label": "labelsTr/label0001.nii.gz",
+                        "split": "train",
+                    },
+                    {
+                        "id": "s0011",
+                        "image": "s0011/ct.nii.gz",
+                        "labels": {"liver": "s0011/segmentations/liver.nii.gz"},
+                        "split": "test",
+                    },
+                ],
+            }
+        )
+    )
     datalist = load_datalist(path)
     first, second = datalist.cases
     assert first.image == tmp_path / "base" / "imagesTr" / "img0001.nii.gz"
@@ -89,7 +107,9 @@ def test_missing_list_file(tmp_path):
 
 
 def test_split_suffix_expands_to_both_sides(tmp_path):
-    datalist = load_datalist(write_list(tmp_path / "l.json", label_map={"1": "liver", "2": "kidney@split", "3": "gall"}))
+    datalist = load_datalist(
+        write_list(tmp_path / "l.json", label_map={"1": "liver", "2": "kidney@split", "3": "gall"})
+    )
     assert datalist.label_map.structures == ["liver", "kidney_right", "kidney_left", "gallbladder"]
     assert datalist.label_map.ids_of("lkidney") == [2]
     assert datalist.label_map.to_dict() == {"1": "liver", "2": "kidney@split", "3": "gallbladder"}

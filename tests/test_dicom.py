@@ -9,22 +9,22 @@ import shutil
 import subprocess
 import sys
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
-import highdicom as hd
 import pydicom
 import pytest
-
-from fsseg.adapt.cli import main as adapt
-from conftest import write_method_configs
 from dicom_series import new_uid, write_dicom_series
+from test_predict import oracle_checkpoint
+
+from conftest import write_method_configs
+from fsseg.adapt.cli import main as adapt
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data.dicom import read_series, read_series_header
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predict import main as predict
 from fsseg.models import create_model
 from fsseg.templates import load_template
-from test_predict import oracle_checkpoint
 
 CASE = "ts_example_dicom"  # LAS, 0.98 x 0.98 x 2 mm, int16 HU down to -1024
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -79,35 +79,90 @@ def test_prediction_from_a_series_equals_the_prediction_from_its_nifti(sample_ct
 def test_a_data_list_may_name_a_series_as_a_cases_image(sample_ct, series, tmp_path):
     # The label is written on the series' grid, as a tool reading the series (ITK, 3D Slicer) would save it.
     label = nib.load(str(sample_ct / "labels" / f"{CASE}.nii.gz"))
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(label.affine),
-                                           nib.io_orientation(read_series_header(series).affine))
+    ornt = nib.orientations.ornt_transform(
+        nib.io_orientation(label.affine), nib.io_orientation(read_series_header(series).affine)
+    )
     nib.save(label.as_reoriented(ornt), str(tmp_path / "label.nii.gz"))
     label_map = json.loads((sample_ct / "label_maps" / "totalsegmentator_v2_total.json").read_text())
-    listing = {"name": "dicom", "label_map": label_map, "cases": [
-        {"id": "series", "image": str(series), "label": "label.nii.gz", "split": "train"},
-        {"id": "nifti", "image": str(sample_ct / "images" / f"{CASE}.nii.gz"),
-         "label": str(sample_ct / "labels" / f"{CASE}.nii.gz"), "split": "test"}]}
+    listing = {
+        "name": "dicom",
+        "label_map": label_map,
+        "cases": [
+            {"id": "series", "image": str(series), "label": "label.nii.gz", "split": "train"},
+            {
+                "id": "nifti",
+                "image": str(sample_ct / "images" / f"{CASE}.nii.gz"),
+                "label": str(sample_ct / "labels" / f"{CASE}.nii.gz"),
+                "split": "test",
+            },
+        ],
+    }
     data_list = tmp_path / "list.json"
     data_list.write_text(json.dumps(listing))
-    checked = subprocess.run([sys.executable, "-m", "fsseg.data.check", str(data_list), "--no-progress"],
-                             capture_output=True, text=True)
+    checked = subprocess.run(
+        [sys.executable, "-m", "fsseg.data.check", str(data_list), "--no-progress"], capture_output=True, text=True
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
-    assert predict(["-i", str(data_list), "--split", "train", "-o", str(tmp_path / "pred"), "-m", str(checkpoint),
-                    "--organs", "liver", "--no-progress"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(data_list),
+                "--split",
+                "train",
+                "-o",
+                str(tmp_path / "pred"),
+                "-m",
+                str(checkpoint),
+                "--organs",
+                "liver",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert nib.load(str(tmp_path / "pred" / "series.nii.gz")).shape == read_series_header(series).shape
     # The series is the support set of an adaptation.
     template = load_template()
     model = create_model("unet_tiny", num_classes=len(template))
-    base = save_checkpoint(tmp_path / "base.pt", {"arch": model.arch, "template": template.to_dict(),
-                                                 "preprocessing": Preprocessing(spacing=(3.0, 3.0, 3.0),
-                                                                                roi=(32, 32, 32)).to_dict(),
-                                                 "state_dict": model.state_dict()})
+    base = save_checkpoint(
+        tmp_path / "base.pt",
+        {
+            "arch": model.arch,
+            "template": template.to_dict(),
+            "preprocessing": Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)).to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
     configs = write_method_configs(tmp_path / "configs", epochs=1)
     out = tmp_path / "adapt"
-    assert adapt(["--checkpoint", str(base), "--data-list", str(data_list), "--organ", "liver", "--shots", "1",
-                  "--method", "lp", "--seeds", "1", "--out", str(out), "--set", f"method_configs={configs}",
-                  "--set", "pictures=false", "--no-progress"]) == 0
+    assert (
+        adapt(
+            [
+                "--checkpoint",
+                str(base),
+                "--data-list",
+                str(data_list),
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "--seeds",
+                "1",
+                "--out",
+                str(out),
+                "--set",
+                f"method_configs={configs}",
+                "--set",
+                "pictures=false",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert [(r["support"], r["case"]) for r in rows] == [("series", "nifti")]
 
@@ -155,8 +210,26 @@ def test_a_bad_series_is_one_line_and_nothing_is_written(sample_ct, tmp_path, ca
 def test_dicom_seg_reads_back_as_the_nifti_mask_on_the_source_slices(series, tmp_path):
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
     out = tmp_path / "pred"
-    assert predict(["-i", str(series), "-o", str(out), "-m", str(checkpoint), "--organs", "liver", "kidney_right",
-                    "--output-type", "nifti", "dicom-seg", "--no-progress"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(series),
+                "-o",
+                str(out),
+                "-m",
+                str(checkpoint),
+                "--organs",
+                "liver",
+                "kidney_right",
+                "--output-type",
+                "nifti",
+                "dicom-seg",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     seg = hd.seg.segread(str(out / f"{CASE}.seg.dcm"))
     grid = read_series_header(series)
     source = pydicom.dcmread(str(grid.files[0]), stop_before_pixels=True)
@@ -188,8 +261,25 @@ def test_dicom_seg_of_a_series_with_only_the_mandatory_tags_is_written(sample_ct
         source.save_as(str(path))
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))
     out = tmp_path / "pred"
-    assert predict(["-i", str(folder), "-o", str(out), "-m", str(checkpoint), "--organs", "liver",
-                    "--output-type", "nifti", "dicom-seg", "--no-progress"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(folder),
+                "-o",
+                str(out),
+                "-m",
+                str(checkpoint),
+                "--organs",
+                "liver",
+                "--output-type",
+                "nifti",
+                "dicom-seg",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     seg = hd.seg.segread(str(out / "bare.seg.dcm"))
     assert seg.PatientID == "" and [d.SegmentLabel for d in seg.SegmentSequence] == ["liver"]
 

@@ -41,19 +41,25 @@ def documented_calls(text: str) -> list[tuple[str, set[str]]]:
 
 def test_the_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs", reason="the docs extra is not installed (make test installs it)")
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-                            cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "site" / "benchmarks" / "index.html").is_file()
 
 
 def test_the_result_tables_are_generated_from_the_benchmark_files():
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "render_docs.py"), "--check"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "render_docs.py"), "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     readme = (REPO / "README.md").read_text()
-    assert re.search(r"<!-- results:fewshot_real -->\n.*\| `affine-ln` \|.*<!-- /results:fewshot_real -->", readme,
-                     re.S)
+    assert re.search(
+        r"<!-- results:fewshot_real -->\n.*\| `affine-ln` \|.*<!-- /results:fewshot_real -->", readme, re.S
+    )
 
 
 def test_each_benchmark_has_one_result_file_whose_rows_say_where_they_were_measured():

@@ -8,15 +8,17 @@ import subprocess
 import numpy as np
 import pytest
 
-from fsseg.adapt.cli import main as adapt
 from conftest import REPO, ct_like, write_method_configs, write_nifti
+from fsseg.adapt.cli import main as adapt
 from fsseg.data.phantom import main as phantom
 from fsseg.data.samples import main as sample_data
 from fsseg.export_bundle import main as export_bundle
 from fsseg.inference.predict import main as predict
 
-pytestmark = pytest.mark.skipif(subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0",
-                                reason="mounting a tmpfs needs root")
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0",
+    reason="mounting a tmpfs needs root",
+)
 
 
 @pytest.fixture
@@ -43,14 +45,39 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(full_disk, tmp_pat
     write_nifti(scans / "a.nii.gz", ct_like((64, 64, 48)), np.diag([4.0, 4.0, 4.0, 1.0]))
     runs = {
         "sample-data": lambda: sample_data(["--out", str(full_disk / "samples")]),
-        "phantom": lambda: phantom(["--out", str(full_disk / "phantoms"), "--source-cases", "1", "--target-train", "1",
-                                    "--target-test", "1", "--no-progress"]),
+        "phantom": lambda: phantom(
+            [
+                "--out",
+                str(full_disk / "phantoms"),
+                "--source-cases",
+                "1",
+                "--target-train",
+                "1",
+                "--target-test",
+                "1",
+                "--no-progress",
+            ]
+        ),
         "export-bundle": lambda: export_bundle(["-m", str(tiny_checkpoint), "-o", str(full_disk / "bundle")]),
-        "adapt": lambda: adapt(["--checkpoint", str(tiny_checkpoint), "--data-list",
-                                str(REPO / "data_lists" / "examples" / "sample_ct_liver_fewshot.json"), "--organ",
-                                "liver", "--shots", "1", "--method", "lp", "--out", str(full_disk / "adapt"),
-                                "--set", f"method_configs={write_method_configs(tmp_path / 'm', epochs=1)}",
-                                "--no-progress"]),
+        "adapt": lambda: adapt(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data-list",
+                str(REPO / "data_lists" / "examples" / "sample_ct_liver_fewshot.json"),
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "--out",
+                str(full_disk / "adapt"),
+                "--set",
+                f"method_configs={write_method_configs(tmp_path / 'm', epochs=1)}",
+                "--no-progress",
+            ]
+        ),
     }
     for name, run in runs.items():
         assert run() == 2, name
@@ -61,7 +88,20 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(full_disk, tmp_pat
             assert not [p for p in full_disk.rglob("*") if p.is_file()], name
         subprocess.run(["find", str(full_disk), "-mindepth", "1", "-delete"], check=True)
     # a prediction batch: the case fails, named, and the record cannot be written either
-    assert predict(["-i", str(scans), "-o", str(full_disk / "pred"), "-m", str(tiny_checkpoint),
-                    "--save-probabilities", "--no-progress"]) == 2
+    assert (
+        predict(
+            [
+                "-i",
+                str(scans),
+                "-o",
+                str(full_disk / "pred"),
+                "-m",
+                str(tiny_checkpoint),
+                "--save-probabilities",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "free on its disk" in one_line(capsys)
     assert not list(full_disk.rglob(".*.part*"))

@@ -22,10 +22,13 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-
-from fsseg.adapt.cli import main as adapt
-from conftest import SAMPLE_CT, ct_like, write_nifti
 from dicom_series import write_dicom_series
+from test_make_list import nnunet_dataset
+from test_nnunet import write_results_folder
+from test_pretrain import args as pretrain_args
+
+from conftest import SAMPLE_CT, ct_like, write_nifti
+from fsseg.adapt.cli import main as adapt
 from fsseg.adapters import adapt_model, get_method
 from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
 from fsseg.checkpoint import read_checkpoint
@@ -40,11 +43,8 @@ from fsseg.inference.predict import main as predict
 from fsseg.inference.record import LABELS, LOCK, REPORT
 from fsseg.metrics.evaluate import main as evaluate
 from fsseg.models import create_model
-from fsseg.templates import load_template
 from fsseg.pretrain.cli import main as pretrain
-from test_make_list import nnunet_dataset
-from test_nnunet import write_results_folder
-from test_pretrain import args as pretrain_args
+from fsseg.templates import load_template
 
 SPACING = np.diag([4.0, 4.0, 4.0, 1.0])
 RECORD_FOLDER = "out"
@@ -54,9 +54,11 @@ CASES: dict[str, Case] = {}
 
 def hostile(name: str) -> Callable[[Case], Case]:
     """Register a case: a function of (inputs folder, output folder, checkpoint) -> (command, argv, message)."""
+
     def register(build: Case) -> Case:
         CASES[name] = build
         return build
+
     return register
 
 
@@ -75,8 +77,15 @@ def scan(inp: Path, name: str = "a") -> Path:
 def data_list(inp: Path, case_id: str, label_map: dict | None = None) -> Path:
     image = scan(inp)
     path = inp / "list.json"
-    path.write_text(json.dumps({"name": "x", "label_map": label_map or {"1": "liver"}, "cases": [
-        {"id": case_id, "image": str(image), "label": str(image), "split": "test"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "label_map": label_map or {"1": "liver"},
+                "cases": [{"id": case_id, "image": str(image), "label": str(image), "split": "test"}],
+            }
+        )
+    )
     return path
 
 
@@ -86,30 +95,55 @@ def predicting(inp: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
 
 # --- names that would become paths outside the output folder -------------------------------------------------------
 
+
 @hostile("case id climbing out of -o onto the input scan")
 def _(inp, out, ckpt):
-    return predict, ["-i", str(data_list(inp, "../in/scans/a")), "-o", str(out), "-m", str(ckpt), "--preview",
-                     "--no-progress"], "cannot be part of a file name"
+    return (
+        predict,
+        ["-i", str(data_list(inp, "../in/scans/a")), "-o", str(out), "-m", str(ckpt), "--preview", "--no-progress"],
+        "cannot be part of a file name",
+    )
 
 
 @hostile("absolute case id naming the input scan")
 def _(inp, out, ckpt):
-    return predict, ["-i", str(data_list(inp, str(inp / "scans" / "a"))), "-o", str(out), "-m", str(ckpt),
-                     "--no-progress"], "cannot be part of a file name"
+    return (
+        predict,
+        ["-i", str(data_list(inp, str(inp / "scans" / "a"))), "-o", str(out), "-m", str(ckpt), "--no-progress"],
+        "cannot be part of a file name",
+    )
 
 
 @hostile("case id reading a prediction from outside --pred")
 def _(inp, out, ckpt):
     listed = data_list(inp, "../scans/a")
     (inp / "pred").mkdir()
-    return evaluate, ["--pred", str(inp / "pred"), "--data-list", str(listed), "-o", str(out), "--no-plot",
-                      "--no-progress"], "cannot be part of a file name"
+    return (
+        evaluate,
+        ["--pred", str(inp / "pred"), "--data-list", str(listed), "-o", str(out), "--no-plot", "--no-progress"],
+        "cannot be part of a file name",
+    )
 
 
 @hostile("structure name with a separator in --organ")
 def _(inp, out, ckpt):
-    return adapt, ["--checkpoint", str(ckpt), "--data-list", str(data_list(inp, "a")), "--organ", "x/../../y",
-                   "--shots", "1", "--out", str(out), "--no-progress"], "structure name 'x/../../y'"
+    return (
+        adapt,
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--data-list",
+            str(data_list(inp, "a")),
+            "--organ",
+            "x/../../y",
+            "--shots",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        "structure name 'x/../../y'",
+    )
 
 
 @hostile("structure name with a separator in a label map")
@@ -125,6 +159,7 @@ def _(inp, out, ckpt):
 
 
 # --- output folders holding files fsseg did not write ---------------------------------------------------------------
+
 
 @hostile("the user's ground truth named like a mask in -o")
 def _(inp, out, ckpt):
@@ -145,8 +180,23 @@ def _(inp, out, ckpt):
 def _(inp, out, ckpt):
     out.mkdir()
     (out / "config.yaml").write_text("my: settings\n")
-    return adapt, ["--checkpoint", str(ckpt), "--data-list", str(data_list(inp, "a")), "--organ", "liver",
-                   "--shots", "1", "--out", str(out), "--no-progress"], "is not a file of fsseg-adapt"
+    return (
+        adapt,
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--data-list",
+            str(data_list(inp, "a")),
+            "--organ",
+            "liver",
+            "--shots",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        "is not a file of fsseg-adapt",
+    )
 
 
 @hostile("the user's config.yaml in fsseg-pretrain --out")
@@ -161,9 +211,22 @@ def _(inp, out, ckpt):
     write_nifti(inp / "masks" / "a.nii.gz", (ct_like() > 0).astype(np.uint8), SPACING)
     out.mkdir()
     (out / "summary.json").write_text('{"my": "summary"}')
-    return evaluate, ["--pred", str(inp / "masks"), "--gt", str(inp / "masks"), "--gt-label-map",
-                      str(write_json(inp / "map.json", {"1": "liver"})), "-o", str(out), "--no-plot",
-                      "--no-progress"], "is not a file of fsseg-evaluate"
+    return (
+        evaluate,
+        [
+            "--pred",
+            str(inp / "masks"),
+            "--gt",
+            str(inp / "masks"),
+            "--gt-label-map",
+            str(write_json(inp / "map.json", {"1": "liver"})),
+            "-o",
+            str(out),
+            "--no-plot",
+            "--no-progress",
+        ],
+        "is not a file of fsseg-evaluate",
+    )
 
 
 @hostile("the user's list named like a phantom list")
@@ -189,8 +252,11 @@ def _(inp, out, ckpt):
 @hostile("--force onto the dataset.json make-list reads")
 def _(inp, out, ckpt):
     root = nnunet_dataset(inp / "Dataset001_X", SAMPLE_CT)
-    return make_list, ["nnunet", "--root", str(root), "-o", str(root / "dataset.json"), "--force"], \
-        "would replace input"
+    return (
+        make_list,
+        ["nnunet", "--root", str(root), "-o", str(root / "dataset.json"), "--force"],
+        "would replace input",
+    )
 
 
 @hostile("a bundle exported into a folder of the user's")
@@ -201,6 +267,7 @@ def _(inp, out, ckpt):
 
 
 # --- DICOM that lies ---------------------------------------------------------------------------------------------
+
 
 def series(inp: Path, **tweaks) -> Path:
     folder = inp / "scans" / "series"
@@ -247,6 +314,7 @@ def _(inp, out, ckpt):
 
 # --- weights that lie --------------------------------------------------------------------------------------------
 
+
 @hostile("NaN in a checkpoint's weights")
 def _(inp, out, ckpt):
     scan(inp)
@@ -262,9 +330,15 @@ def lying_adapter(inp: Path, ckpt: Path, change: Callable[[dict], None]) -> Path
     base = create_model("unet_tiny", num_classes=len(load_template()))
     base.load_state_dict(read_checkpoint(ckpt)["state_dict"])
     adapted = adapt_model(base, load_template(), ["liver"], "lp")
-    path = save_adapter(inp / "lp.safetensors", adapted, "lp", get_method("lp").config_cls(), ckpt,
-                        Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32)),
-                        {"inference": {"overlap": 0.25, "amp": True, "cpu_bf16": False}})
+    path = save_adapter(
+        inp / "lp.safetensors",
+        adapted,
+        "lp",
+        get_method("lp").config_cls(),
+        ckpt,
+        Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32)),
+        {"inference": {"overlap": 0.25, "amp": True, "cpu_bf16": False}},
+    )
     payload = read_adapter_file(path)
     change(payload)
     return write_adapter_file(path, payload)
@@ -273,8 +347,9 @@ def lying_adapter(inp: Path, ckpt: Path, change: Callable[[dict], None]) -> Path
 @hostile("an adapter's tensors declared as another dtype of the same size")
 def _(inp, out, ckpt):
     scan(inp)
-    adapter = lying_adapter(inp, ckpt, lambda p: p.update(
-        state_dict={k: v.view(torch.int32) for k, v in p["state_dict"].items()}))
+    adapter = lying_adapter(
+        inp, ckpt, lambda p: p.update(state_dict={k: v.view(torch.int32) for k, v in p["state_dict"].items()})
+    )
     return predict, predicting(inp, out, ckpt, "--adapter", str(adapter)), "the model expects torch.float32"
 
 
@@ -299,6 +374,7 @@ def _(inp, out, ckpt):
 
 # --- label maps that lie -----------------------------------------------------------------------------------------
 
+
 @hostile("two names on one id in an nnU-Net dataset.json")
 def _(inp, out, ckpt):
     root = nnunet_dataset(inp / "Dataset001_X", SAMPLE_CT, {"background": 0, "liver": 1, "spleen": 1})
@@ -318,6 +394,7 @@ def _(inp, out, ckpt):
 
 
 # --- malformed files, huge and impossible headers ---------------------------------------------------------------
+
 
 @hostile("nnU-Net plans that inherit in a cycle")
 def _(inp, out, ckpt):
@@ -356,12 +433,16 @@ def _(inp, out, ckpt):
 
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by relative path."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
-def refused_touching_nothing(command: Callable, argv: list[str], message: str, watched: Path,
-                             capsys) -> tuple[int, set[str]]:
+def refused_touching_nothing(
+    command: Callable, argv: list[str], message: str, watched: Path, capsys
+) -> tuple[int, set[str]]:
     """Run a command that must refuse its input in one line, replacing or removing no file under ``watched``; its
     exit code and the files it added (the caller says which it may add)."""
     before = snapshot(watched)

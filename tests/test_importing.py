@@ -30,23 +30,32 @@ def unet3d():
 
 
 def text_head(rows):
-    return {"module.organ_embedding": torch.randn(rows, 512), "module.precls_conv.1.weight": torch.randn(8, 48, 1, 1, 1),
-            "module.GAP.2.weight": torch.randn(256, 768, 1, 1, 1), "module.controller.weight": torch.randn(153, 512, 1, 1, 1),
-            "module.text_to_vision.weight": torch.randn(256, 512)}
+    return {
+        "module.organ_embedding": torch.randn(rows, 512),
+        "module.precls_conv.1.weight": torch.randn(8, 48, 1, 1, 1),
+        "module.GAP.2.weight": torch.randn(256, 768, 1, 1, 1),
+        "module.controller.weight": torch.randn(153, 512, 1, 1, 1),
+        "module.text_to_vision.weight": torch.randn(256, 512),
+    }
 
 
 def published(model, layout):
     """The model's weights written the way the published files store them."""
     state = model.state_dict()
     if layout == "fseft":
-        return {"module." + (("classifier." + k[5:]) if k.startswith("head.") else k[len("backbone."):]): v
-                for k, v in state.items()}
+        return {
+            "module." + (("classifier." + k[5:]) if k.startswith("head.") else k[len("backbone.") :]): v
+            for k, v in state.items()
+        }
     if layout in ("clip-driven", "suprem-swinunetr", "suprem-unet"):
         net = {"module." + k: v for k, v in state.items() if k.startswith("backbone.")}
         net.update(text_head(32 if layout == "clip-driven" else 25))
         return {"net": net, "epoch": 100}
-    swin = {"module." + k[len("backbone.swinViT."):].replace("mlp.linear1", "mlp.fc1").replace("mlp.linear2", "mlp.fc2"): v
-            for k, v in state.items() if k.startswith("backbone.swinViT.")}
+    swin = {
+        "module." + k[len("backbone.swinViT.") :].replace("mlp.linear1", "mlp.fc1").replace("mlp.linear2", "mlp.fc2"): v
+        for k, v in state.items()
+        if k.startswith("backbone.swinViT.")
+    }
     swin["module.rotation_head.weight"] = torch.randn(4, 96)
     swin["module.contrastive_head.weight"] = torch.randn(512, 96)
     return {"state_dict": swin}
@@ -125,10 +134,14 @@ def test_head_needs_drop_head_or_maps_by_name(swin, tmp_path, capsys):
     assert import_checkpoint([str(tmp_path / "other_head.pth"), "-o", str(tmp_path / "a.pt"), "--drop-head"]) == 0
 
     torch.save(state, tmp_path / "fseft.pth")
-    assert import_checkpoint([str(tmp_path / "fseft.pth"), "-o", str(tmp_path / "clip.pt"), "--template", "clip32"]) == 0
+    assert (
+        import_checkpoint([str(tmp_path / "fseft.pth"), "-o", str(tmp_path / "clip.pt"), "--template", "clip32"]) == 0
+    )
     assert "taken from the 'fseft29' head by name" in capsys.readouterr().out
     model, template, _, _ = load_model(tmp_path / "clip.pt")
-    assert torch.equal(model.head.weight[template.channel("kidney_cyst")], swin.head.weight[FSEFT.channel("kidney_cyst")])
+    assert torch.equal(
+        model.head.weight[template.channel("kidney_cyst")], swin.head.weight[FSEFT.channel("kidney_cyst")]
+    )
 
 
 def test_unknown_layout_and_inspect(swin, tmp_path, capsys):

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsseg.adapt.config import TrainingConfig
-
 from conftest import REPO
+from fsseg.adapt.config import TrainingConfig
 
 pytestmark = pytest.mark.long
 
@@ -26,8 +25,9 @@ TORCH_INDEX = os.environ.get("FSSEG_TORCH_INDEX", "")
 
 
 def run(command: list, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, encoding="utf-8", timeout=1200,
-                            env=env)
+    result = subprocess.run(
+        [str(c) for c in command], cwd=cwd, capture_output=True, encoding="utf-8", timeout=1200, env=env
+    )
     assert result.returncode == 0, f"{' '.join(map(str, command))} exited {result.returncode}:\n{result.stderr[-3000:]}"
     return result
 
@@ -55,8 +55,10 @@ def installed(tmp_path_factory) -> Path:
 
 
 def test_the_wheel_installs_one_top_level_name_fsseg(installed, tmp_path):
-    listing = ("from importlib.metadata import files; "
-               "print('\\n'.join(sorted({f.parts[0] for f in files('fsseg') if f.parts[0] != '..'})))")
+    listing = (
+        "from importlib.metadata import files; "
+        "print('\\n'.join(sorted({f.parts[0] for f in files('fsseg') if f.parts[0] != '..'})))"
+    )
     found = run([installed / "python", "-c", listing], tmp_path).stdout.split()
     assert [name for name in found if not name.endswith(".dist-info")] == ["fsseg"], found
     run([installed / "python", "-c", "import fsseg.pretrain.engine, fsseg.adapt.engine"], tmp_path)
@@ -73,16 +75,60 @@ def test_installed_commands_run_from_the_users_folder_with_the_shipped_settings(
         return run([installed / f"fsseg-{command}", *args], work, env)
 
     assert "btcv" in fsseg("make-list", "--help").stdout  # the shipped dataset specs
-    fsseg("phantom", "--out", "data", "--source-cases", "2", "--target-train", "2", "--target-test", "1",
-          "--spacing", "4", "4", "4", "--no-progress")
+    fsseg(
+        "phantom",
+        "--out",
+        "data",
+        "--source-cases",
+        "2",
+        "--target-train",
+        "2",
+        "--target-test",
+        "1",
+        "--spacing",
+        "4",
+        "4",
+        "4",
+        "--no-progress",
+    )
     fsseg("check-data", *sorted(str(p) for p in (work / "data").glob("*.json")), "--no-progress")
     # configs/pretrain/tiny.yaml is not in this folder: the shipped one is read.
-    fsseg("pretrain", "--config", "configs/pretrain/tiny.yaml", "--out", "pretrain", "--no-progress",
-          "--data-list", *(f"data/phantom_source_{s}.json" for s in "abc"),
-          "--set", "optim.epochs=1", "--set", "preprocessing.spacing=[4, 4, 4]", "--set", "preprocessing.roi=[32, 32, 32]")
-    adapted = fsseg("adapt", "--checkpoint", "pretrain/checkpoint_latest.pt", "--data-list", "data/phantom_target.json",
-                    "--organ", "gallbladder", "--shots", "1", "--method", "lp", "--seeds", "1", "--out", "adapt",
-                    "--set", "pictures=false", "--no-progress")
+    fsseg(
+        "pretrain",
+        "--config",
+        "configs/pretrain/tiny.yaml",
+        "--out",
+        "pretrain",
+        "--no-progress",
+        "--data-list",
+        *(f"data/phantom_source_{s}.json" for s in "abc"),
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "preprocessing.spacing=[4, 4, 4]",
+        "--set",
+        "preprocessing.roi=[32, 32, 32]",
+    )
+    adapted = fsseg(
+        "adapt",
+        "--checkpoint",
+        "pretrain/checkpoint_latest.pt",
+        "--data-list",
+        "data/phantom_target.json",
+        "--organ",
+        "gallbladder",
+        "--shots",
+        "1",
+        "--method",
+        "lp",
+        "--seeds",
+        "1",
+        "--out",
+        "adapt",
+        "--set",
+        "pictures=false",
+        "--no-progress",
+    )
     used = json.loads((work / "adapt" / "results.json").read_text())["method_settings"]["lp"]["training"]
     shipped = yaml.safe_load((REPO / "configs" / "adapt" / "lp.yaml").read_text())["training"]
     built_in = asdict(TrainingConfig())
@@ -90,18 +136,56 @@ def test_installed_commands_run_from_the_users_folder_with_the_shipped_settings(
     assert {k for k in shipped if shipped[k] != built_in[k]} >= {"epochs", "crops_per_volume", "voxel_stride"}
     assert {k: used[k] for k in shipped} == pytest.approx(shipped)
     assert f"lp: settings from {VENV}" in adapted.stderr
-    fsseg("predict", "-i", "data/phantom_target.json", "-o", "predict", "-m", "pretrain/checkpoint_latest.pt",
-          "--adapter", "adapt/adapters/gallbladder_lp_k1_s0.safetensors", "--no-progress")
-    fsseg("evaluate", "--pred", "predict", "--data-list", "data/phantom_target.json", "-o", "evaluate", "--no-plot",
-          "--no-progress")
+    fsseg(
+        "predict",
+        "-i",
+        "data/phantom_target.json",
+        "-o",
+        "predict",
+        "-m",
+        "pretrain/checkpoint_latest.pt",
+        "--adapter",
+        "adapt/adapters/gallbladder_lp_k1_s0.safetensors",
+        "--no-progress",
+    )
+    fsseg(
+        "evaluate",
+        "--pred",
+        "predict",
+        "--data-list",
+        "data/phantom_target.json",
+        "-o",
+        "evaluate",
+        "--no-plot",
+        "--no-progress",
+    )
     summary = json.loads((work / "evaluate" / "summary.json").read_text())
     assert summary["cases"] == 1 and not summary["failed_cases"]
 
     # The real CT shipped in the wheel: written here, checked, and the model adapted to its liver.
     fsseg("sample-data", "--out", "samples")
     fsseg("check-data", *sorted(str(p) for p in (work / "samples").glob("*.json")), "--no-progress")
-    fsseg("adapt", "--checkpoint", "pretrain/checkpoint_latest.pt", "--data-list", "samples/sample_ct_liver_fewshot.json",
-          "--organ", "liver", "--shots", "1", "--method", "lp", "--seeds", "1", "--out", "adapt_real",
-          "--set", "method_configs=configs/adapt/demo", "--set", "pictures=false", "--no-progress")
+    fsseg(
+        "adapt",
+        "--checkpoint",
+        "pretrain/checkpoint_latest.pt",
+        "--data-list",
+        "samples/sample_ct_liver_fewshot.json",
+        "--organ",
+        "liver",
+        "--shots",
+        "1",
+        "--method",
+        "lp",
+        "--seeds",
+        "1",
+        "--out",
+        "adapt_real",
+        "--set",
+        "method_configs=configs/adapt/demo",
+        "--set",
+        "pictures=false",
+        "--no-progress",
+    )
     rows = json.loads((work / "adapt_real" / "results.json").read_text())["rows"]
     assert [(r["method"], r["shots"], r["case"]) for r in rows] == [("lp", 1, "lits_117_crop128")]

@@ -32,7 +32,13 @@ def test_template_channels_keep_raw_voxel_counts(sample_ct):
     assert out[LABEL].shape == (29, 122, 101, 112)
     counts = out[LABEL].sum(dim=(1, 2, 3))
     manifest = json.loads((sample_ct / "manifest.json").read_text())["cases"]["ts_example_ct"]["label_ids_present"]
-    for name, ts_id in [("liver", "5"), ("spleen", "1"), ("kidney_right", "2"), ("kidney_left", "3"), ("pancreas", "7")]:
+    for name, ts_id in [
+        ("liver", "5"),
+        ("spleen", "1"),
+        ("kidney_right", "2"),
+        ("kidney_left", "3"),
+        ("pancreas", "7"),
+    ]:
         assert counts[TEMPLATE.channel(name)] == manifest[ts_id]["voxels"], name
     # Channels are disjoint binary masks.
     assert set(torch.unique(out[LABEL]).tolist()) == {0.0, 1.0}
@@ -53,8 +59,12 @@ def joint_kidney_case(tmp_path, sample_ct, case_id):
     merged[original == 5] = 5
     path = tmp_path / f"{case_id}_joint.nii.gz"
     nib.save(nib.Nifti1Image(merged, label_image.affine, label_image.header), str(path))
-    item = {"id": case_id, "image": str(sample_ct / "images" / f"{case_id}.nii.gz"), LABEL: str(path),
-            "label_map": {"1": "spleen", "2": "kidney@split", "5": "liver"}}
+    item = {
+        "id": case_id,
+        "image": str(sample_ct / "images" / f"{case_id}.nii.gz"),
+        LABEL: str(path),
+        "label_map": {"1": "spleen", "2": "kidney@split", "5": "liver"},
+    }
     return item, original
 
 

@@ -33,8 +33,15 @@ def adapter(tiny_checkpoint, tmp_path):
     base = create_model("unet_tiny", num_classes=len(load_template()))
     base.load_state_dict(payload["state_dict"])
     adapted = adapt_model(base, load_template(), ["liver"], "lp")
-    return save_adapter(tmp_path / "lp.safetensors", adapted, "lp", get_method("lp").config_cls(), tiny_checkpoint,
-                        PRE, {"inference": {"overlap": 0.25, "amp": True, "cpu_bf16": False}})
+    return save_adapter(
+        tmp_path / "lp.safetensors",
+        adapted,
+        "lp",
+        get_method("lp").config_cls(),
+        tiny_checkpoint,
+        PRE,
+        {"inference": {"overlap": 0.25, "amp": True, "cpu_bf16": False}},
+    )
 
 
 def rewrite(path, tmp_path, change):
@@ -52,8 +59,7 @@ def refused(capsys, scans, out, *args) -> str:
     return err
 
 
-def test_a_checkpoint_with_nan_weights_is_refused_not_turned_into_empty_masks(tiny_checkpoint, scans, tmp_path,
-                                                                            capsys):
+def test_a_checkpoint_with_nan_weights_is_refused_not_turned_into_empty_masks(tiny_checkpoint, scans, tmp_path, capsys):
     payload = read_checkpoint(tiny_checkpoint)
     name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
     payload["state_dict"][name] = torch.full_like(payload["state_dict"][name], float("nan"))
@@ -62,8 +68,9 @@ def test_a_checkpoint_with_nan_weights_is_refused_not_turned_into_empty_masks(ti
     assert f"tensor {name} holds NaN" in refused(capsys, scans, tmp_path / "out", "-m", str(path))
 
 
-def test_an_adapter_tensor_stored_as_another_dtype_of_the_same_size_is_refused(tiny_checkpoint, adapter, scans,
-                                                                              tmp_path, capsys):
+def test_an_adapter_tensor_stored_as_another_dtype_of_the_same_size_is_refused(
+    tiny_checkpoint, adapter, scans, tmp_path, capsys
+):
     def reinterpret(payload):  # the same bytes read as int32: a header that declares another dtype
         payload["state_dict"] = {k: v.view(torch.int32) for k, v in payload["state_dict"].items()}
 
@@ -72,18 +79,36 @@ def test_an_adapter_tensor_stored_as_another_dtype_of_the_same_size_is_refused(t
     assert "is torch.int32, the model expects torch.float32" in err
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda p: p["inference"].update(overlap=7), "recorded overlap must lie in [0, 1)"),
-    (lambda p: p["inference"].update(amp="yes"), "recorded amp must be true or false"),
-    (lambda p: p["preprocessing"].update(roi=[30, 30, 30]), "needs window sizes that are multiples of 16"),
-])
-def test_recorded_settings_no_option_would_accept_are_refused_at_load(tiny_checkpoint, adapter, scans, tmp_path,
-                                                                      capsys, change, message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p["inference"].update(overlap=7), "recorded overlap must lie in [0, 1)"),
+        (lambda p: p["inference"].update(amp="yes"), "recorded amp must be true or false"),
+        (lambda p: p["preprocessing"].update(roi=[30, 30, 30]), "needs window sizes that are multiples of 16"),
+    ],
+)
+def test_recorded_settings_no_option_would_accept_are_refused_at_load(
+    tiny_checkpoint, adapter, scans, tmp_path, capsys, change, message
+):
     changed = rewrite(adapter, tmp_path, change)
     assert message in refused(capsys, scans, tmp_path / "out", "-m", str(tiny_checkpoint), "--adapter", str(changed))
 
 
 def test_an_untouched_adapter_still_predicts(tiny_checkpoint, adapter, scans, tmp_path):
-    assert predict(["-i", str(scans), "-o", str(tmp_path / "out"), "-m", str(tiny_checkpoint), "--adapter",
-                    str(adapter), "--no-progress"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(scans),
+                "-o",
+                str(tmp_path / "out"),
+                "-m",
+                str(tiny_checkpoint),
+                "--adapter",
+                str(adapter),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "out" / "a.nii.gz").is_file()

@@ -20,9 +20,24 @@ def volume_pair(image_path, label_path, label_value=1):
 
 
 def test_every_dataset_of_the_pretraining_assembly_has_a_spec():
-    expected = {"btcv", "amos", "lits", "kits", "abdomenct1k", "chaos", "ctorg", "msd_task03_liver", "msd_task06_lung",
-                "msd_task07_pancreas", "msd_task08_hepaticvessel", "msd_task09_spleen", "msd_task10_colon", "word",
-                "flare22", "totalsegmentator"}
+    expected = {
+        "btcv",
+        "amos",
+        "lits",
+        "kits",
+        "abdomenct1k",
+        "chaos",
+        "ctorg",
+        "msd_task03_liver",
+        "msd_task06_lung",
+        "msd_task07_pancreas",
+        "msd_task08_hepaticvessel",
+        "msd_task09_spleen",
+        "msd_task10_colon",
+        "word",
+        "flare22",
+        "totalsegmentator",
+    }
     assert expected <= set(available_datasets())
     for name in expected:
         assert load_spec(name)["layouts"]
@@ -39,14 +54,17 @@ def test_msd_layout_becomes_a_valid_list(tmp_path, capsys):
     assert "3 cases (2 train, 1 test)" in capsys.readouterr().out
     datalist = load_datalist(out)
     assert [(c.id, c.split, c.label is not None) for c in datalist.cases] == [
-        ("spleen_10", "train", True), ("spleen_2", "train", True), ("spleen_1", "test", False)]
+        ("spleen_10", "train", True),
+        ("spleen_2", "train", True),
+        ("spleen_1", "test", False),
+    ]
     assert datalist.label_map.structures == ["spleen"]
     assert check.main([str(out), "--no-progress"]) == 0
 
 
 def test_totalsegmentator_layout_uses_masks_and_meta_csv(tmp_path):
     root = tmp_path / "ts"
-    for subject, split in (("s0001", "train"), ("s0002", "test")):
+    for subject in ("s0001", "s0002"):
         volume_pair(root / subject / "ct.nii.gz", root / subject / "segmentations" / "liver.nii.gz")
         volume_pair(root / subject / "ct.nii.gz", root / subject / "segmentations" / "kidney_left.nii.gz")
     (root / "meta.csv").write_text("image_id;age;split\ns0001;50;train\ns0002;61;test\n")
@@ -84,8 +102,9 @@ def test_errors_name_the_problem(tmp_path, capsys):
 
 def nnunet_dataset(root, sample_ct, labels_json=None):
     """An nnU-Net raw dataset written from the real CT: two training cases (liver 1, spleen 2) and a test case."""
-    import nibabel as nib
     import shutil
+
+    import nibabel as nib
 
     sources = {"ts_example_ct_sm": {5: 1, 1: 2}, "lidc_0001_abd_1p4mm": {5: 1, 1: 2}}
     for i, (case, ids) in enumerate(sources.items()):
@@ -99,8 +118,13 @@ def nnunet_dataset(root, sample_ct, labels_json=None):
         write_nifti(root / "labelsTr" / f"liver_{i:03d}.nii.gz", remapped, label.affine)
     (root / "imagesTs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sample_ct / "images" / "ts_example_dicom.nii.gz", root / "imagesTs" / "liver_100_0000.nii.gz")
-    meta = {"channel_names": {"0": "CT"}, "labels": labels_json or {"background": 0, "liver": 1, "spleen": 2},
-            "numTraining": 2, "file_ending": ".nii.gz", "name": "Liver from the sample CT"}
+    meta = {
+        "channel_names": {"0": "CT"},
+        "labels": labels_json or {"background": 0, "liver": 1, "spleen": 2},
+        "numTraining": 2,
+        "file_ending": ".nii.gz",
+        "name": "Liver from the sample CT",
+    }
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
@@ -113,7 +137,10 @@ def test_an_nnunet_raw_dataset_becomes_a_valid_list(tmp_path, sample_ct, capsys)
     datalist = load_datalist(out)
     assert datalist.name == "Dataset042_SharedLiver" and datalist.label_map.structures == ["liver", "spleen"]
     assert [(c.id, c.split, c.label is not None) for c in datalist.cases] == [
-        ("liver_000", "train", True), ("liver_001", "train", True), ("liver_100", "test", False)]
+        ("liver_000", "train", True),
+        ("liver_001", "train", True),
+        ("liver_100", "test", False),
+    ]
     assert check.main([str(out), "--no-progress"]) == 0
     meta = json.loads((root / "dataset.json").read_text())  # nnU-Net v1's Task format: id -> name
     del meta["channel_names"]
@@ -123,15 +150,18 @@ def test_an_nnunet_raw_dataset_becomes_a_valid_list(tmp_path, sample_ct, capsys)
     assert load_datalist(tmp_path / "v1.json").label_map.structures == ["liver", "spleen"]
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"channel_names": {"0": "CT", "1": "PET"}}, "2 input channels"),
-    ({"labels": {"background": 0, "liver": [1, 2]}}, "region-based"),
-    ({"labels": {"background": 0, "liver": 1, "ignore": 3}}, "label 'ignore'"),
-    ({"file_ending": ".mha"}, "fsseg reads NIfTI"),
-    # label maps that lie (issue 44): liver voxels would become spleen, 1.5 would be read as 1
-    ({"labels": {"background": "0", "liver": "1", "spleen": "1"}}, "id 1 is given to both 'liver' and 'spleen'"),
-    ({"labels": {"background": 0, "liver": 1.5}}, "label 'liver' has id 1.5, not an integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"channel_names": {"0": "CT", "1": "PET"}}, "2 input channels"),
+        ({"labels": {"background": 0, "liver": [1, 2]}}, "region-based"),
+        ({"labels": {"background": 0, "liver": 1, "ignore": 3}}, "label 'ignore'"),
+        ({"file_ending": ".mha"}, "fsseg reads NIfTI"),
+        # label maps that lie (issue 44): liver voxels would become spleen, 1.5 would be read as 1
+        ({"labels": {"background": "0", "liver": "1", "spleen": "1"}}, "id 1 is given to both 'liver' and 'spleen'"),
+        ({"labels": {"background": 0, "liver": 1.5}}, "label 'liver' has id 1.5, not an integer"),
+    ],
+)
 def test_nnunet_datasets_fsseg_cannot_read_are_one_line(tmp_path, sample_ct, capsys, change, message):
     root = nnunet_dataset(tmp_path / "Dataset001_X", sample_ct)
     meta = json.loads((root / "dataset.json").read_text())
@@ -151,18 +181,25 @@ def test_a_plain_folder_becomes_a_list_with_supports_held_out_tests_and_scans_to
     assert "4 cases (2 train, 2 test)" in capsys.readouterr().out
     datalist = load_datalist(out)
     assert [(c.id, c.split, c.label is not None) for c in datalist.cases] == [
-        ("a", "train", True), ("b", "train", True), ("c", "test", True), ("new", "test", False)]
+        ("a", "train", True),
+        ("b", "train", True),
+        ("c", "test", True),
+        ("new", "test", False),
+    ]
     assert datalist.label_map.structures == ["liver"]
     assert check.main([str(out), "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("change, args, message", [
-    ("none", [], "give --label-map"),
-    ("none", ["--label-map", "liver"], "expected ID=NAME pairs"),
-    ("none", ["--label-map", "1=liver", "--test-ids", "zz"], "--test-ids zz: no labelled case"),
-    ("orphan", ["--label-map", "1=liver"], "orphan.nii.gz: a label without an image"),
-    ("no_images", ["--label-map", "1=liver"], "no images/ folder"),
-])
+@pytest.mark.parametrize(
+    "change, args, message",
+    [
+        ("none", [], "give --label-map"),
+        ("none", ["--label-map", "liver"], "expected ID=NAME pairs"),
+        ("none", ["--label-map", "1=liver", "--test-ids", "zz"], "--test-ids zz: no labelled case"),
+        ("orphan", ["--label-map", "1=liver"], "orphan.nii.gz: a label without an image"),
+        ("no_images", ["--label-map", "1=liver"], "no images/ folder"),
+    ],
+)
 def test_plain_folders_fsseg_cannot_list_are_one_line(tmp_path, capsys, change, args, message):
     root = tmp_path / "my_scans"
     volume_pair(root / "images" / "a.nii.gz", root / "labels" / "a.nii.gz")

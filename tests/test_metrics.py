@@ -15,6 +15,7 @@ def box(shape, lo, hi):
 
 def reference_nsd(pred, gt, spacing, tolerance):
     """NSD from first principles: surface voxels (6-connected border) within ``tolerance`` mm of the other surface."""
+
     def surface(mask):
         return mask & ~ndimage.binary_erosion(mask)
 

@@ -58,9 +58,15 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     template = load_template()
     torch.manual_seed(0)
     model = create_model("unet_tiny", num_classes=len(template)).eval()
-    path = save_checkpoint(tmp_path / "c.pt", {"arch": model.arch, "template": template.to_dict(),
-                                               "preprocessing": Preprocessing().to_dict(),
-                                               "state_dict": model.state_dict()})
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        {
+            "arch": model.arch,
+            "template": template.to_dict(),
+            "preprocessing": Preprocessing().to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
     loaded, loaded_template, pre, payload = load_model(path)
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
@@ -85,8 +91,15 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(DataError, match="not an fsseg checkpoint"):
         read_checkpoint(tmp_path / "raw.pt")
     model = create_model("unet_tiny", num_classes=2)
-    good = save_checkpoint(tmp_path / "good.pt", {"arch": model.arch, "template": {"name": "t", "structures": ["a", "b"],
-                           "ids": [1, 2]}, "preprocessing": Preprocessing().to_dict(), "state_dict": model.state_dict()})
+    good = save_checkpoint(
+        tmp_path / "good.pt",
+        {
+            "arch": model.arch,
+            "template": {"name": "t", "structures": ["a", "b"], "ids": [1, 2]},
+            "preprocessing": Preprocessing().to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:5000])
     with pytest.raises(DataError, match="cannot read checkpoint: truncated"):
         read_checkpoint(tmp_path / "cut.pt")

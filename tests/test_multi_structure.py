@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from fsseg.adapt.cli import main as adapt
 from conftest import TOTALSEG_LIST, write_method_configs
+from fsseg.adapt.cli import main as adapt
 from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate
 
@@ -20,16 +20,47 @@ def png_size(path):
 
 
 def run_args(checkpoint, data_list, out, configs, *extra):
-    return ["--checkpoint", str(checkpoint), "--data-list", str(data_list), "--out", str(out), "--set",
-            f"method_configs={configs}", "--set", "overlap=0.25", "--no-progress", *extra]
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--data-list",
+        str(data_list),
+        "--out",
+        str(out),
+        "--set",
+        f"method_configs={configs}",
+        "--set",
+        "overlap=0.25",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_two_structures_share_one_run_with_rows_pictures_and_one_label_map(phantom_dir, tiny_checkpoint, tmp_path):
     configs = write_method_configs(tmp_path / "configs", epochs=3)
     out = tmp_path / "run"
-    assert adapt(run_args(tiny_checkpoint, phantom_dir / "phantom_target.json", out, configs,
-                          "--organ", "liver", "spleen", "--shots", "1", "2", "--method", "lp", "adapter",
-                          "--seeds", "2")) == 0
+    assert (
+        adapt(
+            run_args(
+                tiny_checkpoint,
+                phantom_dir / "phantom_target.json",
+                out,
+                configs,
+                "--organ",
+                "liver",
+                "spleen",
+                "--shots",
+                "1",
+                "2",
+                "--method",
+                "lp",
+                "adapter",
+                "--seeds",
+                "2",
+            )
+        )
+        == 0
+    )
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["organ"] for r in rows} == {"liver", "spleen"}
@@ -41,10 +72,20 @@ def test_two_structures_share_one_run_with_rows_pictures_and_one_label_map(phant
     for organ in ("liver", "spleen"):
         for method in ("lp", "adapter"):
             for k in ("1", "2"):
-                per_seed = [np.mean([float(r["dice"]) for r in rows if (r["organ"], r["method"], r["shots"], r["seed"])
-                                     == (organ, method, k, str(seed))]) for seed in (0, 1)]
+                per_seed = [
+                    np.mean(
+                        [
+                            float(r["dice"])
+                            for r in rows
+                            if (r["organ"], r["method"], r["shots"], r["seed"]) == (organ, method, k, str(seed))
+                        ]
+                    )
+                    for seed in (0, 1)
+                ]
                 cell = table[organ][method][k]
-                assert cell["mean"] == pytest.approx(np.mean(per_seed)) and cell["std"] == pytest.approx(np.std(per_seed))
+                assert cell["mean"] == pytest.approx(np.mean(per_seed)) and cell["std"] == pytest.approx(
+                    np.std(per_seed)
+                )
     for organ in ("liver", "spleen"):
         width, height = png_size(out / f"dice_vs_shots_{organ}.png")
         assert 300 < width < 2000 and 200 < height < 2000
@@ -57,15 +98,43 @@ def test_two_structures_share_one_run_with_rows_pictures_and_one_label_map(phant
 
     # fsseg-predict writes both structures of the adapter into one label map, with previews.
     pred = tmp_path / "pred"
-    assert predict(["-i", str(phantom_dir / "phantom_target.json"), "-o", str(pred), "-m", str(tiny_checkpoint),
-                    "--adapter", str(out / "adapters" / "liver+spleen_lp_k2_s0.safetensors"), "--overlap", "0.25",
-                    "--preview", "--no-progress"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(phantom_dir / "phantom_target.json"),
+                "-o",
+                str(pred),
+                "-m",
+                str(tiny_checkpoint),
+                "--adapter",
+                str(out / "adapters" / "liver+spleen_lp_k2_s0.safetensors"),
+                "--overlap",
+                "0.25",
+                "--preview",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((pred / "labels.json").read_text()) == {"0": "background", "1": "liver", "2": "spleen"}
     previews = sorted(pred.glob("*_preview.png"))
     assert len(previews) == 2 and png_size(previews[0])[0] > 400
     report = tmp_path / "report"
-    assert evaluate(["--pred", str(pred), "--data-list", str(phantom_dir / "phantom_target.json"),
-                     "-o", str(report), "--no-progress"]) == 0
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(pred),
+                "--data-list",
+                str(phantom_dir / "phantom_target.json"),
+                "-o",
+                str(report),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert png_size(report / "dice_boxplot.png")[1] > 200
     summary = json.loads((report / "summary.json").read_text())
     assert set(summary["structures"]) == {"liver", "spleen"}
@@ -74,22 +143,69 @@ def test_two_structures_share_one_run_with_rows_pictures_and_one_label_map(phant
 def test_two_structures_on_real_ct(sample_ct, tiny_checkpoint, tmp_path):
     configs = write_method_configs(tmp_path / "configs", epochs=2)
     out = tmp_path / "real"
-    assert adapt(run_args(tiny_checkpoint, TOTALSEG_LIST, out, configs, "--organ", "liver", "spleen", "--shots", "1",
-                          "--method", "lp", "--seeds", "1")) == 0
+    assert (
+        adapt(
+            run_args(
+                tiny_checkpoint,
+                TOTALSEG_LIST,
+                out,
+                configs,
+                "--organ",
+                "liver",
+                "spleen",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "--seeds",
+                "1",
+            )
+        )
+        == 0
+    )
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted((r["case"], r["organ"]) for r in rows) == [
-        ("lidc_0001_abd_1p4mm", "liver"), ("lidc_0001_abd_1p4mm", "spleen")]
+        ("lidc_0001_abd_1p4mm", "liver"),
+        ("lidc_0001_abd_1p4mm", "spleen"),
+    ]
 
 
 def test_group_name_expands_and_missing_members_are_named(phantom_dir, tiny_checkpoint, tmp_path, capsys):
-    assert adapt(run_args(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path / "x", tmp_path,
-                          "--organ", "flare9", "--shots", "1")) == 2
+    assert (
+        adapt(
+            run_args(
+                tiny_checkpoint,
+                phantom_dir / "phantom_target.json",
+                tmp_path / "x",
+                tmp_path,
+                "--organ",
+                "flare9",
+                "--shots",
+                "1",
+            )
+        )
+        == 2
+    )
     assert "no case annotates esophagus, duodenum" in capsys.readouterr().err
 
 
 def test_too_few_cases_annotating_every_structure(tmp_path, tiny_checkpoint, sample_ct, capsys):
     # Only ts_example_ct and ts_example_ct_sm (one subject) label the adrenal glands and the liver in train.
-    assert adapt(run_args(tiny_checkpoint, TOTALSEG_LIST, tmp_path / "x", tmp_path, "--organ", "liver",
-                          "adrenal_gland_left", "--shots", "5")) == 2
+    assert (
+        adapt(
+            run_args(
+                tiny_checkpoint,
+                TOTALSEG_LIST,
+                tmp_path / "x",
+                tmp_path,
+                "--organ",
+                "liver",
+                "adrenal_gland_left",
+                "--shots",
+                "5",
+            )
+        )
+        == 2
+    )
     assert "K=5 shots asked for, but only" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_predict import rotation
 
 from conftest import ct_like, write_nifti
 from fsseg.data.io import load_scan_image
@@ -16,7 +17,6 @@ from fsseg.data.transforms import IMAGE, Preprocessing
 from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, Predictor, prediction_network
 from fsseg.models import create_model
 from fsseg.templates import load_template
-from test_predict import rotation
 
 
 def organs(grid: tuple[int, ...], count: int, seed: int = 0) -> torch.Tensor:
@@ -40,15 +40,23 @@ def affine(linear: np.ndarray) -> np.ndarray:
 
 
 GEOMETRIES = {
-    "oblique": (affine(rotation(20) @ np.diag([1.3, 1.1, 2.5])),
-                Preprocessing(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32))),
-    "lps, cropped and padded": (affine(np.diag([-1.6, -1.6, 3.0])),
-                                Preprocessing(spacing=(2.5, 2.5, 2.5), roi=(48, 48, 48))),
-    "finer than the scan, uncropped": (affine(np.diag([3.0, 3.0, 4.0])),
-                                       Preprocessing(spacing=(1.5, 2.0, 2.5), roi=(32, 32, 32), crop_foreground=False)),
+    "oblique": (
+        affine(rotation(20) @ np.diag([1.3, 1.1, 2.5])),
+        Preprocessing(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32)),
+    ),
+    "lps, cropped and padded": (
+        affine(np.diag([-1.6, -1.6, 3.0])),
+        Preprocessing(spacing=(2.5, 2.5, 2.5), roi=(48, 48, 48)),
+    ),
+    "finer than the scan, uncropped": (
+        affine(np.diag([3.0, 3.0, 4.0])),
+        Preprocessing(spacing=(1.5, 2.0, 2.5), roi=(32, 32, 32), crop_foreground=False),
+    ),
     # the scan's edge voxels lie beyond the model grid's: they take its edge value
-    "coarser than the scan, uncropped": (affine(np.diag([1.0, 1.0, 1.2])),
-                                         Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(8, 8, 8), crop_foreground=False)),
+    "coarser than the scan, uncropped": (
+        affine(np.diag([1.0, 1.0, 1.2])),
+        Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(8, 8, 8), crop_foreground=False),
+    ),
 }
 
 
@@ -85,6 +93,7 @@ def test_more_structures_than_feature_channels_blend_the_features_with_the_same_
     assert isinstance(network, FrozenBackbone) and network.pointwise is not None
     names = [template.structures[c] for c in channels]
     blended = Predictor(network, names, pre, torch.device("cpu"), InferenceSettings(overlap=0.5))(path).label
-    sliding = Predictor(lambda x: model(x)[:, channels], names, pre, torch.device("cpu"),
-                        InferenceSettings(overlap=0.5))(path).label
+    sliding = Predictor(
+        lambda x: model(x)[:, channels], names, pre, torch.device("cpu"), InferenceSettings(overlap=0.5)
+    )(path).label
     assert len(np.unique(sliding)) > 6 and (blended != sliding).mean() < 1e-3, (blended != sliding).mean()

@@ -9,9 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_predict import oracle_checkpoint
+from test_pretrain import args as pretrain_args
 
-from fsseg.adapt.cli import main as adapt
 from conftest import SAMPLE_CT, ct_like, write_method_configs, write_nifti
+from fsseg.adapt.cli import main as adapt
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
 from fsseg.adapters.feature_cache import FeatureStore
@@ -21,12 +23,10 @@ from fsseg.data.check import main as check_data
 from fsseg.data.make_list import main as make_list
 from fsseg.data.phantom import main as phantom
 from fsseg.importing import main as import_checkpoint
-from fsseg.inference.predictor import FrozenBackbone, Predictor
 from fsseg.inference.predict import main as predict
+from fsseg.inference.predictor import FrozenBackbone, Predictor
 from fsseg.metrics.evaluate import main as evaluate
 from fsseg.pretrain.cli import main as pretrain
-from test_predict import oracle_checkpoint
-from test_pretrain import args as pretrain_args
 
 REAL = "ts_example_ct_sm"
 
@@ -55,19 +55,32 @@ def with_spacing(tmp_path: Path, name: str, zooms) -> Path:
 def test_implausible_voxel_sizes_are_refused(sample_ct, tmp_path, capsys):
     zero, huge = with_spacing(tmp_path, "zero", (3.0, 0.0, 3.0)), with_spacing(tmp_path, "huge", (45.0, 45.0, 45.0))
     listed = tmp_path / "list.json"
-    listed.write_text(json.dumps({"name": "odd", "cases": [{"id": "zero", "image": str(zero), "split": "test"},
-                                                           {"id": "huge", "image": str(huge), "split": "test"}]}))
+    listed.write_text(
+        json.dumps(
+            {
+                "name": "odd",
+                "cases": [
+                    {"id": "zero", "image": str(zero), "split": "test"},
+                    {"id": "huge", "image": str(huge), "split": "test"},
+                ],
+            }
+        )
+    )
     assert check_data([str(listed), "--no-progress"]) == 1
     printed = capsys.readouterr().out
-    assert "zero.nii.gz: voxel size 3x0x3 mm is implausible" in printed and "huge.nii.gz: voxel size 45x45x45" in printed
+    assert (
+        "zero.nii.gz: voxel size 3x0x3 mm is implausible" in printed and "huge.nii.gz: voxel size 45x45x45" in printed
+    )
     # In a prediction batch each fails on its own; the good scan is still predicted.
     scans = tmp_path / "scans"
     scans.mkdir()
     for path in (zero, huge, SAMPLE_CT / "images" / f"{REAL}.nii.gz"):
         (scans / path.name).symlink_to(path)
     out = tmp_path / "pred"
-    assert predict(["-i", str(scans), "-o", str(out), "-m", str(oracle_checkpoint(tmp_path / "o.pt")),
-                    "--no-progress"]) == 1
+    assert (
+        predict(["-i", str(scans), "-o", str(out), "-m", str(oracle_checkpoint(tmp_path / "o.pt")), "--no-progress"])
+        == 1
+    )
     cases = json.loads((out / "predictions.json").read_text())["cases"]
     assert [cases[c]["status"] for c in ("zero", "huge", REAL)] == ["failed", "failed", "ok"]
     assert "implausible for CT" in cases["huge"]["error"]
@@ -86,8 +99,12 @@ def test_a_rank_deficient_affine_is_refused_not_predicted_on(tmp_path, capsys):
     assert check_data([str(listed), "--no-progress"]) == 1
     assert "flat.nii.gz: the header's voxel axes are not independent" in capsys.readouterr().out
     out = tmp_path / "pred"
-    assert predict(["-i", str(path.parent), "-o", str(out), "-m", str(oracle_checkpoint(tmp_path / "o.pt")),
-                    "--no-progress"]) == 1
+    assert (
+        predict(
+            ["-i", str(path.parent), "-o", str(out), "-m", str(oracle_checkpoint(tmp_path / "o.pt")), "--no-progress"]
+        )
+        == 1
+    )
     cases = json.loads((out / "predictions.json").read_text())["cases"]
     assert "voxel axes are not independent" in cases["flat"]["error"]
 
@@ -120,8 +137,19 @@ def writers(tmp_path, blocker, phantom_dir, ckpt):
     return {
         "predict": (predict, ["-i", str(scans), "-o", str(blocker), "-m", str(ckpt)]),
         "predict-below-file": (predict, ["-i", str(scans), "-o", str(blocker / "sub"), "-m", str(ckpt)]),
-        "evaluate": (evaluate, ["--pred", str(scans), "--gt", str(scans), "--gt-label-map", str(tmp_path / "none.json"),
-                                "-o", str(blocker)]),
+        "evaluate": (
+            evaluate,
+            [
+                "--pred",
+                str(scans),
+                "--gt",
+                str(scans),
+                "--gt-label-map",
+                str(tmp_path / "none.json"),
+                "-o",
+                str(blocker),
+            ],
+        ),
         "import-into-folder": (import_checkpoint, [str(tmp_path / "w.pth"), "-o", str(tmp_path / "folder"), "--force"]),
         "make-list": (make_list, ["btcv", "--root", str(tmp_path), "-o", str(tmp_path / "folder"), "--force"]),
         "phantom": (phantom, ["--out", str(blocker)]),
@@ -131,10 +159,23 @@ def writers(tmp_path, blocker, phantom_dir, ckpt):
     }
 
 
-@pytest.mark.parametrize("command", ["predict", "predict-below-file", "evaluate", "import-into-folder", "make-list",
-                                     "phantom", "adapt", "pretrain", "unwritable"])
-def test_every_writer_refuses_a_bad_output_path_in_one_line(command, tmp_path, blocker, phantom_dir, tiny_checkpoint,
-                                                            capsys):
+@pytest.mark.parametrize(
+    "command",
+    [
+        "predict",
+        "predict-below-file",
+        "evaluate",
+        "import-into-folder",
+        "make-list",
+        "phantom",
+        "adapt",
+        "pretrain",
+        "unwritable",
+    ],
+)
+def test_every_writer_refuses_a_bad_output_path_in_one_line(
+    command, tmp_path, blocker, phantom_dir, tiny_checkpoint, capsys
+):
     main, argv = writers(tmp_path, blocker, phantom_dir, tiny_checkpoint)[command]
     assert main(argv + ["--no-progress"] if command not in ("import-into-folder", "make-list") else argv) == 2
     captured = capsys.readouterr().err
@@ -143,37 +184,76 @@ def test_every_writer_refuses_a_bad_output_path_in_one_line(command, tmp_path, b
 
 
 OUT_OF_RANGE = {
-    "pretrain": [(["optim.lr=.nan"], "expected a finite number"), (["optim.weight_decay=-1"], "must lie in [0, inf)"),
-                 (["num_workers=-2"], "must lie in [0, inf)"),
-                 (["augmentation.pos=0", "augmentation.neg=0"], "cannot both be 0"),
-                 (["preprocessing.roi=[8, 8, 8]"], "multiples of 16"),
-                 (["preprocessing.orientation=RRS"], "one of each pair"), (["loss.smooth=0"], "must lie in (0, inf)"),
-                 (["augmentation.intensity_shift_prob=1.5"], "[0, 1]"), (["optim.grad_clip=-1"], "(0, inf)"),
-                 (["sampling.volumes_per_epoch=0"], "[1, inf)")],
-    "adapt": [(["overlap=1.0"], "[0, 1)"), (["nsd_tolerance=-1"], "(0, inf)"), (["ti.gamma=2"], "[0, 1)"),
-              (["seeds=0"], "[1, inf)"), (["shots=[0]"], "[1, inf)")],
+    "pretrain": [
+        (["optim.lr=.nan"], "expected a finite number"),
+        (["optim.weight_decay=-1"], "must lie in [0, inf)"),
+        (["num_workers=-2"], "must lie in [0, inf)"),
+        (["augmentation.pos=0", "augmentation.neg=0"], "cannot both be 0"),
+        (["preprocessing.roi=[8, 8, 8]"], "multiples of 16"),
+        (["preprocessing.orientation=RRS"], "one of each pair"),
+        (["loss.smooth=0"], "must lie in (0, inf)"),
+        (["augmentation.intensity_shift_prob=1.5"], "[0, 1]"),
+        (["optim.grad_clip=-1"], "(0, inf)"),
+        (["sampling.volumes_per_epoch=0"], "[1, inf)"),
+    ],
+    "adapt": [
+        (["overlap=1.0"], "[0, 1)"),
+        (["nsd_tolerance=-1"], "(0, inf)"),
+        (["ti.gamma=2"], "[0, 1)"),
+        (["seeds=0"], "[1, inf)"),
+        (["shots=[0]"], "[1, inf)"),
+    ],
 }
 
 
-@pytest.mark.parametrize("stage, overrides, expected",
-                         [(stage, o, e) for stage, cases in OUT_OF_RANGE.items() for o, e in cases])
-def test_out_of_range_settings_are_one_line(stage, overrides, expected, phantom_dir, tiny_checkpoint, tmp_path,
-                                            capsys):
+@pytest.mark.parametrize(
+    "stage, overrides, expected", [(stage, o, e) for stage, cases in OUT_OF_RANGE.items() for o, e in cases]
+)
+def test_out_of_range_settings_are_one_line(stage, overrides, expected, phantom_dir, tiny_checkpoint, tmp_path, capsys):
     if stage == "pretrain":
         code = pretrain(pretrain_args(tmp_path / "run", [str(phantom_dir / "phantom_source_a.json")], 1, *overrides))
     else:
         sets = [arg for override in overrides for arg in ("--set", override)]
-        code = adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-                      "--out", str(tmp_path / "run"), *sets, "--no-progress"])
+        code = adapt(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data-list",
+                str(phantom_dir / "phantom_target.json"),
+                "--out",
+                str(tmp_path / "run"),
+                *sets,
+                "--no-progress",
+            ]
+        )
     assert code == 2
     one_line(capsys, expected)
 
 
 def test_out_of_range_method_settings_and_options_are_one_line(phantom_dir, tiny_checkpoint, tmp_path, capsys):
     configs = write_method_configs(tmp_path / "m", lr=float("nan"))
-    assert adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-                  "--out", str(tmp_path / "run"), "--set", f"method_configs={configs}", "--organ", "liver",
-                  "--shots", "1", "--method", "lp", "--no-progress"]) == 2
+    assert (
+        adapt(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data-list",
+                str(phantom_dir / "phantom_target.json"),
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                f"method_configs={configs}",
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     one_line(capsys, "training.lr: expected a finite number")
     scans = tmp_path / "scans"
     write_nifti(scans / "a.nii.gz", np.full((24, 24, 24), 40, np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
@@ -198,8 +278,23 @@ def test_largest_component_needs_no_undeclared_package(tmp_path):
     image[26:28, 26:28, 16:18] = 200  # a second, smaller bright region
     write_nifti(scans / "a.nii.gz", image, np.diag([1.5, 1.5, 1.5, 1.0]))
     out = tmp_path / "pred"
-    assert predict(["-i", str(scans), "-o", str(out), "-m", str(oracle_checkpoint(tmp_path / "o.pt")), "--organs",
-                    "liver", "--largest-component", "--no-progress"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(scans),
+                "-o",
+                str(out),
+                "-m",
+                str(oracle_checkpoint(tmp_path / "o.pt")),
+                "--organs",
+                "liver",
+                "--largest-component",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     mask = np.asanyarray(nib.load(str(out / "a.nii.gz")).dataobj)
     assert mask[10, 10, 8] == 1 and mask[26:28, 26:28, 16:18].max() == 0
 
@@ -221,27 +316,68 @@ def crafted(tiny_checkpoint, tmp_path):
 def test_crafted_checkpoints_and_adapters_are_one_line(tiny_checkpoint, tmp_path, capsys):
     scans = tmp_path / "scans"
     write_nifti(scans / "a.nii.gz", np.full((24, 24, 24), 40, np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
-    expected = {"wrong_shape": "tensor head.weight has shape (29, 4, 1, 1, 1)", "short_template": "tensor head.weight",
-                "missing_arch": "checkpoint lacks arch", "bad_arch": "'arch' must be"}
+    expected = {
+        "wrong_shape": "tensor head.weight has shape (29, 4, 1, 1, 1)",
+        "short_template": "tensor head.weight",
+        "missing_arch": "checkpoint lacks arch",
+        "bad_arch": "'arch' must be",
+    }
     for name, path in crafted(tiny_checkpoint, tmp_path).items():
         assert predict(["-i", str(scans), "-o", str(tmp_path / name), "-m", str(path), "--no-progress"]) == 2
         one_line(capsys, expected[name])
 
     base, template, pre, _ = load_model(tiny_checkpoint)
-    adapter = save_adapter(tmp_path / "lp.safetensors", adapt_model(base, template, ["liver"], "lp"), "lp",
-                           LinearProbeConfig(), tiny_checkpoint, pre)
+    adapter = save_adapter(
+        tmp_path / "lp.safetensors",
+        adapt_model(base, template, ["liver"], "lp"),
+        "lp",
+        LinearProbeConfig(),
+        tiny_checkpoint,
+        pre,
+    )
     payload = read_adapter_file(adapter)
     write_adapter_file(tmp_path / "shape.safetensors", {**payload, "state_dict": {"head.weight": torch.zeros(3, 3)}})
     write_adapter_file(tmp_path / "nostructures.safetensors", {k: v for k, v in payload.items() if k != "structures"})
     (tmp_path / "cut.safetensors").write_bytes(adapter.read_bytes()[:-100])
     torch.save(payload, tmp_path / "earlier.pt")  # an adapter file of an earlier fsseg version still loads
-    for name, message in (("shape", "tensor head.weight has shape (3, 3)"), ("nostructures", "lacks structures"),
-                          ("cut", "truncated or corrupt")):
-        assert predict(["-i", str(scans), "-o", str(tmp_path / f"o{name}"), "-m", str(tiny_checkpoint), "--adapter",
-                        str(tmp_path / f"{name}.safetensors"), "--no-progress"]) == 2
+    for name, message in (
+        ("shape", "tensor head.weight has shape (3, 3)"),
+        ("nostructures", "lacks structures"),
+        ("cut", "truncated or corrupt"),
+    ):
+        assert (
+            predict(
+                [
+                    "-i",
+                    str(scans),
+                    "-o",
+                    str(tmp_path / f"o{name}"),
+                    "-m",
+                    str(tiny_checkpoint),
+                    "--adapter",
+                    str(tmp_path / f"{name}.safetensors"),
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
         one_line(capsys, message)
-    assert predict(["-i", str(scans), "-o", str(tmp_path / "oearlier"), "-m", str(tiny_checkpoint), "--adapter",
-                    str(tmp_path / "earlier.pt"), "--no-progress"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(scans),
+                "-o",
+                str(tmp_path / "oearlier"),
+                "-m",
+                str(tiny_checkpoint),
+                "--adapter",
+                str(tmp_path / "earlier.pt"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 class RunsCode:
@@ -259,9 +395,13 @@ def test_files_torch_cannot_or_will_not_load_are_named_for_what_they_are(tmp_pat
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
     torch.save({"w": torch.ones(2), "when": np.datetime64("2024-01-01")}, tmp_path / "objects.pth")
     torch.save({"w": torch.ones(2), "x": RunsCode()}, tmp_path / "code.pth")
-    cases = {"random": "not a PyTorch file", "scan": "gzip data, a NIfTI perhaps", "cut": "not a PyTorch file",
-             "objects": "holds a Python object of type", "code": "holds code, a call to posix.system, that "
-             "unpickling would run; it is never loaded"}
+    cases = {
+        "random": "not a PyTorch file",
+        "scan": "gzip data, a NIfTI perhaps",
+        "cut": "not a PyTorch file",
+        "objects": "holds a Python object of type",
+        "code": "holds code, a call to posix.system, that unpickling would run; it is never loaded",
+    }
     for name, expected in cases.items():
         assert import_checkpoint([str(tmp_path / f"{name}.pth"), "-o", str(tmp_path / f"{name}.pt")]) == 2
         captured = capsys.readouterr().err
@@ -273,12 +413,40 @@ def test_more_malformed_inputs_are_one_line(phantom_dir, tiny_checkpoint, tmp_pa
     # --gt-label-map missing, then malformed.
     gt = tmp_path / "gt"
     write_nifti(gt / "a.nii.gz", np.zeros((8, 8, 8), np.uint8))
-    assert evaluate(["--pred", str(gt), "--gt", str(gt), "--gt-label-map", str(tmp_path / "none.json"),
-                     "-o", str(tmp_path / "r"), "--no-plot"]) == 2
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(gt),
+                "--gt",
+                str(gt),
+                "--gt-label-map",
+                str(tmp_path / "none.json"),
+                "-o",
+                str(tmp_path / "r"),
+                "--no-plot",
+            ]
+        )
+        == 2
+    )
     one_line(capsys, "--gt-label-map not found")
     (tmp_path / "bad.json").write_text("{1: liver")
-    assert evaluate(["--pred", str(gt), "--gt", str(gt), "--gt-label-map", str(tmp_path / "bad.json"),
-                     "-o", str(tmp_path / "r"), "--no-plot"]) == 2
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(gt),
+                "--gt",
+                str(gt),
+                "--gt-label-map",
+                str(tmp_path / "bad.json"),
+                "-o",
+                str(tmp_path / "r"),
+                "--no-plot",
+            ]
+        )
+        == 2
+    )
     one_line(capsys, "is not valid JSON")
 
     # A data list whose root is not a string; a results.json that is a list.
@@ -288,16 +456,39 @@ def test_more_malformed_inputs_are_one_line(phantom_dir, tiny_checkpoint, tmp_pa
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json").write_text("[]")
-    assert adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-                  "--out", str(run), "--set", f"method_configs={write_method_configs(tmp_path / 'm')}",
-                  "--organ", "liver", "--shots", "1", "--method", "lp", "--continue", "--no-progress"]) == 2
+    assert (
+        adapt(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data-list",
+                str(phantom_dir / "phantom_target.json"),
+                "--out",
+                str(run),
+                "--set",
+                f"method_configs={write_method_configs(tmp_path / 'm')}",
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "--continue",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     one_line(capsys, "results.json: exists and is not a file of fsseg-adapt")
 
     # Broken dataset specs.
-    specs = {"list": [], "no_id_group": {"layouts": [{"image_glob": "*.nii.gz", "id_pattern": "(.*)"}]},
-             "bad_regex": {"layouts": [{"image_glob": "*.nii.gz", "id_pattern": "(?P<id>"}]},
-             "unknown_field": {"layouts": [{"image_glob": "*", "id_pattern": "(?P<id>.*)", "label": "{case}.nii"}]},
-             "layout_not_object": {"layouts": ["imagesTr"]}}
+    specs = {
+        "list": [],
+        "no_id_group": {"layouts": [{"image_glob": "*.nii.gz", "id_pattern": "(.*)"}]},
+        "bad_regex": {"layouts": [{"image_glob": "*.nii.gz", "id_pattern": "(?P<id>"}]},
+        "unknown_field": {"layouts": [{"image_glob": "*", "id_pattern": "(?P<id>.*)", "label": "{case}.nii"}]},
+        "layout_not_object": {"layouts": ["imagesTr"]},
+    }
     for name, spec in specs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(spec))
         assert make_list([str(tmp_path / f"{name}.json"), "--root", str(tmp_path), "-o", str(tmp_path / "o.json")]) == 2
@@ -314,14 +505,35 @@ def test_blank_training_scans_are_named_not_called_empty_masks(phantom_dir, tiny
     data["cases"] = [c for c in data["cases"] if c["split"] == "test"] + [{**train, "image": str(air)}]
     path = tmp_path / "air.json"
     path.write_text(json.dumps(data))
-    assert adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(path), "--out", str(tmp_path / "run"),
-                  "--set", f"method_configs={write_method_configs(tmp_path / 'm')}", "--organ", "liver",
-                  "--shots", "1", "--method", "lp", "--no-progress"]) == 2
+    assert (
+        adapt(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data-list",
+                str(path),
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                f"method_configs={write_method_configs(tmp_path / 'm')}",
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--method",
+                "lp",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "air.nii.gz: no voxel lies above the HU window" in err and "mask is empty" not in err
     source = json.loads((phantom_dir / "phantom_source_a.json").read_text())
     source["root"] = str(phantom_dir / "phantom_source_a")
-    source["cases"] = [{**source["cases"][0], "image": str(air), "label": str(phantom_dir / "phantom_target" / train["label"])}]
+    source["cases"] = [
+        {**source["cases"][0], "image": str(air), "label": str(phantom_dir / "phantom_target" / train["label"])}
+    ]
     source["label_map"] = data["label_map"]
     (tmp_path / "air_source.json").write_text(json.dumps(source))
     assert pretrain(pretrain_args(tmp_path / "pre", [str(tmp_path / "air_source.json")], 1)) == 2

@@ -23,16 +23,26 @@ def test_a_file_of_the_output_folder_fsseg_did_not_write_is_refused_not_replaced
     truth = tmp_path / "labels"  # the user's ground truth, named like the masks
     write_nifti(truth / "a.nii.gz", np.zeros((24, 20, 16), np.uint8), SPACING)
     before = (truth / "a.nii.gz").read_bytes()
-    assert predict(["-i", str(scans(tmp_path / "scans")), "-o", str(truth), "-m", str(tiny_checkpoint),
-                    "--no-progress"]) == 2
+    assert (
+        predict(["-i", str(scans(tmp_path / "scans")), "-o", str(truth), "-m", str(tiny_checkpoint), "--no-progress"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "a.nii.gz: exists, and fsseg-predict did not write it" in err and err.count("\n") == 1
     assert (truth / "a.nii.gz").read_bytes() == before and sorted(p.name for p in truth.iterdir()) == ["a.nii.gz"]
 
 
 def test_a_rerun_replaces_its_own_files(tmp_path, tiny_checkpoint):
-    command = ["-i", str(scans(tmp_path / "scans")), "-o", str(tmp_path / "out"), "-m", str(tiny_checkpoint),
-               "--save-probabilities", "--no-progress"]
+    command = [
+        "-i",
+        str(scans(tmp_path / "scans")),
+        "-o",
+        str(tmp_path / "out"),
+        "-m",
+        str(tiny_checkpoint),
+        "--save-probabilities",
+        "--no-progress",
+    ]
     assert predict(command) == 0
     assert predict(command) == 0
 
@@ -41,8 +51,24 @@ def test_parts_predicting_into_one_folder_keep_every_cases_record(tmp_path, tiny
     folder = scans(tmp_path / "scans", ("a", "b", "c"))
     out = tmp_path / "out"
     for part in ("0", "1"):
-        assert predict(["-i", str(folder), "-o", str(out), "-m", str(tiny_checkpoint), "--num-parts", "2",
-                        "--part-id", part, "--no-progress"]) == 0
+        assert (
+            predict(
+                [
+                    "-i",
+                    str(folder),
+                    "-o",
+                    str(out),
+                    "-m",
+                    str(tiny_checkpoint),
+                    "--num-parts",
+                    "2",
+                    "--part-id",
+                    part,
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     cases = json.loads((out / "predictions.json").read_text())["cases"]
     assert {case: entry["status"] for case, entry in cases.items()} == {"a": "ok", "b": "ok", "c": "ok"}
 
@@ -51,38 +77,72 @@ def test_a_predictions_json_of_another_tool_is_refused(tmp_path, tiny_checkpoint
     out = tmp_path / "out"
     out.mkdir()
     (out / "predictions.json").write_text('[{"case": "a", "score": 0.9}]')
-    assert predict(["-i", str(scans(tmp_path / "scans")), "-o", str(out), "-m", str(tiny_checkpoint),
-                    "--no-progress"]) == 2
+    assert (
+        predict(["-i", str(scans(tmp_path / "scans")), "-o", str(out), "-m", str(tiny_checkpoint), "--no-progress"])
+        == 2
+    )
     assert "predictions.json: exists and is not a record of fsseg-predict" in capsys.readouterr().err
     assert (out / "predictions.json").read_text() == '[{"case": "a", "score": 0.9}]'
 
 
-def test_run_folders_holding_another_commands_or_the_users_config_are_refused(tmp_path, tiny_checkpoint,
-                                                                               phantom_dir, capsys):
+def test_run_folders_holding_another_commands_or_the_users_config_are_refused(
+    tmp_path, tiny_checkpoint, phantom_dir, capsys
+):
     from fsseg.adapt.cli import main as adapt
     from fsseg.pretrain.cli import main as pretrain
 
-    theirs = {"pretraining run": "model: {name: unet_tiny}\noptim: {lr: 0.001}\ndata: {lists: []}\n",
-              "user's notes": "my: notes\n"}
+    theirs = {
+        "pretraining run": "model: {name: unet_tiny}\noptim: {lr: 0.001}\ndata: {lists: []}\n",
+        "user's notes": "my: notes\n",
+    }
     for what, text in theirs.items():
         run = tmp_path / what.replace(" ", "_")
         run.mkdir()
         (run / "config.yaml").write_text(text)
-        assert adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-                      "--organ", "liver", "--shots", "1", "--out", str(run), "--no-progress"]) == 2, what
+        assert (
+            adapt(
+                [
+                    "--checkpoint",
+                    str(tiny_checkpoint),
+                    "--data-list",
+                    str(phantom_dir / "phantom_target.json"),
+                    "--organ",
+                    "liver",
+                    "--shots",
+                    "1",
+                    "--out",
+                    str(run),
+                    "--no-progress",
+                ]
+            )
+            == 2
+        ), what
         assert "config.yaml: exists and is not a file of fsseg-adapt" in capsys.readouterr().err
         assert (run / "config.yaml").read_text() == text
     adapt_run = tmp_path / "adapt_run"
     adapt_run.mkdir()
     (adapt_run / "config.yaml").write_text("organs: [liver]\nshots: [1]\nmethods: [lp]\n")
-    assert pretrain(["--config", "configs/pretrain/tiny.yaml", "--data-list",
-                     str(phantom_dir / "phantom_source_a.json"), "--out", str(adapt_run), "--no-progress"]) == 2
+    assert (
+        pretrain(
+            [
+                "--config",
+                "configs/pretrain/tiny.yaml",
+                "--data-list",
+                str(phantom_dir / "phantom_source_a.json"),
+                "--out",
+                str(adapt_run),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "config.yaml: exists and is not a file of fsseg-pretrain" in capsys.readouterr().err
 
 
 def test_forced_writes_never_replace_a_file_the_command_reads(tmp_path, sample_ct, capsys):
-    from fsseg.data.make_list import main as make_list
     from test_make_list import nnunet_dataset
+
+    from fsseg.data.make_list import main as make_list
 
     root = nnunet_dataset(tmp_path / "Dataset001_X", sample_ct)
     before = (root / "dataset.json").read_bytes()

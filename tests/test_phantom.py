@@ -35,8 +35,26 @@ def test_anatomy_is_plausible():
 
 
 def test_writes_partial_source_lists_and_a_target_with_splits(tmp_path, capsys):
-    assert phantom.main(["--out", str(tmp_path), "--source-cases", "1", "--target-train", "2", "--target-test", "1",
-                         "--spacing", "3", "3", "3", "--no-progress"]) == 0
+    assert (
+        phantom.main(
+            [
+                "--out",
+                str(tmp_path),
+                "--source-cases",
+                "1",
+                "--target-train",
+                "2",
+                "--target-test",
+                "1",
+                "--spacing",
+                "3",
+                "3",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lists = sorted(tmp_path.glob("*.json"))
     assert [p.stem for p in lists] == ["phantom_source_a", "phantom_source_b", "phantom_source_c", "phantom_target"]
     template = load_template()
@@ -66,8 +84,9 @@ def test_joint_kidney_source_splits_back_into_both_kidneys(tmp_path):
 
 
 def test_lists_are_readable_json_with_relative_root(tmp_path):
-    path = phantom.write_dataset(tmp_path, phantom.PhantomDataset("tiny", {"1": "liver"}, 1), seed=0,
-                                 spacing=(3, 3, 3), progress=False)
+    path = phantom.write_dataset(
+        tmp_path, phantom.PhantomDataset("tiny", {"1": "liver"}, 1), seed=0, spacing=(3, 3, 3), progress=False
+    )
     data = json.loads(path.read_text())
     assert data["root"] == "tiny" and data["cases"][0]["image"] == "images/tiny_000.nii.gz"
 
@@ -84,8 +103,21 @@ def test_a_run_that_fails_midway_leaves_no_half_written_data_set(tmp_path, monke
         return real(*args)
 
     monkeypatch.setattr(phantom, "generate_volume", fails_at_the_fourth_volume)
-    argv = ["--out", str(out), "--source-cases", "1", "--target-train", "1", "--target-test", "1", "--spacing", "6",
-            "6", "6", "--no-progress"]
+    argv = [
+        "--out",
+        str(out),
+        "--source-cases",
+        "1",
+        "--target-train",
+        "1",
+        "--target-test",
+        "1",
+        "--spacing",
+        "6",
+        "6",
+        "6",
+        "--no-progress",
+    ]
     assert phantom.main(argv) == 2
     assert "disk full" in capsys.readouterr().err
     assert list(out.iterdir()) == []  # three data sets were complete: none of them is left, nor the staging folder

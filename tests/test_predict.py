@@ -19,8 +19,13 @@ from fsseg.templates import load_template
 
 # An "oracle" backbone: its feature is the preprocessed image itself, so a 1x1x1 head thresholds intensity.
 if "oracle_identity" not in list_models():
-    register_model("oracle_identity", lambda: (nn.Identity(), 1), {}, {"encoder": [], "decoder": [],
-                   "last_decoder_block": []}, "test oracle: features = the preprocessed image")
+    register_model(
+        "oracle_identity",
+        lambda: (nn.Identity(), 1),
+        {},
+        {"encoder": [], "decoder": [], "last_decoder_block": []},
+        "test oracle: features = the preprocessed image",
+    )
 
 PRE = Preprocessing(spacing=(1.5, 1.5, 1.5), roi=(32, 32, 32))
 BLOB_HU, BODY_HU = 200, 0
@@ -36,8 +41,15 @@ def oracle_checkpoint(path, pre=PRE):
         liver = template.channel("liver")
         model.head.weight[liver] = 200.0
         model.head.bias[liver] = -200.0 * (100 + 175) / 425
-    return save_checkpoint(path, {"arch": model.arch, "template": template.to_dict(),
-                                  "preprocessing": pre.to_dict(), "state_dict": model.state_dict()})
+    return save_checkpoint(
+        path,
+        {
+            "arch": model.arch,
+            "template": template.to_dict(),
+            "preprocessing": pre.to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
 
 
 def rotation(degrees):
@@ -81,7 +93,9 @@ def test_geometry_round_trip_and_oracle_dice(tmp_path):
         source, result = nib.load(str(path)), nib.load(str(out / path.name))
         assert result.shape == source.shape, name
         assert np.array_equal(result.affine, source.affine), name
-        assert np.array_equal(result.get_qform(), source.get_qform()) and np.array_equal(result.get_sform(), source.get_sform())
+        assert np.array_equal(result.get_qform(), source.get_qform()) and np.array_equal(
+            result.get_sform(), source.get_sform()
+        )
         assert result.header.get_data_dtype() == np.uint8
         predicted = np.asanyarray(result.dataobj) == 1
         dice = 2 * (predicted & blob).sum() / (predicted.sum() + blob.sum())
@@ -94,13 +108,17 @@ def test_geometry_round_trip_and_oracle_dice(tmp_path):
 
     # fsseg-evaluate against a folder of ground-truth label maps named like the predictions.
     gt = tmp_path / "gt"
-    for name, (path, blob) in truth.items():
+    for path, blob in truth.values():
         write_nifti(gt / path.name, blob.astype(np.uint8), nib.load(str(path)).affine)
-    assert evaluate(["--pred", str(out), "--gt", str(gt), "-o", str(tmp_path / "report"), "--no-progress",
-                     "--no-plot"]) == 0
+    assert (
+        evaluate(["--pred", str(out), "--gt", str(gt), "-o", str(tmp_path / "report"), "--no-progress", "--no-plot"])
+        == 0
+    )
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["structures"]["liver"]["n"] == 5 and summary["structures"]["liver"]["dice"]["median"] == 1.0
-    assert report["cases"]["identity"]["volume_ml"]["liver"] == pytest.approx(truth["identity"][1].sum() * 1.5**3 / 1000, abs=0.01)
+    assert report["cases"]["identity"]["volume_ml"]["liver"] == pytest.approx(
+        truth["identity"][1].sum() * 1.5**3 / 1000, abs=0.01
+    )
 
 
 def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, capsys):
@@ -137,8 +155,25 @@ def test_cpu_bf16_gives_the_same_oracle_masks_and_the_record_says_so(tmp_path):
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
     for flag, precision in (("--cpu-bf16", "cpu-bfloat16"), ("--no-cpu-bf16", "float32")):
         out = tmp_path / flag
-        assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--organs", "liver", flag, "--device",
-                        "cpu", "--no-progress"]) == 0
+        assert (
+            predict(
+                [
+                    "-i",
+                    str(scans),
+                    "-o",
+                    str(out),
+                    "-m",
+                    str(ckpt),
+                    "--organs",
+                    "liver",
+                    flag,
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         predicted = np.asanyarray(nib.load(str(out / path.name)).dataobj) == 1
         assert 2 * (predicted & blob).sum() / (predicted.sum() + blob.sum()) > 0.99
         assert json.loads((out / "predictions.json").read_text())["precision"] == precision
@@ -166,8 +201,12 @@ def test_parts_split_the_folder(tmp_path):
         phantom_scan(scans, f"case{i}", AFFINES["identity"])
     ckpt = oracle_checkpoint(tmp_path / "oracle.pt")
     out = tmp_path / "pred"
-    assert predict(["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--num-parts", "2", "--part-id", "1",
-                    "--no-progress"]) == 0
+    assert (
+        predict(
+            ["-i", str(scans), "-o", str(out), "-m", str(ckpt), "--num-parts", "2", "--part-id", "1", "--no-progress"]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.glob("case*")) == ["case1.nii.gz"]
 
 
@@ -205,8 +244,9 @@ def test_real_ct_prediction_keeps_exact_geometry_and_evaluates(sample_ct, tmp_pa
     data_list = tmp_path / "two_tests.json"
     data_list.write_text(json.dumps(data))
     report = tmp_path / "report"
-    code = evaluate(["--pred", str(out), "--data-list", str(data_list), "--structures", "liver",
-                     "-o", str(report), "--no-progress"])
+    code = evaluate(
+        ["--pred", str(out), "--data-list", str(data_list), "--structures", "liver", "-o", str(report), "--no-progress"]
+    )
     summary = json.loads((report / "summary.json").read_text())
     # The other test case has no prediction: it is a failure, not a skip.
     assert code == 1 and summary["failed_cases"] == ["ts_example_dicom"]

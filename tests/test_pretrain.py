@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import nibabel as nib
 
 from conftest import REPO, SAMPLE_CT, source_lists
 from fsseg.checkpoint import load_model, read_checkpoint
@@ -34,13 +34,31 @@ def test_tiny_pretraining_loss_falls_and_checkpoint_is_complete(phantom_dir, tmp
     history = summary["loss_history"]
     assert len(history) == 20 and np.mean(history[-3:]) < 0.88 * np.mean(history[:2])
     assert summary["steps"] == 20 * summary["steps_per_epoch"]
-    for name in ("config.yaml", "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_epoch0010.pt",
-                 "checkpoint_epoch0020.pt", "train.log"):
+    for name in (
+        "config.yaml",
+        "checkpoint_latest.pt",
+        "checkpoint_best.pt",
+        "checkpoint_epoch0010.pt",
+        "checkpoint_epoch0020.pt",
+        "train.log",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").iterdir())
     payload = read_checkpoint(out / "checkpoint_latest.pt")
-    for key in ("arch", "template", "preprocessing", "state_dict", "optimizer", "scheduler", "scaler", "epoch",
-                "step", "rng", "config", "versions"):
+    for key in (
+        "arch",
+        "template",
+        "preprocessing",
+        "state_dict",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        "rng",
+        "config",
+        "versions",
+    ):
         assert key in payload, key
     assert payload["arch"]["name"] == "unet_tiny" and payload["template"]["name"] == "fseft29"
     assert payload["preprocessing"]["spacing"] == [4.0, 4.0, 4.0] and payload["epoch"] == 20
@@ -114,8 +132,16 @@ def test_raising_epochs_on_resume_decays_the_learning_rate_to_the_new_end(phanto
 def test_torchrun_gloo_ddp(phantom_dir, tmp_path, processes):
     # One process under torchrun joins a group too, so that a one-GPU machine runs a multi-GPU job's collectives.
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "pretrain", *args(out, source_lists(phantom_dir), 1)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "pretrain",
+        *args(out, source_lists(phantom_dir), 1),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -157,14 +183,24 @@ def partial_real_list(folder, case_id, keep):
     label_map = {str(i): "background" for i in np.unique(label).tolist() if i}
     label_map.update(keep)
     path = folder / f"{case_id}_{'_'.join(keep.values())}.json"
-    path.write_text(json.dumps({"name": path.stem, "root": str(SAMPLE_CT), "label_map": label_map, "cases": [
-        {"id": case_id, "image": f"images/{case_id}.nii.gz", "label": f"labels/{case_id}.nii.gz"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": path.stem,
+                "root": str(SAMPLE_CT),
+                "label_map": label_map,
+                "cases": [{"id": case_id, "image": f"images/{case_id}.nii.gz", "label": f"labels/{case_id}.nii.gz"}],
+            }
+        )
+    )
     return str(path)
 
 
 def test_tiny_pretraining_on_real_ct_with_partial_labels(sample_ct, tmp_path):
-    lists = [partial_real_list(tmp_path, "ts_example_ct_sm", {"5": "liver", "1": "spleen"}),
-             partial_real_list(tmp_path, "ts_example_dicom", {"2": "kidney_right", "6": "stomach"})]
+    lists = [
+        partial_real_list(tmp_path, "ts_example_ct_sm", {"5": "liver", "1": "spleen"}),
+        partial_real_list(tmp_path, "ts_example_dicom", {"2": "kidney_right", "6": "stomach"}),
+    ]
     out = tmp_path / "real"
     assert main(args(out, lists, 2)) == 0
     summary = json.loads((out / "summary.json").read_text())

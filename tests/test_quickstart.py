@@ -19,15 +19,21 @@ from conftest import REPO, SAMPLE_CT, write_method_configs
 pytestmark = pytest.mark.long
 LIVER = 5  # TotalSegmentator's id
 # my_scans: 5 support candidates and the 2 test ids of the quickstart (copies where the sample has too few scans)
-SCANS = {"case_01": "ts_example_dicom", "case_02": "lidc_0001_abd_1p4mm", "case_03": "ts_example_ct",
-         "case_04": "ts_example_ct_sm", "case_05": "ts_example_dicom", "case_09": "lidc_0001_abd_1p4mm",
-         "case_10": "ts_example_ct_sm"}
+SCANS = {
+    "case_01": "ts_example_dicom",
+    "case_02": "lidc_0001_abd_1p4mm",
+    "case_03": "ts_example_ct",
+    "case_04": "ts_example_ct_sm",
+    "case_05": "ts_example_dicom",
+    "case_09": "lidc_0001_abd_1p4mm",
+    "case_10": "ts_example_ct_sm",
+}
 
 
 def quickstart() -> list[str]:
     """The command lines of the README's quickstart block, continuation lines joined."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Quickstart on your own scans"):]
+    section = text[text.index("## Quickstart on your own scans") :]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
@@ -52,14 +58,20 @@ def test_the_quickstart_runs_as_written(tmp_path, tiny_checkpoint):
     short = write_method_configs(tmp_path / "short_schedules", epochs=2)
     bin_dir = Path(sys.executable).parent
     lines = quickstart()
-    assert [line.split()[0] for line in lines] == ["fsseg-make-list", "fsseg-check-data", "fsseg-adapt",
-                                                   "fsseg-predict", "fsseg-evaluate"]
+    assert [line.split()[0] for line in lines] == [
+        "fsseg-make-list",
+        "fsseg-check-data",
+        "fsseg-adapt",
+        "fsseg-predict",
+        "fsseg-evaluate",
+    ]
     for line in lines:
         command = shlex.split(line)
         if command[0] == "fsseg-adapt":
             command += ["--set", f"method_configs={short}", "--set", "pictures=false", "--no-progress"]
-        result = subprocess.run([str(bin_dir / command[0]), *command[1:]], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=900)
+        result = subprocess.run(
+            [str(bin_dir / command[0]), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=900
+        )
         assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
     report = (tmp_path / "report" / "per_case.csv").read_text().splitlines()
     assert report[1].startswith("new_01,liver,") and report[1].endswith(",ok")

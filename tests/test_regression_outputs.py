@@ -29,8 +29,14 @@ from conftest import REPO, source_lists, write_method_configs
 
 EXPECTED = Path(__file__).with_name("regression_outputs.json")
 TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
-PRETRAIN_SETTINGS = ["preprocessing.spacing=[4.0, 4.0, 4.0]", "preprocessing.roi=[32, 32, 32]",
-                     "optim.warmup_epochs=1", "optim.lr=1e-2", "optim.batch_size=1", "seed=3"]
+PRETRAIN_SETTINGS = [
+    "preprocessing.spacing=[4.0, 4.0, 4.0]",
+    "preprocessing.roi=[32, 32, 32]",
+    "optim.warmup_epochs=1",
+    "optim.lr=1e-2",
+    "optim.batch_size=1",
+    "seed=3",
+]
 # One method of each kind of training input: cached features (lp, adapter), encoder skips (ft-last), image (ft).
 METHODS = ["lp", "adapter", "ft-last", "ft"]
 
@@ -51,14 +57,44 @@ def adapt(checkpoint: Path, data_list: Path, out: Path, configs: Path, *extra: s
     from fsseg.adapt.cli import main
     from fsseg.adapters.artifact import read_adapter_file
 
-    assert main(["--checkpoint", str(checkpoint), "--data-list", str(data_list), "--out", str(out),
-                 "--set", f"method_configs={configs}", "--set", "overlap=0.25", "--set", "pictures=false",
-                 "--no-progress", "--organ", "liver", "--shots", "1", "--seeds", "1", *extra]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--data-list",
+                str(data_list),
+                "--out",
+                str(out),
+                "--set",
+                f"method_configs={configs}",
+                "--set",
+                "overlap=0.25",
+                "--set",
+                "pictures=false",
+                "--no-progress",
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--seeds",
+                "1",
+                *extra,
+            ]
+        )
+        == 0
+    )
     with open(out / "results.csv") as handle:
-        rows = [{key: row[key] for key in ("method", "shots", "seed", "case", "epochs")} | {"dice": float(row["dice"])}
-                for row in csv.DictReader(handle)]
-    return {"rows": rows, "adapters_abs_sum": {path.name: weights_abs_sum(read_adapter_file(path)["state_dict"])
-                                               for path in sorted(out.glob("adapters/*"))}}
+        rows = [
+            {key: row[key] for key in ("method", "shots", "seed", "case", "epochs")} | {"dice": float(row["dice"])}
+            for row in csv.DictReader(handle)
+        ]
+    return {
+        "rows": rows,
+        "adapters_abs_sum": {
+            path.name: weights_abs_sum(read_adapter_file(path)["state_dict"]) for path in sorted(out.glob("adapters/*"))
+        },
+    }
 
 
 def weights_abs_sum(state: dict) -> float:
@@ -82,21 +118,63 @@ def run_everything(phantom_dir: Path, work: Path) -> dict:
     outputs = {"pretrain": pretrain(work / "pretrain", lists, 3)}
     # From that checkpoint, the encoder frozen: crops of its cached features train the decoder.
     checkpoint = work / "pretrain" / "model.pt"
-    outputs["pretrain_frozen_encoder"] = pretrain(work / "frozen", lists[:1], 2, f"model.init={checkpoint}",
-                                                  "model.freeze=[encoder]")
+    outputs["pretrain_frozen_encoder"] = pretrain(
+        work / "frozen", lists[:1], 2, f"model.init={checkpoint}", "model.freeze=[encoder]"
+    )
     configs = write_method_configs(work / "configs", epochs=3)
     target = phantom_dir / "phantom_target.json"
     outputs["adapt"] = adapt(checkpoint, target, work / "adapt", configs, "--method", *METHODS)
     # The transductive step adapts to each test case (no adapter file): long enough for lp to find the liver.
     configs_ti = write_method_configs(work / "configs_ti", epochs=6, lr=0.1)
-    outputs["adapt_transductive"] = adapt(checkpoint, target, work / "adapt_ti", configs_ti, "--method", "lp",
-                                          "--set", "ti.enabled=true", "--set", "ti.warmup_epochs=1")
+    outputs["adapt_transductive"] = adapt(
+        checkpoint,
+        target,
+        work / "adapt_ti",
+        configs_ti,
+        "--method",
+        "lp",
+        "--set",
+        "ti.enabled=true",
+        "--set",
+        "ti.warmup_epochs=1",
+    )
     adapter = work / "adapt" / "adapters" / "liver_adapter_k1_s0.safetensors"
-    assert predict(["-i", str(target), "-o", str(work / "predicted"), "-m", str(checkpoint),
-                    "--adapter", str(adapter), "--no-progress", "--overlap", "0.25"]) == 0
+    assert (
+        predict(
+            [
+                "-i",
+                str(target),
+                "-o",
+                str(work / "predicted"),
+                "-m",
+                str(checkpoint),
+                "--adapter",
+                str(adapter),
+                "--no-progress",
+                "--overlap",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     outputs["predict"] = label_voxels(work / "predicted")
-    assert evaluate(["--pred", str(work / "predicted"), "--data-list", str(target), "--structures", "liver",
-                     "-o", str(work / "scores"), "--no-plot", "--no-progress"]) == 0
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(work / "predicted"),
+                "--data-list",
+                str(target),
+                "--structures",
+                "liver",
+                "-o",
+                str(work / "scores"),
+                "--no-plot",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with open(work / "scores" / "per_case.csv") as handle:
         outputs["evaluate"] = [{"case": r["case"], "dice": float(r["dice"])} for r in csv.DictReader(handle)]
     return outputs

@@ -22,8 +22,12 @@ def written(tmp_path_factory):
 
 
 def test_written_lists_pass_check_data_and_point_into_the_written_folder(written, capsys):
-    assert set(written.lists) == {"sample_ct_totalseg", "sample_ct_lits", "sample_ct_liver_pretrain",
-                                  "sample_ct_liver_fewshot"}
+    assert set(written.lists) == {
+        "sample_ct_totalseg",
+        "sample_ct_lits",
+        "sample_ct_liver_pretrain",
+        "sample_ct_liver_fewshot",
+    }
     assert check_data([str(p) for p in written.lists.values()] + ["--no-progress"]) == 0
     cases = sum(len(load_datalist(p).cases) for p in written.lists.values())
     assert capsys.readouterr().out.strip().endswith(f"all lists: {cases} passed, 0 failed")
@@ -75,8 +79,13 @@ def test_the_demo_split_keeps_pretraining_support_and_test_subjects_apart(writte
 def test_no_file_of_the_project_reads_data_from_beside_the_checkout():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     this = Path(__file__).relative_to(REPO).as_posix()
-    readers = [name for name in tracked.split() if name.endswith((".py", ".sh", ".json", ".yaml", ".cfg", "Makefile"))
-               and name != this and "shared/data" in (REPO / name).read_text(errors="replace")]
+    readers = [
+        name
+        for name in tracked.split()
+        if name.endswith((".py", ".sh", ".json", ".yaml", ".cfg", "Makefile"))
+        and name != this
+        and "shared/data" in (REPO / name).read_text(errors="replace")
+    ]
     assert readers == []
     manifest = json.loads((samples.sample_ct_dir() / "manifest.json").read_text())
     assert {c["subject_group"] for c in manifest["cases"].values()} == {"TS-A", "TS-B", "LIDC-0001", "LITS-117"}

@@ -9,11 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_predict import oracle_checkpoint
+from test_pretrain import args as pretrain_args
 
+from conftest import SAMPLE_CT, TOTALSEG_LIST, write_method_configs, write_nifti
 from fsseg.adapt.cli import main as adapt
 from fsseg.adapt.config import AdaptConfig
 from fsseg.adapt.engine import Adaptation
-from conftest import SAMPLE_CT, TOTALSEG_LIST, write_method_configs, write_nifti
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.methods import LinearProbeConfig
@@ -25,8 +27,6 @@ from fsseg.errors import DataError
 from fsseg.inference.predict import main as predict
 from fsseg.metrics.evaluate import main as evaluate
 from fsseg.pretrain.cli import main as pretrain
-from test_predict import oracle_checkpoint
-from test_pretrain import args as pretrain_args
 
 TOTALSEG_MAP = SAMPLE_CT / "label_maps" / "totalsegmentator_v2_total.json"
 REAL = "ts_example_ct_sm"
@@ -34,8 +34,22 @@ REAL = "ts_example_ct_sm"
 
 def real_list(path: Path, image: Path, case: str = REAL, split: str = "train") -> Path:
     """A data list of one real CT case (its real label) whose image is ``image``."""
-    path.write_text(json.dumps({"name": "real", "label_map": json.loads(TOTALSEG_MAP.read_text()), "cases": [
-        {"id": case, "image": str(image), "label": str(SAMPLE_CT / "labels" / f"{case}.nii.gz"), "split": split}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "real",
+                "label_map": json.loads(TOTALSEG_MAP.read_text()),
+                "cases": [
+                    {
+                        "id": case,
+                        "image": str(image),
+                        "label": str(SAMPLE_CT / "labels" / f"{case}.nii.gz"),
+                        "split": split,
+                    }
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -100,9 +114,25 @@ def test_adapt_refuses_a_test_label_on_another_grid(phantom_dir, tiny_checkpoint
     test_case["label"] = str(moved)
     path = tmp_path / "moved.json"
     path.write_text(json.dumps(data))
-    code = adapt(["--checkpoint", str(tiny_checkpoint), "--data-list", str(path), "--out", str(tmp_path / "run"),
-                  "--set", f"method_configs={write_method_configs(tmp_path / 'm')}", "--organ", "liver",
-                  "--shots", "1", "--method", "lp", "--no-progress"])
+    code = adapt(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--data-list",
+            str(path),
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            f"method_configs={write_method_configs(tmp_path / 'm')}",
+            "--organ",
+            "liver",
+            "--shots",
+            "1",
+            "--method",
+            "lp",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "moved.nii.gz: does not match its image" in capsys.readouterr().err
     assert not (tmp_path / "run" / "results.json").exists()
@@ -115,10 +145,27 @@ def test_one_structure_twice_is_refused(tiny_checkpoint, tmp_path, capsys):
         adapted = adapt_model(base, template, ["liver"], "lp")
         adapters.append(str(save_adapter(tmp_path / name, adapted, "lp", LinearProbeConfig(), tiny_checkpoint, pre)))
     scans = tmp_path / "scans"
-    write_nifti(scans / "a.nii.gz", np.where(np.indices((24,) * 3)[0] > 8, 40, -1000).astype(np.int16),
-                np.diag([4.0, 4.0, 4.0, 1.0]))
-    assert predict(["-i", str(scans), "-o", str(tmp_path / "pred"), "-m", str(tiny_checkpoint), "--adapter",
-                    *adapters, "--no-progress"]) == 2
+    write_nifti(
+        scans / "a.nii.gz",
+        np.where(np.indices((24,) * 3)[0] > 8, 40, -1000).astype(np.int16),
+        np.diag([4.0, 4.0, 4.0, 1.0]),
+    )
+    assert (
+        predict(
+            [
+                "-i",
+                str(scans),
+                "-o",
+                str(tmp_path / "pred"),
+                "-m",
+                str(tiny_checkpoint),
+                "--adapter",
+                *adapters,
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "more than one adapter predicts liver" in capsys.readouterr().err
 
     # A labels.json naming one structure twice would score it twice (Dice 1 against the wrong id).
@@ -127,8 +174,21 @@ def test_one_structure_twice_is_refused(tiny_checkpoint, tmp_path, capsys):
     write_nifti(pred / f"{REAL}.nii.gz", (np.asanyarray(label.dataobj) == 5).astype(np.uint8), label.affine)
     (pred / "labels.json").write_text('{"0": "background", "1": "liver", "2": "liver"}')
     data_list = real_list(tmp_path / "list.json", SAMPLE_CT / "images" / f"{REAL}.nii.gz", split="test")
-    assert evaluate(["--pred", str(pred), "--data-list", str(data_list), "-o", str(tmp_path / "r"), "--no-plot",
-                     "--no-progress"]) == 2
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(pred),
+                "--data-list",
+                str(data_list),
+                "-o",
+                str(tmp_path / "r"),
+                "--no-plot",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "structure 'liver' is given two ids" in capsys.readouterr().err
 
 
@@ -138,22 +198,56 @@ def test_values_that_are_not_label_ids_or_not_hu_are_not_taken_as_such(sample_ct
     write_nifti(pred / f"{REAL}.nii.gz", (np.asanyarray(label.dataobj) == 5) * np.float32(0.7), label.affine)
     (pred / "labels.json").write_text('{"0": "background", "1": "liver"}')
     data_list = real_list(tmp_path / "list.json", SAMPLE_CT / "images" / f"{REAL}.nii.gz", split="test")
-    assert evaluate(["--pred", str(pred), "--data-list", str(data_list), "-o", str(tmp_path / "r"), "--no-plot",
-                     "--no-progress"]) == 1
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(pred),
+                "--data-list",
+                str(data_list),
+                "-o",
+                str(tmp_path / "r"),
+                "--no-plot",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     row = (tmp_path / "r" / "per_case.csv").read_text().splitlines()[1]
     assert "non-integer values" in row
 
     # One id given twice in a label map ("1" and "01").
     doubled = tmp_path / "doubled.json"
-    doubled.write_text(json.dumps({"name": "d", "label_map": {"1": "liver", "01": "spleen"},
-                                   "cases": [{"id": "a", "image": "a.nii.gz", "label": "a_label.nii.gz"}]}))
+    doubled.write_text(
+        json.dumps(
+            {
+                "name": "d",
+                "label_map": {"1": "liver", "01": "spleen"},
+                "cases": [{"id": "a", "image": "a.nii.gz", "label": "a_label.nii.gz"}],
+            }
+        )
+    )
     with pytest.raises(DataError, match="gives id 1 twice"):
         load_datalist(doubled)
 
     # A scan scaled to [0, 1] is predicted with a warning that names it.
-    scaled = real_with(tmp_path, "scaled", lambda a: a.__setitem__(slice(None), (np.clip(a, -1000, 1000) + 1000) / 2000))
-    assert predict(["-i", str(scaled.parent), "-o", str(tmp_path / "p"), "-m", str(oracle_checkpoint(tmp_path / "o.pt")),
-                    "--no-progress"]) == 0
+    scaled = real_with(
+        tmp_path, "scaled", lambda a: a.__setitem__(slice(None), (np.clip(a, -1000, 1000) + 1000) / 2000)
+    )
+    assert (
+        predict(
+            [
+                "-i",
+                str(scaled.parent),
+                "-o",
+                str(tmp_path / "p"),
+                "-m",
+                str(oracle_checkpoint(tmp_path / "o.pt")),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "does not look like CT in HU" in capsys.readouterr().err
 
     empty = tmp_path / "empty.yaml"
@@ -163,8 +257,17 @@ def test_values_that_are_not_label_ids_or_not_hu_are_not_taken_as_such(sample_ct
 
 
 def test_a_run_asked_for_twice_is_refused(phantom_dir, tiny_checkpoint, tmp_path, capsys):
-    common = ["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-              "--out", str(tmp_path / "run"), "--organ", "liver", "--no-progress"]
+    common = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data-list",
+        str(phantom_dir / "phantom_target.json"),
+        "--out",
+        str(tmp_path / "run"),
+        "--organ",
+        "liver",
+        "--no-progress",
+    ]
     assert adapt(common + ["--shots", "1", "1", "--method", "lp"]) == 2
     assert "shots lists 1 more than once" in capsys.readouterr().err
     assert adapt(common + ["--shots", "1", "--method", "lp", "lp"]) == 2
@@ -174,8 +277,14 @@ def test_a_run_asked_for_twice_is_refused(phantom_dir, tiny_checkpoint, tmp_path
 def test_an_untrained_head_is_neither_predicted_nor_copied(phantom_dir, tiny_checkpoint, tmp_path, capsys, caplog):
     payload = read_checkpoint(tiny_checkpoint)
     imported = save_checkpoint(tmp_path / "imported.pt", {**payload, "kind": "imported", "head_trained": False})
-    config = AdaptConfig(checkpoint=str(imported), data_list=str(phantom_dir / "phantom_target.json"),
-                         organs=["liver"], shots=[1], methods=["lp"], seeds=1)
+    config = AdaptConfig(
+        checkpoint=str(imported),
+        data_list=str(phantom_dir / "phantom_target.json"),
+        organs=["liver"],
+        shots=[1],
+        methods=["lp"],
+        seeds=1,
+    )
     with caplog.at_level(logging.INFO):
         run = Adaptation(config, tmp_path / "adapt", torch.device("cpu"))
     assert "fresh rows for liver" in caplog.text and "start from the checkpoint" not in caplog.text
@@ -196,24 +305,70 @@ def test_evaluate_scores_masks_of_other_tools_by_id(sample_ct, tmp_path, capsys)
     # TotalSegmentator-style output: the ground truth's own ids, no labels.json.
     pred = tmp_path / "totalseg"
     write_nifti(pred / f"{REAL}.nii.gz", ids, label.affine)
-    assert evaluate(["--pred", str(pred), "--data-list", str(data_list), "--structures", "liver", "spleen",
-                     "-o", str(tmp_path / "r1"), "--no-plot", "--no-progress"]) == 0
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(pred),
+                "--data-list",
+                str(data_list),
+                "--structures",
+                "liver",
+                "spleen",
+                "-o",
+                str(tmp_path / "r1"),
+                "--no-plot",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
-    assert summary["structures"]["liver"]["dice"]["mean"] == 1.0 and summary["structures"]["spleen"]["dice"]["mean"] == 1.0
+    assert (
+        summary["structures"]["liver"]["dice"]["mean"] == 1.0 and summary["structures"]["spleen"]["dice"]["mean"] == 1.0
+    )
 
     # A binary mask with its own map: id 1 is the spleen.
     pred = tmp_path / "binary"
     write_nifti(pred / f"{REAL}.nii.gz", (ids == 1).astype(np.uint8), label.affine)
     (tmp_path / "map.json").write_text('{"0": "background", "1": "spleen"}')
-    assert evaluate(["--pred", str(pred), "--data-list", str(data_list), "--pred-label-map", str(tmp_path / "map.json"),
-                     "-o", str(tmp_path / "r2"), "--no-plot", "--no-progress"]) == 0
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(pred),
+                "--data-list",
+                str(data_list),
+                "--pred-label-map",
+                str(tmp_path / "map.json"),
+                "-o",
+                str(tmp_path / "r2"),
+                "--no-plot",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
     assert list(summary["structures"]) == ["spleen"] and summary["structures"]["spleen"]["dice"]["mean"] == 1.0
     # Two plain id-mask folders, neither naming its ids: each id is scored as a structure of its own.
     gt = tmp_path / "gt"
     write_nifti(gt / f"{REAL}.nii.gz", ids, label.affine)
-    assert evaluate(["--pred", str(tmp_path / "totalseg"), "--gt", str(gt), "-o", str(tmp_path / "r3"), "--no-plot",
-                     "--no-progress"]) == 0
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(tmp_path / "totalseg"),
+                "--gt",
+                str(gt),
+                "-o",
+                str(tmp_path / "r3"),
+                "--no-plot",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "r3" / "summary.json").read_text())
     liver = next(int(k) for k, v in json.loads(TOTALSEG_LIST.read_text())["label_map"].items() if v == "liver")
     assert summary["structures"][f"label_{liver}"]["dice"]["mean"] == 1.0
@@ -228,7 +383,20 @@ def test_a_prediction_holding_ids_its_labels_json_does_not_name_fails_its_case(s
     # the liver written as 5 while labels.json calls it 1: its Dice would be 0 without a word
     write_nifti(pred / f"{REAL}.nii.gz", np.where(ids == 5, 5, 0).astype(np.uint8), label.affine)
     (pred / "labels.json").write_text('{"0": "background", "1": "liver"}')
-    assert evaluate(["--pred", str(pred), "--data-list", str(data_list), "-o", str(tmp_path / "r"), "--no-plot",
-                     "--no-progress"]) == 1
+    assert (
+        evaluate(
+            [
+                "--pred",
+                str(pred),
+                "--data-list",
+                str(data_list),
+                "-o",
+                str(tmp_path / "r"),
+                "--no-plot",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     rows = (tmp_path / "r" / "per_case.csv").read_text()
     assert "holds ids [5] that its label map does not name" in rows

@@ -34,8 +34,14 @@ class Crops:
 
 
 def trainer_for(head: torch.nn.Module, grad_clip: float | None = None) -> Trainer:
-    return Trainer(head.parameters(), head, PartialLabelLoss(), Schedule(0.1, 0.0, 1, 10, grad_clip=grad_clip),
-                   MixedPrecision(torch.device("cpu")), "nothing was saved")
+    return Trainer(
+        head.parameters(),
+        head,
+        PartialLabelLoss(),
+        Schedule(0.1, 0.0, 1, 10, grad_clip=grad_clip),
+        MixedPrecision(torch.device("cpu")),
+        "nothing was saved",
+    )
 
 
 def quiet(epochs: range) -> TrainingProgress:
@@ -67,23 +73,49 @@ def test_a_resumed_trainer_continues_the_schedule_to_its_new_end():
     head = torch.nn.Conv3d(1, 1, 1)
     first = trainer_for(head)
     fit(first, Crops(), range(2), lambda stats: False, quiet(range(2)))
-    longer = Trainer(head.parameters(), head, PartialLabelLoss(), Schedule(0.1, 0.0, 1, 40),
-                     MixedPrecision(torch.device("cpu")), "")
+    longer = Trainer(
+        head.parameters(), head, PartialLabelLoss(), Schedule(0.1, 0.0, 1, 40), MixedPrecision(torch.device("cpu")), ""
+    )
     longer.load_state_dict(first.state_dict())
     assert longer.step_count == 4 and longer.scheduler.t_total == 40
     # the cosine at step 4 of 40 (the 10-step schedule was at 0.75 of the peak there)
     assert longer.scheduler.lr_lambda(4) > 0.98
 
 
-def test_fsseg_adapt_without_a_bar_logs_every_epoch_of_every_run(phantom_dir, tiny_checkpoint, tmp_path, capsys,
-                                                                feature_cache):
+def test_fsseg_adapt_without_a_bar_logs_every_epoch_of_every_run(
+    phantom_dir, tiny_checkpoint, tmp_path, capsys, feature_cache
+):
     from fsseg.adapt.cli import main
 
     configs = write_method_configs(tmp_path / "configs", epochs=3)
-    assert main(["--checkpoint", str(tiny_checkpoint), "--data-list", str(phantom_dir / "phantom_target.json"),
-                 "--out", str(tmp_path / "run"), "--set", f"method_configs={configs}", "--set",
-                 f"cache_dir={feature_cache}", "--set", "pictures=false", "--organ", "liver", "--shots", "1",
-                 "--seeds", "1", "--method", "lp", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data-list",
+                str(phantom_dir / "phantom_target.json"),
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                f"method_configs={configs}",
+                "--set",
+                f"cache_dir={feature_cache}",
+                "--set",
+                "pictures=false",
+                "--organ",
+                "liver",
+                "--shots",
+                "1",
+                "--seeds",
+                "1",
+                "--method",
+                "lp",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().err.splitlines()
     for epoch in (1, 2, 3):
         assert any(f"lp K=1 seed 0 epoch {epoch}/3: loss" in line and "s left" in line for line in lines), epoch

@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib")
 
 def pixels_of(picture: np.ndarray, colour: str) -> np.ndarray:
     """(row, column) of the pixels drawn in ``colour`` (a '#rrggbb' string)."""
-    rgb = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    rgb = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
     return np.argwhere(np.abs(picture[..., :3] - rgb).max(-1) < 0.08)
 
 

@@ -2,7 +2,14 @@
 chosen by name, and their composition with a frozen, fine-tuned or new decoder and bottleneck."""
 
 from fsseg.adapters import methods as _methods  # noqa: F401  (registers the methods)
-from fsseg.adapters.base import (AdaptedModel, Composition, Method, adapt_model, get_method, list_methods,
-                                 register_method)
+from fsseg.adapters.base import (
+    AdaptedModel,
+    Composition,
+    Method,
+    adapt_model,
+    get_method,
+    list_methods,
+    register_method,
+)
 
 __all__ = ["AdaptedModel", "Composition", "Method", "adapt_model", "get_method", "list_methods", "register_method"]

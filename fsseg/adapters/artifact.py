@@ -16,8 +16,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fsseg.adapters.base import AdaptedModel, Composition, adapt_model, get_method
-from fsseg.checkpoint import (FORMAT, FORMAT_VERSION, check_finite_weights, load_torch_file, load_weights,
-                              model_from_checkpoint, read_checkpoint, sha256_file, versions)
+from fsseg.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_finite_weights,
+    load_torch_file,
+    load_weights,
+    model_from_checkpoint,
+    read_checkpoint,
+    sha256_file,
+    versions,
+)
 from fsseg.config import check_interval, from_dict, to_dict
 from fsseg.data.io import atomic_path, require_file
 from fsseg.data.transforms import Preprocessing
@@ -32,17 +41,32 @@ METADATA_KEY = "fsseg"
 ADAPTER_KEYS = ("method", "options", "structures", "base_sha256", "preprocessing", "state_dict")
 
 
-def save_adapter(path: str | Path, adapted: AdaptedModel, method: str, options, base_checkpoint: str | Path,
-                 preprocessing: Preprocessing, extra: dict | None = None) -> Path:
+def save_adapter(
+    path: str | Path,
+    adapted: AdaptedModel,
+    method: str,
+    options,
+    base_checkpoint: str | Path,
+    preprocessing: Preprocessing,
+    extra: dict | None = None,
+) -> Path:
     """Write the trained tensors of ``adapted`` (safetensors, atomically) with what is needed to rebuild it on its
     base checkpoint (JSON in the header)."""
     trainable, total = adapted.parameter_counts()
-    return write_adapter_file(path, {
-        "kind": KIND, "method": method, "options": to_dict(options), "structures": adapted.structures,
-        "base_sha256": sha256_file(base_checkpoint), "preprocessing": preprocessing.to_dict(),
-        "state_dict": adapted.trainable_state_dict(), "parameters": {"trainable": trainable, "total": total},
-        **(extra or {}),
-    })
+    return write_adapter_file(
+        path,
+        {
+            "kind": KIND,
+            "method": method,
+            "options": to_dict(options),
+            "structures": adapted.structures,
+            "base_sha256": sha256_file(base_checkpoint),
+            "preprocessing": preprocessing.to_dict(),
+            "state_dict": adapted.trainable_state_dict(),
+            "parameters": {"trainable": trainable, "total": total},
+            **(extra or {}),
+        },
+    )
 
 
 def write_adapter_file(path: str | Path, payload: dict) -> Path:
@@ -50,11 +74,18 @@ def write_adapter_file(path: str | Path, payload: dict) -> Path:
     written atomically; never non-finite weights."""
     tensors = payload["state_dict"]
     check_finite_weights(tensors, str(path))
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
-                **{key: value for key, value in payload.items() if key != "state_dict"}}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": versions(),
+        **{key: value for key, value in payload.items() if key != "state_dict"},
+    }
     with atomic_path(path) as tmp:
-        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp),
-                  metadata={METADATA_KEY: json.dumps(metadata)})
+        save_file(
+            {name: t.contiguous() for name, t in tensors.items()},
+            str(tmp),
+            metadata={METADATA_KEY: json.dumps(metadata)},
+        )
     return Path(path)
 
 
@@ -98,8 +129,11 @@ def read_adapter(path: str | Path) -> dict:
     missing = [key for key in ADAPTER_KEYS if key not in payload]
     if missing:
         raise DataError(f"{path}: adapter file lacks {', '.join(missing)}")
-    if not isinstance(payload["structures"], list) or not payload["structures"] \
-            or not all(isinstance(s, str) for s in payload["structures"]):
+    if (
+        not isinstance(payload["structures"], list)
+        or not payload["structures"]
+        or not all(isinstance(s, str) for s in payload["structures"])
+    ):
         raise DataError(f"{path}: adapter file's 'structures' must be a non-empty list of names")
     check_inference_record(payload.get("inference"), path)
     return payload
@@ -122,7 +156,9 @@ def check_inference_record(record: object, path: str | Path) -> None:
         raise DataError(f"{path}: its recorded {flags[0]} must be true or false, got {record[flags[0]]!r}")
 
 
-def load_adapted_model(adapter_path: str | Path, checkpoint_path: str | Path) -> tuple[AdaptedModel, Preprocessing, dict]:
+def load_adapted_model(
+    adapter_path: str | Path, checkpoint_path: str | Path
+) -> tuple[AdaptedModel, Preprocessing, dict]:
     """Rebuild an adapted model from its base checkpoint and adapter file.
 
     Raises:
@@ -130,15 +166,18 @@ def load_adapted_model(adapter_path: str | Path, checkpoint_path: str | Path) ->
     """
     adapter = read_adapter(adapter_path)
     if adapter["base_sha256"] != sha256_file(checkpoint_path):
-        raise DataError(f"{adapter_path}: was trained on another base checkpoint than {checkpoint_path} "
-                        f"(sha256 {adapter['base_sha256'][:12]}...); use the checkpoint it was trained on")
+        raise DataError(
+            f"{adapter_path}: was trained on another base checkpoint than {checkpoint_path} "
+            f"(sha256 {adapter['base_sha256'][:12]}...); use the checkpoint it was trained on"
+        )
     payload = read_checkpoint(checkpoint_path)
     base = model_from_checkpoint(payload, str(checkpoint_path))
     method = get_method(adapter["method"])
     options = from_dict(method.config_cls, adapter["options"], where=f"{adapter_path}: options")
     composition = from_dict(Composition, adapter.get("compose") or {}, where=f"{adapter_path}: compose")
-    adapted = adapt_model(base, Template.from_dict(payload["template"]), adapter["structures"], adapter["method"], options,
-                          composition)
+    adapted = adapt_model(
+        base, Template.from_dict(payload["template"]), adapter["structures"], adapter["method"], options, composition
+    )
     result = load_weights(adapted, adapter["state_dict"], str(adapter_path))
     trained = {name for name, p in adapted.named_parameters() if p.requires_grad}
     if result.unexpected_keys or trained - set(adapter["state_dict"]):

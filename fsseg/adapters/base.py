@@ -61,15 +61,18 @@ class AdaptedModel(nn.Module):
         """True when the backbone splits at its encoder and no encoder parameter trains (the encoder's skips can
         be cached and the decoder trained on them)."""
         return splits_at_encoder(self.base) and not any(
-            p.requires_grad for p in self.base.parameter_groups()["encoder"])
+            p.requires_grad for p in self.base.parameter_groups()["encoder"]
+        )
 
     @property
     def per_voxel_head(self) -> bool:
         """True when ``head_forward`` treats each voxel's features on their own (1x1x1 convolutions and
         pointwise activations only), so it can train on any subset of voxels."""
         leaves = [m for part in (self.trunk, self.head) for m in part.modules() if not list(m.children())]
-        return all(isinstance(m, (nn.Identity, nn.ReLU)) or (isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1))
-                   for m in leaves)
+        return all(
+            isinstance(m, (nn.Identity, nn.ReLU)) or (isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1))
+            for m in leaves
+        )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trained tensors: what an adapter file stores."""
@@ -92,8 +95,10 @@ def init_head_from_template(adapted: AdaptedModel, template: Template) -> list[s
     whose head was never trained (an imported backbone) gives no rows: they would be random, not zero-shot.
     """
     if adapted.base.num_classes != len(template):
-        raise ConfigError(f"the model has {adapted.base.num_classes} output channels but template '{template.name}' "
-                          f"has {len(template)} structures")
+        raise ConfigError(
+            f"the model has {adapted.base.num_classes} output channels but template '{template.name}' "
+            f"has {len(template)} structures"
+        )
     started = []
     if not adapted.base.head_trained:
         return started
@@ -189,8 +194,14 @@ def compose(adapted: AdaptedModel, composition: Composition) -> AdaptedModel:
     return adapted
 
 
-def adapt_model(base: SegmentationModel, template: Template, structures: list[str], method: str, config=None,
-                composition: Composition | None = None) -> AdaptedModel:
+def adapt_model(
+    base: SegmentationModel,
+    template: Template,
+    structures: list[str],
+    method: str,
+    config=None,
+    composition: Composition | None = None,
+) -> AdaptedModel:
     """Apply ``method`` (then ``composition``) to a deep copy of ``base`` (the base itself is left untouched);
     returned in eval mode."""
     spec = get_method(method)

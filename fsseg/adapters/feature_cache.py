@@ -58,6 +58,7 @@ class FeatureStore:
         features = self.compute(image)
         with atomic_path(path) as tmp:
             np.save(tmp, features.to(torch.float16).numpy())
-        log.info(f"cached features of {name or path.stem}: {tuple(features.shape)}, "
-                 f"{path.stat().st_size / 2**20:.0f} MB")
+        log.info(
+            f"cached features of {name or path.stem}: {tuple(features.shape)}, {path.stat().st_size / 2**20:.0f} MB"
+        )
         return np.load(path, mmap_mode="r")

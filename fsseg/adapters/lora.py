@@ -36,8 +36,10 @@ def inject_lora(module: nn.Module, pattern: str, rank: int, alpha: float) -> lis
     regex = re.compile(pattern)
     targets = [name for name, child in module.named_modules() if isinstance(child, nn.Linear) and regex.search(name)]
     if not targets:
-        raise ConfigError(f"LoRA pattern '{pattern}' matches no linear layer of this model "
-                          "(LoRA targets the attention layers of transformer backbones such as swinunetr)")
+        raise ConfigError(
+            f"LoRA pattern '{pattern}' matches no linear layer of this model "
+            "(LoRA targets the attention layers of transformer backbones such as swinunetr)"
+        )
     for name in targets:
         parent_name, _, attribute = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module

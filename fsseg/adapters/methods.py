@@ -9,8 +9,8 @@ from torch import nn
 from fsseg.adapters.adaptformer import inject_adaptformer
 from fsseg.adapters.base import AdaptedModel, freeze, init_head_from_template, register_method
 from fsseg.adapters.lora import inject_lora
-from fsseg.errors import ConfigError
 from fsseg.adapters.spatial import SpatialAdapter
+from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel, create_model
 from fsseg.templates import Template
 
@@ -75,8 +75,9 @@ class AdaptFormerConfig:
     scale: float = 0.1
 
 
-def _frozen_with_head(base: SegmentationModel, template: Template, structures: list, init: bool,
-                      trunk=None) -> AdaptedModel:
+def _frozen_with_head(
+    base: SegmentationModel, template: Template, structures: list, init: bool, trunk=None
+) -> AdaptedModel:
     freeze(base)
     adapted = AdaptedModel(base, structures, trunk)
     if init:
@@ -84,23 +85,34 @@ def _frozen_with_head(base: SegmentationModel, template: Template, structures: l
     return adapted
 
 
-@register_method("lp", LinearProbeConfig, frozen_backbone=True,
-                 description="linear probe: a new 1x1x1 head on frozen features")
-def linear_probe(base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig) -> AdaptedModel:
+@register_method(
+    "lp", LinearProbeConfig, frozen_backbone=True, description="linear probe: a new 1x1x1 head on frozen features"
+)
+def linear_probe(
+    base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig
+) -> AdaptedModel:
     return _frozen_with_head(base, template, structures, config.init_from_template)
 
 
-@register_method("adapter", SpatialAdapterConfig, frozen_backbone=True,
-                 description="spatial adapter: residual conv block (identity at start) + head on frozen features")
-def spatial_adapter(base: SegmentationModel, template: Template, structures: list,
-                    config: SpatialAdapterConfig) -> AdaptedModel:
+@register_method(
+    "adapter",
+    SpatialAdapterConfig,
+    frozen_backbone=True,
+    description="spatial adapter: residual conv block (identity at start) + head on frozen features",
+)
+def spatial_adapter(
+    base: SegmentationModel, template: Template, structures: list, config: SpatialAdapterConfig
+) -> AdaptedModel:
     trunk = SpatialAdapter(base.feature_channels, config.kernel_size)
     return _frozen_with_head(base, template, structures, config.init_from_template, trunk)
 
 
-@register_method("ft-last", LinearProbeConfig, frozen_backbone=False,
-                 description="fine-tune the last decoder block and a head")
-def fine_tune_last(base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig) -> AdaptedModel:
+@register_method(
+    "ft-last", LinearProbeConfig, frozen_backbone=False, description="fine-tune the last decoder block and a head"
+)
+def fine_tune_last(
+    base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig
+) -> AdaptedModel:
     adapted = _frozen_with_head(base, template, structures, config.init_from_template)
     for module in base.block_modules("last_decoder_block"):
         for parameter in module.parameters():
@@ -117,24 +129,36 @@ def fine_tune(base: SegmentationModel, template: Template, structures: list, con
     return adapted
 
 
-@register_method("scratch", NoOptions, frozen_backbone=False,
-                 description="train the same architecture from random weights (a baseline)")
+@register_method(
+    "scratch",
+    NoOptions,
+    frozen_backbone=False,
+    description="train the same architecture from random weights (a baseline)",
+)
 def from_scratch(base: SegmentationModel, template: Template, structures: list, config: NoOptions) -> AdaptedModel:
     fresh = create_model(base.arch["name"], num_classes=base.num_classes, **base.arch["kwargs"])
     freeze(fresh.head)
     return AdaptedModel(fresh, structures)
 
 
-@register_method("lora", LoRAConfig, frozen_backbone=False,
-                 description="LoRA on the attention qkv/proj layers + head (transformer backbones)")
+@register_method(
+    "lora",
+    LoRAConfig,
+    frozen_backbone=False,
+    description="LoRA on the attention qkv/proj layers + head (transformer backbones)",
+)
 def lora(base: SegmentationModel, template: Template, structures: list, config: LoRAConfig) -> AdaptedModel:
     adapted = _frozen_with_head(base, template, structures, True)
     inject_lora(base.backbone, config.targets, config.rank, config.alpha)
     return adapted
 
 
-@register_method("bias", BiasConfig, frozen_backbone=False,
-                 description="bias terms of the backbone + head (selection: bias-terms or the reference's filter)")
+@register_method(
+    "bias",
+    BiasConfig,
+    frozen_backbone=False,
+    description="bias terms of the backbone + head (selection: bias-terms or the reference's filter)",
+)
 def bias_tuning(base: SegmentationModel, template: Template, structures: list, config: BiasConfig) -> AdaptedModel:
     adapted = _frozen_with_head(base, template, structures, True)
     for name, parameter in base.backbone.named_parameters():
@@ -144,32 +168,44 @@ def bias_tuning(base: SegmentationModel, template: Template, structures: list, c
             chosen = name.rsplit(".", 1)[-1] == "bias"
         parameter.requires_grad_(chosen)
     if not any(p.requires_grad for p in base.backbone.parameters()):
-        raise ConfigError(f"bias: selection '{config.selection}' picks no parameter of model "
-                          f"'{base.arch.get('name')}' (the reference filter needs a swinunetr backbone)")
+        raise ConfigError(
+            f"bias: selection '{config.selection}' picks no parameter of model "
+            f"'{base.arch.get('name')}' (the reference filter needs a swinunetr backbone)"
+        )
     return adapted
 
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-@register_method("affine-ln", NoOptions, frozen_backbone=False,
-                 description="the affine parameters of the backbone's normalisation layers + head")
+@register_method(
+    "affine-ln",
+    NoOptions,
+    frozen_backbone=False,
+    description="the affine parameters of the backbone's normalisation layers + head",
+)
 def affine_norms(base: SegmentationModel, template: Template, structures: list, config: NoOptions) -> AdaptedModel:
     adapted = _frozen_with_head(base, template, structures, True)
     norms = [m for m in base.backbone.modules() if isinstance(m, NORMS) and any(True for _ in m.parameters())]
     if not norms:
-        raise ConfigError(f"affine-ln: model '{base.arch.get('name')}' has no normalisation layer with affine "
-                          "parameters")
+        raise ConfigError(
+            f"affine-ln: model '{base.arch.get('name')}' has no normalisation layer with affine parameters"
+        )
     for module in norms:
         for parameter in module.parameters():
             parameter.requires_grad_(True)
     return adapted
 
 
-@register_method("adaptformer", AdaptFormerConfig, frozen_backbone=False,
-                 description="AdaptFormer: a bottleneck MLP beside each Swin block's MLP + head (transformers)")
-def adaptformer(base: SegmentationModel, template: Template, structures: list,
-                config: AdaptFormerConfig) -> AdaptedModel:
+@register_method(
+    "adaptformer",
+    AdaptFormerConfig,
+    frozen_backbone=False,
+    description="AdaptFormer: a bottleneck MLP beside each Swin block's MLP + head (transformers)",
+)
+def adaptformer(
+    base: SegmentationModel, template: Template, structures: list, config: AdaptFormerConfig
+) -> AdaptedModel:
     adapted = _frozen_with_head(base, template, structures, True)
     inject_adaptformer(base.backbone, config.bottleneck, config.scale)
     return adapted

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +27,9 @@ def check_case_grid(case: Case) -> None:
             raise DataError(f"{path}: does not match its image {case.image.name}: {mismatch}")
 
 
-def load_case_masks(case: Case, label_map: LabelMap, structures: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], Volume]:
+def load_case_masks(
+    case: Case, label_map: LabelMap, structures: Sequence[str] | None = None
+) -> tuple[dict[str, np.ndarray], Volume]:
     """Masks of ``structures`` (default: all the case annotates) and the volume whose grid they lie on.
 
     Raises:
@@ -38,8 +40,10 @@ def load_case_masks(case: Case, label_map: LabelMap, structures: Sequence[str] |
     wanted = [canonical_name(s) for s in structures] if structures else annotated
     missing = [s for s in wanted if s not in annotated]
     if missing:
-        raise DataError(f"case '{case.id}' does not annotate {', '.join(missing)} (it annotates: "
-                        f"{', '.join(annotated) or 'nothing'})")
+        raise DataError(
+            f"case '{case.id}' does not annotate {', '.join(missing)} (it annotates: "
+            f"{', '.join(annotated) or 'nothing'})"
+        )
     check_case_grid(case)
     if case.labels:
         masks, reference = {}, None

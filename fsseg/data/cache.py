@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from monai.data import PersistentDataset
 
@@ -86,5 +87,6 @@ def cached_dataset(items: Sequence[dict], transform, cache_dir: str | Path, fing
     settings and the template), e.g. ``json.dumps([pre.to_dict(), template.to_dict()])``.
     """
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    return RecomputingDataset(list(items), transform=transform, cache_dir=cache_dir,
-                              hash_func=content_hash(fingerprint))
+    return RecomputingDataset(
+        list(items), transform=transform, cache_dir=cache_dir, hash_func=content_hash(fingerprint)
+    )

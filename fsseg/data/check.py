@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -124,11 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
         "case fails.",
     )
     parser.add_argument("lists", nargs="+", metavar="LIST.json", help="data list file(s)")
-    parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root' "
-                        "(default: $FSSEG_DATA_ROOT, else each list's folder)")
-    parser.add_argument("--allow-empty", action="store_true",
-                        help="report empty per-structure masks as warnings, not failures (TotalSegmentator-style "
-                        "datasets ship empty masks for structures outside the field of view)")
+    parser.add_argument(
+        "--data-root",
+        help="base folder for relative paths of lists without a 'root' "
+        "(default: $FSSEG_DATA_ROOT, else each list's folder)",
+    )
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="report empty per-structure masks as warnings, not failures (TotalSegmentator-style "
+        "datasets ship empty masks for structures outside the field of view)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(parser)
     return parser

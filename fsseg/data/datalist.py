@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from fsseg.data.labels import LabelMap
 from fsseg.errors import DataError
@@ -177,7 +177,9 @@ def _parse_case(entry: object, index: int, path: Path, root: Path, dataset: str,
     if split not in SPLITS:
         raise DataError(f"{where}: split '{split}' is not one of {', '.join(SPLITS)}")
     if "label" in entry and "labels" in entry:
-        raise DataError(f"{where}: give either 'label' (one multi-label map) or 'labels' (per-structure masks), not both")
+        raise DataError(
+            f"{where}: give either 'label' (one multi-label map) or 'labels' (per-structure masks), not both"
+        )
     label = None
     if "label" in entry:
         if not isinstance(entry["label"], str) or not entry["label"]:

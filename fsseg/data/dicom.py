@@ -25,8 +25,14 @@ STEP_TOLERANCE = 0.01
 MISSING_STEP = 1.5
 ORIENTATION_TOLERANCE = 1e-4
 TAGS = {
-    "series": "0020|000e", "modality": "0008|0060", "position": "0020|0032", "orientation": "0020|0037",
-    "pixel_spacing": "0028|0030", "rows": "0028|0010", "columns": "0028|0011", "description": "0008|103e",
+    "series": "0020|000e",
+    "modality": "0008|0060",
+    "position": "0020|0032",
+    "orientation": "0020|0037",
+    "pixel_spacing": "0028|0030",
+    "rows": "0028|0010",
+    "columns": "0028|0011",
+    "description": "0008|103e",
     "instance": "0020|0013",
 }
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -68,8 +74,10 @@ def read_series_header(folder: str | Path) -> Series:
     # a damaged slice named like the others (not a stray README.txt): reading on would drop it silently
     damaged = next((p for p in _candidate_files(folder) if p.suffix.lower() in kinds and p not in files), None)
     if damaged is not None:
-        raise DataError(f"{damaged}: not a readable DICOM file, among the series' slices (truncated or damaged?); "
-                        "replace or remove it")
+        raise DataError(
+            f"{damaged}: not a readable DICOM file, among the series' slices (truncated or damaged?); "
+            "replace or remove it"
+        )
     headers = [_header(p) for p in files]
     if not headers:
         raise DataError(f"{folder}: no readable DICOM files in this folder")
@@ -86,14 +94,18 @@ def read_series_header(folder: str | Path) -> Series:
     repeated = sorted({n for n in numbers if numbers.count(n) > 1}, key=lambda n: (len(n), n))
     if repeated:  # two acquisitions under one SeriesInstanceUID would interleave into one volume
         twice = [h["path"].name for h in headers if h["instance"] == repeated[0]][:2]
-        raise DataError(f"{folder}: instance number {repeated[0]} is given to {twice[0]} and {twice[1]} (two scans "
-                        "under one series UID?); give one acquisition per folder")
+        raise DataError(
+            f"{folder}: instance number {repeated[0]} is given to {twice[0]} and {twice[1]} (two scans "
+            "under one series UID?); give one acquisition per folder"
+        )
     first = headers[0]
     for key in ("orientation", "pixel_spacing", "rows", "columns"):
         differing = next((h for h in headers if not _same(h[key], first[key])), None)
         if differing is not None:
-            raise DataError(f"{folder}: slices differ in {key.replace('_', ' ')} ({first['path'].name}: "
-                            f"{_shown(first[key])}, {differing['path'].name}: {_shown(differing[key])})")
+            raise DataError(
+                f"{folder}: slices differ in {key.replace('_', ' ')} ({first['path'].name}: "
+                f"{_shown(first[key])}, {differing['path'].name}: {_shown(differing[key])})"
+            )
     row, column = np.array(first["orientation"][:3]), np.array(first["orientation"][3:])
     normal = np.cross(row, column)
     headers.sort(key=lambda h: float(np.dot(h["position"], normal)))
@@ -147,21 +159,28 @@ def _uniform_step(folder: Path, headers: list[dict], positions: np.ndarray, norm
     repeated = np.flatnonzero(gaps < STEP_TOLERANCE * max(usual, 1e-6))
     if repeated.size:
         i = repeated[0]
-        raise DataError(f"{folder}: {names[i]} and {names[i + 1]} lie at the same position; a series holds one slice "
-                        "per position")
+        raise DataError(
+            f"{folder}: {names[i]} and {names[i + 1]} lie at the same position; a series holds one slice per position"
+        )
     for i, gap in enumerate(gaps):
         where = f"{names[i]} and {names[i + 1]}"
         if gap > MISSING_STEP * usual:
-            raise DataError(f"{folder}: about {round(gap / usual) - 1} slice(s) missing between {where} (a gap of "
-                            f"{gap:.4g} mm where slices are {usual:.4g} mm apart)")
+            raise DataError(
+                f"{folder}: about {round(gap / usual) - 1} slice(s) missing between {where} (a gap of "
+                f"{gap:.4g} mm where slices are {usual:.4g} mm apart)"
+            )
         if abs(gap - usual) > STEP_TOLERANCE * usual:
-            raise DataError(f"{folder}: non-uniform slice spacing ({gap:.4g} mm between {where}, {usual:.4g} mm "
-                            "elsewhere); resample the series to even slices first")
+            raise DataError(
+                f"{folder}: non-uniform slice spacing ({gap:.4g} mm between {where}, {usual:.4g} mm "
+                "elsewhere); resample the series to even slices first"
+            )
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
     tilt = np.degrees(np.arccos(np.clip(abs(np.dot(step, normal)) / np.linalg.norm(step), 0.0, 1.0)))
     if tilt > 0.1:
-        raise DataError(f"{folder}: slices are stacked at {tilt:.2g} degrees to their normal (gantry tilt); "
-                        "resample the series onto an orthogonal grid first (e.g. with dcm2niix)")
+        raise DataError(
+            f"{folder}: slices are stacked at {tilt:.2g} degrees to their normal (gantry tilt); "
+            "resample the series onto an orthogonal grid first (e.g. with dcm2niix)"
+        )
     return step
 
 
@@ -191,14 +210,22 @@ def _header(path: Path) -> dict:
     tag = {key: reader.GetMetaData(code).strip() if reader.HasMetaDataKey(code) else "" for key, code in TAGS.items()}
     for key in ("position", "orientation", "pixel_spacing"):
         if not tag[key]:
-            raise DataError(f"{path}: has no {key.replace('_', ' ')} tag ({TAGS[key].replace('|', ',')}); "
-                            "it is not a slice of a CT volume")
+            raise DataError(
+                f"{path}: has no {key.replace('_', ' ')} tag ({TAGS[key].replace('|', ',')}); "
+                "it is not a slice of a CT volume"
+            )
     try:
-        header = {"path": path, "series": tag["series"], "modality": tag["modality"].upper(),
-                  "position": [float(v) for v in tag["position"].split("\\")],
-                  "orientation": [float(v) for v in tag["orientation"].split("\\")],
-                  "pixel_spacing": [float(v) for v in tag["pixel_spacing"].split("\\")],
-                  "rows": int(tag["rows"]), "columns": int(tag["columns"]), "instance": tag["instance"]}
+        header = {
+            "path": path,
+            "series": tag["series"],
+            "modality": tag["modality"].upper(),
+            "position": [float(v) for v in tag["position"].split("\\")],
+            "orientation": [float(v) for v in tag["orientation"].split("\\")],
+            "pixel_spacing": [float(v) for v in tag["pixel_spacing"].split("\\")],
+            "rows": int(tag["rows"]),
+            "columns": int(tag["columns"]),
+            "instance": tag["instance"],
+        }
     except ValueError:
         raise DataError(f"{path}: malformed position, orientation, spacing or size tags") from None
     geometry = [*header["position"], *header["orientation"], *header["pixel_spacing"]]

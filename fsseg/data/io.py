@@ -9,9 +9,9 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -129,17 +129,23 @@ def check_grid(affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> 
     low, high = VOXEL_MM_RANGE
     if not np.all(np.isfinite(spacing)) or spacing.min() < low or spacing.max() > high:
         shown = "x".join(f"{s:.4g}" for s in spacing)
-        raise DataError(f"{path}: voxel size {shown} mm is implausible for CT (expected {low:g} to {high:g} mm per "
-                        "axis); fix the header's pixdim/affine")
+        raise DataError(
+            f"{path}: voxel size {shown} mm is implausible for CT (expected {low:g} to {high:g} mm per "
+            "axis); fix the header's pixdim/affine"
+        )
     # unit axis directions: a determinant near 0 means two axes (nearly) coincide, and no 3D grid exists
     if abs(np.linalg.det(axes / spacing)) < 1e-3:
-        raise DataError(f"{path}: the header's voxel axes are not independent (the affine's axes "
-                        f"{np.round(axes.T, 3).tolist()} span no 3D grid); fix the header's qform/sform")
+        raise DataError(
+            f"{path}: the header's voxel axes are not independent (the affine's axes "
+            f"{np.round(axes.T, 3).tolist()} span no 3D grid); fix the header's qform/sform"
+        )
     extent = spacing * np.asarray(shape[:3], dtype=float)
     if extent.max() > MAX_EXTENT_MM:
         shown = "x".join(f"{e:.0f}" for e in extent)
-        raise DataError(f"{path}: field of view {shown} mm exceeds {MAX_EXTENT_MM:.0f} mm; the voxel size in the "
-                        "header is likely wrong")
+        raise DataError(
+            f"{path}: field of view {shown} mm exceeds {MAX_EXTENT_MM:.0f} mm; the voxel size in the "
+            "header is likely wrong"
+        )
     check_fits_in_memory(shape, path)
 
 
@@ -152,8 +158,10 @@ def check_fits_in_memory(shape: tuple[int, ...], path: str | Path) -> None:
         return
     needed = float(np.prod(np.asarray(shape[:3], dtype=float))) * 4
     if needed > memory:
-        raise DataError(f"{path}: the header claims a {'x'.join(map(str, shape[:3]))} grid, {needed / 2**30:.0f} GB "
-                        f"as float32, more than this machine's {memory / 2**30:.0f} GB; check the header's dims")
+        raise DataError(
+            f"{path}: the header claims a {'x'.join(map(str, shape[:3]))} grid, {needed / 2**30:.0f} GB "
+            f"as float32, more than this machine's {memory / 2**30:.0f} GB; check the header's dims"
+        )
 
 
 def check_finite(array: np.ndarray | torch.Tensor, path: str | Path) -> None:
@@ -172,9 +180,11 @@ def hu_problem(array: np.ndarray | torch.Tensor, path: str | Path) -> str | None
     sample = np.asarray(array)[..., ::2, ::2, ::2]
     low, high = float(sample.min()), float(sample.max())
     if low > HU_AIR_MAX or high < HU_TISSUE_MIN:
-        return (f"{path}: intensities span [{low:.4g}, {high:.4g}], which does not look like CT in HU "
-                f"(expected air below {HU_AIR_MAX:.0f} and tissue above {HU_TISSUE_MIN:.0f}); give the original "
-                "HU values")
+        return (
+            f"{path}: intensities span [{low:.4g}, {high:.4g}], which does not look like CT in HU "
+            f"(expected air below {HU_AIR_MAX:.0f} and tissue above {HU_TISSUE_MIN:.0f}); give the original "
+            "HU values"
+        )
     return None
 
 

@@ -7,8 +7,8 @@ divided at the patient's midline into ``kidney_right`` and ``kidney_left``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class LabelMap:
     background_ids: frozenset[int] = frozenset()
 
     @classmethod
-    def parse(cls, raw: Mapping[str, str], source: str = "label_map") -> "LabelMap":
+    def parse(cls, raw: Mapping[str, str], source: str = "label_map") -> LabelMap:
         """Validate a JSON ``label_map`` (``{"1": "spleen", "2": "kidney@split"}``).
 
         Id 0 and names "background" are dropped. Raises DataError naming ``source`` on bad entries.
@@ -176,4 +176,3 @@ def to_template_index(masks: Mapping[str, np.ndarray], template: Template, shape
         if channel is not None:
             index[mask] = channel + 1
     return index
-

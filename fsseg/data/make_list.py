@@ -28,16 +28,16 @@ import os
 import re
 import string
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.datalist import SPLITS, load_datalist
 from fsseg.data.io import atomic_path, nifti_stem
 from fsseg.data.labels import LabelMap
+from fsseg.errors import ConfigError, DataError
 from fsseg.outputs import check_output_file, check_outputs
 from fsseg.resources import shipped_dir
-from fsseg.errors import ConfigError, DataError
 
 SPECS_ENV = "FSSEG_DATASET_SPECS"
 CSV_KEYS = ("file", "id_column", "split_column")
@@ -74,8 +74,10 @@ def nnunet_spec(root: Path) -> dict:
         raise DataError(f"{path}: no 'labels' object")
     channels = meta.get("channel_names", meta.get("modality", {}))
     if not isinstance(channels, dict) or len(channels) != 1:
-        raise DataError(f"{path}: {len(channels) if isinstance(channels, dict) else 'no'} input channels "
-                        f"({channels}); fsseg segments single-channel CT")
+        raise DataError(
+            f"{path}: {len(channels) if isinstance(channels, dict) else 'no'} input channels "
+            f"({channels}); fsseg segments single-channel CT"
+        )
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:
         raise DataError(f"{path}: file_ending '{ending}'; fsseg reads NIfTI ({', '.join(NIFTI_ENDINGS)})")
@@ -84,8 +86,10 @@ def nnunet_spec(root: Path) -> dict:
         # v2: name -> id (or a list of ids: a region); v1: id -> name
         name, label = (value, key) if isinstance(value, str) and key.isdigit() else (key, value)
         if name == "ignore":
-            raise DataError(f"{path}: label 'ignore' (voxels left unannotated) is not supported: fsseg would "
-                            "train on them as background")
+            raise DataError(
+                f"{path}: label 'ignore' (voxels left unannotated) is not supported: fsseg would "
+                "train on them as background"
+            )
         if isinstance(label, (list, tuple)):
             raise DataError(f"{path}: label '{name}' is region-based ({label}); fsseg reads one id per structure")
         # an integer, never a number truncated to one (1.5 -> 1 would relabel another structure's voxels)
@@ -95,15 +99,23 @@ def nnunet_spec(root: Path) -> dict:
             raise DataError(f"{path}: id {int(label)} is given to both '{label_map[str(int(label))]}' and '{name}'")
         label_map[str(int(label))] = str(name)
     suffix = re.escape("_0000" + ending) + "$"
-    layouts = [{"image_glob": f"imagesTr/*_0000{ending}", "id_pattern": rf"imagesTr/(?P<id>.+){suffix}",
-                "label": f"labelsTr/{{id}}{ending}", "split": "train"},
-               {"image_glob": f"imagesTs/*_0000{ending}", "id_pattern": rf"imagesTs/(?P<id>.+){suffix}",
-                "split": "test"}]
+    layouts = [
+        {
+            "image_glob": f"imagesTr/*_0000{ending}",
+            "id_pattern": rf"imagesTr/(?P<id>.+){suffix}",
+            "label": f"labelsTr/{{id}}{ending}",
+            "split": "train",
+        },
+        {"image_glob": f"imagesTs/*_0000{ending}", "id_pattern": rf"imagesTs/(?P<id>.+){suffix}", "split": "test"},
+    ]
     if (root / "labelsTs").is_dir():  # not part of nnU-Net's layout, but shipped by some datasets
         layouts[1]["label"] = f"labelsTs/{{id}}{ending}"
-    spec = {"name": root.name, "description": str(meta.get("description") or meta.get("name") or
-                                                  f"nnU-Net raw dataset {root.name}"),
-            "label_map": label_map, "layouts": layouts}
+    spec = {
+        "name": root.name,
+        "description": str(meta.get("description") or meta.get("name") or f"nnU-Net raw dataset {root.name}"),
+        "label_map": label_map,
+        "layouts": layouts,
+    }
     _check_spec(spec, path)
     return spec
 
@@ -118,8 +130,9 @@ def parse_label_map(text: str) -> dict[str, str]:
     else:
         pairs = [item.partition("=") for item in text.split(",") if item.strip()]
         if not pairs or any(not sep for _, sep, _ in pairs):
-            raise ConfigError(f"--label-map '{text}': expected ID=NAME pairs joined by commas (1=liver,2=spleen) "
-                              "or a JSON file")
+            raise ConfigError(
+                f"--label-map '{text}': expected ID=NAME pairs joined by commas (1=liver,2=spleen) or a JSON file"
+            )
         raw = {key.strip(): name.strip() for key, _, name in pairs}
     LabelMap.parse(raw, f"--label-map {text}")
     return raw
@@ -156,8 +169,11 @@ def _nifti_by_stem(folder: Path) -> dict[str, Path]:
     """The NIfTI files of ``folder`` by id (file name without .nii/.nii.gz); none when it does not exist."""
     if not folder.is_dir():
         return {}
-    return {nifti_stem(p): p for p in sorted(folder.iterdir())
-            if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")}
+    return {
+        nifti_stem(p): p
+        for p in sorted(folder.iterdir())
+        if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")
+    }
 
 
 def load_spec(name_or_path: str) -> dict:
@@ -166,8 +182,10 @@ def load_spec(name_or_path: str) -> dict:
     if path.suffix != ".json":
         path = specs_dir() / f"{name_or_path}.json"
         if not path.is_file():
-            raise ConfigError(f"unknown dataset '{name_or_path}'; known: {', '.join(available_datasets())} "
-                              "(or give the path to a spec JSON)")
+            raise ConfigError(
+                f"unknown dataset '{name_or_path}'; known: {', '.join(available_datasets())} "
+                "(or give the path to a spec JSON)"
+            )
     try:
         spec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -207,13 +225,16 @@ def _check_spec(spec: object, path: Path) -> None:
                 raise ConfigError(f"{where}: '{key}' must be a string")
             fields = {name for _, name, _, _ in string.Formatter().parse(layout[key]) if name is not None}
             if fields - known:
-                raise ConfigError(f"{where}: '{key}' uses {{{', '.join(sorted(fields - known))}}}, which the "
-                                  f"id_pattern does not capture (known: {', '.join(sorted(known))})")
+                raise ConfigError(
+                    f"{where}: '{key}' uses {{{', '.join(sorted(fields - known))}}}, which the "
+                    f"id_pattern does not capture (known: {', '.join(sorted(known))})"
+                )
         if layout.get("split", "train") not in SPLITS:
             raise ConfigError(f"{where} has split '{layout['split']}', not one of {', '.join(SPLITS)}")
     csv_spec = spec.get("split_csv")
-    if csv_spec is not None and (not isinstance(csv_spec, dict)
-                                 or not all(isinstance(csv_spec.get(k), str) for k in CSV_KEYS)):
+    if csv_spec is not None and (
+        not isinstance(csv_spec, dict) or not all(isinstance(csv_spec.get(k), str) for k in CSV_KEYS)
+    ):
         raise ConfigError(f"{path}: 'split_csv' must be an object with {', '.join(CSV_KEYS)} (strings)")
 
 
@@ -268,8 +289,11 @@ def _read_split_csv(config: dict | None, root: Path) -> dict[str, str]:
         absent = [config[k] for k in ("id_column", "split_column") if config[k] not in (rows.fieldnames or [])]
         if absent:
             raise DataError(f"{path}: no column {', '.join(absent)} (columns: {', '.join(rows.fieldnames or [])})")
-        return {row[config["id_column"]]: row[config["split_column"]] for row in rows
-                if row.get(config["split_column"]) in SPLITS}
+        return {
+            row[config["id_column"]]: row[config["split_column"]]
+            for row in rows
+            if row.get(config["split_column"]) in SPLITS
+        }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,18 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
         f"{FOLDER}. Examples: fsseg-make-list {NNUNET} --root nnUNet_raw/Dataset003_Liver -o lists/liver.json; "
         f"fsseg-make-list {FOLDER} --root my_scans --label-map 1=liver --test-ids case_09 -o lists/mine.json",
     )
-    parser.add_argument("dataset", help="dataset name (see below), path to a dataset spec JSON, 'nnunet' for a "
-                        "dataset in nnU-Net's raw layout (--root DatasetXXX_Name, read through its dataset.json), or "
-                        f"'{FOLDER}' for a plain folder: images/<id>.nii.gz, and labels/<id>.nii.gz for the "
-                        "labelled scans")
+    parser.add_argument(
+        "dataset",
+        help="dataset name (see below), path to a dataset spec JSON, 'nnunet' for a "
+        "dataset in nnU-Net's raw layout (--root DatasetXXX_Name, read through its dataset.json), or "
+        f"'{FOLDER}' for a plain folder: images/<id>.nii.gz, and labels/<id>.nii.gz for the "
+        "labelled scans",
+    )
     parser.add_argument("--root", required=True, help="the dataset's folder, as downloaded/unpacked")
     parser.add_argument("-o", "--output", required=True, help="data list to write (LIST.json)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    parser.add_argument("--label-map", help=f"{FOLDER} only: what the label ids are, as 1=liver,2=spleen or a JSON "
-                        "file of id -> name")
-    parser.add_argument("--test-ids", nargs="+", default=[], metavar="ID",
-                        help=f"{FOLDER} only: labelled cases to hold out as test cases (scored, never supports); "
-                        "the other labelled cases are support candidates, unlabelled ones test cases to predict")
+    parser.add_argument(
+        "--label-map", help=f"{FOLDER} only: what the label ids are, as 1=liver,2=spleen or a JSON file of id -> name"
+    )
+    parser.add_argument(
+        "--test-ids",
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help=f"{FOLDER} only: labelled cases to hold out as test cases (scored, never supports); "
+        "the other labelled cases are support candidates, unlabelled ones test cases to predict",
+    )
     add_common_arguments(parser)
     return parser
 
@@ -311,13 +344,21 @@ def _command(args: argparse.Namespace) -> int:
         cases = scan_folder(root, args.test_ids)
         if any("label" in c for c in cases) and not args.label_map:
             raise ConfigError(f"{root / 'labels'}: give --label-map (e.g. 1=liver) to say what the label ids are")
-        spec = {"name": root.name, "description": f"scans of {root}",
-                "label_map": parse_label_map(args.label_map) if args.label_map else {}}
+        spec = {
+            "name": root.name,
+            "description": f"scans of {root}",
+            "label_map": parse_label_map(args.label_map) if args.label_map else {},
+        }
     else:
         spec = nnunet_spec(root) if args.dataset == NNUNET else load_spec(args.dataset)
         cases = scan(spec, root)
-    datalist = {"name": spec["name"], "description": spec.get("description", ""), "root": str(root),
-                "label_map": spec.get("label_map", {}), "cases": cases}
+    datalist = {
+        "name": spec["name"],
+        "description": spec.get("description", ""),
+        "root": str(root),
+        "label_map": spec.get("label_map", {}),
+        "cases": cases,
+    }
     with atomic_path(output) as tmp:
         tmp.write_text(json.dumps(datalist, indent=1) + "\n")
     load_datalist(output)  # the list we wrote must be one we can read

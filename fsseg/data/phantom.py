@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -69,15 +69,19 @@ class PhantomDataset:
 def default_datasets(source_cases: int = 4, target_train: int = 8, target_test: int = 4) -> list[PhantomDataset]:
     """Three partially labelled source data sets and one fully labelled target data set."""
     return [
-        PhantomDataset("phantom_source_a", {"1": "liver", "2": "spleen", "3": "kidney_right", "4": "kidney_left"},
-                       source_cases),
+        PhantomDataset(
+            "phantom_source_a", {"1": "liver", "2": "spleen", "3": "kidney_right", "4": "kidney_left"}, source_cases
+        ),
         # One id for both kidneys: exercises the left/right split at the midline.
-        PhantomDataset("phantom_source_b", {"1": "liver", "2": "kidney@split", "3": "stomach", "4": "aorta"},
-                       source_cases),
-        PhantomDataset("phantom_source_c", {"1": "spleen", "2": "pancreas", "3": "stomach", "4": "aorta"},
-                       source_cases),
-        PhantomDataset("phantom_target", {str(i + 1): name for i, name in enumerate(STRUCTURES)},
-                       target_train, target_test),
+        PhantomDataset(
+            "phantom_source_b", {"1": "liver", "2": "kidney@split", "3": "stomach", "4": "aorta"}, source_cases
+        ),
+        PhantomDataset(
+            "phantom_source_c", {"1": "spleen", "2": "pancreas", "3": "stomach", "4": "aorta"}, source_cases
+        ),
+        PhantomDataset(
+            "phantom_target", {str(i + 1): name for i, name in enumerate(STRUCTURES)}, target_train, target_test
+        ),
     ]
 
 
@@ -103,7 +107,9 @@ def phantom_affine(rng: np.random.Generator, spacing: Sequence[float]) -> tuple[
 def _world_grid(affine: np.ndarray, shape: tuple[int, int, int]) -> list[np.ndarray]:
     i, j, k = (np.arange(n, dtype=np.float32) for n in shape)
     return [
-        affine[a, 0] * i[:, None, None] + affine[a, 1] * j[None, :, None] + affine[a, 2] * k[None, None, :]
+        affine[a, 0] * i[:, None, None]
+        + affine[a, 1] * j[None, :, None]
+        + affine[a, 2] * k[None, None, :]
         + np.float32(affine[a, 3])
         for a in range(3)
     ]
@@ -196,8 +202,9 @@ def write_dataset(
         case_id = f"{dataset.name}_{i:03d}"
         save_nifti(image, affine, out / dataset.name / "images" / f"{case_id}.nii.gz")
         save_nifti(relabel(label, dataset.label_map), affine, out / dataset.name / "labels" / f"{case_id}.nii.gz")
-        cases.append({"id": case_id, "image": f"images/{case_id}.nii.gz", "label": f"labels/{case_id}.nii.gz",
-                      "split": split})
+        cases.append(
+            {"id": case_id, "image": f"images/{case_id}.nii.gz", "label": f"labels/{case_id}.nii.gz", "split": split}
+        )
     datalist = {
         "name": dataset.name,
         "description": f"{DESCRIPTION} (seed {seed}), annotating {', '.join(dataset.label_map.values())}",
@@ -218,16 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
         "data sets for pretraining and a fully labelled target data set with train/test splits.",
     )
     parser.add_argument("--out", required=True, help="output folder (data sets and <name>.json lists)")
-    parser.add_argument("--seed", type=number_in("[0, 4294967295]", int), default=0,
-                        help="random seed; the same seed gives the same volumes")
-    parser.add_argument("--source-cases", type=number_in("[1, inf)", int), default=4,
-                        help="volumes per source data set (default 4)")
-    parser.add_argument("--target-train", type=number_in("[1, inf)", int), default=8,
-                        help="target train volumes (default 8)")
-    parser.add_argument("--target-test", type=number_in("[1, inf)", int), default=4,
-                        help="target test volumes (default 4)")
-    parser.add_argument("--spacing", type=number_in("[0.5, 8]"), nargs=3, metavar=("X", "Y", "Z"),
-                        help="voxel size in mm for every volume, 0.5 to 8 (default: a mix of 1.5-3 mm, anisotropic)")
+    parser.add_argument(
+        "--seed",
+        type=number_in("[0, 4294967295]", int),
+        default=0,
+        help="random seed; the same seed gives the same volumes",
+    )
+    parser.add_argument(
+        "--source-cases", type=number_in("[1, inf)", int), default=4, help="volumes per source data set (default 4)"
+    )
+    parser.add_argument(
+        "--target-train", type=number_in("[1, inf)", int), default=8, help="target train volumes (default 8)"
+    )
+    parser.add_argument(
+        "--target-test", type=number_in("[1, inf)", int), default=4, help="target test volumes (default 4)"
+    )
+    parser.add_argument(
+        "--spacing",
+        type=number_in("[0.5, 8]"),
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="voxel size in mm for every volume, 0.5 to 8 (default: a mix of 1.5-3 mm, anisotropic)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(parser)
     return parser

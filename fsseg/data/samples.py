@@ -14,9 +14,9 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.io import atomic_path, staged_writes
@@ -54,8 +54,10 @@ def _checked_files(source: Path) -> dict[str, bytes]:
         for key in (k.removesuffix("_sha256") for k in entry if k.endswith("_sha256")):
             data = files.get(entry[key])
             if data is None or hashlib.sha256(data).hexdigest() != entry[f"{key}_sha256"]:
-                raise DataError(f"{source / entry[key]}: the packaged sample scan of '{case}' is missing or damaged "
-                                "(sha256 differs from manifest.json); reinstall fsseg")
+                raise DataError(
+                    f"{source / entry[key]}: the packaged sample scan of '{case}' is missing or damaged "
+                    "(sha256 differs from manifest.json); reinstall fsseg"
+                )
     return files
 
 
@@ -100,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fsseg-pretrain and fsseg-adapt. Files already there are kept when identical; a different file of the "
         "same name is an error.",
     )
-    parser.add_argument("--out", required=True,
-                        help="output folder: the data lists, and the scans with README.md and manifest.json in ct/")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder: the data lists, and the scans with README.md and manifest.json in ct/",
+    )
     add_common_arguments(parser)
     return parser
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from monai.transforms.utils import generate_pos_neg_label_crop_centers, map_binary_to_indices
@@ -39,8 +39,16 @@ class CropSampler:
     stride line up with the crop.
     """
 
-    def __init__(self, label: np.ndarray, crop: Sequence[int], pos: float = 1.0, neg: float = 1.0,
-                 stride: int = 1, body: np.ndarray | None = None, align: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        label: np.ndarray,
+        crop: Sequence[int],
+        pos: float = 1.0,
+        neg: float = 1.0,
+        stride: int = 1,
+        body: np.ndarray | None = None,
+        align: Sequence[int] | None = None,
+    ) -> None:
         if stride < 1:
             raise ValueError(f"stride must be at least 1, got {stride}")
         self.align = tuple(align) if align is not None else (1,) * (label.ndim - 1)
@@ -58,6 +66,7 @@ class CropSampler:
         for centre in centres:
             starts = [(int(c) - s // 2) // a * a for c, s, a in zip(centre, self.crop, self.align)]
             offsets = rng.randint(self.stride, size=len(starts)) if self.stride > 1 else [0] * len(starts)
-            out.append((slice(None),) + tuple(slice(a + o, a + s, self.stride)
-                                              for a, o, s in zip(starts, offsets, self.crop)))
+            out.append(
+                (slice(None),) + tuple(slice(a + o, a + s, self.stride) for a, o, s in zip(starts, offsets, self.crop))
+            )
         return out

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.utils import SpaceKeys
 from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
@@ -35,6 +34,7 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.utils import SpaceKeys
 
 from fsseg.config import ranged
 from fsseg.data.datalist import Case
@@ -77,8 +77,10 @@ class Preprocessing:
         codes = self.orientation.upper()
         axes = sorted(next((i for i, pair in enumerate(("LR", "AP", "SI")) if c in pair), -1) for c in codes)
         if axes != [0, 1, 2]:
-            raise ConfigError(f"preprocessing.orientation '{self.orientation}' is not three axis codes, one of each "
-                              "pair L/R, A/P, S/I (like RAS or LPS)")
+            raise ConfigError(
+                f"preprocessing.orientation '{self.orientation}' is not three axis codes, one of each "
+                "pair L/R, A/P, S/I (like RAS or LPS)"
+            )
         object.__setattr__(self, "orientation", codes)
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ConfigError(f"preprocessing.spacing must be three positive numbers (mm), got {self.spacing}")
@@ -91,7 +93,7 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "Preprocessing":
+    def from_dict(cls, data: Mapping) -> Preprocessing:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown preprocessing key(s): {', '.join(unknown)}")
@@ -135,15 +137,19 @@ class LoadVolumed(MapTransform):
         super().__init__(keys, allow_missing_keys)
         with warnings.catch_warnings():  # see _GPU_DICOM_READER_LOG
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-            self._load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
-                                   dtype=np.float32)
+            self._load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
 
     def load(self, path: str) -> MetaTensor:
         if Path(path).is_dir():
             volume = load_volume(path, np.float32)
             affine = torch.as_tensor(volume.affine, dtype=torch.float64)
-            meta = {"filename_or_obj": str(path), "original_affine": affine.clone(), "space": SpaceKeys.RAS,
-                    "spatial_shape": np.asarray(volume.array.shape), "original_channel_dim": "no_channel"}
+            meta = {
+                "filename_or_obj": str(path),
+                "original_affine": affine.clone(),
+                "space": SpaceKeys.RAS,
+                "spatial_shape": np.asarray(volume.array.shape),
+                "original_channel_dim": "no_channel",
+            }
             return MetaTensor(torch.from_numpy(volume.array)[None], affine=affine, meta=meta)
         load_nifti_image(path)
         try:
@@ -219,8 +225,10 @@ class RequireTissued(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         image = data[IMAGE]
         if not bool((image > 0).any()):
-            raise DataError(f"{image.meta.get('filename_or_obj', 'image')}: no voxel lies above the HU window's "
-                            "lower bound (an all-air or blank scan); nothing to segment")
+            raise DataError(
+                f"{image.meta.get('filename_or_obj', 'image')}: no voxel lies above the HU window's "
+                "lower bound (an all-air or blank scan); nothing to segment"
+            )
         return dict(data)
 
 
@@ -251,13 +259,23 @@ def _core(pre: Preprocessing, keys: Sequence[str], template: Template | None) ->
         RequireTissued(),
     ]
     if pre.crop_foreground:
-        steps.append(CropForegroundd(keys, source_key=IMAGE, allow_smaller=True, allow_missing_keys=True,
-                                    start_coord_key=None, end_coord_key=None))
+        steps.append(
+            CropForegroundd(
+                keys,
+                source_key=IMAGE,
+                allow_smaller=True,
+                allow_missing_keys=True,
+                start_coord_key=None,
+                end_coord_key=None,
+            )
+        )
     steps.append(SpatialPadd(keys, spatial_size=pre.roi, allow_missing_keys=True))
     return steps
 
 
-def inference_transforms(pre: Preprocessing, keys: Sequence[str] = (IMAGE,), template: Template | None = None) -> Compose:
+def inference_transforms(
+    pre: Preprocessing, keys: Sequence[str] = (IMAGE,), template: Template | None = None
+) -> Compose:
     """Deterministic, invertible preprocessing of ``keys`` (image first; other keys are label maps).
 
     With ``template``, ``label`` is converted to a template index map (see :class:`TemplateLabelsd`);

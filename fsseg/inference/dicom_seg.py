@@ -2,15 +2,16 @@
 
 One segment per structure, named after it and coded in SNOMED CT where ``dicom_codes.json`` (beside this module)
 has a code (laterality as the type's modifier); frames lie on the source slices, in the series' slice order, so
-PACS, OHIF and 3D Slicer overlay them on the series. A NIfTI scan has no slices to reference: DICOM-SEG needs DICOM input.
+PACS, OHIF and 3D Slicer overlay them on the series. A NIfTI scan has no slices to reference: DICOM-SEG needs
+DICOM input.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -56,11 +57,15 @@ def segment_description(number: int, structure: str):
     category, kind, *laterality = table["structures"].get(structure, ["structure", None])
     property_type = _code(kind) if kind else Code(structure[:64], LOCAL_SCHEME, structure)
     description = hd.seg.SegmentDescription(
-        segment_number=number, segment_label=structure,
-        segmented_property_category=_code(table["categories"][category]), segmented_property_type=property_type,
+        segment_number=number,
+        segment_label=structure,
+        segmented_property_category=_code(table["categories"][category]),
+        segmented_property_type=property_type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="fsseg", version=__version__, family=codes.DCM.ArtificialIntelligence))
+            name="fsseg", version=__version__, family=codes.DCM.ArtificialIntelligence
+        ),
+    )
     if laterality:
         modifier = hd.sr.CodedConcept.from_code(_code(laterality[0]))
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
@@ -82,12 +87,23 @@ def write_dicom_seg(label: np.ndarray, structures: Sequence[str], series: Series
     sources = [complete_source(pydicom.dcmread(str(p), stop_before_pixels=True), spacing) for p in series.files]
     frames = np.ascontiguousarray(label.transpose(2, 1, 0))  # (slice, row, column), slices in series order
     segmentation = hd.seg.Segmentation(
-        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment_description(i + 1, s) for i, s in enumerate(structures)],
-        series_instance_uid=hd.UID(), series_number=_series_number(sources[0]), sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="fsseg", manufacturer_model_name="fsseg-predict",
-        software_versions=__version__, device_serial_number="none", series_description="fsseg segmentation",
-        content_label="FSSEG", content_description="fsseg-predict", omit_empty_frames=True)
+        series_instance_uid=hd.UID(),
+        series_number=_series_number(sources[0]),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="fsseg",
+        manufacturer_model_name="fsseg-predict",
+        software_versions=__version__,
+        device_serial_number="none",
+        series_description="fsseg segmentation",
+        content_label="FSSEG",
+        content_description="fsseg-predict",
+        omit_empty_frames=True,
+    )
     with atomic_path(path) as tmp:
         segmentation.save_as(str(tmp))
     return Path(path)
@@ -95,8 +111,17 @@ def write_dicom_seg(label: np.ndarray, structures: Sequence[str], series: Series
 
 # Patient and study attributes a SEG repeats from its source (type 2: present, possibly empty). Series may omit
 # them; the SEG then carries them empty.
-TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                     "StudyID", "AccessionNumber", "ReferringPhysicianName")
+TYPE2_FROM_SOURCE = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 
 
 def complete_source(source, slice_spacing: float):

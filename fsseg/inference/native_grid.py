@@ -53,8 +53,9 @@ class ModelBox:
 def model_box(image: MetaTensor) -> ModelBox:
     """The box of a preprocessed image (``fsseg.data.transforms.inference_transforms``), from its affines and the
     crop and pad it went through."""
-    to_model = np.linalg.inv(np.asarray(image.affine, np.float64)) @ np.asarray(image.meta["original_affine"],
-                                                                                np.float64)
+    to_model = np.linalg.inv(np.asarray(image.affine, np.float64)) @ np.asarray(
+        image.meta["original_affine"], np.float64
+    )
     shape = np.asarray(image.shape[1:])
     padded, cropped = np.zeros((3, 2), int), np.zeros(6, int)
     for op in image.applied_operations:
@@ -63,9 +64,14 @@ def model_box(image: MetaTensor) -> ModelBox:
             padded = np.asarray(info["padded"][1:], int)
         elif op["class"] == "CropForeground":
             cropped = np.asarray(info["cropped"], int)
-    return ModelBox(to_model=to_model, native_shape=tuple(int(s) for s in image.meta["spatial_shape"]),
-                    lo=padded[:, 0], size=shape - padded.sum(1), border_low=cropped[0::2] == 0,
-                    border_high=cropped[1::2] == 0)
+    return ModelBox(
+        to_model=to_model,
+        native_shape=tuple(int(s) for s in image.meta["spatial_shape"]),
+        lo=padded[:, 0],
+        size=shape - padded.sum(1),
+        border_low=cropped[0::2] == 0,
+        border_high=cropped[1::2] == 0,
+    )
 
 
 def _pad_one(volume: torch.Tensor, box: ModelBox) -> torch.Tensor:
@@ -122,8 +128,9 @@ def _cell_codes(label: torch.Tensor, count: torch.Tensor, box: ModelBox) -> torc
     and numbers of passing structures ``count``."""
     labels, counts = _pad_one(label, box).short(), _pad_one(count, box)
     nx, ny, nz = (n - 1 for n in labels.shape)
-    corners = [(slice(dx, dx + nx), slice(dy, dy + ny), slice(dz, dz + nz)) for dx in (0, 1) for dy in (0, 1)
-               for dz in (0, 1)]
+    corners = [
+        (slice(dx, dx + nx), slice(dy, dy + ny), slice(dz, dz + nz)) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)
+    ]
     first = labels[corners[0]]
     same, most = torch.ones(first.shape, dtype=torch.bool), counts[corners[0]].clone()
     high, low = first.clone(), torch.where(first > 0, first, LARGEST_ID + 1)
@@ -136,8 +143,14 @@ def _cell_codes(label: torch.Tensor, count: torch.Tensor, box: ModelBox) -> torc
     return torch.where(same, first, torch.where(alone, -high, torch.tensor(MIXED, dtype=torch.int16)))
 
 
-def _resolve_alone(probabilities: torch.Tensor, box: ModelBox, coords: torch.Tensor, cell: torch.Tensor,
-                   structure: torch.Tensor, threshold: float) -> torch.Tensor:
+def _resolve_alone(
+    probabilities: torch.Tensor,
+    box: ModelBox,
+    coords: torch.Tensor,
+    cell: torch.Tensor,
+    structure: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
     """Labels of native voxels (padded-box ``coords`` (3, N) in ``cell``) in cells where structure ``structure``
     (ids, (N,)) alone can pass: that structure's interpolated probability against the threshold, all at once."""
     flat, weights = _corners(coords, cell, box, tuple(probabilities.shape[1:]))
@@ -150,8 +163,11 @@ def _padded_coordinates(box: ModelBox, z0: int, z1: int) -> torch.Tensor:
     """(3, N) float32 coordinates in the padded box of the native voxels with last index in [z0, z1), held within
     it (float32 is exact to 1e-4 voxel on grids of up to 1000 voxels)."""
     nx, ny, _ = box.native_shape
-    axes = [torch.arange(nx, dtype=torch.float32)[:, None, None], torch.arange(ny, dtype=torch.float32)[None, :, None],
-            torch.arange(z0, z1, dtype=torch.float32)[None, None, :]]
+    axes = [
+        torch.arange(nx, dtype=torch.float32)[:, None, None],
+        torch.arange(ny, dtype=torch.float32)[None, :, None],
+        torch.arange(z0, z1, dtype=torch.float32)[None, None, :],
+    ]
     coords = torch.empty((3, nx, ny, z1 - z0))
     for d in range(3):  # an affine map is a sum of one term per native axis
         row = box.to_model[d]
@@ -169,8 +185,9 @@ def _cells(coords: torch.Tensor, box: ModelBox) -> torch.Tensor:
     return cell
 
 
-def _corners(coords: torch.Tensor, cell: torch.Tensor, box: ModelBox,
-             grid: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _corners(
+    coords: torch.Tensor, cell: torch.Tensor, box: ModelBox, grid: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 model voxels around each padded-box coordinate of ``coords`` (3, N) (in ``cell``, :func:`_cells`), as
     flat indices into the model ``grid``, and their trilinear weights (0 for a corner beyond a side the crop cut):
     two (8, N) tensors."""
@@ -180,16 +197,22 @@ def _corners(coords: torch.Tensor, cell: torch.Tensor, box: ModelBox,
         n, q = int(box.size[d]), cell[d].long()
         # corner q (padded) is box voxel q - 1, corner q + 1 is box voxel q; a pad voxel copies the edge or is 0
         index.append([(q - 1).clamp(0, n - 1) + int(box.lo[d]), q.clamp(max=n - 1) + int(box.lo[d])])
-        weight.append([(1 - fraction[d]) * ((q >= 1) | bool(box.border_low[d])),
-                       fraction[d] * ((q <= n - 1) | bool(box.border_high[d]))])
-    flat = torch.stack([(index[0][a] * grid[1] + index[1][b]) * grid[2] + index[2][c]
-                        for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+        weight.append(
+            [
+                (1 - fraction[d]) * ((q >= 1) | bool(box.border_low[d])),
+                fraction[d] * ((q <= n - 1) | bool(box.border_high[d])),
+            ]
+        )
+    flat = torch.stack(
+        [(index[0][a] * grid[1] + index[1][b]) * grid[2] + index[2][c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    )
     weights = torch.stack([weight[0][a] * weight[1][b] * weight[2][c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
     return flat, weights
 
 
-def _resolve_mixed(probabilities: torch.Tensor, box: ModelBox, coords: torch.Tensor, cell: torch.Tensor,
-                   bounds: list, threshold: float) -> torch.Tensor:
+def _resolve_mixed(
+    probabilities: torch.Tensor, box: ModelBox, coords: torch.Tensor, cell: torch.Tensor, bounds: list, threshold: float
+) -> torch.Tensor:
     """Labels of native voxels in mixed cells (padded-box ``coords`` (3, N) in ``cell``): each structure that
     passes at a corner of their cell interpolated and compared, the earlier structure winning ties."""
     label = torch.zeros(coords.shape[1], dtype=torch.uint8)

@@ -8,9 +8,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,18 +21,34 @@ from fsseg.checkpoint import load_model
 from fsseg.cli import add_common_arguments, number_in, run_cli, user_error
 from fsseg.data.datalist import load_datalist
 from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
-from fsseg.data.io import (atomic_path, is_nifti, load_nifti_image, load_scan_image, load_volume, nifti_stem,
-                            remove_leftovers, save_like, scan_name)
-from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
-from fsseg.errors import DataError, DiskFull
+from fsseg.data.io import (
+    atomic_path,
+    is_nifti,
+    load_nifti_image,
+    load_scan_image,
+    load_volume,
+    nifti_stem,
+    remove_leftovers,
+    save_like,
+    scan_name,
+)
 from fsseg.data.transforms import Preprocessing
+from fsseg.errors import DataError, DiskFull
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
+from fsseg.inference.predictor import (
+    RECORDED,
+    FrozenBackbone,
+    InferenceSettings,
+    Network,
+    Prediction,
+    Predictor,
+    prediction_network,
+)
 from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
-from fsseg.inference.predictor import (RECORDED, FrozenBackbone, InferenceSettings, Network, Prediction, Predictor,
-                                       prediction_network)
+from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
 from fsseg.templates import expand_structures
-from fsseg.viz import overlay_png, pyplot
 from fsseg.training.runtime import DEVICES, resolve_device
+from fsseg.viz import overlay_png, pyplot
 
 log = logging.getLogger("fsseg.predict")
 RECORD_EVERY_S = 30.0  # how often a long batch brings predictions.json up to date (and at its end)
@@ -70,8 +86,10 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
     if is_dicom_folder(source):
         series_below = [p for p in sorted(source.iterdir()) if p.is_dir() and is_dicom_folder(p)]
         if series_below:  # a study folder with a stray file at its root: its series would be hidden
-            raise DataError(f"{source}: holds DICOM files ({dicom_files(source)[0].name}, ...) beside series folders "
-                            f"({series_below[0].name}, ...); move the loose files into a series folder of their own")
+            raise DataError(
+                f"{source}: holds DICOM files ({dicom_files(source)[0].name}, ...) beside series folders "
+                f"({series_below[0].name}, ...); move the loose files into a series folder of their own"
+            )
         return Inputs({scan_name(source): source}, [source, *dicom_files(source)])
     entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
     found = [p for p in entries if p.is_file() and is_nifti(p) or p.is_dir() and is_dicom_folder(p)]
@@ -81,8 +99,9 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
     for path in found:
         name = scan_name(path)
         if name in scans:
-            raise DataError(f"{scans[name]} and {path} would both be predicted to {name}.nii.gz; "
-                            "rename or move one of them")
+            raise DataError(
+                f"{scans[name]} and {path} would both be predicted to {name}.nii.gz; rename or move one of them"
+            )
         scans[name] = path
     return Inputs(scans, [*found, *(f for p in found if p.is_dir() for f in dicom_files(p))])
 
@@ -94,8 +113,9 @@ def select_structures(template_structures: Sequence[str], requested: Sequence[st
     channels = []
     for canonical in expand_structures(requested):
         if canonical not in template_structures:
-            raise DataError(f"structure '{canonical}' is not predicted by this model; it predicts: "
-                            f"{', '.join(template_structures)}")
+            raise DataError(
+                f"structure '{canonical}' is not predicted by this model; it predicts: {', '.join(template_structures)}"
+            )
         channels.append(list(template_structures).index(canonical))
     return channels
 
@@ -103,8 +123,8 @@ def select_structures(template_structures: Sequence[str], requested: Sequence[st
 @dataclass(frozen=True)
 class Model:
     """What predicts: the loaded models (the checkpoint's, or one per adapter), which of their concatenated output
-    channels are kept and their names, the preprocessing and, for adapters, each adapter file's metadata and the sliding-window settings they were scored with in fsseg-adapt (empty
-    when they do not agree)."""
+    channels are kept and their names, the preprocessing and, for adapters, each adapter file's metadata and the
+    sliding-window settings they were scored with in fsseg-adapt (empty when they do not agree)."""
 
     models: list[torch.nn.Module]
     channels: list[int]
@@ -118,8 +138,9 @@ class Model:
         return prediction_network(self.models, self.channels, adapted=bool(self.adapters))
 
 
-def build_model(checkpoint: str, adapters: Sequence[str] | None, organs: Sequence[str] | None,
-                device: torch.device) -> Model:
+def build_model(
+    checkpoint: str, adapters: Sequence[str] | None, organs: Sequence[str] | None, device: torch.device
+) -> Model:
     """The models from image windows to the logits of the requested structures.
 
     Without adapters: the checkpoint's own head. With adapters: each adapter's structures; when every adapter
@@ -129,11 +150,14 @@ def build_model(checkpoint: str, adapters: Sequence[str] | None, organs: Sequenc
     if not adapters:
         model, template, preprocessing, _ = load_model(checkpoint)
         if not model.head_trained:
-            raise DataError(f"{checkpoint}: its head was not trained (the weights were imported without one), so its "
-                            "masks would be noise; adapt it first with fsseg-adapt and predict with --adapter")
+            raise DataError(
+                f"{checkpoint}: its head was not trained (the weights were imported without one), so its "
+                "masks would be noise; adapt it first with fsseg-adapt and predict with --adapter"
+            )
         channels = select_structures(template.structures, organs)
-        return Model([model.to(device).eval()], channels, [template.structures[c] for c in channels], preprocessing,
-                     [], {})
+        return Model(
+            [model.to(device).eval()], channels, [template.structures[c] for c in channels], preprocessing, [], {}
+        )
     loaded = [load_adapted_model(path, checkpoint) for path in adapters]
     models = [adapted.to(device).eval() for adapted, _, _ in loaded]
     preprocessing = loaded[0][1]
@@ -148,29 +172,41 @@ def build_model(checkpoint: str, adapters: Sequence[str] | None, organs: Sequenc
     recorded = records[0] if isinstance(records[0], dict) and all(r == records[0] for r in records) else {}
     if not recorded and any(records):
         log.warning("the adapters were scored with different sliding-window settings; using the command's")
-    return Model(models, channels, [structures[c] for c in channels], preprocessing, [info for _, _, info in loaded],
-                 recorded)
+    return Model(
+        models, channels, [structures[c] for c in channels], preprocessing, [info for _, _, info in loaded], recorded
+    )
 
 
 def inference_settings(args: argparse.Namespace, recorded: dict) -> InferenceSettings:
     """The command's settings; those it leaves unset come from the adapters' record, then the defaults."""
     given = {name: getattr(args, name) for name in RECORDED}
     chosen = {name: value if value is not None else recorded.get(name) for name, value in given.items()}
-    return InferenceSettings(sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
-                             **{name: value for name, value in chosen.items() if value is not None})
+    return InferenceSettings(
+        sw_batch_size=args.sw_batch_size,
+        largest_component=args.largest_component,
+        **{name: value for name, value in chosen.items() if value is not None},
+    )
 
 
 OUTPUT_TYPES = ("nifti", "dicom-seg")
 
 
-def case_outputs(out: Path, case: str, output_types: Sequence[str], probabilities: bool,
-                 preview: bool) -> dict[str, Path]:
+def case_outputs(
+    out: Path, case: str, output_types: Sequence[str], probabilities: bool, preview: bool
+) -> dict[str, Path]:
     """Every file written for one case, by kind ("nifti", "dicom-seg", "probabilities", "preview"), the masks
     first."""
-    kinds = {"nifti": f"{case}.nii.gz", "dicom-seg": f"{case}.seg.dcm", "probabilities": f"{case}_probabilities.nii.gz",
-             "preview": f"{case}_preview.png"}
-    wanted = [*(t for t in OUTPUT_TYPES if t in output_types), *(["probabilities"] if probabilities else []),
-              *(["preview"] if preview else [])]
+    kinds = {
+        "nifti": f"{case}.nii.gz",
+        "dicom-seg": f"{case}.seg.dcm",
+        "probabilities": f"{case}_probabilities.nii.gz",
+        "preview": f"{case}_preview.png",
+    }
+    wanted = [
+        *(t for t in OUTPUT_TYPES if t in output_types),
+        *(["probabilities"] if probabilities else []),
+        *(["preview"] if preview else []),
+    ]
     return {kind: out / kinds[kind] for kind in wanted}
 
 
@@ -183,8 +219,10 @@ def check_dicom_seg_inputs(scans: dict[str, Path]) -> None:
     """
     nifti = next((path for path in scans.values() if not path.is_dir()), None)
     if nifti is not None:
-        raise DataError(f"--output-type dicom-seg needs DICOM series as input (a DICOM-SEG references the slices of its "
-                        f"source series); {nifti} is a NIfTI file")
+        raise DataError(
+            f"--output-type dicom-seg needs DICOM series as input (a DICOM-SEG references the slices of its "
+            f"source series); {nifti} is a NIfTI file"
+        )
     require_highdicom()
 
 
@@ -208,20 +246,31 @@ def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """The sliding-window and label-map options (fsseg-predict's, and fsseg-export-bundle's for its bundle)."""
-    parser.add_argument("--overlap", type=number_in("[0, 1)"),
-                        help="sliding-window overlap in [0, 1) (default: what the adapters were scored with in "
-                        "fsseg-adapt, else 0.5)")
-    parser.add_argument("--sw-batch-size", type=number_in("[1, inf)", int),
-                        help="windows per forward pass (default 4 on CUDA; on the CPU 2 for a roi of at most "
-                             "64^3 voxels, else 1)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)")
-    parser.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 autocast on the CPU: faster where the CPU has bfloat16 instructions, with "
-                        "slightly different probabilities (default: the adapters' setting, else off; "
-                        "predictions.json records the precision used)")
-    parser.add_argument("--largest-component", action="store_true",
-                        help="keep the largest connected component of each structure")
+    parser.add_argument(
+        "--overlap",
+        type=number_in("[0, 1)"),
+        help="sliding-window overlap in [0, 1) (default: what the adapters were scored with in fsseg-adapt, else 0.5)",
+    )
+    parser.add_argument(
+        "--sw-batch-size",
+        type=number_in("[1, inf)", int),
+        help="windows per forward pass (default 4 on CUDA; on the CPU 2 for a roi of at most 64^3 voxels, else 1)",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)",
+    )
+    parser.add_argument(
+        "--cpu-bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bfloat16 autocast on the CPU: faster where the CPU has bfloat16 instructions, with "
+        "slightly different probabilities (default: the adapters' setting, else off; "
+        "predictions.json records the precision used)",
+    )
+    parser.add_argument(
+        "--largest-component", action="store_true", help="keep the largest connected component of each structure"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,33 +282,60 @@ def build_parser() -> argparse.ArgumentParser:
         "affine and header; labels.json names the ids and predictions.json reports each case. Preprocessing comes "
         "from the checkpoint.",
     )
-    parser.add_argument("-i", "--input", required=True,
-                        help="a folder of scans (NIfTI files and/or DICOM series subfolders), one scan (a NIfTI file or "
-                        "a folder holding one DICOM CT series), or a data list (.json) whose --split cases are predicted")
+    parser.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        help="a folder of scans (NIfTI files and/or DICOM series subfolders), one scan (a NIfTI file or "
+        "a folder holding one DICOM CT series), or a data list (.json) whose --split cases are predicted",
+    )
     parser.add_argument("--split", default="test", help="with a data list as input: which split (default test)")
     parser.add_argument("--data-root", help="with a data list: base folder for relative paths without a 'root'")
     parser.add_argument("-o", "--output", required=True, help="output folder (created); it must not hold any input")
     parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
-    parser.add_argument("--adapter", nargs="+", metavar="FILE",
-                        help="adapter file(s) written by fsseg-adapt for this checkpoint: predict their structures")
+    parser.add_argument(
+        "--adapter",
+        nargs="+",
+        metavar="FILE",
+        help="adapter file(s) written by fsseg-adapt for this checkpoint: predict their structures",
+    )
     parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--continue", dest="resume", action="store_true",
-                        help="skip cases whose output already exists and is valid")
-    parser.add_argument("--num-parts", type=number_in("[1, inf)", int), default=1,
-                        help="split the cases into this many parts")
-    parser.add_argument("--part-id", type=number_in("[0, inf)", int), default=0,
-                        help="which part this process predicts (0-based)")
-    parser.add_argument("--output-type", nargs="+", choices=OUTPUT_TYPES, default=["nifti"], metavar="TYPE",
-                        help="what each mask is written as: nifti (<case>.nii.gz, the default) and/or dicom-seg "
-                        "(<case>.seg.dcm, one segment per structure, referencing the source series: DICOM input only; "
-                        "needs pip install 'fsseg[dicom]')")
-    parser.add_argument("--save-probabilities", action="store_true",
-                        help="also write <case>_probabilities.nii.gz (float32, one volume per structure)")
-    parser.add_argument("--preview", action="store_true",
-                        help="also write <case>_preview.png: axial/coronal/sagittal slices with the predicted contours "
-                        "(needs matplotlib: pip install -e .[viz])")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)",
+    )
+    parser.add_argument(
+        "--continue", dest="resume", action="store_true", help="skip cases whose output already exists and is valid"
+    )
+    parser.add_argument(
+        "--num-parts", type=number_in("[1, inf)", int), default=1, help="split the cases into this many parts"
+    )
+    parser.add_argument(
+        "--part-id", type=number_in("[0, inf)", int), default=0, help="which part this process predicts (0-based)"
+    )
+    parser.add_argument(
+        "--output-type",
+        nargs="+",
+        choices=OUTPUT_TYPES,
+        default=["nifti"],
+        metavar="TYPE",
+        help="what each mask is written as: nifti (<case>.nii.gz, the default) and/or dicom-seg "
+        "(<case>.seg.dcm, one segment per structure, referencing the source series: DICOM input only; "
+        "needs pip install 'fsseg[dicom]')",
+    )
+    parser.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <case>_probabilities.nii.gz (float32, one volume per structure)",
+    )
+    parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="also write <case>_preview.png: axial/coronal/sagittal slices with the predicted contours "
+        "(needs matplotlib: pip install -e .[viz])",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_inference_arguments(parser)
     add_common_arguments(parser)
@@ -273,11 +349,17 @@ def _command(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if "dicom-seg" in args.output_type:
         check_dicom_seg_inputs(inputs.scans)
-    planned = {case: case_outputs(out, case, args.output_type, args.save_probabilities, args.preview)
-               for case in inputs.scans}
+    planned = {
+        case: case_outputs(out, case, args.output_type, args.save_probabilities, args.preview) for case in inputs.scans
+    }
     # every file of every case, before the first write: case x's probabilities are case x_probabilities's mask
-    check_unique_outputs({f"{inputs.scans[case]} ({kind} of {case})": path
-                          for case, paths in planned.items() for kind, path in paths.items()})
+    check_unique_outputs(
+        {
+            f"{inputs.scans[case]} ({kind} of {case})": path
+            for case, paths in planned.items()
+            for kind, path in paths.items()
+        }
+    )
     every = [out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())]
     check_outputs(every, inputs.files, folder=out)
     check_owned(out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True).values())
@@ -294,9 +376,13 @@ def _command(args: argparse.Namespace) -> int:
     with atomic_path(out / LABELS) as tmp:
         tmp.write_text(json.dumps(labels, indent=1) + "\n")
 
-    header = {"model": str(args.model), "device": str(device), "structures": structures,
-              "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size},
-              "precision": predictor.precision}
+    header = {
+        "model": str(args.model),
+        "device": str(device),
+        "structures": structures,
+        "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size},
+        "precision": predictor.precision,
+    }
     # this part's cases are recorded before their files are written: a later run then knows the files as its own
     update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})
     cases = predict_cases(predictor, scans, planned, out, header, args)
@@ -305,8 +391,14 @@ def _command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def predict_cases(predictor: Predictor, scans: list[tuple[str, Path]], planned: dict[str, dict[str, Path]],
-                  out: Path, header: dict, args: argparse.Namespace) -> dict[str, dict]:
+def predict_cases(
+    predictor: Predictor,
+    scans: list[tuple[str, Path]],
+    planned: dict[str, dict[str, Path]],
+    out: Path,
+    header: dict,
+    args: argparse.Namespace,
+) -> dict[str, dict]:
     """Predict this part's cases into ``out``, merging their entries into the folder's record as it goes; the
     entries by case."""
     cases: dict[str, dict] = {}
@@ -331,8 +423,7 @@ def predict_cases(predictor: Predictor, scans: list[tuple[str, Path]], planned: 
     return cases
 
 
-def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, Path],
-                 args: argparse.Namespace) -> dict:
+def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, Path], args: argparse.Namespace) -> dict:
     """Predict one scan and write its outputs; its entry of predictions.json. A failure is the entry's status: one
     bad scan must not stop the batch, and leaves none of its files. A full disk stops the batch: every later case
     would fail the same way.
@@ -358,16 +449,27 @@ def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, P
     voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
     counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
     found = [s for i, s in enumerate(structures) if counts[i + 1]]
-    entry = {"status": "ok", "image": str(scan), "output": str(next(iter(paths.values()))),
-             "seconds": round(time.perf_counter() - started, 2), "device": str(predictor.device),
-             "structures_found": found,
-             "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)}}
+    entry = {
+        "status": "ok",
+        "image": str(scan),
+        "output": str(next(iter(paths.values()))),
+        "seconds": round(time.perf_counter() - started, 2),
+        "device": str(predictor.device),
+        "structures_found": found,
+        "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)},
+    }
     log.info(f"{case}: {entry['seconds']} s, found {', '.join(found) or 'nothing'}")
     return entry
 
 
-def write_case_outputs(prediction: Prediction, case: str, scan: Path, paths: dict[str, Path],
-                       structures: Sequence[str], written: list[Path]) -> None:
+def write_case_outputs(
+    prediction: Prediction,
+    case: str,
+    scan: Path,
+    paths: dict[str, Path],
+    structures: Sequence[str],
+    written: list[Path],
+) -> None:
     """Write one case's outputs (``paths`` by kind), adding each to ``written`` once it is in place."""
     for kind, path in paths.items():
         if kind == "nifti":
@@ -377,8 +479,9 @@ def write_case_outputs(prediction: Prediction, case: str, scan: Path, paths: dic
         elif kind == "probabilities":
             save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, path)
         else:
-            overlay_png(path, load_volume(scan).array, prediction.reference.affine, prediction.masks(),
-                        f"{case}: fsseg-predict")
+            overlay_png(
+                path, load_volume(scan).array, prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict"
+            )
         written.append(path)
 
 

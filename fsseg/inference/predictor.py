@@ -20,9 +20,10 @@ float32 while stitching, then float16).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -41,7 +42,7 @@ PROBABILITIES = "probabilities"
 GPU_STITCH_MAX_BYTES = 2 * 1024**3
 RECORDED = ("overlap", "amp", "cpu_bf16")
 # The largest roi that the CPU runs two windows at a time (see InferenceSettings).
-CPU_SMALL_ROI_VOXELS = 64 ** 3
+CPU_SMALL_ROI_VOXELS = 64**3
 
 
 def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
@@ -143,8 +144,9 @@ class LabelMap:
         self.label[wins], self.best[wins] = k + 1, probability[wins]
 
 
-def prediction_network(models: Sequence[torch.nn.Module], channels: Sequence[int],
-                       adapted: bool = True) -> Network | FrozenBackbone:
+def prediction_network(
+    models: Sequence[torch.nn.Module], channels: Sequence[int], adapted: bool = True
+) -> Network | FrozenBackbone:
     """Models as one network over ``channels`` of their concatenated outputs, in order. A checkpoint's own model
     (``adapted`` False) runs on each window with only the requested rows of its 1x1x1 head (a template of 117
     structures would compute every row in every window), or, for more structures than it has feature channels,
@@ -207,9 +209,14 @@ class Predictor:
     def _inferer(self, spatial_shape: Sequence[int], channels: int) -> SlidingWindowInferer:
         output_bytes = 4 * channels * int(np.prod(spatial_shape))
         on_gpu = self.device.type == "cuda" and output_bytes < GPU_STITCH_MAX_BYTES
-        return SlidingWindowInferer(roi_size=self.preprocessing.roi, sw_batch_size=self.sw_batch_size,
-                                    overlap=self.settings.overlap, mode="gaussian", sw_device=self.device,
-                                    device=self.device if on_gpu else torch.device("cpu"))
+        return SlidingWindowInferer(
+            roi_size=self.preprocessing.roi,
+            sw_batch_size=self.sw_batch_size,
+            overlap=self.settings.overlap,
+            mode="gaussian",
+            sw_device=self.device,
+            device=self.device if on_gpu else torch.device("cpu"),
+        )
 
     @property
     def sw_batch_size(self) -> int:
@@ -260,16 +267,18 @@ class Predictor:
                 return pointwise_probabilities(features, *network.pointwise)
             return self.head_probabilities(features, network.heads)
         with self._autocast():
-            logits = self._inferer(image.shape[1:], len(self.structures))(image.as_tensor()[None].to(self.device),
-                                                                          network)
+            logits = self._inferer(image.shape[1:], len(self.structures))(
+                image.as_tensor()[None].to(self.device), network
+            )
         return probabilities_of(logits[0])
 
     def preprocess(self, path: str | Path) -> dict:
         """The scan in model space (``data[IMAGE]``, (1, X, Y, Z)), with what is needed to map back."""
         return self.transform({IMAGE: str(path)})
 
-    def finish(self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image,
-               keep_probabilities: bool = False) -> Prediction:
+    def finish(
+        self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image, keep_probabilities: bool = False
+    ) -> Prediction:
         """Map model-space ``probabilities`` (K, *model grid) of ``data`` back onto the scan's grid and threshold
         them into one label map: directly (:func:`native_label`, a cost that hardly grows with K) or, when every
         structure's probabilities or largest component are asked for, by resampling one structure at a time."""
@@ -278,8 +287,9 @@ class Predictor:
         label = native_label(probabilities, data[IMAGE], self.settings.threshold)
         return Prediction(label=label, probabilities=None, reference=reference, structures=self.structures)
 
-    def resample_each(self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image,
-                      keep_probabilities: bool = False) -> Prediction:
+    def resample_each(
+        self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image, keep_probabilities: bool = False
+    ) -> Prediction:
         """:meth:`finish` by resampling each structure's probabilities onto the scan's grid (``Invertd``) and
         thresholding them: seconds per structure on a full-size scan."""
         labels, kept = LabelMap(tuple(reference.shape[:3]), self.settings), []
@@ -290,8 +300,12 @@ class Predictor:
             labels.add(k, native)
             if keep_probabilities:
                 kept.append(native.numpy())
-        return Prediction(label=labels.label.numpy(), probabilities=np.stack(kept) if keep_probabilities else None,
-                          reference=reference, structures=self.structures)
+        return Prediction(
+            label=labels.label.numpy(),
+            probabilities=np.stack(kept) if keep_probabilities else None,
+            reference=reference,
+            structures=self.structures,
+        )
 
     def __call__(self, path: str | Path, keep_probabilities: bool = False) -> Prediction:
         """Predict one scan; the result lies on the scan's own grid (shape and affine)."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 from fsseg.data.io import atomic_path
 from fsseg.errors import DataError
@@ -56,8 +57,10 @@ def check_owned(out: Path, planned: Iterable[Path], outputs_of: Callable[[str], 
         owned |= {path.name for path in outputs_of(case)}
     in_the_way = next((path for path in planned if path.exists() and path.name not in owned), None)
     if in_the_way is not None:
-        raise DataError(f"{in_the_way}: exists, and fsseg-predict did not write it (the folder's {REPORT} does not "
-                        "name it); choose another output folder or move the file away")
+        raise DataError(
+            f"{in_the_way}: exists, and fsseg-predict did not write it (the folder's {REPORT} does not "
+            "name it); choose another output folder or move the file away"
+        )
 
 
 @contextlib.contextmanager

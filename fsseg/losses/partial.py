@@ -56,8 +56,10 @@ class PartialLabelLoss(nn.Module):
             DataError: no sample of the batch annotates any structure.
         """
         if logits.shape != target.shape or task_mask.shape != logits.shape[:2]:
-            raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
-                             f"task_mask {tuple(task_mask.shape)}")
+            raise ValueError(
+                f"shapes differ: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
+                f"task_mask {tuple(task_mask.shape)}"
+            )
         logits, target, weight = logits.float(), target.float(), task_mask.float()
         per_channel = logits.new_zeros(logits.shape[:2])
         if self.dice_weight:
@@ -68,8 +70,10 @@ class PartialLabelLoss(nn.Module):
         annotated = weight.sum(1)
         supervised = annotated > 0
         if not supervised.any():
-            raise DataError("a training batch has no annotated structure: check the data lists' label maps "
-                            "against the model's template")
+            raise DataError(
+                "a training batch has no annotated structure: check the data lists' label maps "
+                "against the model's template"
+            )
         per_sample = (per_channel * weight).sum(1)[supervised] / annotated[supervised]
         channel_count = weight.sum(0)
         channel_mean = (per_channel.detach() * weight).sum(0) / channel_count.clamp(min=1)

@@ -10,7 +10,7 @@ query scan, both as proportions of the query's foreground-cropped volume. Outsid
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ def organ_size_prior(support_masks: Sequence[np.ndarray]) -> float:
 
 
 def size_constraint_loss(predicted: torch.Tensor, target: float, gamma: float, form: str = "relative") -> torch.Tensor:
-    """Hinge penalty on the predicted proportion ``predicted`` (a differentiable scalar) outside the band around ``target``."""
+    """Hinge penalty on the predicted proportion ``predicted`` (a differentiable scalar) outside the band around
+    ``target``."""
     if form not in FORMS:
         raise ValueError(f"unknown size-constraint form '{form}'; expected one of {', '.join(FORMS)}")
     target_t = torch.as_tensor(target, dtype=predicted.dtype, device=predicted.device)

@@ -9,8 +9,8 @@ import logging
 import math
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -21,11 +21,11 @@ from fsseg.data.datalist import Case, load_datalist
 from fsseg.data.io import atomic_path, load_volume, nifti_stem, same_geometry
 from fsseg.data.labels import LabelMap
 from fsseg.errors import DataError, FssegError
-from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
+from fsseg.inference.record import LABELS  # what fsseg-predict names its ids in
 from fsseg.metrics.segmentation import EMPTY_POLICY, StructureScore, score_structure, summarise
+from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
 from fsseg.templates import canonical_name
 from fsseg.viz import dice_boxplot_png
-from fsseg.inference.record import LABELS  # what fsseg-predict names its ids in
 
 log = logging.getLogger("fsseg.evaluate")
 REPORT_FILES = ("per_case.csv", "summary.json", "dice_boxplot.png")
@@ -68,8 +68,10 @@ def prediction_names(pred_dir: Path, pred_label_map: str | None, gt_label_map: L
     if (pred_dir / LABELS).is_file():
         return read_label_names(pred_dir / LABELS, LABELS)
     if gt_label_map is None:
-        raise DataError(f"{pred_dir}: no {LABELS}; give --pred-label-map (or --gt-label-map when the predictions "
-                        "use the ground truth's ids)")
+        raise DataError(
+            f"{pred_dir}: no {LABELS}; give --pred-label-map (or --gt-label-map when the predictions "
+            "use the ground truth's ids)"
+        )
     return _gt_ids_as_names(gt_label_map, str(pred_dir))
 
 
@@ -92,9 +94,15 @@ def find_prediction(folder: Path, case: Case, unique_stem: bool) -> Path | None:
     return None
 
 
-def score_case(prediction: Path | None, case: Case, label_map: LabelMap, pred_names: dict[int, str],
-               structures: Sequence[str], tolerance_mm: float,
-               named: bool = True) -> tuple[dict[str, StructureScore], str]:
+def score_case(
+    prediction: Path | None,
+    case: Case,
+    label_map: LabelMap,
+    pred_names: dict[int, str],
+    structures: Sequence[str],
+    tolerance_mm: float,
+    named: bool = True,
+) -> tuple[dict[str, StructureScore], str]:
     """Scores of each structure of one case and a status (``ok`` or why it failed). ``named``: the predictions
     come with a label map of their own, which must then name every id they hold."""
     gt_masks, reference = load_case_masks(case, label_map, structures)
@@ -111,16 +119,25 @@ def score_case(prediction: Path | None, case: Case, label_map: LabelMap, pred_na
         return {s: MISSING for s in structures}, f"prediction not on the ground truth's grid: {mismatch}"
     unnamed = sorted(set(np.unique(predicted.array).astype(int).tolist()) - {0} - set(pred_names)) if named else []
     if unnamed:  # another label map than the one given: its structures would be scored as empty
-        return {s: MISSING for s in structures}, (f"prediction {prediction.name} holds ids {unnamed} that its label "
-                                                  "map does not name")
+        return {s: MISSING for s in structures}, (
+            f"prediction {prediction.name} holds ids {unnamed} that its label map does not name"
+        )
     ids = {name: i for i, name in pred_names.items()}
-    return {s: score_structure(predicted.array == ids[s], gt_masks[s], reference.spacing, tolerance_mm)
-            for s in structures}, "ok"
+    return {
+        s: score_structure(predicted.array == ids[s], gt_masks[s], reference.spacing, tolerance_mm) for s in structures
+    }, "ok"
 
 
-def evaluate(pred_dir: Path, cases: Sequence[Case], label_map: LabelMap, structures: Sequence[str] | None,
-             tolerance_mm: float, progress: bool = False, pred_names: dict[int, str] | None = None,
-             named: bool | None = None) -> tuple[list[dict], dict]:
+def evaluate(
+    pred_dir: Path,
+    cases: Sequence[Case],
+    label_map: LabelMap,
+    structures: Sequence[str] | None,
+    tolerance_mm: float,
+    progress: bool = False,
+    pred_names: dict[int, str] | None = None,
+    named: bool | None = None,
+) -> tuple[list[dict], dict]:
     """Rows of per-case scores and the summary (per structure and overall).
 
     ``pred_names``: what the prediction ids mean (default: :func:`prediction_names` without a label map option);
@@ -135,14 +152,18 @@ def evaluate(pred_dir: Path, cases: Sequence[Case], label_map: LabelMap, structu
         chosen = [canonical_name(s) for s in structures]
         absent = [s for s in chosen if s not in pred_names.values()]
         if absent:
-            raise DataError(f"{pred_dir}: predictions do not contain {', '.join(absent)} "
-                            f"(labels.json has: {', '.join(pred_names.values())})")
+            raise DataError(
+                f"{pred_dir}: predictions do not contain {', '.join(absent)} "
+                f"(labels.json has: {', '.join(pred_names.values())})"
+            )
     else:
         annotated = {s for case in cases for s in case.annotated_structures(label_map)}
         chosen = [s for s in pred_names.values() if s in annotated]
         if not chosen:
-            raise DataError(f"{pred_dir}: no predicted structure ({', '.join(pred_names.values())}) is annotated "
-                            "in the ground truth")
+            raise DataError(
+                f"{pred_dir}: no predicted structure ({', '.join(pred_names.values())}) is annotated "
+                "in the ground truth"
+            )
     rows, per_structure = [], {s: [] for s in chosen}
     stem_counts = Counter(nifti_stem(case.image) for case in cases)
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
@@ -168,13 +189,19 @@ def evaluate(pred_dir: Path, cases: Sequence[Case], label_map: LabelMap, structu
 
 def format_summary(summary: dict) -> str:
     """A table: one row per structure, then all."""
-    lines = [f"{'structure':<28} {'n':>3} {'Dice':>14} {'NSD':>14} {'HD95 mm':>16} {'empty gt/pred':>13} {'missing':>7}"]
+    lines = [
+        f"{'structure':<28} {'n':>3} {'Dice':>14} {'NSD':>14} {'HD95 mm':>16} {'empty gt/pred':>13} {'missing':>7}"
+    ]
     items = list(summary["structures"].items()) + [("all", summary["overall"])]
+
+    def cell(s: dict, metric: str) -> str:
+        return f"{s[metric]['mean']:.3f} ± {s[metric]['std']:.3f}" if s[metric]["n"] else "-"
+
     for name, s in items:
-        def cell(metric: str) -> str:
-            return f"{s[metric]['mean']:.3f} ± {s[metric]['std']:.3f}" if s[metric]["n"] else "-"
-        lines.append(f"{name:<28} {s['n']:>3} {cell('dice'):>14} {cell('nsd'):>14} {cell('hd95'):>16} "
-                     f"{str(s['count_empty_gt']) + '/' + str(s['count_empty_pred']):>13} {s['count_missing']:>7}")
+        lines.append(
+            f"{name:<28} {s['n']:>3} {cell(s, 'dice'):>14} {cell(s, 'nsd'):>14} {cell(s, 'hd95'):>16} "
+            f"{str(s['count_empty_gt']) + '/' + str(s['count_empty_pred']):>13} {s['count_missing']:>7}"
+        )
     return "\n".join(lines)
 
 
@@ -188,8 +215,9 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> None:
         tmp.write_text(json.dumps(summary, indent=1, default=lambda v: None) + "\n")
 
 
-def _gt_folder_cases(gt_dir: Path, label_map_path: str | None, pred_label_map: str | None,
-                     pred_dir: Path) -> tuple[list[Case], LabelMap]:
+def _gt_folder_cases(
+    gt_dir: Path, label_map_path: str | None, pred_label_map: str | None, pred_dir: Path
+) -> tuple[list[Case], LabelMap]:
     if not gt_dir.is_dir():
         raise DataError(f"{gt_dir}: ground-truth folder not found")
     files = sorted(p for p in gt_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
@@ -222,8 +250,9 @@ def check_own_report(out: Path) -> None:
     if table.exists() and table.read_text(errors="replace").partition("\n")[0].strip() != ",".join(CSV_FIELDS):
         raise DataError(f"{table}: exists and is not a file of fsseg-evaluate; choose another output folder")
     if (out / "dice_boxplot.png").exists() and not (out / "summary.json").exists():
-        raise DataError(f"{out / 'dice_boxplot.png'}: exists without fsseg-evaluate's summary.json; choose another "
-                        "output folder")
+        raise DataError(
+            f"{out / 'dice_boxplot.png'}: exists without fsseg-evaluate's summary.json; choose another output folder"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,24 +262,33 @@ def build_parser() -> argparse.ArgumentParser:
         "per case and structure, in the ground truth's native grid with its voxel spacing. Writes per_case.csv and "
         "summary.json and prints a table. A missing prediction counts as a failure. " + EMPTY_POLICY,
     )
-    parser.add_argument("--pred", required=True,
-                        help="folder of predicted label maps named by case id (or like the case's image): "
-                        "fsseg-predict's, or another tool's (nnU-Net, TotalSegmentator)")
+    parser.add_argument(
+        "--pred",
+        required=True,
+        help="folder of predicted label maps named by case id (or like the case's image): "
+        "fsseg-predict's, or another tool's (nnU-Net, TotalSegmentator)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--gt", help="folder of ground-truth label maps named like the predictions")
     source.add_argument("--data-list", help="data list whose cases give the ground truth")
     parser.add_argument("--gt-label-map", help="with --gt: JSON id -> structure name (default: the predictions' ids)")
-    parser.add_argument("--pred-label-map",
-                        help="JSON id -> structure name of the predictions (default: the folder's labels.json, "
-                        "else the ground truth's ids); e.g. for nnU-Net output, its dataset.json labels inverted")
+    parser.add_argument(
+        "--pred-label-map",
+        help="JSON id -> structure name of the predictions (default: the folder's labels.json, "
+        "else the ground truth's ids); e.g. for nnU-Net output, its dataset.json labels inverted",
+    )
     parser.add_argument("--split", default="test", help="with --data-list: which split to score (default test)")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
     parser.add_argument("--structures", nargs="+", metavar="NAME", help="structures to score (default: all in both)")
-    parser.add_argument("--nsd-tolerance", type=number_in("(0, inf)"), default=2.0,
-                        help="NSD tolerance in mm (default 2)")
+    parser.add_argument(
+        "--nsd-tolerance", type=number_in("(0, inf)"), default=2.0, help="NSD tolerance in mm (default 2)"
+    )
     parser.add_argument("-o", "--output", required=True, help="report folder (per_case.csv, summary.json)")
-    parser.add_argument("--no-plot", action="store_true",
-                        help="do not draw dice_boxplot.png (drawing needs matplotlib: pip install -e .[viz])")
+    parser.add_argument(
+        "--no-plot",
+        action="store_true",
+        help="do not draw dice_boxplot.png (drawing needs matplotlib: pip install -e .[viz])",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(parser)
     return parser
@@ -274,13 +312,16 @@ def _command(args: argparse.Namespace) -> int:
     check_own_report(out)
     prepare_output_dir(out)
     named = bool(args.pred_label_map) or (pred_dir / LABELS).is_file()
-    rows, summary = evaluate(pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress,
-                             pred_names, named)
+    rows, summary = evaluate(
+        pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress, pred_names, named
+    )
     write_report(out, rows, summary)
     if not args.no_plot:
         dice = {s: [r["dice"] for r in rows if r["structure"] == s] for s in summary["structures"]}
         try:
-            dice_boxplot_png(Path(args.output) / "dice_boxplot.png", dice, f"Dice per structure ({summary['cases']} cases)")
+            dice_boxplot_png(
+                Path(args.output) / "dice_boxplot.png", dice, f"Dice per structure ({summary['cases']} cases)"
+            )
         except FssegError as error:  # the scores are written; only the picture is missing
             print(f"fsseg-evaluate: warning: no box plot: {error}", file=sys.stderr)
     print(format_summary(summary))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ EMPTY_POLICY = (
 
 @dataclass(frozen=True)
 class StructureScore:
-    """Scores of one structure in one case; ``kind`` is ``both``, ``empty_gt``, ``empty_pred``, ``both_empty`` or ``missing``."""
+    """Scores of one structure in one case; ``kind`` is ``both``, ``empty_gt``, ``empty_pred``, ``both_empty`` or
+    ``missing``."""
 
     dice: float
     nsd: float
@@ -39,7 +40,9 @@ class StructureScore:
         return asdict(self)
 
 
-def score_structure(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], tolerance_mm: float = 2.0) -> StructureScore:
+def score_structure(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], tolerance_mm: float = 2.0
+) -> StructureScore:
     """Dice, NSD at ``tolerance_mm`` and HD95 (mm) of two binary masks on the same grid.
 
     Args:
@@ -64,7 +67,9 @@ def score_structure(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], 
         # MONAI's surface metrics pass an argument MONAI itself deprecated (get_mask_edges, MONAI 1.5+).
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
         nsd = float(compute_surface_dice(y_pred, y, [tolerance_mm], include_background=True, spacing=spacing)[0, 0])
-        hd95 = float(compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)[0, 0])
+        hd95 = float(
+            compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)[0, 0]
+        )
     return StructureScore(dice, nsd, hd95, "both", n_gt, n_pred)
 
 

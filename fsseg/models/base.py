@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,8 +89,9 @@ class SegmentationModel(nn.Module):
                 try:
                     backbone.get_submodule(name)
                 except AttributeError:
-                    raise ConfigError(f"model '{arch.get('name')}': block '{name}' of group '{group}' does not "
-                                      "exist") from None
+                    raise ConfigError(
+                        f"model '{arch.get('name')}': block '{name}' of group '{group}' does not exist"
+                    ) from None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) image -> (B, F, X, Y, Z) decoder features."""
@@ -111,13 +112,19 @@ class SegmentationModel(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters per block group this model has; ``last_decoder_block`` is a part of ``decoder``,
         ``bottleneck`` of ``encoder``."""
-        return {group: [p for m in self.block_modules(group) for p in m.parameters()] for group in BLOCK_GROUPS
-                if group == "head" or group in self.blocks}
+        return {
+            group: [p for m in self.block_modules(group) for p in m.parameters()]
+            for group in BLOCK_GROUPS
+            if group == "head" or group in self.blocks
+        }
 
     def named_block_parameters(self, group: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(full parameter name, parameter) pairs of one group, as named in ``state_dict``."""
-        blocks = [("head", self.head)] if group == "head" else [
-            (f"backbone.{name}", module) for name, module in zip(self.blocks[group], self.block_modules(group))]
+        blocks = (
+            [("head", self.head)]
+            if group == "head"
+            else [(f"backbone.{name}", module) for name, module in zip(self.blocks[group], self.block_modules(group))]
+        )
         for prefix, module in blocks:
             for name, parameter in module.named_parameters():
                 yield f"{prefix}.{name}", parameter

@@ -16,7 +16,7 @@ Batch norm in the encoder uses its running statistics whenever the encoder is fr
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution, UnetResBlock, UnetUpBlock
@@ -42,14 +42,27 @@ class I3ResNetUNet(nn.Module):
         decoder_channels: the decoder's width at strides 16, 8, 4, 2 and 1 (in-plane).
     """
 
-    def __init__(self, layers: Sequence[int] = (3, 8, 36, 3), widths: Sequence[int] = (64, 128, 256, 512),
-                 decoder_channels: Sequence[int] = (256, 128, 64, 32, 32)) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 8, 36, 3),
+        widths: Sequence[int] = (64, 128, 256, 512),
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 32),
+    ) -> None:
         super().__init__()
         if len(layers) != 4 or len(widths) != 4 or len(decoder_channels) != 5:
             raise TypeError("layers and widths need 4 entries (one per stage), decoder_channels 5")
-        resnet = ResNet("bottleneck", list(layers), list(widths), spatial_dims=3, n_input_channels=3,
-                        conv1_t_size=(3, 7, 7), conv1_t_stride=(1, 2, 2), shortcut_type="B", bias_downsample=False,
-                        feed_forward=False)
+        resnet = ResNet(
+            "bottleneck",
+            list(layers),
+            list(widths),
+            spatial_dims=3,
+            n_input_channels=3,
+            conv1_t_size=(3, 7, 7),
+            conv1_t_stride=(1, 2, 2),
+            shortcut_type="B",
+            bias_downsample=False,
+            feed_forward=False,
+        )
         for name in ENCODER_MODULES:
             self.add_module(name, getattr(resnet, name))
         self.act, self.maxpool = resnet.act, resnet.maxpool
@@ -58,12 +71,16 @@ class I3ResNetUNet(nn.Module):
         skips = [1, widths[0], *(4 * w for w in widths)]
         self.skip0 = UnetResBlock(3, skips[0], decoder_channels[4], kernel_size=3, stride=1, norm_name=NORM)
         for level in range(1, 5):
-            self.add_module(f"skip{level}", Convolution(3, skips[level], decoder_channels[4 - level], kernel_size=1,
-                                                        norm=NORM, act="leakyrelu"))
+            self.add_module(
+                f"skip{level}",
+                Convolution(3, skips[level], decoder_channels[4 - level], kernel_size=1, norm=NORM, act="leakyrelu"),
+            )
         below = skips[5]
         for step, (channels, factor) in enumerate(zip(decoder_channels, UPSAMPLING)):
-            self.add_module(f"decoder{4 - step}", UnetUpBlock(3, below, channels, kernel_size=3, stride=1,
-                                                               upsample_kernel_size=factor, norm_name=NORM))
+            self.add_module(
+                f"decoder{4 - step}",
+                UnetUpBlock(3, below, channels, kernel_size=3, stride=1, upsample_kernel_size=factor, norm_name=NORM),
+            )
             below = channels
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:

@@ -30,8 +30,10 @@ def resolve(name: str) -> type:
         ConfigError: a name outside those packages, or one that does not exist.
     """
     if not name.startswith(IMPORTABLE):
-        raise ConfigError(f"nnU-Net plans name class '{name}', which is neither a torch.nn layer nor a "
-                          "dynamic-network-architectures network; fsseg imports nothing else")
+        raise ConfigError(
+            f"nnU-Net plans name class '{name}', which is neither a torch.nn layer nor a "
+            "dynamic-network-architectures network; fsseg imports nothing else"
+        )
     module, _, attribute = name.rpartition(".")
     try:
         return getattr(importlib.import_module(module), attribute)
@@ -46,8 +48,10 @@ def resolve(name: str) -> type:
 def build_network(network_class: str, arch_kwargs: dict, requires_import: list[str], num_classes: int = 2) -> nn.Module:
     """The network as nnU-Net builds it from its plans' ``architecture`` (one input channel, no deep
     supervision)."""
-    kwargs = {key: resolve(value) if key in requires_import and value is not None else value
-              for key, value in arch_kwargs.items()}
+    kwargs = {
+        key: resolve(value) if key in requires_import and value is not None else value
+        for key, value in arch_kwargs.items()
+    }
     try:
         return resolve(network_class)(input_channels=1, num_classes=num_classes, deep_supervision=False, **kwargs)
     except TypeError as error:
@@ -57,13 +61,21 @@ def build_network(network_class: str, arch_kwargs: dict, requires_import: list[s
 class NnUNetBackbone(nn.Module):
     """An nnU-Net network returning its last decoder stage's features (``features`` channels)."""
 
-    def __init__(self, network_class: str, arch_kwargs: dict, requires_import: list[str], input_scale: float = 1.0,
-                 input_shift: float = 0.0) -> None:
+    def __init__(
+        self,
+        network_class: str,
+        arch_kwargs: dict,
+        requires_import: list[str],
+        input_scale: float = 1.0,
+        input_shift: float = 0.0,
+    ) -> None:
         super().__init__()
         self.net = build_network(network_class, arch_kwargs, requires_import)
         if not hasattr(self.net, "decoder") or not hasattr(self.net.decoder, "seg_layers"):
-            raise ConfigError(f"nnU-Net network {network_class} has no decoder with segmentation layers; fsseg "
-                              "imports U-Net-shaped networks")
+            raise ConfigError(
+                f"nnU-Net network {network_class} has no decoder with segmentation layers; fsseg "
+                "imports U-Net-shaped networks"
+            )
         self.features = int(self.net.decoder.seg_layers[-1].in_channels)
         # With deep supervision off the decoder applies only its last segmentation layer: the head's place.
         self.net.decoder.seg_layers = nn.ModuleList([nn.Identity()])

@@ -49,8 +49,9 @@ def check_roi(name: str, roi: tuple[int, ...]) -> None:
     """
     multiple = _REGISTRY[name].roi_multiple if name in _REGISTRY else 1
     if any(size % multiple for size in roi):
-        raise ConfigError(f"preprocessing.roi {list(roi)}: model '{name}' needs window sizes that are multiples of "
-                          f"{multiple}")
+        raise ConfigError(
+            f"preprocessing.roi {list(roi)}: model '{name}' needs window sizes that are multiples of {multiple}"
+        )
 
 
 def list_models() -> dict[str, str]:
@@ -93,8 +94,13 @@ def _unet3d() -> tuple[nn.Module, int]:
     return UNet3D(), 64
 
 
-def _nnunet(network_class: str, arch_kwargs: dict, requires_import: list[str], input_scale: float = 1.0,
-            input_shift: float = 0.0) -> tuple[nn.Module, int]:
+def _nnunet(
+    network_class: str,
+    arch_kwargs: dict,
+    requires_import: list[str],
+    input_scale: float = 1.0,
+    input_shift: float = 0.0,
+) -> tuple[nn.Module, int]:
     backbone = NnUNetBackbone(network_class, arch_kwargs, requires_import, input_scale, input_shift)
     return backbone, backbone.features
 
@@ -116,36 +122,81 @@ _UNET_BLOCKS = {
     "bottleneck": ["down_4"],
 }
 
-register_model("unet3d", _unet3d, {}, {
-    "encoder": ["down_tr64", "down_tr128", "down_tr256", "down_tr512"],
-    "decoder": ["up_tr256", "up_tr128", "up_tr64"],
-    "last_decoder_block": ["up_tr64"],
-    "bottleneck": ["down_tr512"],
-}, "Models-Genesis 3D U-Net (19M parameters; the SuPreM / CLIP-Driven UNet backbone), 64 feature channels. "
-   "Spatial sizes must be divisible by 8.", roi_multiple=8)
-register_model("i3resnet152", _i3resnet_unet,
-               {"layers": [3, 8, 36, 3], "widths": [64, 128, 256, 512], "decoder_channels": [256, 128, 64, 32, 32]}, {
-                   "encoder": list(ENCODER_MODULES),
-                   "decoder": [f"{kind}{level}" for level in range(4, -1, -1) for kind in ("skip", "decoder")],
-                   "last_decoder_block": ["decoder0"],
-                   "bottleneck": ["layer4"],
-               }, "Merlin's I3ResNet-152 CT encoder (117.5M parameters; its weights load with fsseg-import-checkpoint "
-               "--format merlin/astra) with a U-Net decoder, 32 feature channels. X and Y must be multiples of 32, "
-               "Z of 16 (sizes are checked as multiples of 32).", roi_multiple=32)
-register_model("i3resnet_tiny", _i3resnet_unet,
-               {"layers": [1, 1, 1, 1], "widths": [8, 8, 16, 16], "decoder_channels": [16, 16, 8, 8, 8]},
-               _REGISTRY["i3resnet152"].blocks, "The I3ResNet U-Net with one narrow block per stage (0.1M parameters), "
-               "for tests.", roi_multiple=32)
-register_model("nnunet", _nnunet, {}, lambda kwargs: nnunet_blocks(kwargs["arch_kwargs"]["n_stages"]),
-               "An nnU-Net network (TotalSegmentator's and other nnU-Net v2 results) built by "
-               "dynamic-network-architectures from its plans; made by fsseg-import-checkpoint --format nnunet.")
-register_model("swinunetr", _swinunetr, {"feature_size": 48}, _SWIN_BLOCKS,
-               "MONAI SwinUNETR, feature_size 48 (62M parameters; the FSEFT/CLIP-Driven backbone). Spatial sizes "
-               "must be divisible by 32.", roi_multiple=32)
-register_model("swinunetr_tiny", _swinunetr, {"feature_size": 12}, _SWIN_BLOCKS,
-               "SwinUNETR with feature_size 12 (4M parameters), for tests and demos.", roi_multiple=32)
-register_model("unet", _basic_unet, {"features": [32, 32, 64, 128, 256, 32]}, _UNET_BLOCKS,
-               "MONAI BasicUNet (5.8M parameters), 32 feature channels at full resolution. Spatial sizes must be "
-               "divisible by 16.", roi_multiple=16)
-register_model("unet_tiny", _basic_unet, {"features": [8, 8, 16, 32, 64, 8]}, _UNET_BLOCKS,
-               "BasicUNet with 8..64 channels (0.36M parameters), for tests and the CPU demo.", roi_multiple=16)
+register_model(
+    "unet3d",
+    _unet3d,
+    {},
+    {
+        "encoder": ["down_tr64", "down_tr128", "down_tr256", "down_tr512"],
+        "decoder": ["up_tr256", "up_tr128", "up_tr64"],
+        "last_decoder_block": ["up_tr64"],
+        "bottleneck": ["down_tr512"],
+    },
+    "Models-Genesis 3D U-Net (19M parameters; the SuPreM / CLIP-Driven UNet backbone), 64 feature channels. "
+    "Spatial sizes must be divisible by 8.",
+    roi_multiple=8,
+)
+register_model(
+    "i3resnet152",
+    _i3resnet_unet,
+    {"layers": [3, 8, 36, 3], "widths": [64, 128, 256, 512], "decoder_channels": [256, 128, 64, 32, 32]},
+    {
+        "encoder": list(ENCODER_MODULES),
+        "decoder": [f"{kind}{level}" for level in range(4, -1, -1) for kind in ("skip", "decoder")],
+        "last_decoder_block": ["decoder0"],
+        "bottleneck": ["layer4"],
+    },
+    "Merlin's I3ResNet-152 CT encoder (117.5M parameters; its weights load with fsseg-import-checkpoint "
+    "--format merlin/astra) with a U-Net decoder, 32 feature channels. X and Y must be multiples of 32, "
+    "Z of 16 (sizes are checked as multiples of 32).",
+    roi_multiple=32,
+)
+register_model(
+    "i3resnet_tiny",
+    _i3resnet_unet,
+    {"layers": [1, 1, 1, 1], "widths": [8, 8, 16, 16], "decoder_channels": [16, 16, 8, 8, 8]},
+    _REGISTRY["i3resnet152"].blocks,
+    "The I3ResNet U-Net with one narrow block per stage (0.1M parameters), for tests.",
+    roi_multiple=32,
+)
+register_model(
+    "nnunet",
+    _nnunet,
+    {},
+    lambda kwargs: nnunet_blocks(kwargs["arch_kwargs"]["n_stages"]),
+    "An nnU-Net network (TotalSegmentator's and other nnU-Net v2 results) built by "
+    "dynamic-network-architectures from its plans; made by fsseg-import-checkpoint --format nnunet.",
+)
+register_model(
+    "swinunetr",
+    _swinunetr,
+    {"feature_size": 48},
+    _SWIN_BLOCKS,
+    "MONAI SwinUNETR, feature_size 48 (62M parameters; the FSEFT/CLIP-Driven backbone). Spatial sizes "
+    "must be divisible by 32.",
+    roi_multiple=32,
+)
+register_model(
+    "swinunetr_tiny",
+    _swinunetr,
+    {"feature_size": 12},
+    _SWIN_BLOCKS,
+    "SwinUNETR with feature_size 12 (4M parameters), for tests and demos.",
+    roi_multiple=32,
+)
+register_model(
+    "unet",
+    _basic_unet,
+    {"features": [32, 32, 64, 128, 256, 32]},
+    _UNET_BLOCKS,
+    "MONAI BasicUNet (5.8M parameters), 32 feature channels at full resolution. Spatial sizes must be divisible by 16.",
+    roi_multiple=16,
+)
+register_model(
+    "unet_tiny",
+    _basic_unet,
+    {"features": [8, 8, 16, 32, 64, 8]},
+    _UNET_BLOCKS,
+    "BasicUNet with 8..64 channels (0.36M parameters), for tests and the CPU demo.",
+    roi_multiple=16,
+)

@@ -97,7 +97,7 @@ class Template:
         return {"name": self.name, "structures": list(self.structures), "ids": list(self.ids)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Template":
+    def from_dict(cls, data: dict) -> Template:
         return cls(name=data["name"], structures=tuple(data["structures"]), ids=tuple(data["ids"]))
 
 
@@ -117,7 +117,8 @@ def load_template(name_or_path: str | Path = DEFAULT_TEMPLATE) -> Template:
         path = _DATA_DIR / f"{name_or_path}.json"
         if not path.is_file():
             raise ConfigError(
-                f"unknown template '{name_or_path}'; available: {', '.join(available_templates())} (or a path to a JSON file)"
+                f"unknown template '{name_or_path}'; available: {', '.join(available_templates())} "
+                "(or a path to a JSON file)"
             )
     try:
         data = json.loads(path.read_text())
@@ -132,7 +133,9 @@ def load_template(name_or_path: str | Path = DEFAULT_TEMPLATE) -> Template:
         duplicates = sorted({str(v) for v in values if values.count(v) > 1})
         if duplicates:
             raise ConfigError(f"{path}: duplicate structure {label}(s): {', '.join(duplicates)}")
-    return Template(name=data.get("name", path.stem), structures=names, ids=ids, description=data.get("description", ""))
+    return Template(
+        name=data.get("name", path.stem), structures=names, ids=ids, description=data.get("description", "")
+    )
 
 
 def _suggest(name: str, choices: tuple[str, ...] | list[str]) -> str:

@@ -3,10 +3,10 @@
 For a network that splits at its encoder (``backbone.encode`` / ``backbone.decode`` / ``backbone.strides``: the
 I3ResNet), training that leaves the encoder frozen (decoder pretraining, ``ft-last``) needs the encoder's
 output only, never its gradient. So each scan is padded to a multiple of the encoder's deepest stride, encoded
-once as a whole and its skips kept as float16 files (float32 beyond its range); a training crop then reads the skips at positions aligned to
-that stride and only the decoder runs. The encoder is convolutional with batch norm in eval mode, so a crop of
-the whole-scan skips is what it computes on that region with its full context (a crop encoded alone would see
-zero padding at its borders instead).
+once as a whole and its skips kept as float16 files (float32 beyond its range); a training crop then reads the
+skips at positions aligned to that stride and only the decoder runs. The encoder is convolutional with batch norm
+in eval mode, so a crop of the whole-scan skips is what it computes on that region with its full context (a crop
+encoded alone would see zero padding at its borders instead).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -109,8 +109,14 @@ class EncoderCache:
         return EncodedScan(levels, self.strides, extras, meta)
 
     @torch.no_grad()
-    def encode(self, scan_key: str, image: torch.Tensor, extras: dict[str, torch.Tensor] | None = None,
-               meta: dict | None = None, name: str = "") -> EncodedScan:
+    def encode(
+        self,
+        scan_key: str,
+        image: torch.Tensor,
+        extras: dict[str, torch.Tensor] | None = None,
+        meta: dict | None = None,
+        name: str = "",
+    ) -> EncodedScan:
         """Encode a padded (1, X, Y, Z) image (:func:`pad_for_encoder`) and store its skips with ``extras``
         (arrays on the same grid, e.g. its labels) and ``meta``; the marker file is written last."""
         folder = self._folder(scan_key)
@@ -126,9 +132,9 @@ class EncoderCache:
             with atomic_path(folder / f"{key}.npy") as tmp:
                 np.save(tmp, _storable(tensor, key).numpy())
         with atomic_path(folder / DONE) as tmp:
-            tmp.write_text(json.dumps({"shape": list(image.shape[1:]), "extras": sorted(extras or {})}
-                                      | (meta or {})))
+            tmp.write_text(json.dumps({"shape": list(image.shape[1:]), "extras": sorted(extras or {})} | (meta or {})))
         stored = sum((folder / f"level{level}.npy").stat().st_size for level in range(1, len(skips)))
-        log.info(f"cached the encoder features of {name or folder.name} ({tuple(image.shape[1:])}): "
-                 f"{stored / 2**20:.0f} MB")
+        log.info(
+            f"cached the encoder features of {name or folder.name} ({tuple(image.shape[1:])}): {stored / 2**20:.0f} MB"
+        )
         return self.load(scan_key)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from monai.optimizers import WarmupCosineSchedule
@@ -95,15 +96,25 @@ class Trainer:
     """The optimizer side of a run: ``forward`` maps a micro-batch's inputs to logits through the parameters that
     train; ``on_non_finite`` says what a non-finite loss leaves behind (it stops the run)."""
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter], forward: Callable[[Any], torch.Tensor],
-                 loss_fn: PartialLabelLoss, schedule: Schedule, precision: MixedPrecision,
-                 on_non_finite: str) -> None:
+    def __init__(
+        self,
+        parameters: Iterable[torch.nn.Parameter],
+        forward: Callable[[Any], torch.Tensor],
+        loss_fn: PartialLabelLoss,
+        schedule: Schedule,
+        precision: MixedPrecision,
+        on_non_finite: str,
+    ) -> None:
         self.parameters = [p for p in parameters if p.requires_grad]
         self.forward, self.loss_fn, self.schedule, self.precision = forward, loss_fn, schedule, precision
         self.on_non_finite = on_non_finite
         self.optimizer = torch.optim.AdamW(self.parameters, lr=schedule.lr, weight_decay=schedule.weight_decay)
-        self.scheduler = WarmupCosineSchedule(self.optimizer, warmup_steps=schedule.warmup_steps,
-                                              t_total=schedule.total_steps, warmup_multiplier=schedule.warmup_start)
+        self.scheduler = WarmupCosineSchedule(
+            self.optimizer,
+            warmup_steps=schedule.warmup_steps,
+            t_total=schedule.total_steps,
+            warmup_multiplier=schedule.warmup_start,
+        )
         self.step_count = 0
 
     def step(self, step: Step, epoch: int) -> tuple[float, list[LossOutput]]:
@@ -117,8 +128,9 @@ class Trainer:
             output = self.loss_fn(logits.float(), micro.targets, micro.masks)
             share = output.total * micro.share[0] / micro.share[1]
             if not scaler.is_enabled() and not torch.isfinite(share):  # else the scaler skips the step
-                raise NonFiniteWeights(f"non-finite loss at epoch {epoch}, step {self.step_count + 1} "
-                                       f"({step.label}); {self.on_non_finite}")
+                raise NonFiniteWeights(
+                    f"non-finite loss at epoch {epoch}, step {self.step_count + 1} ({step.label}); {self.on_non_finite}"
+                )
             scaler.scale(share).backward()
             loss += share.item()
             outputs.append(output)
@@ -137,8 +149,12 @@ class Trainer:
         self.precision.step(self.optimizer)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.precision.scaler.state_dict(), "step": self.step_count}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "step": self.step_count,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`; the schedule's end is this trainer's (a run may have grown longer)."""
@@ -155,8 +171,9 @@ class TrainingProgress:
     """Epochs, loss and time left of a run: a bar over its steps, or (``bar=False``) with ``lines`` a log line an
     epoch."""
 
-    def __init__(self, name: str, epochs: range, steps_per_epoch: int, bar: bool, lines: bool,
-                 log: logging.Logger) -> None:
+    def __init__(
+        self, name: str, epochs: range, steps_per_epoch: int, bar: bool, lines: bool, log: logging.Logger
+    ) -> None:
         self.name, self.last, self.lines, self.log = name, epochs.stop, lines, log
         self.total = len(epochs) * steps_per_epoch
         self.done = 0
@@ -175,8 +192,9 @@ class TrainingProgress:
 
     def epoch(self, stats: EpochStats) -> None:
         if self.lines:
-            self.log.info(f"{self.name} epoch {stats.epoch}/{self.last}: loss {stats.loss:.4f}, "
-                          f"{self.seconds_left():.0f} s left")
+            self.log.info(
+                f"{self.name} epoch {stats.epoch}/{self.last}: loss {stats.loss:.4f}, {self.seconds_left():.0f} s left"
+            )
 
     def close(self) -> None:
         self.bar.close()
@@ -190,8 +208,13 @@ class Fit:
     stopped: bool = False
 
 
-def fit(trainer: Trainer, source: CropSource, epochs: range, end_epoch: Callable[[EpochStats], bool],
-        progress: TrainingProgress) -> Fit:
+def fit(
+    trainer: Trainer,
+    source: CropSource,
+    epochs: range,
+    end_epoch: Callable[[EpochStats], bool],
+    progress: TrainingProgress,
+) -> Fit:
     """Train over ``epochs`` (0-based) of ``source``; after each, ``end_epoch`` (checkpoints, logging, early
     stopping) returns whether to stop."""
     result = Fit()

@@ -89,8 +89,9 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> bool:
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; asking for CUDA without a GPU is an error."""
     if name not in DEVICES:
-        raise ConfigError(f"unknown device '{name}'; expected one of {', '.join(DEVICES)} "
-                          "(choose the GPU with CUDA_VISIBLE_DEVICES)")
+        raise ConfigError(
+            f"unknown device '{name}'; expected one of {', '.join(DEVICES)} (choose the GPU with CUDA_VISIBLE_DEVICES)"
+        )
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
