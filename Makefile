@@ -29,7 +29,7 @@ STAMP := $(VENV)/.fsseg-installed
 # The adapter file fsseg-adapt named best in its run folder $(1).
 best_adapter = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best"]["adapter"])' $(1)/results.json)
 
-.PHONY: setup demo demo-phantom test clean-demo
+.PHONY: setup demo demo-phantom lint test clean-demo
 
 setup: $(STAMP)
 
@@ -98,7 +98,14 @@ demo-phantom: $(STAMP)
 # pytest exits 5 when it collected no tests, so an empty run fails here too. tests/test_installed.py builds the
 # wheel and installs it into .venv-installed/ with the same PyTorch requirement. The workers split the cores: torch in
 # each keeps to its share, one thread with one worker a core (tests/conftest.py).
-test: $(STAMP)
+# ruff (lint and format) and mypy, the checks .pre-commit-config.yaml runs before each commit; `make test` runs
+# them first.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP) lint
 	FSSEG_TORCH="$(TORCH)" FSSEG_TORCH_INDEX="$(TORCH_INDEX)" $(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean-demo:

@@ -80,7 +80,7 @@ def rng_state() -> dict:
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
         "numpy": {
             "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": pos,
             "has_gauss": has_gauss,
             "gauss": gauss,

@@ -98,7 +98,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
@@ -140,7 +140,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):

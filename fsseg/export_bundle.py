@@ -40,7 +40,7 @@ OUTPUT_POSTFIX = "seg"
 
 def preprocessing_transforms(pre: Preprocessing) -> list[dict]:
     """fsseg's inference preprocessing as the MONAI transforms of a bundle config (the same steps and arguments)."""
-    steps = [
+    steps: list[dict] = [
         {
             "_target_": "LoadImaged",
             "keys": "image",

@@ -43,16 +43,17 @@ def check_outputs(
     Raises:
         DataError: naming the first output that collides and the input it would replace.
     """
-    inputs = [Path(p) for p in inputs]
-    by_path = {p.resolve(): p for p in inputs}
+    paths = [Path(p) for p in inputs]
+    by_path = {p.resolve(): p for p in paths}
     if folder is not None:
-        folder = Path(folder).resolve()
-        inside = next((p for real, p in by_path.items() if folder in (real.parent, p.absolute().parent)), None)
+        where = Path(folder).resolve()
+        inside = next((p for real, p in by_path.items() if where in (real.parent, p.absolute().parent)), None)
         if inside is not None:
-            raise DataError(f"{option} {folder}: this folder holds input {inside}; write outputs to another folder")
-    by_id = {key: p for p in inputs if (key := _file_id(p)) is not None}
+            raise DataError(f"{option} {where}: this folder holds input {inside}; write outputs to another folder")
+    by_id = {key: p for p in paths if (key := _file_id(p)) is not None}
     for output in (Path(p) for p in outputs):
-        hit = by_path.get(output.resolve()) or by_id.get(_file_id(output))
+        key = _file_id(output)
+        hit = by_path.get(output.resolve()) or (by_id.get(key) if key is not None else None)
         if hit is not None:
             raise DataError(f"{output}: writing it would replace input {hit}; choose another {option}")
 

@@ -11,6 +11,7 @@ import json
 import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -105,7 +106,10 @@ def read_adapter_file(path: str | Path) -> dict:
     """
     path = require_file(path, "adapter file")
     if zipfile.is_zipfile(path) or not is_safetensors(path):
-        return load_torch_file(path, "adapter file")
+        payload = load_torch_file(path, "adapter file")
+        if not isinstance(payload, dict):
+            raise DataError(f"{path}: not an adapter file (it holds a {type(payload).__name__})")
+        return payload
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -173,7 +177,7 @@ def load_adapted_model(
     payload = read_checkpoint(checkpoint_path)
     base = model_from_checkpoint(payload, str(checkpoint_path))
     method = get_method(adapter["method"])
-    options = from_dict(method.config_cls, adapter["options"], where=f"{adapter_path}: options")
+    options: Any = from_dict(method.config_cls, adapter["options"], where=f"{adapter_path}: options")
     composition = from_dict(Composition, adapter.get("compose") or {}, where=f"{adapter_path}: compose")
     adapted = adapt_model(
         base, Template.from_dict(payload["template"]), adapter["structures"], adapter["method"], options, composition

@@ -30,6 +30,10 @@ class AdaptedModel(nn.Module):
     features computed once.
     """
 
+    base: SegmentationModel
+    trunk: nn.Module
+    head: nn.Conv3d
+
     def __init__(self, base: SegmentationModel, structures: list[str], trunk: nn.Module | None = None) -> None:
         super().__init__()
         self.base = base
@@ -99,7 +103,7 @@ def init_head_from_template(adapted: AdaptedModel, template: Template) -> list[s
             f"the model has {adapted.base.num_classes} output channels but template '{template.name}' "
             f"has {len(template)} structures"
         )
-    started = []
+    started: list[str] = []
     if not adapted.base.head_trained:
         return started
     with torch.no_grad():
@@ -188,7 +192,7 @@ def compose(adapted: AdaptedModel, composition: Composition) -> AdaptedModel:
             if choice == "new":
                 for module in block.modules():
                     if hasattr(module, "reset_parameters"):
-                        module.reset_parameters()
+                        module.reset_parameters()  # type: ignore[operator]
             for parameter in block.parameters():
                 parameter.requires_grad_(choice != "frozen")
     return adapted

@@ -46,11 +46,12 @@ def load_case_masks(
         )
     check_case_grid(case)
     if case.labels:
-        masks, reference = {}, None
+        masks: dict[str, np.ndarray] = {}
         for name in wanted:
             reference = load_volume(case.labels[name])
             masks[name] = reference.array > 0
-        return masks, reference
+        return masks, reference  # wanted is never empty: a case with labels annotates something
+    assert case.label is not None  # an annotated case without per-structure masks has a label map
     label = load_volume(case.label)
     label_map.check_ids(label.array, str(case.label))
     split_ids = any(len(pair) == 2 and set(pair) & set(wanted) for _, pair in label_map.entries)

@@ -228,7 +228,7 @@ def _header(path: Path) -> dict:
         }
     except ValueError:
         raise DataError(f"{path}: malformed position, orientation, spacing or size tags") from None
-    geometry = [*header["position"], *header["orientation"], *header["pixel_spacing"]]
+    geometry = [*header["position"], *header["orientation"], *header["pixel_spacing"]]  # type: ignore[misc]
     if not np.all(np.isfinite(geometry)):  # a NaN position would sort the slice anywhere
         raise DataError(f"{path}: its position, orientation or pixel spacing tags hold a non-finite number")
     return header

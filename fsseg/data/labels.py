@@ -39,7 +39,7 @@ class LabelMap:
         """
         if not isinstance(raw, Mapping):
             raise DataError(f"{source}: 'label_map' must be an object of id -> structure name")
-        entries, background, seen = [], set(), {}
+        entries, background, seen = [], set(), {}  # type: ignore[var-annotated]
         for key, value in raw.items():
             try:
                 file_id = int(key)

@@ -90,7 +90,7 @@ def _rotation_z(degrees: float) -> np.ndarray:
     return np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
 
 
-def phantom_affine(rng: np.random.Generator, spacing: Sequence[float]) -> tuple[np.ndarray, tuple[int, int, int]]:
+def phantom_affine(rng: np.random.Generator, spacing: Sequence[float]) -> tuple[np.ndarray, tuple[int, ...]]:
     """A random grid covering the field of view: RAS, LPS or LAS axes, sometimes oblique (up to 10 degrees)."""
     flips = {"RAS": (1, 1, 1), "LPS": (-1, -1, 1), "LAS": (-1, 1, 1)}[rng.choice(["RAS", "LPS", "LAS"])]
     tilt = rng.uniform(-10.0, 10.0) if rng.random() < 0.3 else 0.0
@@ -104,7 +104,7 @@ def phantom_affine(rng: np.random.Generator, spacing: Sequence[float]) -> tuple[
     return affine, shape
 
 
-def _world_grid(affine: np.ndarray, shape: tuple[int, int, int]) -> list[np.ndarray]:
+def _world_grid(affine: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
     i, j, k = (np.arange(n, dtype=np.float32) for n in shape)
     return [
         affine[a, 0] * i[:, None, None]
@@ -115,7 +115,7 @@ def _world_grid(affine: np.ndarray, shape: tuple[int, int, int]) -> list[np.ndar
     ]
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], amplitude: float) -> np.ndarray:
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], amplitude: float) -> np.ndarray:
     """A smooth random displacement (mm): 5^3 random weights on separable Gaussian bumps along each axis."""
     coarse = rng.normal(0.0, amplitude, size=(5, 5, 5)).astype(np.float32)
     field = coarse

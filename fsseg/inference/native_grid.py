@@ -43,7 +43,7 @@ class ModelBox:
     """
 
     to_model: np.ndarray
-    native_shape: tuple[int, int, int]
+    native_shape: tuple[int, ...]
     lo: np.ndarray
     size: np.ndarray
     border_low: np.ndarray

@@ -20,7 +20,7 @@ from fsseg.errors import DataError
 try:  # POSIX; elsewhere parts sharing a folder write their records without a lock
     import fcntl
 except ImportError:  # pragma: no cover
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 REPORT, LABELS = "predictions.json", "labels.json"
 LOCK = ".predictions.lock"

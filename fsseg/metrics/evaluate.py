@@ -164,7 +164,8 @@ def evaluate(
                 f"{pred_dir}: no predicted structure ({', '.join(pred_names.values())}) is annotated "
                 "in the ground truth"
             )
-    rows, per_structure = [], {s: [] for s in chosen}
+    rows: list[dict] = []
+    per_structure: dict[str, list] = {s: [] for s in chosen}
     stem_counts = Counter(nifti_stem(case.image) for case in cases)
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
         needed = [s for s in chosen if s in case.annotated_structures(label_map)]

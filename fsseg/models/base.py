@@ -42,6 +42,7 @@ class PointwiseConv3d(nn.Conv3d):
 def new_head(feature_channels: int, num_classes: int) -> nn.Conv3d:
     """A 1x1x1 convolution head whose sigmoid starts near :data:`HEAD_PRIOR_PROBABILITY` everywhere."""
     head = PointwiseConv3d(feature_channels, num_classes)
+    assert head.bias is not None  # a PointwiseConv3d always has one
     nn.init.constant_(head.bias, math.log(HEAD_PRIOR_PROBABILITY / (1 - HEAD_PRIOR_PROBABILITY)))
     return head
 
@@ -61,6 +62,13 @@ class SegmentationModel(nn.Module):
     ``head_trained`` is False for a backbone imported without its head: its rows are initialisation, not a model;
     ``decoder_trained`` is False for an encoder imported alone.
     """
+
+    head: nn.Conv3d
+    feature_channels: int
+    num_classes: int
+    arch: dict
+    head_trained: bool
+    decoder_trained: bool
 
     def __init__(
         self,
@@ -83,7 +91,7 @@ class SegmentationModel(nn.Module):
             # MONAI's Swin attention through torch's fused kernel when no gradient is taken (inference, feature
             # extraction): the same values (to 1e-6 here) 1.2x faster on the CPU; training keeps the plain path.
             if hasattr(module, "use_flash_attention"):
-                module.use_flash_attention = True
+                setattr(module, "use_flash_attention", True)  # noqa: B010 (not declared by torch's Module type)
         for group in BLOCK_GROUPS[:-1]:
             for name in self.blocks.get(group, ()):
                 try:

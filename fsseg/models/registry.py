@@ -34,8 +34,16 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, factory, defaults: dict, blocks: dict, description: str, roi_multiple: int = 1) -> None:
-    """Add a backbone under a lower-case ``name``; a name can be registered once."""
+def register_model(
+    name: str,
+    factory: Callable[..., tuple[nn.Module, int]],
+    defaults: dict,
+    blocks: dict | Callable[[dict], dict],
+    description: str,
+    roi_multiple: int = 1,
+) -> None:
+    """Add a backbone under a lower-case ``name``; a name can be registered once. ``blocks`` maps each block group
+    to submodule names, or is a function of the model's keyword arguments that does."""
     if name != name.lower() or name in _REGISTRY:
         raise ValueError(f"model name '{name}' must be lower case and new")
     _REGISTRY[name] = ModelSpec(factory, dict(defaults), blocks, description, roi_multiple)
@@ -80,7 +88,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> SegmentationModel:
 def _swinunetr(feature_size: int, **kwargs) -> tuple[nn.Module, int]:
     network = SwinUNETR(in_channels=1, out_channels=1, feature_size=feature_size, **kwargs)
     # The network's own output block is replaced by the shared head; what reaches it are decoder1's features.
-    network.out = nn.Identity()
+    network.out = nn.Identity()  # type: ignore[assignment]
     return network, feature_size
 
 

@@ -81,7 +81,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> bool:
     switched = False
     for module in model.modules():
         if hasattr(module, "use_checkpoint"):
-            module.use_checkpoint = True
+            setattr(module, "use_checkpoint", True)  # noqa: B010 (an attribute torch's Module type does not declare)
             switched = True
     return switched
 
