@@ -9,7 +9,15 @@ from pathlib import Path
 
 from fsseg.adapt.config import AdaptConfig
 from fsseg.adapters import list_methods
-from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
+from fsseg.cli import (
+    add_checkpoint_argument,
+    add_common_arguments,
+    add_output_argument,
+    add_run_arguments,
+    add_structures_argument,
+    override,
+    run_cli,
+)
 from fsseg.config import load_config
 from fsseg.errors import ConfigError, DataError
 from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
@@ -36,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONFIG,
         help="run config (default: configs/adapt/default.yaml: the demo's model and liver task)",
     )
-    parser.add_argument("--checkpoint", help="pretrained fsseg checkpoint")
+    add_checkpoint_argument(parser, "checkpoint", "pretrained fsseg checkpoint")
     parser.add_argument("--data-list", help="data list with train (support pool) and test cases")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
-    parser.add_argument("--organ", nargs="+", metavar="NAME", help="target structure(s), aliases accepted")
+    add_structures_argument(parser, "organ", "target structure(s), aliases accepted")
     parser.add_argument("--shots", type=int, nargs="+", metavar="K", help="support-set sizes, e.g. 1 5 10")
     parser.add_argument("--method", nargs="+", choices=sorted(list_methods()), help="adaptation method(s)")
     parser.add_argument("--seeds", type=int, help="support draws per K (seeds 0..N-1)")
@@ -49,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="transductive organ-size constraint on each test case (frozen-backbone methods)",
     )
-    parser.add_argument("--out", default="runs/adapt", help="run directory (default runs/adapt)")
+    add_output_argument(parser, "out", "run directory", default="runs/adapt")
     parser.add_argument(
         "--continue",
         dest="resume",

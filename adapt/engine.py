@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -303,127 +304,135 @@ def run_seed(organs: list[str], method: str, shots: int, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
 
 
+@dataclass
+class Job:
+    """One (method, K, seed) run: the model it trains, its settings and supports."""
+
+    method: str
+    shots: int
+    seed: int
+    supports: list[Support]
+    adapted: AdaptedModel
+    settings: MethodSettings
+    options: Any
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} K={self.shots} seed {self.seed}"
+
+    @property
+    def support_ids(self) -> str:
+        return " ".join(s.case.id for s in self.supports)
+
+
 def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: list[Support]) -> list[dict]:
+    """Adapt with one method to one support set and score it on the test cases: the run's result rows."""
     settings, options = run.settings[method]
-    training = settings.training
     torch.manual_seed(run_seed(run.organs, method, shots, seed))
     adapted = adapt_model(run.base, run.template, run.organs, method, options, settings.compose).to(run.device)
-    trainable, total = adapted.parameter_counts()
-    began = time.time()
-    ti = run.config.ti
-    rows, predictions = [], {}
-    support_ids = " ".join(s.case.id for s in supports)
-    report = {"name": f"{method} K={shots} seed {seed}", "progress": run.progress}
-    if ti.enabled:
-        warmed = train(adapted, supports, run, training, seed, until=min(ti.warmup_epochs, training.epochs), **report)
-        warm_seconds = time.time() - began
-        if warmed.stopped:
-            log.warning(
-                f"{method} K={shots} seed {seed}: the support loss plateaued after {warmed.epochs} epochs, "
-                f"before ti.warmup_epochs={ti.warmup_epochs}: no TI step was taken (the same stop as "
-                "without --ti); lower ti.warmup_epochs to let TI act"
-            )
-        for case in run.tests:
-            query = run.query(case)
-            pooled = torch.from_numpy(np.asarray(run.features(query), dtype=np.float32))[None]
-            pooled = F.avg_pool3d(pooled, ti.pool).to(run.device) if ti.pool > 1 else pooled.to(run.device)
-            own = copy.deepcopy(adapted)
-            began_query = time.time()
-            more = train(
-                own,
-                supports,
-                run,
-                training,
-                seed,
-                ti=(ti, pooled, size_targets(supports, query)),
-                resume=warmed,
-                **report,
-            )
-            seconds = warm_seconds + time.time() - began_query
-            scored, predictions[case.id] = score_rows(
-                run,
-                own,
-                query,
-                method,
-                shots,
-                seed,
-                trainable,
-                total,
-                seconds,
-                more.epochs,
-                support_ids,
-                transductive=True,
-            )
-            rows += scored
-        run.keep_if_best(method, shots, seed, rows, predictions)
-        return rows
-    ran = train(adapted, supports, run, training, seed, **report).epochs
-    seconds = time.time() - began
-    if run.config.save_adapters:
-        save_adapter(
-            run.out / "adapters" / adapter_name(run.organs, method, shots, seed),
-            adapted,
-            method,
-            options,
-            run.config.checkpoint,
-            run.pre,
-            {
-                "shots": shots,
-                "seed": seed,
-                "support": support_ids.split(),
-                "inference": run.inference.record(),
-                "compose": to_dict(settings.compose),
-            },
-        )
-    for case in run.tests:
-        scored, predictions[case.id] = score_rows(
-            run,
-            adapted,
-            run.query(case),
-            method,
-            shots,
-            seed,
-            trainable,
-            total,
-            seconds,
-            ran,
-            support_ids,
-            transductive=False,
-        )
-        rows += scored
-    log.info(
-        f"{method} K={shots} seed {seed}: {ran} epochs, {trainable:,} trainable of {total:,} parameters, "
-        f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}"
-    )
+    job = Job(method, shots, seed, supports, adapted, settings, options)
+    rows, predictions = (adapt_transductive if run.config.ti.enabled else adapt_inductive)(run, job)
     run.keep_if_best(method, shots, seed, rows, predictions)
     return rows
 
 
+def adapt_inductive(run: Adaptation, job: Job) -> tuple[list[dict], dict]:
+    """Train once on the supports, save the adapter, score every test case."""
+    began = time.time()
+    ran = train(
+        job.adapted, job.supports, run, job.settings.training, job.seed, name=job.name, progress=run.progress
+    ).epochs
+    seconds = time.time() - began
+    if run.config.save_adapters:
+        record = {
+            "shots": job.shots,
+            "seed": job.seed,
+            "support": job.support_ids.split(),
+            "inference": run.inference.record(),
+            "compose": to_dict(job.settings.compose),
+        }
+        save_adapter(
+            run.out / "adapters" / adapter_name(run.organs, job.method, job.shots, job.seed),
+            job.adapted,
+            job.method,
+            job.options,
+            run.config.checkpoint,
+            run.pre,
+            record,
+        )
+    rows, predictions = [], {}
+    for case in run.tests:
+        scored, predictions[case.id] = score_rows(run, job, job.adapted, run.query(case), seconds, ran, False)
+        rows += scored
+    trainable, total = job.adapted.parameter_counts()
+    log.info(
+        f"{job.name}: {ran} epochs, {trainable:,} trainable of {total:,} parameters, "
+        f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}"
+    )
+    return rows, predictions
+
+
+def adapt_transductive(run: Adaptation, job: Job) -> tuple[list[dict], dict]:
+    """Train on the supports up to ``ti.warmup_epochs``, then, for each test case, on from there with the size
+    constraint on that case; score each case with its own model."""
+    ti, training = run.config.ti, job.settings.training
+    began = time.time()
+    warmed = train(
+        job.adapted,
+        job.supports,
+        run,
+        training,
+        job.seed,
+        until=min(ti.warmup_epochs, training.epochs),
+        name=job.name,
+        progress=run.progress,
+    )
+    warm_seconds = time.time() - began
+    if warmed.stopped:
+        log.warning(
+            f"{job.name}: the support loss plateaued after {warmed.epochs} epochs, before "
+            f"ti.warmup_epochs={ti.warmup_epochs}: no TI step was taken (the same stop as without --ti); "
+            "lower ti.warmup_epochs to let TI act"
+        )
+    rows, predictions = [], {}
+    for case in run.tests:
+        query = run.query(case)
+        pooled = torch.from_numpy(np.asarray(run.features(query), dtype=np.float32))[None]
+        pooled = F.avg_pool3d(pooled, ti.pool).to(run.device) if ti.pool > 1 else pooled.to(run.device)
+        own = copy.deepcopy(job.adapted)
+        began_query = time.time()
+        more = train(
+            own,
+            job.supports,
+            run,
+            training,
+            job.seed,
+            ti=(ti, pooled, size_targets(job.supports, query)),
+            resume=warmed,
+            name=job.name,
+            progress=run.progress,
+        )
+        seconds = warm_seconds + time.time() - began_query
+        scored, predictions[case.id] = score_rows(run, job, own, query, seconds, more.epochs, True)
+        rows += scored
+    return rows, predictions
+
+
 def score_rows(
-    run: Adaptation,
-    adapted: AdaptedModel,
-    query: Query,
-    method: str,
-    shots: int,
-    seed: int,
-    trainable: int,
-    total: int,
-    seconds: float,
-    epochs: int,
-    support: str,
-    transductive: bool,
+    run: Adaptation, job: Job, model: AdaptedModel, query: Query, seconds: float, epochs: int, transductive: bool
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Result rows of one test case (one per target structure) and the predicted masks."""
-    predicted = predict_query(adapted, query, run)
+    predicted = predict_query(model, query, run)
+    trainable, total = job.adapted.parameter_counts()
     rows = []
     for organ in run.organs:
         score = score_structure(predicted[organ], query.masks[organ], query.spacing, run.config.nsd_tolerance)
         rows.append(
             {
                 "organ": organ,
-                "method": method,
-                "shots": shots,
-                "seed": seed,
+                "method": job.method,
+                "shots": job.shots,
+                "seed": job.seed,
                 "case": query.case.id,
                 "dice": round(score.dice, 4),
                 "nsd": round(score.nsd, 4),
@@ -433,7 +442,7 @@ def score_rows(
                 "total_params": total,
                 "train_seconds": round(seconds, 2),
                 "epochs": epochs,
-                "support": support,
+                "support": job.support_ids,
             }
         )
     return rows, predicted

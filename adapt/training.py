@@ -9,6 +9,7 @@ cosine) and the loss-plateau stop, both counted in epochs, mean the same number 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -240,6 +241,34 @@ def check_inputs(adapted: AdaptedModel, inputs: str, training: TrainingConfig) -
         log.warning("training.activation_checkpointing: this network offers none; training without it")
 
 
+@contextlib.contextmanager
+def laid_out(adapted: AdaptedModel, layout: torch.memory_format) -> Iterator[None]:
+    """The trained parts in ``layout`` while training, contiguous again afterwards (inference)."""
+    for part in (adapted.trunk, adapted.head):
+        part.to(memory_format=layout)
+    try:
+        yield
+    finally:
+        for part in (adapted.trunk, adapted.head):
+            part.to(memory_format=torch.contiguous_format)
+
+
+def make_trainer(
+    adapted: AdaptedModel, source: SupportCrops, training: TrainingConfig, precision: MixedPrecision
+) -> Trainer:
+    """The training core over ``adapted``'s trainable parameters, on a schedule counted in epochs of the source."""
+    per_epoch = source.steps_per_epoch
+    schedule = Schedule(
+        training.lr,
+        training.weight_decay,
+        training.warmup_epochs * per_epoch,
+        (training.cosine_epochs or training.epochs) * per_epoch,
+        training.warmup_start,
+    )
+    loss = PartialLabelLoss(training.dice_weight, training.bce_weight)
+    return Trainer(adapted.parameters(), source.forward, loss, schedule, precision, "nothing of this run was saved")
+
+
 def train(
     adapted: AdaptedModel,
     supports: list[Support],
@@ -269,21 +298,7 @@ def train(
     precision = MixedPrecision(run.device, cpu_bf16=training.cpu_bf16)
     source = SupportCrops(adapted, supports, run, training, seed, inputs, precision)
     per_epoch = source.steps_per_epoch
-    schedule = Schedule(
-        training.lr,
-        training.weight_decay,
-        training.warmup_epochs * per_epoch,
-        (training.cosine_epochs or training.epochs) * per_epoch,
-        training.warmup_start,
-    )
-    trainer = Trainer(
-        adapted.parameters(),
-        source.forward,
-        PartialLabelLoss(training.dice_weight, training.bce_weight),
-        schedule,
-        precision,
-        "nothing of this run was saved",
-    )
+    trainer = make_trainer(adapted, source, training, precision)
     stopper = EarlyStopper(
         training.early_stop_window,
         training.early_stop_patience,
@@ -305,15 +320,12 @@ def train(
             return True
         return False
 
-    for part in (adapted.trunk, adapted.head):
-        part.to(memory_format=source.layout)
     epochs = range(len(stopper.losses), training.epochs if until is None else until)
     stopped = bool(resume and resume.stopped)
     if not stopped:
         report = TrainingProgress(name, epochs, per_epoch, bar=bool(progress), lines=progress is False, log=log)
-        stopped = fit(trainer, source, epochs, end_epoch, report).stopped
-    for part in (adapted.trunk, adapted.head):
-        part.to(memory_format=torch.contiguous_format)
+        with laid_out(adapted, source.layout):
+            stopped = fit(trainer, source, epochs, end_epoch, report).stopped
     adapted.eval()
     return TrainResult(stopper.losses, stopped, trainer.state_dict() | source.state_dict())
 

@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
@@ -41,10 +41,47 @@ def number_in(interval: str, kind: type = float) -> Callable[[str], float | int]
     return parse
 
 
+# One spelling for each concept across the commands: the first is the one --help shows, the others are kept as
+# aliases (the spellings of earlier releases and of other commands).
+CHECKPOINT_FLAGS = ("--checkpoint", "-m", "--model")
+OUTPUT_FLAGS = ("--out", "-o", "--output")
+STRUCTURE_FLAGS = ("--organ", "--organs", "--structures")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default appended to its help, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        quiet: tuple = (None, False, [], argparse.SUPPRESS)
+        if "default" in text or action.default in quiet or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags every fsseg command shares."""
+    """Add the flags every fsseg command shares, and show every option's default in ``--help``."""
+    from fsseg import __version__
+
+    parser.formatter_class = HelpFormatter
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     parser.add_argument("--quiet", action="store_true", help="only print warnings and errors")
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser, dest: str, help: str, **kwargs: Any) -> None:
+    """The fsseg checkpoint a command reads: ``--checkpoint`` (``-m``, ``--model``)."""
+    parser.add_argument(*CHECKPOINT_FLAGS, dest=dest, metavar="CKPT", help=help, **kwargs)
+
+
+def add_output_argument(parser: argparse.ArgumentParser, dest: str, help: str, **kwargs: Any) -> None:
+    """What a command writes: ``--out`` (``-o``, ``--output``)."""
+    parser.add_argument(*OUTPUT_FLAGS, dest=dest, help=help, **kwargs)
+
+
+def add_structures_argument(parser: argparse.ArgumentParser, dest: str, help: str, **kwargs: Any) -> None:
+    """The structures a command works on: ``--organ`` (``--organs``, ``--structures``), names or aliases."""
+    parser.add_argument(*STRUCTURE_FLAGS, dest=dest, nargs="+", metavar="NAME", help=help, **kwargs)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, example: str) -> None:

@@ -27,7 +27,13 @@ import torch
 from fsseg import __version__
 from fsseg.bundle import BundleNetwork
 from fsseg.checkpoint import read_checkpoint, save_torch_file, sha256_file
-from fsseg.cli import add_common_arguments, run_cli
+from fsseg.cli import (
+    add_checkpoint_argument,
+    add_common_arguments,
+    add_output_argument,
+    add_structures_argument,
+    run_cli,
+)
 from fsseg.data.io import new_mode, remove_leftovers
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
@@ -82,6 +88,36 @@ def preprocessing_transforms(pre: Preprocessing) -> list[dict]:
     return steps
 
 
+def postprocessing_transforms(settings: InferenceSettings) -> list[dict]:
+    """Back to the scan's grid, thresholded into a label map, written as NIfTI next to the others."""
+    return [
+        {
+            "_target_": "Invertd",
+            "keys": "pred",
+            "transform": "@preprocessing",
+            "orig_keys": "image",
+            "nearest_interp": False,
+            "to_tensor": True,
+        },
+        {
+            "_target_": "fsseg.bundle.LabelMapd",
+            "keys": "pred",
+            "threshold": settings.threshold,
+            "largest_component": settings.largest_component,
+        },
+        {
+            "_target_": "SaveImaged",
+            "keys": "pred",
+            "output_dir": "@output_dir",
+            "output_postfix": OUTPUT_POSTFIX,
+            "output_dtype": "$numpy.uint8",
+            "resample": False,
+            "separate_folder": False,
+            "print_log": False,
+        },
+    ]
+
+
 def inference_config(model: Model, network: dict, settings: InferenceSettings) -> dict:
     """``configs/inference.json``: segment every NIfTI scan of ``dataset_dir`` into ``output_dir``."""
     return {
@@ -108,35 +144,7 @@ def inference_config(model: Model, network: dict, settings: InferenceSettings) -
             "sw_batch_size": settings.sw_batch_size,
             **settings.record(),
         },
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {
-                    "_target_": "Invertd",
-                    "keys": "pred",
-                    "transform": "@preprocessing",
-                    "orig_keys": "image",
-                    "nearest_interp": False,
-                    "to_tensor": True,
-                },
-                {
-                    "_target_": "fsseg.bundle.LabelMapd",
-                    "keys": "pred",
-                    "threshold": settings.threshold,
-                    "largest_component": settings.largest_component,
-                },
-                {
-                    "_target_": "SaveImaged",
-                    "keys": "pred",
-                    "output_dir": "@output_dir",
-                    "output_postfix": OUTPUT_POSTFIX,
-                    "output_dtype": "$numpy.uint8",
-                    "resample": False,
-                    "separate_folder": False,
-                    "print_log": False,
-                },
-            ],
-        },
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing_transforms(settings)},
         "handlers": [
             {
                 "_target_": "CheckpointLoader",
@@ -260,12 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"--dataset_dir SCANS (masks <scan>_{OUTPUT_POSTFIX}.nii.gz in BUNDLE/eval, or --output_dir). fsseg must be "
         "installed where the bundle runs.",
     )
-    parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
+    add_checkpoint_argument(parser, "model", "fsseg checkpoint (.pt)", required=True)
     parser.add_argument(
         "--adapter", nargs="+", metavar="FILE", help="adapter file(s) of fsseg-adapt for this checkpoint"
     )
-    parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
-    parser.add_argument("-o", "--output", required=True, help="the bundle folder to create (it must not exist)")
+    add_structures_argument(parser, "organs", "structures to predict (default: all)")
+    add_output_argument(parser, "output", "the bundle folder to create (it must not exist)", required=True)
     add_inference_arguments(parser)
     add_common_arguments(parser)
     return parser
@@ -275,7 +283,7 @@ def _command(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists():
         raise DataError(f"{out}: already exists; give a new folder for the bundle")
-    check_outputs([out], [args.model, *(args.adapter or [])], option="--output")
+    check_outputs([out], [args.model, *(args.adapter or [])], option="--out")
     model = build_model(args.model, args.adapter, args.organs, torch.device("cpu"))
     export_bundle(model, args.model, args.adapter or [], inference_settings(args, model.recorded), out)
     print(

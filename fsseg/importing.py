@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from fsseg.checkpoint import load_torch_file, save_checkpoint, sha256_file
-from fsseg.cli import add_common_arguments, run_cli
+from fsseg.cli import add_common_arguments, add_output_argument, run_cli
 from fsseg.data.io import remove_leftovers
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --format nnunet: the orientation the training images were stored in (default RAS, "
         "TotalSegmentator's; nnU-Net does not reorient, so the model expects that orientation)",
     )
-    parser.add_argument("-o", "--output", required=True, help="fsseg checkpoint to write")
+    add_output_argument(parser, "output", "fsseg checkpoint to write", required=True)
     parser.add_argument("--template", help="structure template of the head (default: the layout's own)")
     parser.add_argument(
         "--drop-head",

@@ -228,46 +228,19 @@ def import_nnunet(
         pre, scale, shift = preprocessing(plans, config, dataset, orientation, folder)
     except (KeyError, TypeError, ValueError) as error:
         raise DataError(f"{folder}: plans.json lacks what the preprocessing needs ({error})") from None
-    weights_file = folder / f"fold_{fold}" / checkpoint
-    if not weights_file.is_file():
-        found = sorted(str(p.relative_to(folder)) for p in folder.glob("fold_*/*.pth"))
-        raise DataError(
-            f"{weights_file}: not found; this folder holds {', '.join(found) or 'no fold_N/*.pth'} "
-            "(choose with --fold and --checkpoint-name)"
-        )
+    weights_file = _weights_file(folder, fold, checkpoint)
     weights = read_weights(weights_file, unsafe)
     template = Template(
         name=f"nnunet-{folder.parent.name}", structures=tuple(names), ids=tuple(range(1, len(names) + 1))
     )
+    settings = {"network_class": network_class, "arch_kwargs": arch_kwargs, "requires_import": requires_import}
     try:
-        model = create_model(
-            "nnunet",
-            num_classes=len(names),
-            network_class=network_class,
-            arch_kwargs=arch_kwargs,
-            requires_import=requires_import,
-            input_scale=scale,
-            input_shift=shift,
-        )
+        model = create_model("nnunet", num_classes=len(names), input_scale=scale, input_shift=shift, **settings)
     except ConfigError as error:
         raise DataError(f"{folder / 'plans.json'}: {error}") from None
     state = _fsseg_state(weights, model.state_dict(), weights_file, log)
     model.load_state_dict(state)
-    log(
-        f"nnU-Net {template.name.removeprefix('nnunet-')}, configuration {name}, fold {fold}: "
-        f"{network_class.rsplit('.', 1)[-1]}, {arch_kwargs['n_stages']} stages, {model.feature_channels} feature "
-        f"channels; {len(names)} structures: {', '.join(names)}"
-    )
-    log(
-        "head: nnU-Net's softmax over background + classes as per-structure logits (class minus background): the "
-        "label map is nnU-Net's argmax; a structure's probability is P(k) / (P(k) + P(background))"
-    )
-    log(
-        f"preprocessing: orientation {pre.orientation} (training images in {orientation}, read as SimpleITK "
-        f"stores them), spacing {'x'.join(f'{s:g}' for s in pre.spacing)} mm, windows {'x'.join(map(str, pre.roi))}, "
-        f"CT normalisation: HU clipped to [{pre.hu_window[0]:g}, {pre.hu_window[1]:g}], then z-scored in the backbone; "
-        "not reproduced: nnU-Net's third-order resampling (fsseg resamples linearly) and test-time mirroring"
-    )
+    _describe(template, name, fold, network_class, arch_kwargs, model.feature_channels, pre, orientation, log)
     return {
         "kind": "imported",
         "arch": model.arch,
@@ -284,6 +257,47 @@ def import_nnunet(
             "fold": fold,
         },
     }
+
+
+def _weights_file(folder: Path, fold: str, checkpoint: str) -> Path:
+    """The fold's weights file, or a DataError naming the ones the folder holds."""
+    weights_file = folder / f"fold_{fold}" / checkpoint
+    if not weights_file.is_file():
+        found = sorted(str(p.relative_to(folder)) for p in folder.glob("fold_*/*.pth"))
+        raise DataError(
+            f"{weights_file}: not found; this folder holds {', '.join(found) or 'no fold_N/*.pth'} "
+            "(choose with --fold and --checkpoint-name)"
+        )
+    return weights_file
+
+
+def _describe(
+    template: Template,
+    name: str,
+    fold: str,
+    network_class: str,
+    arch_kwargs: dict,
+    feature_channels: int,
+    pre: Preprocessing,
+    orientation: str,
+    log: Callable[[str], None],
+) -> None:
+    """Say what was imported and what of nnU-Net's inference fsseg does not reproduce."""
+    log(
+        f"nnU-Net {template.name.removeprefix('nnunet-')}, configuration {name}, fold {fold}: "
+        f"{network_class.rsplit('.', 1)[-1]}, {arch_kwargs['n_stages']} stages, {feature_channels} feature "
+        f"channels; {len(template)} structures: {', '.join(template.structures)}"
+    )
+    log(
+        "head: nnU-Net's softmax over background + classes as per-structure logits (class minus background): the "
+        "label map is nnU-Net's argmax; a structure's probability is P(k) / (P(k) + P(background))"
+    )
+    log(
+        f"preprocessing: orientation {pre.orientation} (training images in {orientation}, read as SimpleITK "
+        f"stores them), spacing {'x'.join(f'{s:g}' for s in pre.spacing)} mm, windows {'x'.join(map(str, pre.roi))}, "
+        f"CT normalisation: HU clipped to [{pre.hu_window[0]:g}, {pre.hu_window[1]:g}], then z-scored in the backbone; "
+        "not reproduced: nnU-Net's third-order resampling (fsseg resamples linearly) and test-time mirroring"
+    )
 
 
 def _fsseg_state(weights: dict, own: dict, source: Path, log: Callable[[str], None]) -> dict:

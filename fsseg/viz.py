@@ -40,6 +40,10 @@ def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple
     return np.asanyarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
 
 
+# The patient-side letters at the edges of each view.
+SIDE_MARKER = {"color": "yellow", "fontsize": 12, "fontweight": "bold", "ha": "center", "va": "center"}
+
+
 def overlay_png(
     path: str | Path,
     image: np.ndarray,
@@ -84,17 +88,7 @@ def overlay_png(
                 axis.contour(section, levels=[0.5], colors=[colour], linewidths=1.2)
         axis.invert_xaxis()
         for x, marker in ((0.03, left), (0.97, right)):
-            axis.text(
-                x,
-                0.5,
-                marker,
-                transform=axis.transAxes,
-                color="yellow",
-                fontsize=12,
-                fontweight="bold",
-                ha="center",
-                va="center",
-            )
+            axis.text(x, 0.5, marker, transform=axis.transAxes, **SIDE_MARKER)
         axis.set_title(name)
         axis.axis("off")
     handles = [plt.Line2D([], [], color=colour, label=label) for label, colour, _ in contours]

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsseg.cli import add_common_arguments, add_run_arguments, override, run_cli
+from fsseg.cli import add_common_arguments, add_output_argument, add_run_arguments, override, run_cli
 from fsseg.config import load_config
 from fsseg.models import list_models
 from fsseg.outputs import check_run_file
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/pretrain/tiny.yaml")
     parser.add_argument("--data-list", nargs="+", metavar="LIST.json", help="data lists (replace data.lists)")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
-    parser.add_argument("--out", default="runs/pretrain", help="run directory (default: runs/pretrain)")
+    add_output_argument(parser, "out", "run directory", default="runs/pretrain")
     parser.add_argument(
         "--resume",
         metavar="auto|PATH",

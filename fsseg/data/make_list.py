@@ -31,7 +31,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsseg.cli import add_common_arguments, run_cli
+from fsseg.cli import add_common_arguments, add_output_argument, run_cli
 from fsseg.data.datalist import SPLITS, load_datalist
 from fsseg.data.io import atomic_path, nifti_stem
 from fsseg.data.labels import LabelMap
@@ -53,6 +53,28 @@ def specs_dir() -> Path:
 
 def available_datasets() -> list[str]:
     return sorted(p.stem for p in specs_dir().glob("*.json"))
+
+
+def _nnunet_label_map(labels: dict, path: Path) -> dict[str, str]:
+    """id -> structure name from dataset.json's ``labels``, each id a plain integer."""
+    label_map: dict[str, str] = {}
+    for key, value in labels.items():
+        # v2: name -> id (or a list of ids: a region); v1: id -> name
+        name, label = (value, key) if isinstance(value, str) and key.isdigit() else (key, value)
+        if name == "ignore":
+            raise DataError(
+                f"{path}: label 'ignore' (voxels left unannotated) is not supported: fsseg would "
+                "train on them as background"
+            )
+        if isinstance(label, (list, tuple)):
+            raise DataError(f"{path}: label '{name}' is region-based ({label}); fsseg reads one id per structure")
+        # an integer, never a number truncated to one (1.5 -> 1 would relabel another structure's voxels)
+        if isinstance(label, bool) or not (isinstance(label, int) or (isinstance(label, str) and label.isdigit())):
+            raise DataError(f"{path}: label '{name}' has id {label!r}, not an integer")
+        if str(int(label)) in label_map:
+            raise DataError(f"{path}: id {int(label)} is given to both '{label_map[str(int(label))]}' and '{name}'")
+        label_map[str(int(label))] = str(name)
+    return label_map
 
 
 def nnunet_spec(root: Path) -> dict:
@@ -81,23 +103,7 @@ def nnunet_spec(root: Path) -> dict:
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:
         raise DataError(f"{path}: file_ending '{ending}'; fsseg reads NIfTI ({', '.join(NIFTI_ENDINGS)})")
-    label_map: dict[str, str] = {}
-    for key, value in meta["labels"].items():
-        # v2: name -> id (or a list of ids: a region); v1: id -> name
-        name, label = (value, key) if isinstance(value, str) and key.isdigit() else (key, value)
-        if name == "ignore":
-            raise DataError(
-                f"{path}: label 'ignore' (voxels left unannotated) is not supported: fsseg would "
-                "train on them as background"
-            )
-        if isinstance(label, (list, tuple)):
-            raise DataError(f"{path}: label '{name}' is region-based ({label}); fsseg reads one id per structure")
-        # an integer, never a number truncated to one (1.5 -> 1 would relabel another structure's voxels)
-        if isinstance(label, bool) or not (isinstance(label, int) or (isinstance(label, str) and label.isdigit())):
-            raise DataError(f"{path}: label '{name}' has id {label!r}, not an integer")
-        if str(int(label)) in label_map:
-            raise DataError(f"{path}: id {int(label)} is given to both '{label_map[str(int(label))]}' and '{name}'")
-        label_map[str(int(label))] = str(name)
+    label_map = _nnunet_label_map(meta["labels"], path)
     suffix = re.escape("_0000" + ending) + "$"
     layouts = [
         {
@@ -313,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "labelled scans",
     )
     parser.add_argument("--root", required=True, help="the dataset's folder, as downloaded/unpacked")
-    parser.add_argument("-o", "--output", required=True, help="data list to write (LIST.json)")
+    add_output_argument(parser, "output", "data list to write (LIST.json)", required=True)
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     parser.add_argument(
         "--label-map", help=f"{FOLDER} only: what the label ids are, as 1=liver,2=spleen or a JSON file of id -> name"

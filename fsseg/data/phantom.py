@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from fsseg.cli import add_common_arguments, number_in, run_cli
+from fsseg.cli import add_common_arguments, add_output_argument, number_in, run_cli
 from fsseg.data.io import atomic_path, save_nifti, staged_writes
 from fsseg.errors import DataError
 from fsseg.outputs import prepare_output_dir
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write synthetic abdominal CT data sets (NIfTI + data lists): three partially labelled source "
         "data sets for pretraining and a fully labelled target data set with train/test splits.",
     )
-    parser.add_argument("--out", required=True, help="output folder (data sets and <name>.json lists)")
+    add_output_argument(parser, "out", "output folder (data sets and <name>.json lists)", required=True)
     parser.add_argument(
         "--seed",
         type=number_in("[0, 4294967295]", int),

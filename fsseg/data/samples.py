@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsseg.cli import add_common_arguments, run_cli
+from fsseg.cli import add_common_arguments, add_output_argument, run_cli
 from fsseg.data.io import atomic_path, staged_writes
 from fsseg.errors import DataError
 from fsseg.outputs import prepare_output_dir
@@ -102,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fsseg-pretrain and fsseg-adapt. Files already there are kept when identical; a different file of the "
         "same name is an error.",
     )
-    parser.add_argument(
-        "--out",
+    add_output_argument(
+        parser,
+        "out",
+        "output folder: the data lists, and the scans with README.md and manifest.json in ct/",
         required=True,
-        help="output folder: the data lists, and the scans with README.md and manifest.json in ct/",
     )
     add_common_arguments(parser)
     return parser

@@ -18,7 +18,15 @@ from tqdm import tqdm
 
 from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
-from fsseg.cli import add_common_arguments, number_in, run_cli, user_error
+from fsseg.cli import (
+    add_checkpoint_argument,
+    add_common_arguments,
+    add_output_argument,
+    add_structures_argument,
+    number_in,
+    run_cli,
+    user_error,
+)
 from fsseg.data.datalist import load_datalist
 from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
 from fsseg.data.io import (
@@ -291,15 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="test", help="with a data list as input: which split (default test)")
     parser.add_argument("--data-root", help="with a data list: base folder for relative paths without a 'root'")
-    parser.add_argument("-o", "--output", required=True, help="output folder (created); it must not hold any input")
-    parser.add_argument("-m", "--model", required=True, help="fsseg checkpoint (.pt)")
+    add_output_argument(parser, "output", "output folder (created); it must not hold any input", required=True)
+    add_checkpoint_argument(parser, "model", "fsseg checkpoint (.pt)", required=True)
     parser.add_argument(
         "--adapter",
         nargs="+",
         metavar="FILE",
         help="adapter file(s) written by fsseg-adapt for this checkpoint: predict their structures",
     )
-    parser.add_argument("--organs", nargs="+", metavar="NAME", help="structures to predict (default: all)")
+    add_structures_argument(parser, "organs", "structures to predict (default: all)")
     parser.add_argument(
         "--device",
         choices=DEVICES,
@@ -315,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--part-id", type=number_in("[0, inf)", int), default=0, help="which part this process predicts (0-based)"
     )
+    add_output_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_inference_arguments(parser)
+    add_common_arguments(parser)
+    return parser
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """What fsseg-predict writes for each case besides its label map."""
     parser.add_argument(
         "--output-type",
         nargs="+",
@@ -336,10 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write <case>_preview.png: axial/coronal/sagittal slices with the predicted contours "
         "(needs matplotlib: pip install -e .[viz])",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_inference_arguments(parser)
-    add_common_arguments(parser)
-    return parser
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fsseg.cli import add_common_arguments, number_in, run_cli
+from fsseg.cli import add_common_arguments, add_output_argument, add_structures_argument, number_in, run_cli
 from fsseg.data.annotations import load_case_masks
 from fsseg.data.datalist import Case, load_datalist
 from fsseg.data.io import atomic_path, load_volume, nifti_stem, same_geometry
@@ -280,11 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="test", help="with --data-list: which split to score (default test)")
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
-    parser.add_argument("--structures", nargs="+", metavar="NAME", help="structures to score (default: all in both)")
+    add_structures_argument(parser, "structures", "structures to score (default: all in both)")
     parser.add_argument(
         "--nsd-tolerance", type=number_in("(0, inf)"), default=2.0, help="NSD tolerance in mm (default 2)"
     )
-    parser.add_argument("-o", "--output", required=True, help="report folder (per_case.csv, summary.json)")
+    add_output_argument(parser, "output", "report folder (per_case.csv, summary.json)", required=True)
     parser.add_argument(
         "--no-plot",
         action="store_true",

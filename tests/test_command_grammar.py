@@ -1,0 +1,74 @@
+"""One command-line grammar: every console script's parser walked, as a new user meets them one after another."""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import importlib
+
+import pytest
+
+import fsseg
+from conftest import REPO
+
+
+def console_scripts() -> dict[str, str]:
+    """Each command of setup.cfg and the module that holds its parser."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    lines = [line.split("=") for line in config["options.entry_points"]["console_scripts"].strip().splitlines()]
+    return {name.strip(): target.strip().split(":")[0] for name, target in lines}
+
+
+COMMANDS = console_scripts()
+# Each concept's spellings, the first the one usage shows; a command that takes the concept accepts them all.
+SPELLINGS = {
+    "checkpoint": ("--checkpoint", "-m", "--model"),
+    "output": ("--out", "-o", "--output"),
+    "structures": ("--organ", "--organs", "--structures"),
+}
+EVERYWHERE = ("--version", "--debug", "--quiet")
+
+
+def parser_of(command: str) -> argparse.ArgumentParser:
+    return importlib.import_module(COMMANDS[command]).build_parser()
+
+
+def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {option: action for action in parser._actions for option in action.option_strings}
+
+
+def test_the_walk_covers_every_command():
+    assert len(COMMANDS) == 11 and all(name.startswith("fsseg-") for name in COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_answers_version_debug_and_quiet(command, capsys):
+    parser = parser_of(command)
+    assert set(EVERYWHERE) <= set(options(parser)), command
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"{command} {fsseg.__version__}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_one_spelling_for_each_concept_with_the_old_ones_as_aliases(command):
+    found = options(parser_of(command))
+    for concept, spellings in SPELLINGS.items():
+        actions = {found.get(spelling) for spelling in spellings}
+        if actions == {None}:
+            continue  # the command does not take it
+        assert None not in actions and len(actions) == 1, f"{command} {concept}: accepts only part of {spellings}"
+        assert next(iter(actions)).option_strings[0] == spellings[0], f"{command} {concept}: shown as another"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_has_help_and_shows_its_default(command):
+    parser = parser_of(command)
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        assert action.help, f"{command} {action.option_strings or action.dest}: no help text"
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
+            shown = parser._get_formatter()._expand_help(action)
+            assert "default" in shown, f"{command} {action.option_strings[0]}: default {action.default!r} not shown"
