@@ -41,7 +41,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e ".[dev,viz,dicom,bundle,astra,docs]"
+	$(BIN)/python -m pip install -q -e ".[dev,viz,dicom,bundle,astra,docs,peft]"
 	$(BIN)/python -m pip install -q --no-deps "dynamic-network-architectures>=0.4"  # the nnunet extra without timm
 	@echo "$(TORCH)" > $@
 

@@ -1,7 +1,7 @@
 """Trainable parameters of every adaptation method, one target structure, on SwinUNETR-48 (the 62M network of
 the FSEFT papers) and on the tiny UNet of the demo, beside the reference code's count for the same placement
 (computed by instantiating the reference code; see the developers' method notes). A method that does not apply
-to a backbone (LoRA and AdaptFormer need transformer blocks) shows no count there.
+to a backbone (AdaptFormer needs transformer blocks) shows no count there; DoRA and IA³ have no reference count.
 
     python bench/param_counts.py
 """

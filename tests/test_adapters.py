@@ -9,8 +9,8 @@ import torch
 
 from fsseg.adapters import Composition, adapt_model, get_method, list_methods
 from fsseg.adapters.artifact import load_adapted_model, save_adapter
-from fsseg.adapters.lora import inject_lora
-from fsseg.adapters.methods import BiasConfig, LoRAConfig
+from fsseg.adapters.methods import BiasConfig
+from fsseg.adapters.peft_methods import LoRAConfig, target_layers, upgrade_lora_state
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data.datalist import Case
 from fsseg.data.sampling import CropSampler, sample_support
@@ -48,6 +48,8 @@ def test_each_method_trains_only_what_it_should(swin, method):
         "ft": lambda n: True,
         "scratch": lambda n: True,
         "lora": lambda n: ".lora_" in n,
+        "dora": lambda n: ".lora_" in n,  # lora_A, lora_B and the magnitude lora_magnitude_vector
+        "ia3": lambda n: ".ia3_l." in n,
         "bias": lambda n: n.endswith(".bias"),
         "affine-ln": lambda n: ".norm" in n and n.startswith("base.backbone.swinViT."),
         "adaptformer": lambda n: ".adaptformer." in n,
@@ -57,7 +59,7 @@ def test_each_method_trains_only_what_it_should(swin, method):
     assert ({n for n in names if n.startswith("trunk.")} != set()) == (method == "adapter")
     assert adapted.backbone_frozen == (method in ("lp", "adapter"))
     x = torch.rand(1, 1, 64, 64, 32)
-    if method in ("lora", "adaptformer"):  # injected identity at start: the pretrained features are unchanged
+    if method in ("lora", "dora", "ia3", "adaptformer"):  # injected identity at start: the features are unchanged
         with torch.no_grad():
             assert torch.allclose(adapted.features(x), swin.features(x), atol=1e-6)
     if method == "bias":
@@ -94,15 +96,52 @@ def test_head_starts_from_the_template_row_or_fresh(swin):
     assert adapted.structures == ["gallbladder", "heart"]
 
 
-def test_lora_needs_matching_layers():
+def test_peft_methods_need_matching_layers():
     unet = create_model("unet_tiny", num_classes=len(TEMPLATE))
-    with pytest.raises(ConfigError, match="matches no linear layer"):
-        adapt_model(unet, TEMPLATE, ["liver"], "lora")
+    with pytest.raises(ConfigError, match="match no linear or 3D convolution layer"):
+        adapt_model(unet, TEMPLATE, ["liver"], "lora", LoRAConfig(targets=r"attn\.qkv$"))
+    resnet = create_model("i3resnet_tiny", num_classes=len(TEMPLATE))
+    with pytest.raises(ConfigError, match="registers no layers for PEFT methods; set options.targets"):
+        adapt_model(resnet, TEMPLATE, ["liver"], "ia3")
     with pytest.raises(ConfigError, match="unknown method 'prompt'"):
         adapt_model(unet, TEMPLATE, ["liver"], "prompt")
     swin = create_model("swinunetr_tiny", num_classes=2)
-    wrapped = inject_lora(swin.backbone, r"attn\.qkv$", rank=2, alpha=4)
-    assert len(wrapped) == 8 and not any("patch_embed" in n for n in wrapped)
+    found = target_layers(swin, r"attn\.qkv$", "lora")
+    assert len(found) == 8 and not any("patch_embed" in n for n in found)
+
+
+@pytest.mark.parametrize("arch, roi", [("swinunetr_tiny", 64), ("unet_tiny", 32)])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_peft_methods_train_only_their_parameters_on_swinunetr_and_the_unet(arch, roi, method):
+    torch.manual_seed(0)
+    base = create_model(arch, num_classes=len(TEMPLATE)).eval()
+    adapted = adapt_model(base, TEMPLATE, ["liver"], method)
+    marker = ".ia3_l." if method == "ia3" else ".lora_"
+    trained = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trained and all(marker in n or n.startswith("head.") for n in trained)
+    assert any(marker in n for n in trained) and any(n.startswith("head.") for n in trained)
+    before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+    adapted.set_train_mode()
+    adapted(torch.rand(1, 1, roi, roi, roi)).square().mean().backward()
+    optimizer.step()
+    changed = {n for n, p in adapted.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trained
+
+
+def test_an_adapter_file_of_the_hand_written_lora_loads_in_peft_names():
+    old = {
+        "base.backbone.x.attn.qkv.lora_a.weight": 1,
+        "base.backbone.x.attn.qkv.lora_b.weight": 2,
+        "base.backbone.x.attn.qkv.base.weight": 3,
+        "head.weight": 4,
+    }
+    assert upgrade_lora_state(old) == {
+        "base.backbone.x.attn.qkv.lora_A.default.weight": 1,
+        "base.backbone.x.attn.qkv.lora_B.default.weight": 2,
+        "base.backbone.x.attn.qkv.base_layer.weight": 3,
+        "head.weight": 4,
+    }
 
 
 @pytest.mark.parametrize("method", sorted(list_methods()))

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fsseg.adapters.base import AdaptedModel, Composition, adapt_model, get_method
+from fsseg.adapters.peft_methods import upgrade_lora_state
 from fsseg.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -182,9 +183,10 @@ def load_adapted_model(
     adapted = adapt_model(
         base, Template.from_dict(payload["template"]), adapter["structures"], adapter["method"], options, composition
     )
-    result = load_weights(adapted, adapter["state_dict"], str(adapter_path))
+    state = upgrade_lora_state(adapter["state_dict"])  # a LoRA of fsseg 0.1 in PEFT's names
+    result = load_weights(adapted, state, str(adapter_path))
     trained = {name for name, p in adapted.named_parameters() if p.requires_grad}
-    if result.unexpected_keys or trained - set(adapter["state_dict"]):
+    if result.unexpected_keys or trained - set(state):
         raise DataError(f"{adapter_path}: tensors do not fit method '{adapter['method']}' on this checkpoint")
     try:
         preprocessing = Preprocessing.from_dict(adapter["preprocessing"])

@@ -8,7 +8,6 @@ from torch import nn
 
 from fsseg.adapters.adaptformer import inject_adaptformer
 from fsseg.adapters.base import AdaptedModel, freeze, init_head_from_template, register_method
-from fsseg.adapters.lora import inject_lora
 from fsseg.adapters.spatial import SpatialAdapter
 from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel, create_model
@@ -33,21 +32,6 @@ class SpatialAdapterConfig:
 @dataclass
 class NoOptions:
     """This method has no options of its own."""
-
-
-@dataclass
-class LoRAConfig:
-    r"""rank r and alpha (updates scaled by alpha / r) on the linear layers matching ``targets``.
-
-    The default puts rank-4 updates on the attention ``qkv`` and ``proj`` layers (34,609 parameters on
-    SwinUNETR-48 with one structure). The reference code's placement: ``qkv`` only, rank 12 across the fused
-    q, k, v and no scaling, i.e. ``targets: 'swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.qkv$'``, ``rank: 12``,
-    ``alpha: 12`` (69,169 parameters).
-    """
-
-    rank: int = 4
-    alpha: float = 8.0
-    targets: str = r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.(qkv|proj)$"
 
 
 BIAS_SELECTIONS = ("bias-terms", "reference")
@@ -75,7 +59,7 @@ class AdaptFormerConfig:
     scale: float = 0.1
 
 
-def _frozen_with_head(
+def frozen_with_head(
     base: SegmentationModel, template: Template, structures: list, init: bool, trunk=None
 ) -> AdaptedModel:
     freeze(base)
@@ -91,7 +75,7 @@ def _frozen_with_head(
 def linear_probe(
     base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig
 ) -> AdaptedModel:
-    return _frozen_with_head(base, template, structures, config.init_from_template)
+    return frozen_with_head(base, template, structures, config.init_from_template)
 
 
 @register_method(
@@ -104,7 +88,7 @@ def spatial_adapter(
     base: SegmentationModel, template: Template, structures: list, config: SpatialAdapterConfig
 ) -> AdaptedModel:
     trunk = SpatialAdapter(base.feature_channels, config.kernel_size)
-    return _frozen_with_head(base, template, structures, config.init_from_template, trunk)
+    return frozen_with_head(base, template, structures, config.init_from_template, trunk)
 
 
 @register_method(
@@ -113,7 +97,7 @@ def spatial_adapter(
 def fine_tune_last(
     base: SegmentationModel, template: Template, structures: list, config: LinearProbeConfig
 ) -> AdaptedModel:
-    adapted = _frozen_with_head(base, template, structures, config.init_from_template)
+    adapted = frozen_with_head(base, template, structures, config.init_from_template)
     for module in base.block_modules("last_decoder_block"):
         for parameter in module.parameters():
             parameter.requires_grad_(True)
@@ -142,25 +126,13 @@ def from_scratch(base: SegmentationModel, template: Template, structures: list, 
 
 
 @register_method(
-    "lora",
-    LoRAConfig,
-    frozen_backbone=False,
-    description="LoRA on the attention qkv/proj layers + head (transformer backbones)",
-)
-def lora(base: SegmentationModel, template: Template, structures: list, config: LoRAConfig) -> AdaptedModel:
-    adapted = _frozen_with_head(base, template, structures, True)
-    inject_lora(base.backbone, config.targets, config.rank, config.alpha)
-    return adapted
-
-
-@register_method(
     "bias",
     BiasConfig,
     frozen_backbone=False,
     description="bias terms of the backbone + head (selection: bias-terms or the reference's filter)",
 )
 def bias_tuning(base: SegmentationModel, template: Template, structures: list, config: BiasConfig) -> AdaptedModel:
-    adapted = _frozen_with_head(base, template, structures, True)
+    adapted = frozen_with_head(base, template, structures, True)
     for name, parameter in base.backbone.named_parameters():
         if config.selection == "reference":
             chosen = name.startswith("swinViT.") and "bias" in name and ("attn" in name or "mlp" in name)
@@ -185,7 +157,7 @@ NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules
     description="the affine parameters of the backbone's normalisation layers + head",
 )
 def affine_norms(base: SegmentationModel, template: Template, structures: list, config: NoOptions) -> AdaptedModel:
-    adapted = _frozen_with_head(base, template, structures, True)
+    adapted = frozen_with_head(base, template, structures, True)
     norms = [m for m in base.backbone.modules() if isinstance(m, NORMS) and any(True for _ in m.parameters())]
     if not norms:
         raise ConfigError(
@@ -206,6 +178,6 @@ def affine_norms(base: SegmentationModel, template: Template, structures: list, 
 def adaptformer(
     base: SegmentationModel, template: Template, structures: list, config: AdaptFormerConfig
 ) -> AdaptedModel:
-    adapted = _frozen_with_head(base, template, structures, True)
+    adapted = frozen_with_head(base, template, structures, True)
     inject_adaptformer(base.backbone, config.bottleneck, config.scale)
     return adapted

@@ -29,6 +29,7 @@ class ModelSpec:
     blocks: dict | Callable[[dict], dict]  # or: the model's keyword arguments -> its blocks
     description: str
     roi_multiple: int = 1  # window sizes must be multiples of the network's total down-sampling
+    peft_targets: str = ""  # the layers LoRA, DoRA and IA3 adapt by default (a regex of layer names)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -41,12 +42,19 @@ def register_model(
     blocks: dict | Callable[[dict], dict],
     description: str,
     roi_multiple: int = 1,
+    peft_targets: str = "",
 ) -> None:
     """Add a backbone under a lower-case ``name``; a name can be registered once. ``blocks`` maps each block group
-    to submodule names, or is a function of the model's keyword arguments that does."""
+    to submodule names, or is a function of the model's keyword arguments that does; ``peft_targets`` is a regular
+    expression of the layers (linear, 3D convolution) that LoRA, DoRA and IA3 adapt unless told otherwise."""
     if name != name.lower() or name in _REGISTRY:
         raise ValueError(f"model name '{name}' must be lower case and new")
-    _REGISTRY[name] = ModelSpec(factory, dict(defaults), blocks, description, roi_multiple)
+    _REGISTRY[name] = ModelSpec(factory, dict(defaults), blocks, description, roi_multiple, peft_targets)
+
+
+def peft_targets(name: str) -> str:
+    """The layers PEFT methods adapt in model ``name`` by default ("" when it registers none)."""
+    return _REGISTRY[name].peft_targets if name in _REGISTRY else ""
 
 
 def check_roi(name: str, roi: tuple[int, ...]) -> None:
@@ -123,6 +131,10 @@ _SWIN_BLOCKS = {
     "last_decoder_block": ["decoder1"],
     "bottleneck": ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
 }
+# The reference code's LoRA placement on SwinUNETR (attention qkv and output projection), and the 3x3x3
+# convolutions of BasicUNet's blocks.
+_SWIN_PEFT = r"swinViT\.layers\d\.\d\.blocks\.\d+\.attn\.(qkv|proj)$"
+_UNET_PEFT = r"(conv_0|down_\d|upcat_\d)\.(convs\.)?conv_\d\.conv$"
 _UNET_BLOCKS = {
     "encoder": ["conv_0", "down_1", "down_2", "down_3", "down_4"],
     "decoder": ["upcat_4", "upcat_3", "upcat_2", "upcat_1"],
@@ -183,6 +195,7 @@ register_model(
     "MONAI SwinUNETR, feature_size 48 (62M parameters; the FSEFT/CLIP-Driven backbone). Spatial sizes "
     "must be divisible by 32.",
     roi_multiple=32,
+    peft_targets=_SWIN_PEFT,
 )
 register_model(
     "swinunetr_tiny",
@@ -191,6 +204,7 @@ register_model(
     _SWIN_BLOCKS,
     "SwinUNETR with feature_size 12 (4M parameters), for tests and demos.",
     roi_multiple=32,
+    peft_targets=_SWIN_PEFT,
 )
 register_model(
     "unet",
@@ -199,6 +213,7 @@ register_model(
     _UNET_BLOCKS,
     "MONAI BasicUNet (5.8M parameters), 32 feature channels at full resolution. Spatial sizes must be divisible by 16.",
     roi_multiple=16,
+    peft_targets=_UNET_PEFT,
 )
 register_model(
     "unet_tiny",
@@ -207,4 +222,5 @@ register_model(
     _UNET_BLOCKS,
     "BasicUNet with 8..64 channels (0.36M parameters), for tests and the CPU demo.",
     roi_multiple=16,
+    peft_targets=_UNET_PEFT,
 )
