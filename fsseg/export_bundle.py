@@ -11,6 +11,7 @@ installed where the bundle runs (the metadata says which version).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from fsseg import __version__
+from fsseg.adapters.peft_methods import METHODS as PEFT_METHODS
+from fsseg.adapters.peft_methods import merge_into_backbone
 from fsseg.bundle import BundleNetwork
 from fsseg.checkpoint import read_checkpoint, save_torch_file, sha256_file
 from fsseg.cli import (
@@ -222,22 +225,37 @@ def metadata(model: Model, checkpoint: str, adapters: Sequence[str]) -> dict:
     }
 
 
+def bundle_adapters(model: Model) -> tuple[list[dict], list[torch.nn.Module]]:
+    """Each adapter as the bundle rebuilds it, and the model whose weights it loads. A LoRA, DoRA or IA3 is merged
+    into a copy of its backbone: the bundle then holds a plain network (a fine-tuned one, ``ft``) that runs without
+    PEFT and without the adapter layers' extra computation."""
+    described, models = [], []
+    for info, adapted in zip(model.adapters, model.models):
+        spec = {key: info.get(key) for key in ("method", "options", "compose", "structures")}
+        if info.get("method") in PEFT_METHODS:
+            adapted = copy.deepcopy(adapted)
+            merge_into_backbone(adapted.base.backbone)
+            spec.update(method="ft", options={}, compose={})
+        described.append(spec)
+        models.append(adapted)
+    return described, models
+
+
 def export_bundle(
     model: Model, checkpoint: str, adapters: Sequence[str], settings: InferenceSettings, out: Path
 ) -> Path:
     """Write ``model`` (built by fsseg-predict's :func:`build_model` from ``checkpoint`` and ``adapters``) as a
     bundle into ``out``, a new folder filled under a temporary name and then renamed."""
+    described, models = bundle_adapters(model) if model.adapters else ([], list(model.models))
     network = {
         "arch": model.models[0].arch if not model.adapters else model.models[0].base.arch,
         "template": read_checkpoint(checkpoint)["template"],
         "channels": model.channels,
         "structures": model.structures,
-        "adapters": [
-            {key: info.get(key) for key in ("method", "options", "compose", "structures")} for info in model.adapters
-        ],
+        "adapters": described,
     }
     bundle = BundleNetwork(**network)
-    for rebuilt, loaded in zip(bundle.models, model.models):
+    for rebuilt, loaded in zip(bundle.models, models):
         rebuilt.load_state_dict(loaded.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)  # a killed export's staging folder

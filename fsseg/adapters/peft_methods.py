@@ -22,8 +22,9 @@ from fsseg.models import SegmentationModel
 from fsseg.models.registry import peft_targets
 from fsseg.templates import Template
 
-# The layers PEFT adapts in a 3D network.
+# The layers PEFT adapts in a 3D network, and the methods registered here.
 ADAPTABLE = (nn.Linear, nn.Conv3d)
+METHODS = ("lora", "dora", "ia3")
 
 
 @dataclass
