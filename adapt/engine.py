@@ -44,7 +44,7 @@ from fsseg.inference import InferenceSettings, Predictor
 from fsseg.inference.predictor import FrozenBackbone
 from fsseg.losses.size_prior import organ_size_prior
 from fsseg.metrics import score_structure
-from fsseg.templates import Template, expand_structures
+from fsseg.templates import Template, expand_structures, suggest_name
 from fsseg.training.encoder_cache import EncodedScan, EncoderCache, pad_for_encoder, splits_at_encoder
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
 
@@ -122,8 +122,8 @@ class Adaptation:
         missing = [o for o in self.organs if o not in datalist.structures]
         if missing:
             raise DataError(
-                f"{datalist.path}: no case annotates {', '.join(missing)}; it annotates: "
-                f"{', '.join(datalist.structures)}"
+                f"{datalist.path}: no case annotates {', '.join(missing)}"
+                f"{suggest_name(missing[0], datalist.structures)}; it annotates: {', '.join(datalist.structures)}"
             )
         tests, pool = datalist.cases_annotating(self.organs, "test"), datalist.cases_annotating(self.organs, "train")
         if not tests:

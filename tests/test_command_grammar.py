@@ -72,3 +72,58 @@ def test_every_option_has_help_and_shows_its_default(command):
         if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
             shown = parser._get_formatter()._expand_help(action)
             assert "default" in shown, f"{command} {action.option_strings[0]}: default {action.default!r} not shown"
+
+
+def test_a_mistyped_structure_is_answered_with_the_name_it_resembles(phantom_dir, tiny_checkpoint, tmp_path, capsys):
+    from fsseg.adapt.cli import main as adapt
+    from fsseg.inference.predict import main as predict
+
+    target = str(phantom_dir / "phantom_target.json")
+    assert (
+        predict(["-i", target, "--out", str(tmp_path / "p"), "--checkpoint", str(tiny_checkpoint), "--organ", "livr"])
+        == 2
+    )
+    assert "(did you mean liver?)" in capsys.readouterr().err
+    assert (
+        adapt(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data-list",
+                target,
+                "--organ",
+                "gallblader",
+                "--out",
+                str(tmp_path / "a"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert "(did you mean gallbladder?)" in capsys.readouterr().err
+
+
+def test_the_nnunet_channel_suffix_is_stripped_from_output_names(tiny_checkpoint, tmp_path):
+    import numpy as np
+
+    from conftest import ct_like, write_nifti
+    from fsseg.inference.predict import main as predict
+
+    write_nifti(tmp_path / "scans" / "case_7_0000.nii.gz", ct_like((20, 20, 16)), np.diag([4.0, 4.0, 4.0, 1.0]))
+    assert (
+        predict(
+            [
+                "-i",
+                str(tmp_path / "scans"),
+                "--out",
+                str(tmp_path / "masks"),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--organ",
+                "liver",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "masks" / "case_7.nii.gz").is_file()

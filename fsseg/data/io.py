@@ -36,8 +36,9 @@ def is_nifti(path: str | Path) -> bool:
 
 
 def scan_name(path: str | Path) -> str:
-    """What a scan's outputs are named after: a NIfTI file's stem, a DICOM series folder's name."""
-    return Path(path).name if Path(path).is_dir() else nifti_stem(path)
+    """What a scan's outputs are named after: a NIfTI file's stem without nnU-Net's channel suffix ``_0000``
+    (``case_0000.nii.gz`` -> ``case``, as nnU-Net names its predictions), a DICOM series folder's name."""
+    return Path(path).name if Path(path).is_dir() else nifti_stem(path).removesuffix("_0000")
 
 
 def nifti_stem(path: str | Path) -> str:

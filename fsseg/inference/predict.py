@@ -35,7 +35,6 @@ from fsseg.data.io import (
     load_nifti_image,
     load_scan_image,
     load_volume,
-    nifti_stem,
     remove_leftovers,
     save_like,
     scan_name,
@@ -54,7 +53,7 @@ from fsseg.inference.predictor import (
 )
 from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
-from fsseg.templates import expand_structures
+from fsseg.templates import expand_structures, suggest_name
 from fsseg.training.runtime import DEVICES, resolve_device
 from fsseg.viz import overlay_png, pyplot
 
@@ -88,7 +87,7 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
     if source.is_file():
         if not is_nifti(source):
             raise DataError(f"{source}: not a .nii or .nii.gz file (nor a folder holding a DICOM series)")
-        return Inputs({nifti_stem(source): source}, [source])
+        return Inputs({scan_name(source): source}, [source])
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
     if is_dicom_folder(source):
@@ -122,7 +121,8 @@ def select_structures(template_structures: Sequence[str], requested: Sequence[st
     for canonical in expand_structures(requested):
         if canonical not in template_structures:
             raise DataError(
-                f"structure '{canonical}' is not predicted by this model; it predicts: {', '.join(template_structures)}"
+                f"structure '{canonical}' is not predicted by this model{suggest_name(canonical, template_structures)};"
+                f" it predicts: {', '.join(template_structures)}"
             )
         channels.append(list(template_structures).index(canonical))
     return channels

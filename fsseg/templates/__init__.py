@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -89,7 +90,9 @@ class Template:
         """Like :meth:`channel`, but an unknown name raises with the closest valid names."""
         channel = self.channel(name)
         if channel is None:
-            raise ConfigError(f"structure '{name}' is not in template '{self.name}'{_suggest(name, self.structures)}")
+            raise ConfigError(
+                f"structure '{name}' is not in template '{self.name}'{suggest_name(name, self.structures)}"
+            )
         return channel
 
     def to_dict(self) -> dict:
@@ -138,6 +141,7 @@ def load_template(name_or_path: str | Path = DEFAULT_TEMPLATE) -> Template:
     )
 
 
-def _suggest(name: str, choices: tuple[str, ...] | list[str]) -> str:
+def suggest_name(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean liver?)`` for a name close to one of ``choices``, else ""."""
     close = difflib.get_close_matches(normalize_name(name), list(choices), n=3, cutoff=0.6)
     return f" (did you mean {', '.join(close)}?)" if close else ""
