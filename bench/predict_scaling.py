@@ -125,7 +125,7 @@ def model_space(scan: Path, ckpt: Path, count: int, overlap: float, weights: str
     """The predictor of the first ``count`` structures, the preprocessed scan, its grid and the network's
     probabilities (made organ-like for ``weights`` "organs"), as fsseg-predict computes them."""
     from fsseg.checkpoint import load_model
-    from fsseg.data.io import load_scan_image
+    from fsseg.data.scans import load_scan_image
     from fsseg.data.transforms import IMAGE
     from fsseg.inference.predictor import InferenceSettings, Predictor, prediction_network
 

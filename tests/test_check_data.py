@@ -9,7 +9,7 @@ import pytest
 
 from conftest import LITS_LIST, TOTALSEG_LIST, ct_like, write_nifti
 from fsseg.data.check import main
-from fsseg.data.io import load_volume
+from fsseg.data.scans import load_volume
 from fsseg.errors import DataError
 
 SHAPE = (24, 20, 16)

@@ -12,7 +12,7 @@ import torch
 from test_predict import rotation
 
 from conftest import ct_like, write_nifti
-from fsseg.data.io import load_scan_image
+from fsseg.data.scans import load_scan_image
 from fsseg.data.transforms import IMAGE, Preprocessing
 from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, Predictor, prediction_network
 from fsseg.models import create_model

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from fsseg.data.datalist import Case
-from fsseg.data.io import Volume, load_nifti_image, load_scan_image, load_volume, same_geometry
+from fsseg.data.io import Volume, load_nifti_image, same_geometry
 from fsseg.data.labels import LabelMap, structure_masks
+from fsseg.data.scans import load_scan_image, load_volume
 from fsseg.errors import DataError
 from fsseg.templates import canonical_name
 

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from fsseg.cli import add_common_arguments, run_cli
 from fsseg.data.datalist import Case, DataList, load_datalist
-from fsseg.data.io import Volume, hu_problem, load_volume, same_geometry
+from fsseg.data.io import Volume, hu_problem, same_geometry
+from fsseg.data.scans import load_volume
 from fsseg.errors import DataError
 
 

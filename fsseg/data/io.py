@@ -8,7 +8,6 @@ import errno
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from fsseg.data.dicom import header_image, read_series, read_series_header
 from fsseg.errors import DataError, DiskFull
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -104,20 +102,6 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
     return image
 
 
-def load_scan_image(path: str | Path) -> nib.Nifti1Image:
-    """A scan's grid (shape, affine, header) without its voxels: a NIfTI file as :func:`load_nifti_image`, a
-    DICOM series folder from its headers (the image's voxels then read as zeros).
-
-    Raises:
-        DataError: as :func:`load_nifti_image`, or a series that is not one evenly sliced CT series.
-    """
-    if Path(path).is_dir():
-        series = read_series_header(path)
-        check_grid(series.affine, series.shape, path)
-        return header_image(series)
-    return load_nifti_image(path)
-
-
 def check_grid(affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> None:
     """Refuse a voxel size or field of view no CT has (zero, NaN or 40 mm voxels, a 10 m scan), and axes that span
     no 3D grid (a rank-deficient affine).
@@ -187,36 +171,6 @@ def hu_problem(array: np.ndarray | torch.Tensor, path: str | Path) -> str | None
             "HU values"
         )
     return None
-
-
-def load_volume(path: str | Path, dtype: np.dtype | type | None = None) -> Volume:
-    """Read a 3D NIfTI volume or DICOM CT series (in HU), checking that it is complete.
-
-    Args:
-        path: a .nii or .nii.gz file, or a folder holding one DICOM series.
-        dtype: cast the voxels to this type (default: the scaled on-disk values as float32 when the
-            header scales them, else the stored type).
-
-    Raises:
-        DataError: missing, unreadable, corrupt or truncated file, not a 3D volume, an implausible grid or
-            non-finite voxels.
-    """
-    if Path(path).is_dir():
-        series, array = read_series(path)
-        check_grid(series.affine, series.shape, path)
-        check_finite(array, path)
-        array = array if dtype is None else array.astype(dtype, copy=False)
-        return Volume(array=array, affine=series.affine, header=header_image(series).header, path=Path(path))
-    image = load_nifti_image(path)
-    try:
-        array = np.asanyarray(image.dataobj)
-    except (EOFError, zlib.error, OSError, ValueError) as error:
-        raise DataError(f"{path}: file is truncated or corrupt ({_reason(error)})") from None
-    array = array.reshape(array.shape[:3])
-    check_finite(array, path)
-    if dtype is not None:
-        array = array.astype(dtype, copy=False)
-    return Volume(array=array, affine=image.affine.copy(), header=image.header, path=Path(path))
 
 
 def same_geometry(a_shape, a_affine, b_shape, b_affine, atol: float = 1e-3) -> str | None:

@@ -15,7 +15,6 @@ import logging
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,8 +37,9 @@ from monai.utils import SpaceKeys
 
 from fsseg.config import ranged
 from fsseg.data.datalist import Case
-from fsseg.data.io import check_finite, hu_problem, load_nifti_image, load_volume, same_geometry
+from fsseg.data.io import check_finite, hu_problem, is_nifti, load_nifti_image, same_geometry
 from fsseg.data.labels import LabelMap, structure_masks, task_mask, to_template_index
+from fsseg.data.scans import load_volume
 from fsseg.errors import ConfigError, DataError
 from fsseg.templates import Template
 
@@ -130,8 +130,8 @@ class LoadVolumed(MapTransform):
     """MONAI ``LoadImage`` (channel first, float32) that rejects, in one line, files that are not 3D, unreadable,
     on an implausible grid or with non-finite voxels, and warns when the image does not look like CT in HU.
 
-    A folder is read as a DICOM CT series (:mod:`fsseg.data.dicom`), into the MetaTensor a NIfTI file of the
-    same grid gives: RAS affine, channel first."""
+    A scan of another format (a DICOM CT series folder, NRRD, MetaImage: :mod:`fsseg.data.scans`) is read into the
+    MetaTensor a NIfTI file of the same grid gives: RAS affine, channel first."""
 
     def __init__(self, keys: Sequence[str], allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -140,7 +140,7 @@ class LoadVolumed(MapTransform):
             self._load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
 
     def load(self, path: str) -> MetaTensor:
-        if Path(path).is_dir():
+        if not is_nifti(path):  # a DICOM series, NRRD, MetaImage: read by its format (fsseg.data.scans)
             volume = load_volume(path, np.float32)
             affine = torch.as_tensor(volume.affine, dtype=torch.float64)
             meta = {

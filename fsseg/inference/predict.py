@@ -29,16 +29,8 @@ from fsseg.cli import (
 )
 from fsseg.data.datalist import load_datalist
 from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
-from fsseg.data.io import (
-    atomic_path,
-    is_nifti,
-    load_nifti_image,
-    load_scan_image,
-    load_volume,
-    remove_leftovers,
-    save_like,
-    scan_name,
-)
+from fsseg.data.io import atomic_path, remove_leftovers, save_like
+from fsseg.data.scans import DicomSeries, Scan, find_format, known_formats, load_scan_image, load_volume, resolve_scan
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, DiskFull
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
@@ -84,33 +76,39 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
             raise DataError(f"{source}: no '{split}' cases")
         every = [source, *(path for case in datalist.cases for path in case.files)]
         return Inputs({case.id: case.image for case in cases}, every)
-    if source.is_file():
-        if not is_nifti(source):
-            raise DataError(f"{source}: not a .nii or .nii.gz file (nor a folder holding a DICOM series)")
-        return Inputs({scan_name(source): source}, [source])
-    if not source.is_dir():
+    if not source.exists():
         raise DataError(f"{source}: no such file or folder")
-    if is_dicom_folder(source):
-        series_below = [p for p in sorted(source.iterdir()) if p.is_dir() and is_dicom_folder(p)]
-        if series_below:  # a study folder with a stray file at its root: its series would be hidden
-            raise DataError(
-                f"{source}: holds DICOM files ({dicom_files(source)[0].name}, ...) beside series folders "
-                f"({series_below[0].name}, ...); move the loose files into a series folder of their own"
-            )
-        return Inputs({scan_name(source): source}, [source, *dicom_files(source)])
+    scan_format = find_format(source)
+    if source.is_file() or scan_format is not None:
+        if scan_format is None:
+            raise DataError(f"{source}: not a scan fsseg reads ({known_formats()})")
+        if source.is_dir():
+            _check_no_series_below(source)
+        scan = Scan(source, scan_format)
+        return Inputs({scan.name: source}, scan.files())
     entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
-    found = [p for p in entries if p.is_file() and is_nifti(p) or p.is_dir() and is_dicom_folder(p)]
+    found = [Scan(p, f) for p in entries if (f := find_format(p)) is not None]
     if not found:
-        raise DataError(f"{source}: no .nii or .nii.gz files and no DICOM series folders in this folder")
+        raise DataError(f"{source}: no scans in this folder (it reads {known_formats()})")
     scans: dict[str, Path] = {}
-    for path in found:
-        name = scan_name(path)
-        if name in scans:
+    for scan in found:
+        if scan.name in scans:
             raise DataError(
-                f"{scans[name]} and {path} would both be predicted to {name}.nii.gz; rename or move one of them"
+                f"{scans[scan.name]} and {scan.path} would both be predicted to "
+                f"{scan.mask_path(Path(), scan.name)}; rename or move one of them"
             )
-        scans[name] = path
-    return Inputs(scans, [*found, *(f for p in found if p.is_dir() for f in dicom_files(p))])
+        scans[scan.name] = scan.path
+    return Inputs(scans, [file for scan in found for file in scan.files()])
+
+
+def _check_no_series_below(folder: Path) -> None:
+    """A study folder with a stray DICOM file at its root: the series in its subfolders would be hidden."""
+    series_below = [p for p in sorted(folder.iterdir()) if p.is_dir() and is_dicom_folder(p)]
+    if series_below:
+        raise DataError(
+            f"{folder}: holds DICOM files ({dicom_files(folder)[0].name}, ...) beside series folders "
+            f"({series_below[0].name}, ...); move the loose files into a series folder of their own"
+        )
 
 
 def select_structures(template_structures: Sequence[str], requested: Sequence[str] | None) -> list[int]:
@@ -200,12 +198,13 @@ OUTPUT_TYPES = ("nifti", "dicom-seg")
 
 
 def case_outputs(
-    out: Path, case: str, output_types: Sequence[str], probabilities: bool, preview: bool
+    out: Path, case: str, output_types: Sequence[str], probabilities: bool, preview: bool, scan: Path | None = None
 ) -> dict[str, Path]:
     """Every file written for one case, by kind ("nifti", "dicom-seg", "probabilities", "preview"), the masks
-    first."""
+    first. The label map ("nifti") is NIfTI, or the format of ``scan`` where it writes one (NRRD, MetaImage)."""
+    scan_format = find_format(scan) if scan is not None else None
     kinds = {
-        "nifti": f"{case}.nii.gz",
+        "nifti": f"{case}{scan_format.mask_suffix if scan_format else '.nii.gz'}",
         "dicom-seg": f"{case}.seg.dcm",
         "probabilities": f"{case}_probabilities.nii.gz",
         "preview": f"{case}_preview.png",
@@ -225,11 +224,11 @@ def check_dicom_seg_inputs(scans: dict[str, Path]) -> None:
     Raises:
         DataError: naming the first NIfTI scan, or how to install highdicom.
     """
-    nifti = next((path for path in scans.values() if not path.is_dir()), None)
-    if nifti is not None:
+    other = next((path for path in scans.values() if not isinstance(find_format(path), DicomSeries)), None)
+    if other is not None:
         raise DataError(
             f"--output-type dicom-seg needs DICOM series as input (a DICOM-SEG references the slices of its "
-            f"source series); {nifti} is a NIfTI file"
+            f"source series); {other} is not a DICOM series"
         )
     require_highdicom()
 
@@ -239,12 +238,13 @@ def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
     try:
         scan = load_scan_image(source)
         for output in outputs:
-            if not is_nifti(output):
+            output_format = find_format(output)
+            if output_format is None:
                 if not output.is_file():
                     return False
                 continue
-            predicted = load_nifti_image(output)
-            np.asanyarray(predicted.dataobj)
+            predicted = output_format.grid(output)
+            output_format.read(output)  # every voxel: a truncated output is redone
             if predicted.shape[:3] != scan.shape[:3] or not np.allclose(predicted.affine, scan.affine, atol=1e-4):
                 return False
     except Exception:  # any unreadable output is redone
@@ -363,7 +363,8 @@ def _command(args: argparse.Namespace) -> int:
     if "dicom-seg" in args.output_type:
         check_dicom_seg_inputs(inputs.scans)
     planned = {
-        case: case_outputs(out, case, args.output_type, args.save_probabilities, args.preview) for case in inputs.scans
+        case: case_outputs(out, case, args.output_type, args.save_probabilities, args.preview, scan)
+        for case, scan in inputs.scans.items()
     }
     # every file of every case, before the first write: case x's probabilities are case x_probabilities's mask
     check_unique_outputs(
@@ -375,7 +376,9 @@ def _command(args: argparse.Namespace) -> int:
     )
     every = [out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())]
     check_outputs(every, inputs.files, folder=out)
-    check_owned(out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True).values())
+    check_owned(
+        out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True, inputs.scans.get(case)).values()
+    )
     prepare_output_dir(out)
     scans = list(inputs.scans.items())[args.part_id :: args.num_parts]
     device = resolve_device(args.device)
@@ -486,7 +489,7 @@ def write_case_outputs(
     """Write one case's outputs (``paths`` by kind), adding each to ``written`` once it is in place."""
     for kind, path in paths.items():
         if kind == "nifti":
-            save_like(prediction.label, prediction.reference, path)
+            resolve_scan(scan).format.write_mask(prediction.label, scan, prediction.reference, path)
         elif kind == "dicom-seg":
             write_dicom_seg(prediction.label, structures, read_series_header(scan), path)
         elif kind == "probabilities":

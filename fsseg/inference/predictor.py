@@ -32,7 +32,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd, KeepLargestConnectedComponent
 
-from fsseg.data.io import load_scan_image
+from fsseg.data.scans import load_scan_image
 from fsseg.data.transforms import IMAGE, Preprocessing, inference_transforms
 from fsseg.inference.native_grid import native_label
 from fsseg.models.base import pointwise_conv

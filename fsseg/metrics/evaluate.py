@@ -18,8 +18,9 @@ from tqdm import tqdm
 from fsseg.cli import add_common_arguments, add_output_argument, add_structures_argument, number_in, run_cli
 from fsseg.data.annotations import load_case_masks
 from fsseg.data.datalist import Case, load_datalist
-from fsseg.data.io import atomic_path, load_volume, nifti_stem, same_geometry
+from fsseg.data.io import atomic_path, nifti_stem, same_geometry
 from fsseg.data.labels import LabelMap
+from fsseg.data.scans import load_volume
 from fsseg.errors import DataError, FssegError
 from fsseg.inference.record import LABELS  # what fsseg-predict names its ids in
 from fsseg.metrics.segmentation import EMPTY_POLICY, StructureScore, score_structure, summarise
