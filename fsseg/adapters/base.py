@@ -9,6 +9,7 @@ function, registered by name (``fsseg-adapt --method`` choices come from here).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -144,6 +145,8 @@ def register_method(name: str, config_cls: type, frozen_backbone: bool, descript
     def decorator(apply: ApplyFn) -> ApplyFn:
         if name in _METHODS or name != name.lower():
             raise ValueError(f"method name '{name}' must be lower case and new")
+        if not dataclasses.is_dataclass(config_cls):  # its YAML options are validated into it
+            raise TypeError(f"method '{name}': its options class {config_cls.__name__} must be a dataclass")
         _METHODS[name] = Method(name, config_cls, apply, frozen_backbone, description)
         return apply
 

@@ -284,9 +284,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsseg-predict",
-        description="Segment every scan of a folder (.nii/.nii.gz files, DICOM series folders) with an fsseg "
-        "checkpoint. Each output label map "
-        "(uint8, <case>.nii.gz: the case id for a data list, the file name otherwise) has its input's exact shape, "
+        description="Segment every scan of a folder (NIfTI, NRRD and MetaImage files, DICOM series folders) with an "
+        "fsseg checkpoint. Each output label map (uint8, <case>.nii.gz, or .nrrd/.mha for such a scan: the case id "
+        "for a data list, the file name otherwise) has its input's exact shape, "
         "affine and header; labels.json names the ids and predictions.json reports each case. Preprocessing comes "
         "from the checkpoint.",
     )
