@@ -156,7 +156,7 @@ def predict_run(work: Path, name: str, scan: Path, checkpoint: Path, device: str
     out = work / f"predict_{name}"
     shutil.rmtree(out, ignore_errors=True)
     return run_child(
-        "fsseg.inference.predict",
+        "fsseg.cli.predict",
         [
             "-i",
             str(scan),

@@ -41,7 +41,7 @@ COLUMNS = {
 # Runs fsseg-predict and reports the process's own peak memory.
 CHILD = """
 import json, resource, sys, time
-from fsseg.inference.predict import main
+from fsseg.cli.predict import main
 began = time.perf_counter()
 code = main(sys.argv[1:])
 print(json.dumps({"exit": code, "seconds": time.perf_counter() - began,

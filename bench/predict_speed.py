@@ -31,11 +31,11 @@ from monai.inferers import sliding_window_inference
 from results_file import write_result
 
 from fsseg.checkpoint import save_checkpoint
+from fsseg.cli.predict import main as predict
 from fsseg.data import phantom
 from fsseg.data.io import save_nifti
 from fsseg.data.transforms import IMAGE, Preprocessing
 from fsseg.inference import InferenceSettings, Predictor
-from fsseg.inference.predict import main as predict
 from fsseg.models import create_model
 from fsseg.templates import load_template
 

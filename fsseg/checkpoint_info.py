@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
-
 from fsseg.adapters.artifact import KIND as ADAPTER_KIND
-from fsseg.adapters.artifact import is_safetensors, read_adapter_file
-from fsseg.checkpoint import FORMAT, load_torch_file, model_from_checkpoint
-from fsseg.cli import add_common_arguments, run_cli
-from fsseg.data.io import require_file
-from fsseg.errors import DataError
+from fsseg.checkpoint import model_from_checkpoint
 
 
 def describe(payload: dict, source: str) -> str:
@@ -46,34 +38,3 @@ def describe(payload: dict, source: str) -> str:
     lines.append("  preprocessing: " + ", ".join(f"{k} {v}" for k, v in pre.items()))
     lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in payload.get("versions", {}).items()))
     return "\n".join(line for line in lines if line)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fsseg-inspect",
-        description="Print what an fsseg checkpoint or adapter "
-        "file holds: architecture, parameters per block, template, preprocessing, versions.",
-    )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="checkpoint(s) or adapter file(s)")
-    add_common_arguments(parser)
-    return parser
-
-
-def _command(args: argparse.Namespace) -> int:
-    for path in args.files:
-        payload = read_adapter_file(path) if is_safetensors(require_file(path)) else load_torch_file(path, "file")
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise DataError(
-                f"{path}: not an fsseg checkpoint or adapter (convert published weights with fsseg-import-checkpoint)"
-            )
-        print(describe(payload, str(path)))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fsseg-inspect``."""
-    return run_cli("fsseg-inspect", build_parser(), _command, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from fsseg.adapt.training import train
 from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import load_adapted_model, read_adapter_file
 from fsseg.checkpoint import read_checkpoint
-from fsseg.inference.predict import main as predict
+from fsseg.cli.predict import main as predict
 
 
 def adapt_args(checkpoint, data_list, out, configs, *extra, cache=None):

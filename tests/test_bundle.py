@@ -14,9 +14,9 @@ import torch
 from conftest import write_method_configs
 from fsseg.adapt.cli import main as adapt
 from fsseg.checkpoint import read_checkpoint, save_checkpoint
+from fsseg.cli.export_bundle import main as export_bundle
+from fsseg.cli.predict import main as predict
 from fsseg.data.datalist import load_datalist
-from fsseg.export_bundle import main as export_bundle
-from fsseg.inference.predict import main as predict
 from fsseg.templates import Template
 
 

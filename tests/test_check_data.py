@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import LITS_LIST, TOTALSEG_LIST, ct_like, write_nifti
-from fsseg.data.check import main
+from fsseg.cli.check_data import main
 from fsseg.data.scans import load_volume
 from fsseg.errors import DataError
 
@@ -145,7 +145,7 @@ def test_malformed_list_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_console_script_prints_no_traceback(tmp_path):
     path = write_list(tmp_path, [{"id": "a", "image": "a.nii.gz", "split": "everything"}])
-    result = subprocess.run([sys.executable, "-m", "fsseg.data.check", str(path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "fsseg.cli.check_data", str(path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "split 'everything'" in result.stderr
 

@@ -76,7 +76,7 @@ def test_every_option_has_help_and_shows_its_default(command):
 
 def test_a_mistyped_structure_is_answered_with_the_name_it_resembles(phantom_dir, tiny_checkpoint, tmp_path, capsys):
     from fsseg.adapt.cli import main as adapt
-    from fsseg.inference.predict import main as predict
+    from fsseg.cli.predict import main as predict
 
     target = str(phantom_dir / "phantom_target.json")
     assert (
@@ -107,7 +107,7 @@ def test_the_nnunet_channel_suffix_is_stripped_from_output_names(tiny_checkpoint
     import numpy as np
 
     from conftest import ct_like, write_nifti
-    from fsseg.inference.predict import main as predict
+    from fsseg.cli.predict import main as predict
 
     write_nifti(tmp_path / "scans" / "case_7_0000.nii.gz", ct_like((20, 20, 16)), np.diag([4.0, 4.0, 4.0, 1.0]))
     assert (

@@ -15,9 +15,9 @@ from test_pretrain import args as pretrain_args
 from conftest import SAMPLE_CT, write_method_configs, write_nifti
 from fsseg.adapt.cli import main as adapt
 from fsseg.checkpoint import read_checkpoint, save_checkpoint
-from fsseg.importing import main as import_checkpoint
-from fsseg.inference.predict import main as predict
-from fsseg.metrics.evaluate import main as evaluate
+from fsseg.cli.evaluate import main as evaluate
+from fsseg.cli.import_checkpoint import main as import_checkpoint
+from fsseg.cli.predict import main as predict
 from fsseg.models import create_model
 from fsseg.pretrain.cli import main as pretrain
 
@@ -224,7 +224,7 @@ def test_checkpoints_with_non_finite_weights_are_never_written(tiny_checkpoint, 
 def test_a_rerun_removes_what_a_killed_import_or_export_left(tiny_checkpoint, tmp_path):
     import os
 
-    from fsseg.export_bundle import main as export_bundle
+    from fsseg.cli.export_bundle import main as export_bundle
 
     source = tmp_path / "published.pth"
     torch.save(published(create_model("swinunetr_tiny", num_classes=29), "fseft"), source)

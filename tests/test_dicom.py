@@ -20,9 +20,9 @@ from test_predict import oracle_checkpoint
 from conftest import write_method_configs
 from fsseg.adapt.cli import main as adapt
 from fsseg.checkpoint import save_checkpoint
+from fsseg.cli.predict import main as predict
 from fsseg.data.dicom import read_series, read_series_header
 from fsseg.data.transforms import Preprocessing
-from fsseg.inference.predict import main as predict
 from fsseg.models import create_model
 from fsseg.templates import load_template
 
@@ -100,7 +100,7 @@ def test_a_data_list_may_name_a_series_as_a_cases_image(sample_ct, series, tmp_p
     data_list = tmp_path / "list.json"
     data_list.write_text(json.dumps(listing))
     checked = subprocess.run(
-        [sys.executable, "-m", "fsseg.data.check", str(data_list), "--no-progress"], capture_output=True, text=True
+        [sys.executable, "-m", "fsseg.cli.check_data", str(data_list), "--no-progress"], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     checkpoint = oracle_checkpoint(tmp_path / "oracle.pt", Preprocessing(spacing=(3.0, 3.0, 3.0), roi=(32, 32, 32)))

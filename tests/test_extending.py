@@ -85,7 +85,7 @@ RUN = """
 import sys
 import toy_plugin  # noqa: F401  (registers the backbone, the method and the format)
 from fsseg.adapt.cli import main as adapt
-from fsseg.inference.predict import main as predict
+from fsseg.cli.predict import main as predict
 
 work = sys.argv[1]
 assert adapt(["--checkpoint", f"{work}/toy.pt", "--data-list", f"{work}/toy_list.json", "--organ", "liver",

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import REPO, ct_like, write_method_configs, write_nifti
 from fsseg.adapt.cli import main as adapt
-from fsseg.data.phantom import main as phantom
-from fsseg.data.samples import main as sample_data
-from fsseg.export_bundle import main as export_bundle
-from fsseg.inference.predict import main as predict
+from fsseg.cli.export_bundle import main as export_bundle
+from fsseg.cli.phantom import main as phantom
+from fsseg.cli.predict import main as predict
+from fsseg.cli.sample_data import main as sample_data
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0",

@@ -32,16 +32,16 @@ from fsseg.adapt.cli import main as adapt
 from fsseg.adapters import adapt_model, get_method
 from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
 from fsseg.checkpoint import read_checkpoint
-from fsseg.data.check import main as check_data
-from fsseg.data.make_list import main as make_list
-from fsseg.data.phantom import main as phantom
-from fsseg.data.samples import main as sample_data
+from fsseg.cli.check_data import main as check_data
+from fsseg.cli.evaluate import main as evaluate
+from fsseg.cli.export_bundle import main as export_bundle
+from fsseg.cli.import_checkpoint import main as import_checkpoint
+from fsseg.cli.make_list import main as make_list
+from fsseg.cli.phantom import main as phantom
+from fsseg.cli.predict import main as predict
+from fsseg.cli.sample_data import main as sample_data
 from fsseg.data.transforms import Preprocessing
-from fsseg.export_bundle import main as export_bundle
-from fsseg.importing import main as import_checkpoint
-from fsseg.inference.predict import main as predict
 from fsseg.inference.record import LABELS, LOCK, REPORT
-from fsseg.metrics.evaluate import main as evaluate
 from fsseg.models import create_model
 from fsseg.pretrain.cli import main as pretrain
 from fsseg.templates import load_template

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import SAMPLE_CT, ct_like, write_nifti
 from fsseg.adapt.cli import main as adapt
-from fsseg.data.check import main as check_data
-from fsseg.inference.predict import main as predict
+from fsseg.cli.check_data import main as check_data
+from fsseg.cli.predict import main as predict
 
 SCAN = SAMPLE_CT / "images" / "ts_example_ct_sm.nii.gz"
 LABEL = SAMPLE_CT / "labels" / "ts_example_ct_sm.nii.gz"

@@ -16,11 +16,11 @@ from fsseg.adapt.engine import Adaptation
 from fsseg.adapt.training import train
 from fsseg.adapters import adapt_model
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
+from fsseg.cli.import_checkpoint import main as import_checkpoint
 from fsseg.data.datalist import load_datalist
 from fsseg.data.transforms import IMAGE, LABEL, Preprocessing, case_item, inference_transforms
 from fsseg.errors import DataError
 from fsseg.importing import LAYOUTS, MERLIN_IMAGE_ENCODER, convert
-from fsseg.importing import main as import_checkpoint
 from fsseg.models import create_model
 from fsseg.pretrain.cli import main as pretrain
 from fsseg.pretrain.encoder_features import SKIPS, EncoderFeatureDataset

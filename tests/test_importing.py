@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fsseg.checkpoint import load_model
-from fsseg.checkpoint_info import main as inspect
-from fsseg.importing import main as import_checkpoint
+from fsseg.cli.import_checkpoint import main as import_checkpoint
+from fsseg.cli.inspect import main as inspect
 from fsseg.models import create_model
 from fsseg.templates import load_template
 

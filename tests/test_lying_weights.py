@@ -12,8 +12,8 @@ from conftest import ct_like, write_nifti
 from fsseg.adapters import adapt_model, get_method
 from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
 from fsseg.checkpoint import read_checkpoint
+from fsseg.cli.predict import main as predict
 from fsseg.data.transforms import Preprocessing
-from fsseg.inference.predict import main as predict
 from fsseg.models import create_model
 from fsseg.templates import load_template
 

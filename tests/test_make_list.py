@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import ct_like, write_nifti
-from fsseg.data import check
+from fsseg.cli.check_data import main as check_data
+from fsseg.cli.make_list import main
 from fsseg.data.datalist import load_datalist
-from fsseg.data.make_list import available_datasets, load_spec, main, scan
+from fsseg.data.make_list import available_datasets, load_spec, scan
 from fsseg.errors import ConfigError, DataError
 
 SHAPE = (16, 16, 12)
@@ -59,7 +60,7 @@ def test_msd_layout_becomes_a_valid_list(tmp_path, capsys):
         ("spleen_1", "test", False),
     ]
     assert datalist.label_map.structures == ["spleen"]
-    assert check.main([str(out), "--no-progress"]) == 0
+    assert check_data([str(out), "--no-progress"]) == 0
 
 
 def test_totalsegmentator_layout_uses_masks_and_meta_csv(tmp_path):
@@ -141,7 +142,7 @@ def test_an_nnunet_raw_dataset_becomes_a_valid_list(tmp_path, sample_ct, capsys)
         ("liver_001", "train", True),
         ("liver_100", "test", False),
     ]
-    assert check.main([str(out), "--no-progress"]) == 0
+    assert check_data([str(out), "--no-progress"]) == 0
     meta = json.loads((root / "dataset.json").read_text())  # nnU-Net v1's Task format: id -> name
     del meta["channel_names"]
     meta.update(modality={"0": "CT"}, labels={"0": "background", "1": "liver", "2": "spleen"})
@@ -187,7 +188,7 @@ def test_a_plain_folder_becomes_a_list_with_supports_held_out_tests_and_scans_to
         ("new", "test", False),
     ]
     assert datalist.label_map.structures == ["liver"]
-    assert check.main([str(out), "--no-progress"]) == 0
+    assert check_data([str(out), "--no-progress"]) == 0
 
 
 @pytest.mark.parametrize(

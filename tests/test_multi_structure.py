@@ -9,8 +9,8 @@ import pytest
 
 from conftest import TOTALSEG_LIST, write_method_configs
 from fsseg.adapt.cli import main as adapt
-from fsseg.inference.predict import main as predict
-from fsseg.metrics.evaluate import main as evaluate
+from fsseg.cli.evaluate import main as evaluate
+from fsseg.cli.predict import main as predict
 
 
 def png_size(path):

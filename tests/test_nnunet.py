@@ -15,8 +15,8 @@ import torch
 from conftest import TOTALSEG_LIST, write_method_configs
 from fsseg.adapt.cli import main as adapt
 from fsseg.checkpoint import load_model
-from fsseg.importing import main as import_checkpoint
-from fsseg.inference.predict import main as predict
+from fsseg.cli.import_checkpoint import main as import_checkpoint
+from fsseg.cli.predict import main as predict
 
 pytest.importorskip("dynamic_network_architectures", reason="nnU-Net import needs dynamic-network-architectures")
 

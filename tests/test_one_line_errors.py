@@ -19,13 +19,13 @@ from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapt
 from fsseg.adapters.feature_cache import FeatureStore
 from fsseg.adapters.methods import LinearProbeConfig
 from fsseg.checkpoint import load_model, read_checkpoint
-from fsseg.data.check import main as check_data
-from fsseg.data.make_list import main as make_list
-from fsseg.data.phantom import main as phantom
-from fsseg.importing import main as import_checkpoint
-from fsseg.inference.predict import main as predict
+from fsseg.cli.check_data import main as check_data
+from fsseg.cli.evaluate import main as evaluate
+from fsseg.cli.import_checkpoint import main as import_checkpoint
+from fsseg.cli.make_list import main as make_list
+from fsseg.cli.phantom import main as phantom
+from fsseg.cli.predict import main as predict
 from fsseg.inference.predictor import FrozenBackbone, Predictor
-from fsseg.metrics.evaluate import main as evaluate
 from fsseg.pretrain.cli import main as pretrain
 
 REAL = "ts_example_ct_sm"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from conftest import ct_like, write_nifti
-from fsseg.inference.predict import main as predict
+from fsseg.cli.predict import main as predict
 
 SPACING = np.diag([4.0, 4.0, 4.0, 1.0])
 
@@ -142,7 +142,7 @@ def test_run_folders_holding_another_commands_or_the_users_config_are_refused(
 def test_forced_writes_never_replace_a_file_the_command_reads(tmp_path, sample_ct, capsys):
     from test_make_list import nnunet_dataset
 
-    from fsseg.data.make_list import main as make_list
+    from fsseg.cli.make_list import main as make_list
 
     root = nnunet_dataset(tmp_path / "Dataset001_X", sample_ct)
     before = (root / "dataset.json").read_bytes()
@@ -151,7 +151,7 @@ def test_forced_writes_never_replace_a_file_the_command_reads(tmp_path, sample_c
 
 
 def test_an_evaluation_folder_holding_the_users_files_is_refused_and_its_own_is_replaced(tmp_path, capsys):
-    from fsseg.metrics.evaluate import main as evaluate
+    from fsseg.cli.evaluate import main as evaluate
 
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     mask = np.zeros((24, 20, 16), np.uint8)

@@ -10,10 +10,10 @@ from torch import nn
 
 from conftest import SAMPLE_CT, TOTALSEG_LIST, ct_like, write_nifti
 from fsseg.checkpoint import save_checkpoint
+from fsseg.cli.evaluate import main as evaluate
+from fsseg.cli.predict import main as predict
 from fsseg.data.transforms import Preprocessing
-from fsseg.inference.predict import main as predict
 from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, Predictor
-from fsseg.metrics.evaluate import main as evaluate
 from fsseg.models import create_model, list_models, register_model
 from fsseg.templates import load_template
 

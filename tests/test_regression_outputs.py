@@ -111,8 +111,8 @@ def label_voxels(folder: Path) -> dict:
 
 
 def run_everything(phantom_dir: Path, work: Path) -> dict:
-    from fsseg.inference.predict import main as predict
-    from fsseg.metrics.evaluate import main as evaluate
+    from fsseg.cli.evaluate import main as evaluate
+    from fsseg.cli.predict import main as predict
 
     lists = source_lists(phantom_dir)
     outputs = {"pretrain": pretrain(work / "pretrain", lists, 3)}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from fsseg.cli.check_data import main as check_data
 from fsseg.data import samples
-from fsseg.data.check import main as check_data
 from fsseg.data.datalist import load_datalist
 
 

@@ -7,9 +7,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import ct_like, write_nifti
+from fsseg.cli.predict import main as predict
 from fsseg.data.scans import load_volume, resolve_scan
 from fsseg.errors import DataError
-from fsseg.inference.predict import main as predict
 
 
 def oblique_affine(spacing=(4.0, 4.0, 4.0)) -> np.ndarray:

@@ -1,0 +1,173 @@
+"""``fsseg-predict``: the command line over :mod:`fsseg.inference.predict`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from fsseg.cli import (
+    add_checkpoint_argument,
+    add_common_arguments,
+    add_output_argument,
+    add_structures_argument,
+    number_in,
+    run_cli,
+)
+from fsseg.data.io import atomic_path
+from fsseg.errors import DataError
+from fsseg.inference.predict import (
+    OUTPUT_TYPES,
+    add_inference_arguments,
+    build_model,
+    case_outputs,
+    check_dicom_seg_inputs,
+    find_inputs,
+    inference_settings,
+    predict_cases,
+)
+from fsseg.inference.predictor import (
+    Predictor,
+)
+from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
+from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
+from fsseg.training.runtime import DEVICES, resolve_device
+from fsseg.viz import pyplot
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsseg-predict",
+        description="Segment every scan of a folder (NIfTI, NRRD and MetaImage files, DICOM series folders) with an "
+        "fsseg checkpoint. Each output label map (uint8, <case>.nii.gz, or .nrrd/.mha for such a scan: the case id "
+        "for a data list, the file name otherwise) has its input's exact shape, "
+        "affine and header; labels.json names the ids and predictions.json reports each case. Preprocessing comes "
+        "from the checkpoint.",
+    )
+    parser.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        help="a folder of scans (NIfTI files and/or DICOM series subfolders), one scan (a NIfTI file or "
+        "a folder holding one DICOM CT series), or a data list (.json) whose --split cases are predicted",
+    )
+    parser.add_argument("--split", default="test", help="with a data list as input: which split (default test)")
+    parser.add_argument("--data-root", help="with a data list: base folder for relative paths without a 'root'")
+    add_output_argument(parser, "output", "output folder (created); it must not hold any input", required=True)
+    add_checkpoint_argument(parser, "model", "fsseg checkpoint (.pt)", required=True)
+    parser.add_argument(
+        "--adapter",
+        nargs="+",
+        metavar="FILE",
+        help="adapter file(s) written by fsseg-adapt for this checkpoint: predict their structures",
+    )
+    add_structures_argument(parser, "organs", "structures to predict (default: all)")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)",
+    )
+    parser.add_argument(
+        "--continue", dest="resume", action="store_true", help="skip cases whose output already exists and is valid"
+    )
+    parser.add_argument(
+        "--num-parts", type=number_in("[1, inf)", int), default=1, help="split the cases into this many parts"
+    )
+    parser.add_argument(
+        "--part-id", type=number_in("[0, inf)", int), default=0, help="which part this process predicts (0-based)"
+    )
+    add_output_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_inference_arguments(parser)
+    add_common_arguments(parser)
+    return parser
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """What fsseg-predict writes for each case besides its label map."""
+    parser.add_argument(
+        "--output-type",
+        nargs="+",
+        choices=OUTPUT_TYPES,
+        default=["nifti"],
+        metavar="TYPE",
+        help="what each mask is written as: nifti (<case>.nii.gz, the default) and/or dicom-seg "
+        "(<case>.seg.dcm, one segment per structure, referencing the source series: DICOM input only; "
+        "needs pip install 'fsseg[dicom]')",
+    )
+    parser.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <case>_probabilities.nii.gz (float32, one volume per structure)",
+    )
+    parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="also write <case>_preview.png: axial/coronal/sagittal slices with the predicted contours "
+        "(needs matplotlib: pip install -e .[viz])",
+    )
+
+
+def _command(args: argparse.Namespace) -> int:
+    if not 0 <= args.part_id < args.num_parts:
+        raise DataError(f"--part-id {args.part_id} must lie in [0, --num-parts {args.num_parts})")
+    inputs = find_inputs(Path(args.input), args.split, args.data_root)
+    out = Path(args.output)
+    if "dicom-seg" in args.output_type:
+        check_dicom_seg_inputs(inputs.scans)
+    planned = {
+        case: case_outputs(out, case, args.output_type, args.save_probabilities, args.preview, scan)
+        for case, scan in inputs.scans.items()
+    }
+    # every file of every case, before the first write: case x's probabilities are case x_probabilities's mask
+    check_unique_outputs(
+        {
+            f"{inputs.scans[case]} ({kind} of {case})": path
+            for case, paths in planned.items()
+            for kind, path in paths.items()
+        }
+    )
+    every = [out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())]
+    check_outputs(every, inputs.files, folder=out)
+    check_owned(
+        out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True, inputs.scans.get(case)).values()
+    )
+    prepare_output_dir(out)
+    scans = list(inputs.scans.items())[args.part_id :: args.num_parts]
+    device = resolve_device(args.device)
+    model = build_model(args.model, args.adapter, args.organs, device)
+    settings = inference_settings(args, model.recorded)
+    structures = model.structures
+    predictor = Predictor(model.network, structures, model.preprocessing, device, settings)
+    if args.preview:
+        pyplot()  # fail now, not after the first case, when matplotlib is missing
+    labels = {"0": "background", **{str(i + 1): name for i, name in enumerate(structures)}}
+    with atomic_path(out / LABELS) as tmp:
+        tmp.write_text(json.dumps(labels, indent=1) + "\n")
+
+    header = {
+        "model": str(args.model),
+        "device": str(device),
+        "structures": structures,
+        "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size},
+        "precision": predictor.precision,
+    }
+    # this part's cases are recorded before their files are written: a later run then knows the files as its own
+    update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})
+    cases = predict_cases(predictor, scans, planned, out, header, args)
+    done, skipped, failed = (sum(c["status"] == s for c in cases.values()) for s in ("ok", "skipped", "failed"))
+    print(f"{done} predicted, {skipped} skipped, {failed} failed; masks and {REPORT} in {out}")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fsseg-predict``."""
+    return run_cli("fsseg-predict", build_parser(), _command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
