@@ -4,9 +4,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fsseg.data import check, phantom
+from fsseg.cli.check_data import main as check_data
+from fsseg.cli.phantom import main as phantom_command
+from fsseg.data import phantom
 from fsseg.data.datalist import load_datalist
 from fsseg.data.labels import LabelMap, structure_masks
+from fsseg.errors import DataError
 from fsseg.templates import load_template
 
 
@@ -36,7 +39,7 @@ def test_anatomy_is_plausible():
 
 def test_writes_partial_source_lists_and_a_target_with_splits(tmp_path, capsys):
     assert (
-        phantom.main(
+        phantom_command(
             [
                 "--out",
                 str(tmp_path),
@@ -68,7 +71,7 @@ def test_writes_partial_source_lists_and_a_target_with_splits(tmp_path, capsys):
     assert annotated["phantom_source_a"] != annotated["phantom_source_c"]
     target = load_datalist(tmp_path / "phantom_target.json")
     assert [len(target.split(s)) for s in ("train", "test")] == [2, 1]
-    assert check.main([str(p) for p in lists] + ["--no-progress"]) == 0
+    assert check_data([str(p) for p in lists] + ["--no-progress"]) == 0
 
 
 def test_joint_kidney_source_splits_back_into_both_kidneys(tmp_path):
@@ -99,7 +102,7 @@ def test_a_run_that_fails_midway_leaves_no_half_written_data_set(tmp_path, monke
     def fails_at_the_fourth_volume(*args):
         calls.append(1)
         if len(calls) == 4:
-            raise phantom.DataError("disk full")
+            raise DataError("disk full")
         return real(*args)
 
     monkeypatch.setattr(phantom, "generate_volume", fails_at_the_fourth_volume)
@@ -118,17 +121,17 @@ def test_a_run_that_fails_midway_leaves_no_half_written_data_set(tmp_path, monke
         "6",
         "--no-progress",
     ]
-    assert phantom.main(argv) == 2
+    assert phantom_command(argv) == 2
     assert "disk full" in capsys.readouterr().err
     assert list(out.iterdir()) == []  # three data sets were complete: none of them is left, nor the staging folder
     monkeypatch.setattr(phantom, "generate_volume", real)
-    assert phantom.main(argv) == 0
+    assert phantom_command(argv) == 0
     assert len(list(out.glob("*.json"))) == 4 and not list(out.glob(".*"))
 
 
 def test_a_list_of_the_users_in_the_output_folder_is_refused_not_replaced(tmp_path, capsys):
     mine = tmp_path / "phantom_target.json"
     mine.write_text('{"name": "mine", "cases": []}')
-    assert phantom.main(["--out", str(tmp_path), "--source-cases", "1", "--no-progress"]) == 2
+    assert phantom_command(["--out", str(tmp_path), "--source-cases", "1", "--no-progress"]) == 2
     assert "is not a list of fsseg-phantom" in capsys.readouterr().err
     assert mine.read_text() == '{"name": "mine", "cases": []}' and list(tmp_path.iterdir()) == [mine]

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from fsseg.cli.check_data import main as check_data
+from fsseg.cli.sample_data import main as sample_data
 from fsseg.data import samples
 from fsseg.data.datalist import load_datalist
 
@@ -40,14 +41,14 @@ def test_written_lists_pass_check_data_and_point_into_the_written_folder(written
 
 def test_writing_again_keeps_the_files_and_a_different_file_is_refused_before_any_write(tmp_path, capsys):
     out = tmp_path / "samples"
-    assert samples.main(["--out", str(out)]) == 0
-    assert samples.main(["--out", str(out)]) == 0  # all identical: nothing to do
+    assert sample_data(["--out", str(out)]) == 0
+    assert sample_data(["--out", str(out)]) == 0  # all identical: nothing to do
     mine = out / "ct" / "README.md"
     mine.write_text("my notes")
     missing = out / "ct" / "images" / "lits_117_crop128.nii.gz"
     missing.unlink()
     capsys.readouterr()
-    assert samples.main(["--out", str(out)]) == 2
+    assert sample_data(["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(mine) in err and "already exists" in err
     assert mine.read_text() == "my notes" and not missing.exists()
@@ -59,7 +60,7 @@ def test_a_damaged_packaged_scan_is_named_and_nothing_is_written(tmp_path, monke
     scan = damaged / "images" / "ts_example_dicom.nii.gz"
     scan.write_bytes(scan.read_bytes()[:1000])  # a truncated copy, as an interrupted install leaves
     monkeypatch.setattr(samples, "sample_ct_dir", lambda: damaged)
-    assert samples.main(["--out", str(tmp_path / "out")]) == 2
+    assert sample_data(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert str(scan) in err and "damaged" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
