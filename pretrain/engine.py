@@ -261,6 +261,19 @@ class RunState:
     history: list[float] = field(default_factory=list)
 
 
+@dataclass
+class PretrainRun:
+    """The parts of one pretraining run that the steps ending its epochs and the run share."""
+
+    cfg: PretrainConfig
+    paths: RunPaths
+    runtime: Runtime
+    model: SegmentationModel
+    template: Template
+    trainer: Trainer
+    state: RunState
+
+
 def prepare_model(
     cfg: PretrainConfig, paths: RunPaths, runtime: Runtime, template: Template, resume: str | None
 ) -> tuple[SegmentationModel, dict | None, bool]:
@@ -358,63 +371,49 @@ def make_trainer(
 
 
 def end_of_epoch(
-    cfg: PretrainConfig,
-    paths: RunPaths,
-    runtime: Runtime,
-    model: SegmentationModel,
-    template: Template,
-    trainer: Trainer,
-    state: RunState,
-    writer: SummaryWriter | None,
-    report: TrainingProgress,
+    run: PretrainRun, writer: SummaryWriter | None, report: TrainingProgress
 ) -> Callable[[EpochStats], bool]:
     """What ends each epoch: the loss over all ranks, TensorBoard and the log, and (rank 0) the checkpoints."""
+    runtime, state = run.runtime, run.state
 
     def end_epoch(stats: EpochStats) -> bool:
-        channels = torch.zeros(len(template), dtype=torch.float64)
+        channels = torch.zeros(len(run.template), dtype=torch.float64)
         sums = stats.per_channel if stats.per_channel is not None else channels
         batches = stats.annotated if stats.annotated is not None else channels
         totals = torch.tensor([stats.loss_sum, stats.steps], dtype=torch.float64)
         totals, sums, batches = (runtime.all_reduce(t) for t in (totals, sums, batches))
         state.epoch, loss = stats.epoch, float(totals[0] / totals[1].clamp(min=1))
         state.history.append(loss)
-        if runtime.is_main:
-            lr = trainer.scheduler.get_last_lr()[0]
+        if runtime.is_main and writer is not None:
+            lr = run.trainer.scheduler.get_last_lr()[0]
             writer.add_scalar("loss/total", loss, stats.epoch)
             writer.add_scalar("lr", lr, stats.epoch)
             per_channel = sums / batches.clamp(min=1)
             for channel in torch.nonzero(batches)[:, 0].tolist():
-                writer.add_scalar(f"loss/{template.structures[channel]}", float(per_channel[channel]), stats.epoch)
+                writer.add_scalar(f"loss/{run.template.structures[channel]}", float(per_channel[channel]), stats.epoch)
             log.info(
-                f"epoch {stats.epoch}/{cfg.optim.epochs}: loss {loss:.4f}, lr {lr:.3g}, step {stats.step}, "
+                f"epoch {stats.epoch}/{run.cfg.optim.epochs}: loss {loss:.4f}, lr {lr:.3g}, step {stats.step}, "
                 f"{report.seconds_left():.0f} s left"
             )
-            save_epoch(cfg, paths, model, template, trainer, state, loss)
+            save_epoch(run, loss)
         runtime.barrier()
         return False
 
     return end_epoch
 
 
-def save_epoch(
-    cfg: PretrainConfig,
-    paths: RunPaths,
-    model: SegmentationModel,
-    template: Template,
-    trainer: Trainer,
-    state: RunState,
-    loss: float,
-) -> None:
+def save_epoch(run: PretrainRun, loss: float) -> None:
     """The latest checkpoint, the best when ``loss`` is the lowest so far, and every ``checkpoint_every``-th."""
+    cfg, paths, state = run.cfg, run.paths, run.state
     is_best = loss < state.best
     state.best = min(state.best, loss)
     checkpoint = {
         "kind": "pretrain",
-        "arch": model.arch,
-        "template": template.to_dict(),
+        "arch": run.model.arch,
+        "template": run.template.to_dict(),
         "preprocessing": cfg.preprocessing.to_dict(),
-        "state_dict": model.state_dict(),
-        **trainer.state_dict(),
+        "state_dict": run.model.state_dict(),
+        **run.trainer.state_dict(),
         "epoch": state.epoch,
         "rng": rng_state(),
         "config": to_dict(cfg),
@@ -452,40 +451,25 @@ def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None =
     report = TrainingProgress(
         "pretrain", epochs, crops.steps_per_epoch, bar=progress and runtime.is_main, lines=False, log=log
     )
-    ran = fit(
-        trainer,
-        crops,
-        epochs,
-        end_of_epoch(cfg, paths, runtime, model, template, trainer, state, writer, report),
-        report,
-    )
+    run = PretrainRun(cfg, paths, runtime, model, template, trainer, state)
+    ran = fit(trainer, crops, epochs, end_of_epoch(run, writer, report), report)
     if writer is not None:
         writer.close()
-    return finish(cfg, paths, runtime, model, template, trainer, state, ran, crops.steps_per_epoch, started)
+    return finish(run, ran, crops.steps_per_epoch, started)
 
 
-def finish(
-    cfg: PretrainConfig,
-    paths: RunPaths,
-    runtime: Runtime,
-    model: SegmentationModel,
-    template: Template,
-    trainer: Trainer,
-    state: RunState,
-    ran: Fit,
-    steps_per_epoch: int,
-    started: float,
-) -> dict:
+def finish(run: PretrainRun, ran: Fit, steps_per_epoch: int, started: float) -> dict:
     """The run's summary (written by rank 0 to ``summary.json``, with ``model.pt``: the weights to share)."""
+    cfg, paths, runtime, model, state = run.cfg, run.paths, run.runtime, run.model, run.state
     summary = {
         "versions": versions(),
         "device": str(runtime.device),
         "world_size": runtime.world_size,
         "model": model.arch,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "template": template.name,
+        "template": run.template.name,
         "epochs": cfg.optim.epochs,
-        "steps": trainer.step_count,
+        "steps": run.trainer.step_count,
         "steps_per_epoch": steps_per_epoch,
         "final_loss": state.history[-1] if state.history else None,
         "best_loss": state.best if state.history else None,
