@@ -13,10 +13,10 @@ from fsseg.errors import DataError, FssegError
 from fsseg.inference.record import LABELS
 from fsseg.metrics.evaluate import (
     REPORT_FILES,
-    _gt_folder_cases,
     check_own_report,
     evaluate,
     format_summary,
+    gt_folder_cases,
     prediction_names,
     write_report,
 )
@@ -74,7 +74,7 @@ def _command(args: argparse.Namespace) -> int:
         if not cases:
             raise DataError(f"{args.data_list}: no '{args.split}' cases")
     else:
-        cases, label_map = _gt_folder_cases(Path(args.gt), args.gt_label_map, args.pred_label_map, pred_dir)
+        cases, label_map = gt_folder_cases(Path(args.gt), args.gt_label_map, args.pred_label_map, pred_dir)
     pred_names = prediction_names(pred_dir, args.pred_label_map, label_map)
     out = Path(args.output)
     inputs = [*(p for case in cases for p in case.files), *pred_dir.glob("*.nii*")]

@@ -29,9 +29,7 @@ from fsseg.inference.predict import (
     inference_settings,
     predict_cases,
 )
-from fsseg.inference.predictor import (
-    Predictor,
-)
+from fsseg.inference.predictor import Predictor
 from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
 from fsseg.training.runtime import DEVICES, resolve_device

@@ -214,9 +214,11 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> None:
         tmp.write_text(json.dumps(summary, indent=1, default=lambda v: None) + "\n")
 
 
-def _gt_folder_cases(
+def gt_folder_cases(
     gt_dir: Path, label_map_path: str | None, pred_label_map: str | None, pred_dir: Path
 ) -> tuple[list[Case], LabelMap]:
+    """The cases of a folder of ground-truth label maps, and the label map that names their ids (the given one,
+    else the predictions')."""
     if not gt_dir.is_dir():
         raise DataError(f"{gt_dir}: ground-truth folder not found")
     files = sorted(p for p in gt_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
