@@ -256,3 +256,23 @@ def test_real_ct_prediction_keeps_exact_geometry_and_evaluates(sample_ct, tmp_pa
     scored = [r for r in rows if r.startswith("lidc_0001_abd_1p4mm,liver")][0].split(",")
     assert 0.0 < float(scored[2]) < 1.0 and scored[-1] == "ok"
     assert "liver" in capsys.readouterr().out
+
+
+def test_a_folder_is_predicted_from_python_with_the_commands_outputs(tiny_checkpoint, tmp_path):
+    from fsseg.inference.predict import FolderOptions, predict_folder
+
+    write_nifti(tmp_path / "scans" / "a.nii.gz", ct_like(), np.diag([4.0, 4.0, 4.0, 1.0]))
+    cases = predict_folder(
+        tmp_path / "scans", tmp_path / "masks", tiny_checkpoint, organs=["liver"], options=FolderOptions(progress=False)
+    )
+    assert cases["a"]["status"] == "ok" and (tmp_path / "masks" / "a.nii.gz").is_file()
+    record = json.loads((tmp_path / "masks" / "predictions.json").read_text())
+    assert record["cases"]["a"]["status"] == "ok" and record["structures"] == ["liver"]
+    again = predict_folder(
+        tmp_path / "scans",
+        tmp_path / "masks",
+        tiny_checkpoint,
+        organs=["liver"],
+        options=FolderOptions(resume=True, progress=False),
+    )
+    assert again["a"]["status"] == "skipped"

@@ -20,12 +20,11 @@ from fsseg.adapters import adapt_model
 from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.methods import LinearProbeConfig
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
-from fsseg.cli import user_error
 from fsseg.cli.check_data import main as check_data
 from fsseg.cli.evaluate import main as evaluate
 from fsseg.cli.predict import main as predict
 from fsseg.data.datalist import load_datalist
-from fsseg.errors import DataError
+from fsseg.errors import DataError, user_error
 from fsseg.pretrain.cli import main as pretrain
 
 TOTALSEG_MAP = SAMPLE_CT / "label_maps" / "totalsegmentator_v2_total.json"

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import yaml
 
-from fsseg.errors import FssegError
+from fsseg.errors import FssegError, user_error
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -110,20 +110,33 @@ def override(key: str, value: object) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
 
 
-def user_error(error: BaseException | None) -> FssegError | None:
-    """The user error behind ``error`` (MONAI's Compose re-raises a transform's error as a RuntimeError).
-
-    An OSError naming a file (permission denied, disk full, a folder where a file should be) counts as one.
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, FssegError):
-            return error
-        if isinstance(error, OSError) and error.filename:  # unreadable input, unwritable output, full disk
-            return FssegError(f"{error.filename}: {error.strerror or error}")
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sliding-window and label-map options (fsseg-predict's, and fsseg-export-bundle's for its bundle)."""
+    parser.add_argument(
+        "--overlap",
+        type=number_in("[0, 1)"),
+        help="sliding-window overlap in [0, 1) (default: what the adapters were scored with in fsseg-adapt, else 0.5)",
+    )
+    parser.add_argument(
+        "--sw-batch-size",
+        type=number_in("[1, inf)", int),
+        help="windows per forward pass (default 4 on CUDA; on the CPU 2 for a roi of at most 64^3 voxels, else 1)",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)",
+    )
+    parser.add_argument(
+        "--cpu-bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bfloat16 autocast on the CPU: faster where the CPU has bfloat16 instructions, with "
+        "slightly different probabilities (default: the adapters' setting, else off; "
+        "predictions.json records the precision used)",
+    )
+    parser.add_argument(
+        "--largest-component", action="store_true", help="keep the largest connected component of each structure"
+    )
 
 
 def run_cli(

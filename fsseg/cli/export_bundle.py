@@ -12,6 +12,7 @@ import torch
 from fsseg.cli import (
     add_checkpoint_argument,
     add_common_arguments,
+    add_inference_arguments,
     add_output_argument,
     add_structures_argument,
     run_cli,
@@ -21,7 +22,7 @@ from fsseg.export_bundle import (
     OUTPUT_POSTFIX,
     export_bundle,
 )
-from fsseg.inference.predict import add_inference_arguments, build_model, inference_settings
+from fsseg.inference.predict import build_model, inference_settings
 from fsseg.outputs import check_outputs
 
 
@@ -51,7 +52,7 @@ def _command(args: argparse.Namespace) -> int:
         raise DataError(f"{out}: already exists; give a new folder for the bundle")
     check_outputs([out], [args.model, *(args.adapter or [])], option="--out")
     model = build_model(args.model, args.adapter, args.organs, torch.device("cpu"))
-    export_bundle(model, args.model, args.adapter or [], inference_settings(args, model.recorded), out)
+    export_bundle(model, args.model, args.adapter or [], inference_settings(vars(args), model.recorded), out)
     print(
         f"wrote {out}: run it with python -m monai.bundle run --config_file {out / 'configs' / 'inference.json'} "
         f"--bundle_root {out} --dataset_dir SCANS"

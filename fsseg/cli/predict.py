@@ -3,37 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
-from pathlib import Path
 
 from fsseg.cli import (
     add_checkpoint_argument,
     add_common_arguments,
+    add_inference_arguments,
     add_output_argument,
     add_structures_argument,
     number_in,
     run_cli,
 )
-from fsseg.data.io import atomic_path
-from fsseg.errors import DataError
 from fsseg.inference.predict import (
     OUTPUT_TYPES,
-    add_inference_arguments,
-    build_model,
-    case_outputs,
-    check_dicom_seg_inputs,
-    find_inputs,
-    inference_settings,
-    predict_cases,
+    FolderOptions,
+    predict_folder,
 )
-from fsseg.inference.predictor import Predictor
-from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
-from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
-from fsseg.training.runtime import DEVICES, resolve_device
-from fsseg.viz import pyplot
+from fsseg.inference.record import REPORT
+from fsseg.training.runtime import DEVICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,54 +99,29 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    if not 0 <= args.part_id < args.num_parts:
-        raise DataError(f"--part-id {args.part_id} must lie in [0, --num-parts {args.num_parts})")
-    inputs = find_inputs(Path(args.input), args.split, args.data_root)
-    out = Path(args.output)
-    if "dicom-seg" in args.output_type:
-        check_dicom_seg_inputs(inputs.scans)
-    planned = {
-        case: case_outputs(out, case, args.output_type, args.save_probabilities, args.preview, scan)
-        for case, scan in inputs.scans.items()
-    }
-    # every file of every case, before the first write: case x's probabilities are case x_probabilities's mask
-    check_unique_outputs(
-        {
-            f"{inputs.scans[case]} ({kind} of {case})": path
-            for case, paths in planned.items()
-            for kind, path in paths.items()
-        }
+    inference = {name: getattr(args, name) for name in ("overlap", "amp", "cpu_bf16", "sw_batch_size")}
+    options = FolderOptions(
+        output_types=args.output_type,
+        save_probabilities=args.save_probabilities,
+        preview=args.preview,
+        resume=args.resume,
+        part=(args.part_id, args.num_parts),
+        progress=not args.no_progress,
+        inference={**inference, "largest_component": args.largest_component},
     )
-    every = [out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())]
-    check_outputs(every, inputs.files, folder=out)
-    check_owned(
-        out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True, inputs.scans.get(case)).values()
+    cases = predict_folder(
+        args.input,
+        args.output,
+        args.model,
+        args.adapter or (),
+        args.organs,
+        options,
+        args.device,
+        args.split,
+        args.data_root,
     )
-    prepare_output_dir(out)
-    scans = list(inputs.scans.items())[args.part_id :: args.num_parts]
-    device = resolve_device(args.device)
-    model = build_model(args.model, args.adapter, args.organs, device)
-    settings = inference_settings(args, model.recorded)
-    structures = model.structures
-    predictor = Predictor(model.network, structures, model.preprocessing, device, settings)
-    if args.preview:
-        pyplot()  # fail now, not after the first case, when matplotlib is missing
-    labels = {"0": "background", **{str(i + 1): name for i, name in enumerate(structures)}}
-    with atomic_path(out / LABELS) as tmp:
-        tmp.write_text(json.dumps(labels, indent=1) + "\n")
-
-    header = {
-        "model": str(args.model),
-        "device": str(device),
-        "structures": structures,
-        "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size},
-        "precision": predictor.precision,
-    }
-    # this part's cases are recorded before their files are written: a later run then knows the files as its own
-    update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})
-    cases = predict_cases(predictor, scans, planned, out, header, args)
     done, skipped, failed = (sum(c["status"] == s for c in cases.values()) for s in ("ok", "skipped", "failed"))
-    print(f"{done} predicted, {skipped} skipped, {failed} failed; masks and {REPORT} in {out}")
+    print(f"{done} predicted, {skipped} skipped, {failed} failed; masks and {REPORT} in {args.output}")
     return 1 if failed else 0
 
 

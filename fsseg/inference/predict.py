@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,16 +18,12 @@ from tqdm import tqdm
 
 from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
-from fsseg.cli import (
-    number_in,
-    user_error,
-)
 from fsseg.data.datalist import load_datalist
 from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
-from fsseg.data.io import remove_leftovers, save_like
+from fsseg.data.io import atomic_path, remove_leftovers, save_like
 from fsseg.data.scans import DicomSeries, Scan, find_format, known_formats, load_scan_image, load_volume, resolve_scan
 from fsseg.data.transforms import Preprocessing
-from fsseg.errors import DataError, DiskFull
+from fsseg.errors import DataError, DiskFull, user_error
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
 from fsseg.inference.predictor import (
     RECORDED,
@@ -37,9 +34,11 @@ from fsseg.inference.predictor import (
     Predictor,
     prediction_network,
 )
-from fsseg.inference.record import update_record
+from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
+from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
 from fsseg.templates import expand_structures, suggest_name
-from fsseg.viz import overlay_png
+from fsseg.training.runtime import resolve_device
+from fsseg.viz import overlay_png, pyplot
 
 log = logging.getLogger("fsseg.predict")
 RECORD_EVERY_S = 30.0  # how often a long batch brings predictions.json up to date (and at its end)
@@ -175,13 +174,13 @@ def build_model(
     )
 
 
-def inference_settings(args: argparse.Namespace, recorded: dict) -> InferenceSettings:
-    """The command's settings; those it leaves unset come from the adapters' record, then the defaults."""
-    given = {name: getattr(args, name) for name in RECORDED}
-    chosen = {name: value if value is not None else recorded.get(name) for name, value in given.items()}
+def inference_settings(given: Mapping[str, Any], recorded: dict) -> InferenceSettings:
+    """The settings ``given`` (overlap, amp, cpu_bf16, sw_batch_size, largest_component; None: unset); those left
+    unset come from the adapters' record, then the defaults."""
+    chosen = {name: given.get(name) if given.get(name) is not None else recorded.get(name) for name in RECORDED}
     return InferenceSettings(
-        sw_batch_size=args.sw_batch_size,
-        largest_component=args.largest_component,
+        sw_batch_size=given.get("sw_batch_size"),
+        largest_component=bool(given.get("largest_component")),
         **{name: value for name, value in chosen.items() if value is not None},
     )
 
@@ -244,59 +243,30 @@ def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
     return True
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sliding-window and label-map options (fsseg-predict's, and fsseg-export-bundle's for its bundle)."""
-    parser.add_argument(
-        "--overlap",
-        type=number_in("[0, 1)"),
-        help="sliding-window overlap in [0, 1) (default: what the adapters were scored with in fsseg-adapt, else 0.5)",
-    )
-    parser.add_argument(
-        "--sw-batch-size",
-        type=number_in("[1, inf)", int),
-        help="windows per forward pass (default 4 on CUDA; on the CPU 2 for a roi of at most 64^3 voxels, else 1)",
-    )
-    parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        help="float16 autocast on CUDA (default: the adapters' setting, else on; no effect on the CPU)",
-    )
-    parser.add_argument(
-        "--cpu-bf16",
-        action=argparse.BooleanOptionalAction,
-        help="bfloat16 autocast on the CPU: faster where the CPU has bfloat16 instructions, with "
-        "slightly different probabilities (default: the adapters' setting, else off; "
-        "predictions.json records the precision used)",
-    )
-    parser.add_argument(
-        "--largest-component", action="store_true", help="keep the largest connected component of each structure"
-    )
-
-
 def predict_cases(
     predictor: Predictor,
     scans: list[tuple[str, Path]],
     planned: dict[str, dict[str, Path]],
     out: Path,
     header: dict,
-    args: argparse.Namespace,
+    options: FolderOptions,
 ) -> dict[str, dict]:
     """Predict this part's cases into ``out``, merging their entries into the folder's record as it goes; the
     entries by case."""
     cases: dict[str, dict] = {}
     flushed = time.monotonic()
     try:
-        for case, scan in tqdm(scans, desc="predict", unit="scan", disable=args.no_progress, file=sys.stderr):
+        for case, scan in tqdm(scans, desc="predict", unit="scan", disable=not options.progress, file=sys.stderr):
             if time.monotonic() - flushed > RECORD_EVERY_S:
                 update_record(out, header, cases)
                 flushed = time.monotonic()
             paths = planned[case]
-            if args.resume and outputs_are_valid(list(paths.values()), scan):
+            if options.resume and outputs_are_valid(list(paths.values()), scan):
                 cases[case] = {"status": "skipped", "image": str(scan), "output": str(next(iter(paths.values())))}
                 continue
             for path in paths.values():
                 remove_leftovers(path)  # a killed run's half-written file of this case (a case is one part's)
-            cases[case] = predict_case(predictor, case, scan, paths, args)
+            cases[case] = predict_case(predictor, case, scan, paths, options.save_probabilities)
     except DiskFull:
         with contextlib.suppress(DataError):  # record the cases done, where the disk still has room for it
             update_record(out, header, cases)
@@ -305,7 +275,7 @@ def predict_cases(
     return cases
 
 
-def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, Path], args: argparse.Namespace) -> dict:
+def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, Path], probabilities: bool) -> dict:
     """Predict one scan and write its outputs; its entry of predictions.json. A failure is the entry's status: one
     bad scan must not stop the batch, and leaves none of its files. A full disk stops the batch: every later case
     would fail the same way.
@@ -316,7 +286,7 @@ def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, P
     started = time.perf_counter()
     written: list[Path] = []
     try:
-        prediction = predictor(scan, keep_probabilities=args.save_probabilities)
+        prediction = predictor(scan, keep_probabilities=probabilities)
         write_case_outputs(prediction, case, scan, paths, predictor.structures, written)
     except Exception as error:  # MONAI wraps the cause in RuntimeError
         for path in written:  # no case is left half-written: a mask without its probabilities
@@ -365,3 +335,88 @@ def write_case_outputs(
                 path, load_volume(scan).array, prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict"
             )
         written.append(path)
+
+
+@dataclass(frozen=True)
+class FolderOptions:
+    """What :func:`predict_folder` writes and how; the sliding-window settings left None come from the adapters'
+    record (what fsseg-adapt scored them with), then the defaults."""
+
+    output_types: Sequence[str] = ("nifti",)
+    save_probabilities: bool = False
+    preview: bool = False
+    resume: bool = False  # skip the cases whose outputs exist and are valid
+    part: tuple[int, int] = (0, 1)  # this process predicts part I of P
+    progress: bool = True
+    inference: Mapping[str, Any] = field(default_factory=dict)  # overlap, amp, cpu_bf16, sw_batch_size, ...
+
+
+def plan_outputs(inputs: Inputs, out: Path, options: FolderOptions) -> dict[str, dict[str, Path]]:
+    """Every case's output files, refused before the first write when two collide, one would replace an input or a
+    file fsseg-predict did not write."""
+    if "dicom-seg" in options.output_types:
+        check_dicom_seg_inputs(inputs.scans)
+    planned = {
+        case: case_outputs(out, case, options.output_types, options.save_probabilities, options.preview, scan)
+        for case, scan in inputs.scans.items()
+    }
+    # every file of every case, before the first write: case x's probabilities are case x_probabilities's mask
+    check_unique_outputs(
+        {
+            f"{inputs.scans[case]} ({kind} of {case})": path
+            for case, paths in planned.items()
+            for kind, path in paths.items()
+        }
+    )
+    every = [out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())]
+    check_outputs(every, inputs.files, folder=out)
+    check_owned(
+        out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True, inputs.scans.get(case)).values()
+    )
+    return planned
+
+
+def predict_folder(
+    source: str | Path,
+    out: str | Path,
+    checkpoint: str | Path,
+    adapters: Sequence[str] = (),
+    organs: Sequence[str] | None = None,
+    options: FolderOptions = FolderOptions(),
+    device: str = "auto",
+    split: str = "test",
+    data_root: str | None = None,
+) -> dict[str, dict]:
+    """Segment the scans of ``source`` (a folder of scans, one scan, or a data list's ``split`` cases) into ``out``
+    with ``checkpoint`` (or its ``adapters``); returns each case's entry of ``predictions.json`` (status, seconds,
+    structures found, volumes).
+
+    Raises:
+        DataError, ConfigError: bad input or outputs in the way, before anything is written.
+    """
+    index, parts = options.part
+    if not 0 <= index < parts:
+        raise DataError(f"--part-id {index} must lie in [0, --num-parts {parts})")
+    inputs, out = find_inputs(Path(source), split, data_root), Path(out)
+    planned = plan_outputs(inputs, out, options)
+    prepare_output_dir(out)
+    scans = list(inputs.scans.items())[index::parts]
+    chosen = resolve_device(device)
+    model = build_model(str(checkpoint), list(adapters) or None, organs, chosen)
+    settings = inference_settings(options.inference, model.recorded)
+    predictor = Predictor(model.network, model.structures, model.preprocessing, chosen, settings)
+    if options.preview:
+        pyplot()  # fail now, not after the first case, when matplotlib is missing
+    labels = {"0": "background", **{str(i + 1): name for i, name in enumerate(model.structures)}}
+    with atomic_path(out / LABELS) as tmp:
+        tmp.write_text(json.dumps(labels, indent=1) + "\n")
+    header = {
+        "model": str(checkpoint),
+        "device": str(predictor.device),
+        "structures": model.structures,
+        "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size},
+        "precision": predictor.precision,
+    }
+    # this part's cases are recorded before their files are written: a later run then knows the files as its own
+    update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})
+    return predict_cases(predictor, scans, planned, out, header, options)
