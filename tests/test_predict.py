@@ -276,3 +276,19 @@ def test_a_folder_is_predicted_from_python_with_the_commands_outputs(tiny_checkp
         options=FolderOptions(resume=True, progress=False),
     )
     assert again["a"]["status"] == "skipped"
+
+
+def test_a_folder_of_masks_is_scored_from_python(phantom_dir, tiny_checkpoint, tmp_path):
+    from fsseg.errors import DataError
+    from fsseg.inference.predict import FolderOptions, predict_folder
+    from fsseg.metrics.evaluate import evaluate_folder
+
+    target = phantom_dir / "phantom_target.json"
+    predict_folder(target, tmp_path / "masks", tiny_checkpoint, organs=["liver"], options=FolderOptions(progress=False))
+    summary = evaluate_folder(
+        tmp_path / "masks", tmp_path / "report", data_list=target, structures=["liver"], plot=False, progress=False
+    )
+    assert summary["cases"] == 2 and set(summary["structures"]) == {"liver"} and not summary["failed_cases"]
+    assert (tmp_path / "report" / "per_case.csv").is_file() and (tmp_path / "report" / "summary.json").is_file()
+    with pytest.raises(DataError, match="one of them"):
+        evaluate_folder(tmp_path / "masks", tmp_path / "report2")

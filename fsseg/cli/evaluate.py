@@ -8,21 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fsseg.cli import add_common_arguments, add_output_argument, add_structures_argument, number_in, run_cli
-from fsseg.data.datalist import load_datalist
-from fsseg.errors import DataError, FssegError
-from fsseg.inference.record import LABELS
 from fsseg.metrics.evaluate import (
-    REPORT_FILES,
-    check_own_report,
-    evaluate,
+    evaluate_folder,
     format_summary,
-    gt_folder_cases,
-    prediction_names,
-    write_report,
 )
 from fsseg.metrics.segmentation import EMPTY_POLICY
-from fsseg.outputs import check_outputs, prepare_output_dir
-from fsseg.viz import dice_boxplot_png
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,35 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    pred_dir = Path(args.pred)
-    if not pred_dir.is_dir():
-        raise DataError(f"{pred_dir}: prediction folder not found")
-    if args.data_list:
-        datalist = load_datalist(args.data_list, args.data_root)
-        cases, label_map = datalist.split(args.split), datalist.label_map
-        if not cases:
-            raise DataError(f"{args.data_list}: no '{args.split}' cases")
-    else:
-        cases, label_map = gt_folder_cases(Path(args.gt), args.gt_label_map, args.pred_label_map, pred_dir)
-    pred_names = prediction_names(pred_dir, args.pred_label_map, label_map)
-    out = Path(args.output)
-    inputs = [*(p for case in cases for p in case.files), *pred_dir.glob("*.nii*")]
-    check_outputs([out / name for name in REPORT_FILES], inputs)
-    check_own_report(out)
-    prepare_output_dir(out)
-    named = bool(args.pred_label_map) or (pred_dir / LABELS).is_file()
-    rows, summary = evaluate(
-        pred_dir, cases, label_map, args.structures, args.nsd_tolerance, not args.no_progress, pred_names, named
+    summary = evaluate_folder(
+        args.pred,
+        args.output,
+        gt=args.gt,
+        data_list=args.data_list,
+        structures=args.structures,
+        nsd_tolerance=args.nsd_tolerance,
+        gt_label_map=args.gt_label_map,
+        pred_label_map=args.pred_label_map,
+        split=args.split,
+        data_root=args.data_root,
+        plot=not args.no_plot,
+        progress=not args.no_progress,
     )
-    write_report(out, rows, summary)
-    if not args.no_plot:
-        dice = {s: [r["dice"] for r in rows if r["structure"] == s] for s in summary["structures"]}
-        try:
-            dice_boxplot_png(
-                Path(args.output) / "dice_boxplot.png", dice, f"Dice per structure ({summary['cases']} cases)"
-            )
-        except FssegError as error:  # the scores are written; only the picture is missing
-            print(f"fsseg-evaluate: warning: no box plot: {error}", file=sys.stderr)
     print(format_summary(summary))
     if summary["failed_cases"]:
         print(f"failed cases (scored 0): {', '.join(summary['failed_cases'])}", file=sys.stderr)

@@ -15,15 +15,16 @@ import numpy as np
 from tqdm import tqdm
 
 from fsseg.data.annotations import load_case_masks
-from fsseg.data.datalist import Case
+from fsseg.data.datalist import Case, load_datalist
 from fsseg.data.io import atomic_path, nifti_stem, same_geometry
 from fsseg.data.labels import LabelMap
 from fsseg.data.scans import load_volume
-from fsseg.errors import DataError
+from fsseg.errors import DataError, FssegError
 from fsseg.inference.record import LABELS  # what fsseg-predict names its ids in
 from fsseg.metrics.segmentation import EMPTY_POLICY, StructureScore, score_structure, summarise
-from fsseg.outputs import check_run_file
+from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
 from fsseg.templates import canonical_name
+from fsseg.viz import dice_boxplot_png
 
 log = logging.getLogger("fsseg.evaluate")
 REPORT_FILES = ("per_case.csv", "summary.json", "dice_boxplot.png")
@@ -254,3 +255,54 @@ def check_own_report(out: Path) -> None:
         raise DataError(
             f"{out / 'dice_boxplot.png'}: exists without fsseg-evaluate's summary.json; choose another output folder"
         )
+
+
+def evaluate_folder(
+    pred: str | Path,
+    out: str | Path,
+    gt: str | Path | None = None,
+    data_list: str | Path | None = None,
+    structures: Sequence[str] | None = None,
+    nsd_tolerance: float = 2.0,
+    gt_label_map: str | None = None,
+    pred_label_map: str | None = None,
+    split: str = "test",
+    data_root: str | None = None,
+    plot: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Score the label maps of ``pred`` against a folder of ground truth (``gt``) or a data list's ``split``
+    cases; write ``per_case.csv``, ``summary.json`` and (``plot``) ``dice_boxplot.png`` into ``out``; return the
+    summary (per structure and overall, with the failed cases).
+
+    Raises:
+        DataError: a folder or list is missing or empty, or a report would replace an input.
+    """
+    pred_dir, out = Path(pred), Path(out)
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: prediction folder not found")
+    if (gt is None) == (data_list is None):
+        raise DataError("give the ground truth as a folder (gt) or a data list (data_list), one of them")
+    if data_list is not None:
+        datalist = load_datalist(data_list, data_root)
+        cases, label_map = datalist.split(split), datalist.label_map
+        if not cases:
+            raise DataError(f"{data_list}: no '{split}' cases")
+    else:
+        cases, label_map = gt_folder_cases(Path(str(gt)), gt_label_map, pred_label_map, pred_dir)
+    pred_names = prediction_names(pred_dir, pred_label_map, label_map)
+    check_outputs(
+        [out / name for name in REPORT_FILES], [*(p for c in cases for p in c.files), *pred_dir.glob("*.nii*")]
+    )
+    check_own_report(out)
+    prepare_output_dir(out)
+    named = bool(pred_label_map) or (pred_dir / LABELS).is_file()
+    rows, summary = evaluate(pred_dir, cases, label_map, structures, nsd_tolerance, progress, pred_names, named)
+    write_report(out, rows, summary)
+    if plot:
+        dice = {s: [r["dice"] for r in rows if r["structure"] == s] for s in summary["structures"]}
+        try:
+            dice_boxplot_png(out / "dice_boxplot.png", dice, f"Dice per structure ({summary['cases']} cases)")
+        except FssegError as error:  # the scores are written; only the picture is missing
+            log.warning(f"fsseg-evaluate: warning: no box plot: {error}")
+    return summary
