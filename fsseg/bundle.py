@@ -9,7 +9,8 @@ float16) and :class:`LabelMapd` (fsseg's label map from native-grid probabilitie
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from monai.data import MetaTensor
@@ -93,13 +94,13 @@ class BundleInferer(Inferer):
         self.preprocessing = Preprocessing.from_dict(preprocessing)
         self.settings = InferenceSettings(overlap=overlap, sw_batch_size=sw_batch_size, amp=amp, cpu_bf16=cpu_bf16)
 
-    def __call__(self, inputs: MetaTensor, network: BundleNetwork, *args, **kwargs) -> MetaTensor:
-        device = next(network.parameters()).device
-        predictor = Predictor(
-            network.prediction_network(), network.structures, self.preprocessing, device, self.settings
-        )
-        probabilities = predictor.model_space_probabilities({IMAGE: inputs[0]})
-        return MetaTensor(probabilities.float()[None], meta=inputs.meta, applied_operations=inputs.applied_operations)
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> MetaTensor:
+        # MONAI's evaluator hands the MetaTensor batch and the bundle's network
+        image, bundle = cast(MetaTensor, inputs), cast(BundleNetwork, network)
+        device = next(bundle.parameters()).device
+        predictor = Predictor(bundle.prediction_network(), bundle.structures, self.preprocessing, device, self.settings)
+        probabilities = predictor.model_space_probabilities({IMAGE: image[0]})
+        return MetaTensor(probabilities.float()[None], meta=image.meta, applied_operations=image.applied_operations)
 
 
 class LabelMapd(MapTransform):
@@ -113,7 +114,7 @@ class LabelMapd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            probabilities = d[key]
+            probabilities: Any = d[key]  # (K, X, Y, Z) tensor, a MetaTensor after Invertd
             labels = LabelMap(probabilities.shape[1:], self.settings)
             for k in range(probabilities.shape[0]):
                 labels.add(k, torch.as_tensor(probabilities[k]).float().cpu().clamp(0, 1))

@@ -18,12 +18,14 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import monai
 import numpy as np
 import torch
 
 from fsseg import __version__
+from fsseg.adapters import AdaptedModel
 from fsseg.adapters.peft_methods import METHODS as PEFT_METHODS
 from fsseg.adapters.peft_methods import merge_into_backbone
 from fsseg.bundle import BundleNetwork
@@ -32,6 +34,7 @@ from fsseg.data.io import new_mode, remove_leftovers
 from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predict import Model
 from fsseg.inference.predictor import InferenceSettings
+from fsseg.models import SegmentationModel
 
 OUTPUT_POSTFIX = "seg"
 
@@ -223,11 +226,17 @@ def bundle_adapters(model: Model) -> tuple[list[dict], list[torch.nn.Module]]:
         spec = {key: info.get(key) for key in ("method", "options", "compose", "structures")}
         if info.get("method") in PEFT_METHODS:
             adapted = copy.deepcopy(adapted)
-            merge_into_backbone(adapted.base.backbone)
+            merge_into_backbone(cast(AdaptedModel, adapted).base.backbone)
             spec.update(method="ft", options={}, compose={})
         described.append(spec)
         models.append(adapted)
     return described, models
+
+
+def base_model(model: Model) -> SegmentationModel:
+    """The checkpoint's model: the one model, or the base the adapters were trained on."""
+    first = model.models[0]
+    return cast(AdaptedModel, first).base if model.adapters else cast(SegmentationModel, first)
 
 
 def export_bundle(
@@ -237,7 +246,7 @@ def export_bundle(
     bundle into ``out``, a new folder filled under a temporary name and then renamed."""
     described, models = bundle_adapters(model) if model.adapters else ([], list(model.models))
     network = {
-        "arch": model.models[0].arch if not model.adapters else model.models[0].base.arch,
+        "arch": base_model(model).arch,
         "template": read_checkpoint(checkpoint)["template"],
         "channels": model.channels,
         "structures": model.structures,

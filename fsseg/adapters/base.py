@@ -20,7 +20,7 @@ from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel
 from fsseg.models.base import new_head
 from fsseg.templates import Template, canonical_name
-from fsseg.training.encoder_cache import splits_at_encoder
+from fsseg.training.encoder_cache import split_backbone, splits_at_encoder
 from fsseg.training.freezing import train_trainable_parts
 
 
@@ -51,7 +51,7 @@ class AdaptedModel(nn.Module):
 
     def decode_forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
         """The skips of the backbone's encoder (a network that splits there) -> (B, K, ...) logits."""
-        return self.head_forward(self.base.backbone.decode(skips))
+        return self.head_forward(split_backbone(self.base).decode(skips))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_forward(self.features(x))
@@ -112,7 +112,9 @@ def init_head_from_template(adapted: AdaptedModel, template: Template) -> list[s
             channel = template.channel(name)
             if channel is not None:
                 adapted.head.weight[k] = adapted.base.head.weight[channel]
-                adapted.head.bias[k] = adapted.base.head.bias[channel]
+                bias, base_bias = adapted.head.bias, adapted.base.head.bias
+                assert bias is not None and base_bias is not None  # every head is a PointwiseConv3d with one
+                bias[k] = base_bias[channel]
                 started.append(name)
     return started
 

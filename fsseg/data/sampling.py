@@ -56,7 +56,7 @@ class CropSampler:
         self.crop = tuple(min(c, s) for c, s in zip(crop, self.shape))
         self.pos_ratio = pos / (pos + neg)
         self.stride = stride
-        self.fg, self.bg = map_binary_to_indices(label.any(0)[None], body, image_threshold=0.0)
+        self.fg, self.bg = map_binary_to_indices(np.asarray(label.any(0))[None], body, image_threshold=0.0)
 
     def slices(self, count: int, rng: np.random.RandomState) -> list[tuple[slice, ...]]:
         centres = generate_pos_neg_label_crop_centers(

@@ -42,6 +42,16 @@ class I3ResNetUNet(nn.Module):
         decoder_channels: the decoder's width at strides 16, 8, 4, 2 and 1 (in-plane).
     """
 
+    # ResNet's modules, added by name from MONAI's network
+    conv1: nn.Module
+    bn1: nn.Module
+    act: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
+
     def __init__(
         self,
         layers: Sequence[int] = (3, 8, 36, 3),
@@ -57,8 +67,8 @@ class I3ResNetUNet(nn.Module):
             list(widths),
             spatial_dims=3,
             n_input_channels=3,
-            conv1_t_size=(3, 7, 7),
-            conv1_t_stride=(1, 2, 2),
+            conv1_t_size=(3, 7, 7),  # type: ignore[arg-type]  # MONAI takes a size per axis, its hint says one
+            conv1_t_stride=(1, 2, 2),  # type: ignore[arg-type]
             shortcut_type="B",
             bias_downsample=False,
             feed_forward=False,

@@ -11,6 +11,7 @@ included.
 from __future__ import annotations
 
 import importlib
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -61,6 +62,8 @@ def build_network(network_class: str, arch_kwargs: dict, requires_import: list[s
 class NnUNetBackbone(nn.Module):
     """An nnU-Net network returning its last decoder stage's features (``features`` channels)."""
 
+    net: Any  # an nnU-Net network of dynamic-network-architectures (untyped)
+
     def __init__(
         self,
         network_class: str,
@@ -83,7 +86,8 @@ class NnUNetBackbone(nn.Module):
         self.register_buffer("input_shift", torch.tensor(float(input_shift)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x * self.input_scale + self.input_shift)
+        scale, shift = cast(torch.Tensor, self.input_scale), cast(torch.Tensor, self.input_shift)  # buffers
+        return self.net(x * scale + shift)
 
 
 def nnunet_blocks(n_stages: int) -> dict[str, list[str]]:

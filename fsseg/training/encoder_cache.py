@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -28,6 +29,21 @@ from fsseg.models import SegmentationModel
 
 log = logging.getLogger("fsseg.features")
 DONE = "done.json"
+
+
+class SplitsAtEncoder(Protocol):
+    """A backbone that offers its encoder's skips and a decoder over them (the I3ResNet U-Net)."""
+
+    strides: Sequence[Sequence[int]]
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def decode(self, skips: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+def split_backbone(model: SegmentationModel) -> SplitsAtEncoder:
+    """``model``'s backbone as one that splits at its encoder (check :func:`splits_at_encoder` first)."""
+    return cast(SplitsAtEncoder, model.backbone)
 
 
 def splits_at_encoder(model: SegmentationModel) -> bool:
@@ -84,7 +100,7 @@ class EncoderCache:
 
     def __init__(self, folder: Path, model: SegmentationModel, encoder_key: str) -> None:
         self.folder, self.model, self.encoder_key = Path(folder), model, encoder_key
-        self.strides = tuple(tuple(s) for s in model.backbone.strides)
+        self.strides = tuple(tuple(s) for s in split_backbone(model).strides)
 
     def _folder(self, scan_key: str) -> Path:
         digest = hashlib.sha1(json.dumps([self.encoder_key, scan_key]).encode()).hexdigest()[:20]
@@ -124,7 +140,7 @@ class EncoderCache:
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        skips = [skip.cpu() for skip in self.model.backbone.encode(image[None].float().to(device))]
+        skips = [skip.cpu() for skip in split_backbone(self.model).encode(image[None].float().to(device))]
         self.model.train(was_training)
         arrays = {"image": image} | {f"level{level}": skip[0] for level, skip in enumerate(skips) if level > 0}
         arrays |= extras or {}
@@ -137,4 +153,6 @@ class EncoderCache:
         log.info(
             f"cached the encoder features of {name or folder.name} ({tuple(image.shape[1:])}): {stored / 2**20:.0f} MB"
         )
-        return self.load(scan_key)
+        encoded = self.load(scan_key)
+        assert encoded is not None  # its marker was just written
+        return encoded
