@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -134,21 +133,11 @@ def read_series(folder: str | Path) -> tuple[Series, np.ndarray]:
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise DataError(f"{series.folder}: cannot read the pixels of a slice ({_itk_reason(error)})") from None
+        raise DataError(f"{series.folder}: cannot read the pixels of a slice ({itk_reason(error)})") from None
     array = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0).astype(np.float32)
     if array.shape != series.shape:
         raise DataError(f"{series.folder}: the pixels read have shape {array.shape}, the headers say {series.shape}")
     return series, array
-
-
-def header_image(series: Series) -> nib.Nifti1Image:
-    """A NIfTI image on the series' grid whose voxels are never read (they are all zero and take no memory):
-    the reference that masks predicted from the series are written on."""
-    image = nib.Nifti1Image(np.broadcast_to(np.int16(0), series.shape), series.affine)
-    image.set_qform(series.affine, code=1)
-    image.set_sform(series.affine, code=1)
-    image.header.set_xyzt_units("mm")
-    return image
 
 
 def _uniform_step(folder: Path, headers: list[dict], positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
@@ -206,7 +195,7 @@ def _header(path: Path) -> dict:
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        raise DataError(f"{path}: cannot be read as DICOM ({_itk_reason(error)})") from None
+        raise DataError(f"{path}: cannot be read as DICOM ({itk_reason(error)})") from None
     tag = {key: reader.GetMetaData(code).strip() if reader.HasMetaDataKey(code) else "" for key, code in TAGS.items()}
     for key in ("position", "orientation", "pixel_spacing"):
         if not tag[key]:
@@ -244,6 +233,7 @@ def _shown(value) -> str:
     return "\\".join(f"{v:.4g}" for v in value) if isinstance(value, list) else str(value)
 
 
-def _itk_reason(error: RuntimeError) -> str:
+def itk_reason(error: RuntimeError) -> str:
+    """SimpleITK's error as one line: the last line of its message, which names the problem."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else "unreadable"

@@ -63,6 +63,16 @@ class Volume:
         return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
 
 
+def grid_image(shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI image of ``shape`` on ``affine`` whose voxels are never read (all zero, taking no memory): the
+    reference that masks predicted for a scan of another format are written on."""
+    image = nib.Nifti1Image(np.broadcast_to(np.int16(0), shape), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
 def require_file(path: str | Path, what: str = "file") -> Path:
     """``path`` when it is a file this process may read.
 
@@ -89,7 +99,7 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
     try:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises several unrelated types for unreadable files
-        raise DataError(f"{path}: cannot be read as NIfTI ({_reason(error)})") from None
+        raise DataError(f"{path}: cannot be read as NIfTI ({error_reason(error)})") from None
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -300,6 +310,7 @@ def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path) -
     return Path(path)
 
 
-def _reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

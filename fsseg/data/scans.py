@@ -17,12 +17,15 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from fsseg.data.dicom import dicom_files, header_image, is_dicom_folder, read_series, read_series_header
+from fsseg.data.dicom import dicom_files, is_dicom_folder, itk_reason, read_series, read_series_header
 from fsseg.data.io import (
     Volume,
     atomic_path,
     check_finite,
     check_grid,
+    error_reason,
+    grid_image,
+    is_nifti,
     load_nifti_image,
     nifti_stem,
     require_file,
@@ -69,7 +72,7 @@ class Nifti(ScanFormat):
     name = "NIfTI (.nii, .nii.gz)"
 
     def claims(self, path: Path) -> bool:
-        return path.name.endswith((".nii", ".nii.gz"))
+        return is_nifti(path)
 
     def stem(self, path: Path) -> str:
         return nifti_stem(path)
@@ -82,7 +85,7 @@ class Nifti(ScanFormat):
         try:
             array = np.asanyarray(image.dataobj)
         except (EOFError, zlib.error, OSError, ValueError) as error:
-            raise DataError(f"{path}: file is truncated or corrupt ({type(error).__name__}: {error})") from None
+            raise DataError(f"{path}: file is truncated or corrupt ({error_reason(error)})") from None
         array = array.reshape(array.shape[:3])
         check_finite(array, path)
         return Volume(array=array, affine=image.affine.copy(), header=image.header, path=path)
@@ -97,13 +100,15 @@ class DicomSeries(ScanFormat):
     def grid(self, path: Path) -> nib.Nifti1Image:
         series = read_series_header(path)
         check_grid(series.affine, series.shape, path)
-        return header_image(series)
+        return grid_image(series.shape, series.affine)
 
     def read(self, path: Path) -> Volume:
         series, array = read_series(path)
         check_grid(series.affine, series.shape, path)
         check_finite(array, path)
-        return Volume(array=array, affine=series.affine, header=header_image(series).header, path=path)
+        return Volume(
+            array=array, affine=series.affine, header=grid_image(series.shape, series.affine).header, path=path
+        )
 
     def files(self, path: Path) -> list[Path]:
         return [path, *dicom_files(path)]
@@ -128,7 +133,7 @@ class SimpleITKFile(ScanFormat):
         try:
             reader.ReadImageInformation()
         except RuntimeError as error:
-            raise DataError(f"{path}: cannot be read as {self.name} ({str(error).strip().splitlines()[-1]})") from None
+            raise DataError(f"{path}: cannot be read as {self.name} ({itk_reason(error)})") from None
         if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
             raise DataError(f"{path}: expected a 3D single-channel volume, got size {reader.GetSize()}")
         return reader
@@ -138,18 +143,14 @@ class SimpleITKFile(ScanFormat):
         affine = ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
         shape = tuple(int(s) for s in reader.GetSize())
         check_grid(affine, shape, path)
-        image = nib.Nifti1Image(np.broadcast_to(np.int16(0), shape), affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        image.header.set_xyzt_units("mm")
-        return image
+        return grid_image(shape, affine)
 
     def read(self, path: Path) -> Volume:
         reference = self.grid(path)
         try:
             array = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
         except RuntimeError as error:
-            raise DataError(f"{path}: file is truncated or corrupt ({str(error).strip().splitlines()[-1]})") from None
+            raise DataError(f"{path}: file is truncated or corrupt ({itk_reason(error)})") from None
         check_finite(array, path)
         return Volume(array=np.ascontiguousarray(array), affine=reference.affine, header=reference.header, path=path)
 

@@ -234,9 +234,8 @@ def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
                 if not output.is_file():
                     return False
                 continue
-            predicted = output_format.grid(output)
-            output_format.read(output)  # every voxel: a truncated output is redone
-            if predicted.shape[:3] != scan.shape[:3] or not np.allclose(predicted.affine, scan.affine, atol=1e-4):
+            predicted = output_format.read(output)  # every voxel: a truncated output is redone
+            if predicted.array.shape[:3] != scan.shape[:3] or not np.allclose(predicted.affine, scan.affine, atol=1e-4):
                 return False
     except Exception:  # any unreadable output is redone
         return False
