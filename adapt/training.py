@@ -225,8 +225,9 @@ class SupportCrops:
         self.pending = list(state["pending"])
 
 
-def check_inputs(adapted: AdaptedModel, inputs: str, training: TrainingConfig) -> None:
-    """``inputs`` is one of :data:`INPUTS` that trains ``adapted`` exactly."""
+def prepare_inputs(adapted: AdaptedModel, inputs: str, training: TrainingConfig) -> None:
+    """Check that ``inputs`` (one of :data:`INPUTS`) trains ``adapted`` exactly, say which settings do not apply to
+    it, and switch on activation checkpointing where the settings ask for it."""
     if inputs not in INPUTS:
         raise ValueError(f"inputs must be one of {INPUTS}, got '{inputs}'")
     if (inputs == "features" and not adapted.backbone_frozen) or (inputs == "encoder" and not adapted.encoder_frozen):
@@ -294,7 +295,7 @@ def train(
     or nothing (None).
     """
     inputs = inputs or training_inputs(adapted)
-    check_inputs(adapted, inputs, training)
+    prepare_inputs(adapted, inputs, training)
     precision = MixedPrecision(run.device, cpu_bf16=training.cpu_bf16)
     source = SupportCrops(adapted, supports, run, training, seed, inputs, precision)
     per_epoch = source.steps_per_epoch
