@@ -21,7 +21,16 @@ from fsseg.checkpoint import load_model
 from fsseg.data.datalist import load_datalist
 from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
 from fsseg.data.io import atomic_path, remove_leftovers, save_like
-from fsseg.data.scans import DicomSeries, Scan, find_format, known_formats, load_scan_image, load_volume, resolve_scan
+from fsseg.data.scans import (
+    DicomSeries,
+    Scan,
+    ScanFormat,
+    find_format,
+    known_formats,
+    load_scan_image,
+    load_volume,
+    resolve_scan,
+)
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, DiskFull, user_error
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
@@ -50,6 +59,7 @@ class Inputs:
 
     scans: dict[str, Path]  # output name (case id for data lists, file stem for folders) -> scan
     files: list[Path]  # images and labels a data list names, or the scans: never to be written over
+    formats: dict[str, ScanFormat | None]  # output name -> the scan's format, found once (None: none claims it)
 
 
 def find_inputs(source: Path, split: str = "test", data_root: str | None = None) -> Inputs:
@@ -66,7 +76,7 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
         if not cases:
             raise DataError(f"{source}: no '{split}' cases")
         every = [source, *(path for case in datalist.cases for path in case.files)]
-        return Inputs({case.id: case.image for case in cases}, every)
+        return Inputs({c.id: c.image for c in cases}, every, {c.id: find_format(c.image) for c in cases})
     if not source.exists():
         raise DataError(f"{source}: no such file or folder")
     scan_format = find_format(source)
@@ -76,7 +86,7 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
         if source.is_dir():
             _check_no_series_below(source)
         scan = Scan(source, scan_format)
-        return Inputs({scan.name: source}, scan.files())
+        return Inputs({scan.name: source}, scan.files(), {scan.name: scan_format})
     entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
     found = [Scan(p, f) for p in entries if (f := find_format(p)) is not None]
     if not found:
@@ -89,7 +99,8 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
                 f"{scan.mask_path(Path(), scan.name)}; rename or move one of them"
             )
         scans[scan.name] = scan.path
-    return Inputs(scans, [file for scan in found for file in scan.files()])
+    formats = {scan.name: scan.format for scan in found}
+    return Inputs(scans, [file for scan in found for file in scan.files()], formats)
 
 
 def _check_no_series_below(folder: Path) -> None:
@@ -189,11 +200,16 @@ OUTPUT_TYPES = ("nifti", "dicom-seg")
 
 
 def case_outputs(
-    out: Path, case: str, output_types: Sequence[str], probabilities: bool, preview: bool, scan: Path | None = None
+    out: Path,
+    case: str,
+    output_types: Sequence[str],
+    probabilities: bool,
+    preview: bool,
+    scan_format: ScanFormat | None = None,
 ) -> dict[str, Path]:
     """Every file written for one case, by kind ("nifti", "dicom-seg", "probabilities", "preview"), the masks
-    first. The label map ("nifti") is NIfTI, or the format of ``scan`` where it writes one (NRRD, MetaImage)."""
-    scan_format = find_format(scan) if scan is not None else None
+    first. The label map ("nifti") is NIfTI, or the format of the case's scan where it writes one (NRRD,
+    MetaImage)."""
     kinds = {
         "nifti": f"{case}{scan_format.mask_suffix if scan_format else '.nii.gz'}",
         "dicom-seg": f"{case}.seg.dcm",
@@ -208,14 +224,14 @@ def case_outputs(
     return {kind: out / kinds[kind] for kind in wanted}
 
 
-def check_dicom_seg_inputs(scans: dict[str, Path]) -> None:
+def check_dicom_seg_inputs(inputs: Inputs) -> None:
     """DICOM-SEG references the slices it segments: refuse it, before any prediction, for a scan that is not a
     DICOM series, or without highdicom.
 
     Raises:
-        DataError: naming the first NIfTI scan, or how to install highdicom.
+        DataError: naming the first scan that is not a DICOM series, or how to install highdicom.
     """
-    other = next((path for path in scans.values() if not isinstance(find_format(path), DicomSeries)), None)
+    other = next((inputs.scans[n] for n, f in inputs.formats.items() if not isinstance(f, DicomSeries)), None)
     if other is not None:
         raise DataError(
             f"--output-type dicom-seg needs DICOM series as input (a DICOM-SEG references the slices of its "
@@ -354,10 +370,10 @@ def plan_outputs(inputs: Inputs, out: Path, options: FolderOptions) -> dict[str,
     """Every case's output files, refused before the first write when two collide, one would replace an input or a
     file fsseg-predict did not write."""
     if "dicom-seg" in options.output_types:
-        check_dicom_seg_inputs(inputs.scans)
+        check_dicom_seg_inputs(inputs)
     planned = {
-        case: case_outputs(out, case, options.output_types, options.save_probabilities, options.preview, scan)
-        for case, scan in inputs.scans.items()
+        case: case_outputs(out, case, options.output_types, options.save_probabilities, options.preview, scan_format)
+        for case, scan_format in inputs.formats.items()
     }
     # every file of every case, before the first write: case x's probabilities are case x_probabilities's mask
     check_unique_outputs(
@@ -370,7 +386,7 @@ def plan_outputs(inputs: Inputs, out: Path, options: FolderOptions) -> dict[str,
     every = [out / LABELS, out / REPORT, *(p for paths in planned.values() for p in paths.values())]
     check_outputs(every, inputs.files, folder=out)
     check_owned(
-        out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True, inputs.scans.get(case)).values()
+        out, every, lambda case: case_outputs(out, case, OUTPUT_TYPES, True, True, inputs.formats.get(case)).values()
     )
     return planned
 
