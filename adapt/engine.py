@@ -316,6 +316,8 @@ class Job:
     adapted: AdaptedModel
     settings: MethodSettings
     options: Any
+    trainable: int = 0  # parameters that train, of ``total``: counted once, before training
+    total: int = 0
 
     @property
     def name(self) -> str:
@@ -331,7 +333,7 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     settings, options = run.settings[method]
     torch.manual_seed(run_seed(run.organs, method, shots, seed))
     adapted = adapt_model(run.base, run.template, run.organs, method, options, settings.compose).to(run.device)
-    job = Job(method, shots, seed, supports, adapted, settings, options)
+    job = Job(method, shots, seed, supports, adapted, settings, options, *adapted.parameter_counts())
     rows, predictions = (adapt_transductive if run.config.ti.enabled else adapt_inductive)(run, job)
     run.keep_if_best(method, shots, seed, rows, predictions)
     return rows
@@ -365,9 +367,8 @@ def adapt_inductive(run: Adaptation, job: Job) -> tuple[list[dict], dict]:
     for case in run.tests:
         scored, predictions[case.id] = score_rows(run, job, job.adapted, run.query(case), seconds, ran, False)
         rows += scored
-    trainable, total = job.adapted.parameter_counts()
     log.info(
-        f"{job.name}: {ran} epochs, {trainable:,} trainable of {total:,} parameters, "
+        f"{job.name}: {ran} epochs, {job.trainable:,} trainable of {job.total:,} parameters, "
         f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}"
     )
     return rows, predictions
@@ -424,7 +425,6 @@ def score_rows(
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Result rows of one test case (one per target structure) and the predicted masks."""
     predicted = predict_query(model, query, run)
-    trainable, total = job.adapted.parameter_counts()
     rows = []
     for organ in run.organs:
         score = score_structure(predicted[organ], query.masks[organ], query.spacing, run.config.nsd_tolerance)
@@ -439,8 +439,8 @@ def score_rows(
                 "nsd": round(score.nsd, 4),
                 "hd95": round(score.hd95, 2),
                 "transductive": transductive,
-                "trainable_params": trainable,
-                "total_params": total,
+                "trainable_params": job.trainable,
+                "total_params": job.total,
                 "train_seconds": round(seconds, 2),
                 "epochs": epochs,
                 "support": job.support_ids,
