@@ -7,21 +7,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsseg.adapt.config import AdaptConfig
-from fsseg.adapters import list_methods
 from fsseg.cli import (
     add_checkpoint_argument,
     add_common_arguments,
+    add_listing_argument,
     add_output_argument,
     add_run_arguments,
     add_structures_argument,
     override,
     run_cli,
 )
-from fsseg.config import load_config
 from fsseg.errors import ConfigError, DataError
 from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
-from fsseg.training.runtime import resolve_device, seed_everything
+from fsseg.resources import shipped_dir
 
 RUN_FILES = ("config.yaml", "results.json", "results.csv")
 # What marks the run files as fsseg-adapt's own (a config.yaml may be a pretraining run's or the user's).
@@ -37,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adapt a pretrained fsseg model to target structures from K labelled scans (several seeds), "
         "with each method, then predict and score every test case in its native space. Prints a table "
         "(method x K, mean ± std over seeds) and writes results.json, results.csv and adapter files.",
-        epilog="Methods: " + "; ".join(f"{name}: {text}" for name, text in list_methods().items()),
+        epilog=f"Methods (each with its settings in configs/adapt/<method>.yaml): {', '.join(shipped_methods())}; "
+        "--list-methods says what each trains.",
     )
     parser.add_argument(
         "--config",
@@ -49,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="base folder for relative paths of lists without a 'root'")
     add_structures_argument(parser, "organ", "target structure(s), aliases accepted")
     parser.add_argument("--shots", type=int, nargs="+", metavar="K", help="support-set sizes, e.g. 1 5 10")
-    parser.add_argument("--method", nargs="+", choices=sorted(list_methods()), help="adaptation method(s)")
+    parser.add_argument("--method", nargs="+", metavar="NAME", help="adaptation method(s), e.g. lp adapter")
+    add_listing_argument(parser, "--list-methods", "adaptation methods", _methods)
     parser.add_argument("--seeds", type=int, help="support draws per K (seeds 0..N-1)")
     parser.add_argument(
         "--ti",
@@ -82,9 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def shipped_methods() -> list[str]:
+    """The methods whose settings ship in configs/adapt/ (every registered method's, as a test checks)."""
+    return sorted(path.stem for path in (shipped_dir("configs") / "adapt").glob("*.yaml") if path.stem != "default")
+
+
+def _methods() -> dict[str, str]:
+    from fsseg.adapters import list_methods
+
+    return list_methods()
+
+
 def _command(args: argparse.Namespace) -> int:
-    from fsseg.adapt.engine import run_adaptation  # torch-heavy: after --help and argument errors
+    from fsseg.adapt.config import AdaptConfig
+    from fsseg.adapt.engine import run_adaptation
     from fsseg.adapt.merge import merge_parts
+    from fsseg.config import load_config
+    from fsseg.training.runtime import resolve_device, seed_everything
 
     if not 0 <= args.part_id < args.num_parts:
         raise ConfigError(

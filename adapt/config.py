@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsseg.adapters.base import Composition
+from fsseg.adapters.base import Composition, get_method
 from fsseg.config import from_dict, load_yaml, ranged
 from fsseg.errors import ConfigError
 from fsseg.losses.size_prior import FORMS
@@ -144,6 +144,8 @@ class AdaptConfig:
         if not self.organs or not self.methods:
             raise ConfigError("name at least one organ and one method")
         expand_structures(self.organs)  # a name that cannot name files is refused before --out is made
+        for method in self.methods:
+            get_method(method)
         for key in ("organs", "shots", "methods"):
             values = getattr(self, key)
             repeated = sorted({str(v) for v in values if values.count(v) > 1})

@@ -36,11 +36,11 @@ from fsseg.config import from_dict, to_dict
 from fsseg.data.annotations import check_case_grid, load_case_masks
 from fsseg.data.cache import file_digest
 from fsseg.data.datalist import Case, DataList, load_datalist
-from fsseg.data.io import atomic_path
 from fsseg.data.sampling import sample_support
 from fsseg.data.scans import load_scan_image
 from fsseg.data.transforms import IMAGE, LABEL, case_item, inference_transforms
 from fsseg.errors import ConfigError, DataError, FssegError
+from fsseg.files import atomic_path
 from fsseg.inference import InferenceSettings, Predictor
 from fsseg.inference.predictor import FrozenBackbone
 from fsseg.losses.size_prior import organ_size_prior

@@ -13,8 +13,8 @@ import yaml
 from fsseg.adapt.config import AdaptConfig
 from fsseg.adapt.results import adapter_name, results_table, write_results, write_summary
 from fsseg.config import from_dict
-from fsseg.data.io import atomic_path
 from fsseg.errors import ConfigError
+from fsseg.files import atomic_path
 
 # What every part must share: the inputs and the settings of its rows.
 SHARED = ("checkpoint_sha256", "data_list", "organs", "signature", "method_settings")

@@ -14,8 +14,8 @@ import numpy as np
 from fsseg.adapt.config import AdaptConfig
 from fsseg.adapters.artifact import SUFFIX
 from fsseg.config import to_dict
-from fsseg.data.io import atomic_path
 from fsseg.errors import ConfigError
+from fsseg.files import atomic_path
 
 if TYPE_CHECKING:
     from fsseg.adapt.engine import Adaptation

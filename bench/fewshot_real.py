@@ -62,7 +62,7 @@ import yaml
 from results_file import write_result
 
 from fsseg.config import load_config
-from fsseg.data.io import atomic_path
+from fsseg.files import atomic_path
 from fsseg.pretrain.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from fsseg.checkpoint import versions
-from fsseg.data.io import atomic_path
+from fsseg.files import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

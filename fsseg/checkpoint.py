@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 import fsseg
-from fsseg.data.io import atomic_path, require_file, write_failed
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError
+from fsseg.files import atomic_path, require_file, write_failed
 from fsseg.models import SegmentationModel, create_model
 from fsseg.templates import Template
 

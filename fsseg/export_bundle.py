@@ -16,9 +16,9 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import monai
 import numpy as np
@@ -30,13 +30,14 @@ from fsseg.adapters.peft_methods import METHODS as PEFT_METHODS
 from fsseg.adapters.peft_methods import merge_into_backbone
 from fsseg.bundle import BundleNetwork
 from fsseg.checkpoint import read_checkpoint, save_torch_file, sha256_file
-from fsseg.data.io import new_mode, remove_leftovers
 from fsseg.data.transforms import Preprocessing
-from fsseg.inference.predict import Model
+from fsseg.errors import DataError
+from fsseg.files import new_mode, remove_leftovers
+from fsseg.inference.predict import Model, build_model, inference_settings
 from fsseg.inference.predictor import InferenceSettings
 from fsseg.models import SegmentationModel
-
-OUTPUT_POSTFIX = "seg"
+from fsseg.outputs import check_outputs
+from fsseg.vocabulary import BUNDLE_MASK_POSTFIX
 
 
 def preprocessing_transforms(pre: Preprocessing) -> list[dict]:
@@ -104,7 +105,7 @@ def postprocessing_transforms(settings: InferenceSettings) -> list[dict]:
             "_target_": "SaveImaged",
             "keys": "pred",
             "output_dir": "@output_dir",
-            "output_postfix": OUTPUT_POSTFIX,
+            "output_postfix": BUNDLE_MASK_POSTFIX,
             "output_dtype": "$numpy.uint8",
             "resample": False,
             "separate_folder": False,
@@ -273,3 +274,26 @@ def export_bundle(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    adapters: Sequence[str | Path] = (),
+    organs: Sequence[str] | None = None,
+    inference: Mapping[str, Any] | None = None,
+) -> Path:
+    """Export ``checkpoint`` with ``adapters`` (their structures, or ``organs`` of them) as a MONAI bundle in the new
+    folder ``out``. ``inference`` holds sliding-window settings (overlap, sw_batch_size, amp, cpu_bf16,
+    largest_component); those not given come from the adapters' record, then the defaults.
+
+    Raises:
+        DataError: ``out`` exists or would hold an input; a checkpoint or adapter cannot be read.
+    """
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"{out}: already exists; give a new folder for the bundle")
+    files = [str(path) for path in adapters]
+    check_outputs([out], [checkpoint, *files], option="--out")
+    model = build_model(str(checkpoint), files, organs, torch.device("cpu"))
+    return export_bundle(model, str(checkpoint), files, inference_settings(inference or {}, model.recorded), out)

@@ -34,12 +34,15 @@ from typing import Callable
 
 import torch
 
-from fsseg.checkpoint import load_torch_file
+from fsseg.checkpoint import load_torch_file, save_checkpoint, sha256_file
 from fsseg.data.transforms import Preprocessing
-from fsseg.errors import DataError
+from fsseg.errors import ConfigError, DataError
+from fsseg.files import remove_leftovers
+from fsseg.importing_nnunet import CHECKPOINT, import_nnunet
 from fsseg.models import SegmentationModel, create_model
 from fsseg.models.base import BLOCK_GROUPS
 from fsseg.models.i3resnet import ENCODER_MODULES
+from fsseg.outputs import check_output_file, check_outputs
 from fsseg.templates import Template, load_template
 
 # Buffers every model recomputes identically: their absence is no loss.
@@ -351,3 +354,70 @@ def _head_by_name(mapped: dict, source: Template, target: Template, own: dict, l
         + (f"; fresh rows for {', '.join(fresh)}" if fresh else "")
     )
     return {"head.weight": weight, "head.bias": bias}
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What :func:`import_checkpoint` wrote: the checkpoint, the layout it was read as (``detected`` when found from
+    the keys), the architecture and the head's template."""
+
+    path: Path
+    layout: str
+    detected: bool
+    arch: dict
+    template: str
+
+
+def import_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    layout: str = "auto",
+    template: str | None = None,
+    drop_head: bool = False,
+    unsafe_load: bool = False,
+    force: bool = False,
+    fold: str = "0",
+    nnunet_checkpoint: str = CHECKPOINT,
+    orientation: str = "RAS",
+) -> Imported:
+    """Convert the published file or nnU-Net results folder ``source`` into the fsseg checkpoint ``output``.
+
+    ``layout`` is ``auto`` (a folder is nnU-Net's, a file's layout is detected from its keys), ``nnunet`` or a name
+    of :data:`LAYOUTS`; ``template`` replaces the layout's own head template. ``fold``, ``nnunet_checkpoint`` (the file
+    in ``fold_N/``) and ``orientation`` (the training images') are for an nnU-Net folder alone.
+
+    Raises:
+        ConfigError: an unknown layout.
+        DataError: ``output`` would replace an input or an existing file (without ``force``); a backbone tensor is
+            missing or mismatched.
+    """
+    if layout not in ("auto", "nnunet", *LAYOUTS):
+        raise ConfigError(f"unknown format '{layout}'; expected auto, nnunet or one of {', '.join(LAYOUTS)}")
+    output, source = Path(output), Path(source)
+    # a results folder's files are inputs too: force never replaces its plans.json or checkpoint_final.pth
+    check_outputs([output], [source, *(p for p in source.rglob("*") if p.is_file())] if source.is_dir() else [source])
+    check_output_file(output, force)
+    remove_leftovers(output)  # a killed import's temporary file
+    if layout == "nnunet" or layout == "auto" and source.is_dir():
+        payload = import_nnunet(source, fold, nnunet_checkpoint, orientation, unsafe_load)
+        save_checkpoint(output, payload)
+        return Imported(output, "nnunet", layout == "auto", payload["arch"], payload["template"]["name"])
+    state = read_published(source, unsafe_load)
+    chosen = detect_layout(state) if layout == "auto" else LAYOUTS[layout]
+    head = load_template(template or chosen.template)
+    model, _ = convert(state, chosen, head, drop_head)
+    save_checkpoint(output, _imported_payload(model, head, chosen, source))
+    return Imported(output, chosen.name, layout == "auto", model.arch, head.name)
+
+
+def _imported_payload(model: SegmentationModel, template: Template, layout: Layout, source: Path) -> dict:
+    return {
+        "kind": "imported",
+        "arch": model.arch,
+        "template": template.to_dict(),
+        "head_trained": model.head_trained,
+        "decoder_trained": model.decoder_trained,
+        "preprocessing": layout.preprocessing.to_dict(),
+        "state_dict": model.state_dict(),
+        "source": {"file": str(source.resolve()), "sha256": sha256_file(source), "format": layout.name},
+    }

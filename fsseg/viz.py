@@ -12,8 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fsseg.data.io import atomic_path
 from fsseg.errors import FssegError
+from fsseg.files import atomic_path
 
 # One convention in every picture: ground truth in greens, predictions in reds and other warm colours (one a
 # structure), slices shown as radiologists read them (the patient's right on the viewer's left, anterior on the

@@ -7,12 +7,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsseg.cli import add_common_arguments, add_output_argument, add_run_arguments, override, run_cli
-from fsseg.config import load_config
-from fsseg.models import list_models
+from fsseg.cli import (
+    add_common_arguments,
+    add_listing_argument,
+    add_output_argument,
+    add_run_arguments,
+    override,
+    run_cli,
+)
 from fsseg.outputs import check_run_file
-from fsseg.pretrain.config import PretrainConfig
-from fsseg.training.runtime import init_runtime, shutdown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a segmentation foundation model (feature extractor + one sigmoid channel per "
         "template structure) on partially labelled CT datasets: each case is supervised only on the structures "
         "its dataset annotates. Multi-GPU: torchrun --nproc_per_node=N -m fsseg.pretrain --config ...",
-        epilog="Models: " + "; ".join(f"{name}: {text}" for name, text in list_models().items()),
+        epilog="The backbone is the config's model.name (--set model.name=unet); --list-models names them.",
     )
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/pretrain/tiny.yaml")
     parser.add_argument("--data-list", nargs="+", metavar="LIST.json", help="data lists (replace data.lists)")
@@ -33,13 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto' continues from <out>/checkpoint_latest.pt when present; or a checkpoint path. "
         "optim.epochs may be raised when resuming",
     )
+    add_listing_argument(parser, "--list-models", "backbones", _models)
     add_run_arguments(parser, "optim.lr=3e-4")
     add_common_arguments(parser)
     return parser
 
 
+def _models() -> dict[str, str]:
+    from fsseg.models import list_models
+
+    return list_models()
+
+
 def _command(args: argparse.Namespace) -> int:
-    from fsseg.pretrain.engine import train  # torch-heavy: imported after --help and argument errors
+    from fsseg.config import load_config
+    from fsseg.pretrain.config import PretrainConfig
+    from fsseg.pretrain.engine import train
+    from fsseg.training.runtime import init_runtime, shutdown
 
     overrides = list(args.overrides)
     if args.data_list:

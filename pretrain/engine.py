@@ -43,9 +43,9 @@ from fsseg.checkpoint import (
 from fsseg.config import to_dict
 from fsseg.data.cache import cached_dataset, content_hash
 from fsseg.data.datalist import load_datalist
-from fsseg.data.io import atomic_path
 from fsseg.data.transforms import IMAGE, LABEL, TASK_MASK, case_item, inference_transforms, train_transforms
 from fsseg.errors import ConfigError
+from fsseg.files import atomic_path
 from fsseg.losses import PartialLabelLoss
 from fsseg.models import SegmentationModel, check_roi, create_model
 from fsseg.outputs import prepare_output_dir

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import configparser
 import importlib
+import subprocess
+import sys
 
 import pytest
 
@@ -72,6 +74,51 @@ def test_every_option_has_help_and_shows_its_default(command):
         if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
             shown = parser._get_formatter()._expand_help(action)
             assert "default" in shown, f"{command} {action.option_strings[0]}: default {action.default!r} not shown"
+
+
+# Modules of seconds to import (MONAI alone takes several: it imports transformers and ignite when present).
+HEAVY = ("torch", "monai", "SimpleITK", "nibabel", "scipy", "pydicom", "highdicom", "peft")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_is_fast_because_building_a_parser_imports_nothing_heavy(command):
+    probe = (
+        f"import importlib, sys; importlib.import_module({COMMANDS[command]!r}).build_parser().format_help(); "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert found.stdout.strip() == "[]", f"{command} --help imports {found.stdout.strip()}"
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "name"), [("fsseg-adapt", "--list-methods", "lp"), ("fsseg-pretrain", "--list-models", "unet")]
+)
+def test_the_listing_flags_name_each_registered_component_with_its_description(command, flag, name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parser_of(command).parse_args([flag])
+    listed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert stop.value.code == 0 and listed[name]
+
+
+def test_the_method_names_in_adapt_help_are_the_registered_ones():
+    from fsseg.adapt.cli import shipped_methods
+    from fsseg.adapters import list_methods
+
+    assert shipped_methods() == sorted(list_methods())
+
+
+def test_the_nnunet_checkpoint_file_default_is_the_importers():
+    from fsseg.importing_nnunet import CHECKPOINT
+
+    assert options(parser_of("fsseg-import-checkpoint"))["--checkpoint-name"].default == CHECKPOINT
+
+
+def test_a_mistyped_method_is_refused_before_anything_is_written(tmp_path, capsys):
+    from fsseg.adapt.cli import main as adapt
+
+    assert adapt(["--method", "adaptor", "--out", str(tmp_path / "run")]) == 2
+    assert "unknown method 'adaptor' (did you mean adapter" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_mistyped_structure_is_answered_with_the_name_it_resembles(phantom_dir, tiny_checkpoint, tmp_path, capsys):

@@ -21,7 +21,8 @@ from torch import nn
 
 from fsseg.adapters import register_method
 from fsseg.adapters.methods import frozen_with_head
-from fsseg.data.io import Volume, atomic_path
+from fsseg.data.io import Volume
+from fsseg.files import atomic_path
 from fsseg.data.scans import ScanFormat, register_format
 from fsseg.models import register_model
 

@@ -30,9 +30,9 @@ from fsseg.checkpoint import (
     versions,
 )
 from fsseg.config import check_interval, from_dict, to_dict
-from fsseg.data.io import atomic_path, require_file
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError
+from fsseg.files import atomic_path, require_file
 from fsseg.inference.predictor import RECORDED
 from fsseg.models.registry import check_roi
 from fsseg.templates import Template

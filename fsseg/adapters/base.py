@@ -19,7 +19,7 @@ from torch import nn
 from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel
 from fsseg.models.base import new_head
-from fsseg.templates import Template, canonical_name
+from fsseg.templates import Template, canonical_name, suggest_name
 from fsseg.training.encoder_cache import split_backbone, splits_at_encoder
 from fsseg.training.freezing import train_trainable_parts
 
@@ -157,7 +157,9 @@ def register_method(name: str, config_cls: type, frozen_backbone: bool, descript
 
 def get_method(name: str) -> Method:
     if name not in _METHODS:
-        raise ConfigError(f"unknown method '{name}'; available: {', '.join(sorted(_METHODS))}")
+        raise ConfigError(
+            f"unknown method '{name}'{suggest_name(name, sorted(_METHODS))}; available: {', '.join(sorted(_METHODS))}"
+        )
     return _METHODS[name]
 
 

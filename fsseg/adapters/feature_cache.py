@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fsseg.data.io import atomic_path
+from fsseg.files import atomic_path
 
 log = logging.getLogger("fsseg.features")
 

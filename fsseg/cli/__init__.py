@@ -12,6 +12,7 @@ from typing import Any, Callable
 import yaml
 
 from fsseg.errors import FssegError, user_error
+from fsseg.vocabulary import DEVICES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -69,6 +70,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="only print warnings and errors")
 
 
+def add_listing_argument(parser: argparse.ArgumentParser, flag: str, what: str, listing: Callable[[], dict]) -> None:
+    """A flag that prints each name of ``listing()`` with its description, and exits. The registries behind such
+    listings import torch: only when asked, so that ``--help`` stays fast."""
+
+    class Listing(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            for name, text in listing().items():
+                print(f"{name}: {text}")
+            parser.exit()
+
+    parser.add_argument(flag, action=Listing, nargs=0, help=f"list the {what}, each with what it does, and exit")
+
+
 def add_checkpoint_argument(parser: argparse.ArgumentParser, dest: str, help: str, **kwargs: Any) -> None:
     """The fsseg checkpoint a command reads: ``--checkpoint`` (``-m``, ``--model``)."""
     parser.add_argument(*CHECKPOINT_FLAGS, dest=dest, metavar="CKPT", help=help, **kwargs)
@@ -86,8 +100,6 @@ def add_structures_argument(parser: argparse.ArgumentParser, dest: str, help: st
 
 def add_run_arguments(parser: argparse.ArgumentParser, example: str) -> None:
     """Flags of the training stages: ``--set`` overrides, ``--device`` and ``--no-progress``."""
-    from fsseg.training.runtime import DEVICES
-
     parser.add_argument(
         "--set",
         dest="overrides",

@@ -1,4 +1,4 @@
-"""``fsseg-check-data``: the command line over :mod:`fsseg.data.check`."""
+"""``fsseg-check-data``: the command line over :func:`fsseg.data.check.check_data`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tqdm import tqdm
-
 from fsseg.cli import add_common_arguments, run_cli
-from fsseg.data.check import check_case, format_table
-from fsseg.data.datalist import load_datalist
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,17 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    failed = total = 0
-    for list_path in args.lists:
-        datalist = load_datalist(list_path, args.data_root)
-        cases = tqdm(datalist.cases, desc=datalist.name, unit="case", disable=args.no_progress, file=sys.stderr)
-        reports = [check_case(case, datalist, args.allow_empty) for case in cases]
-        bad = sum(r.status == "FAIL" for r in reports)
-        print(f"{datalist.path} ({datalist.name}, {len(reports)} cases, root {datalist.root})")
-        print(format_table(reports))
-        print(f"{len(reports) - bad} passed, {bad} failed\n")
-        failed, total = failed + bad, total + len(reports)
-    if len(args.lists) > 1:
+    from fsseg.data.check import check_data, format_table
+
+    reports = check_data(args.lists, args.data_root, args.allow_empty, progress=not args.no_progress)
+    for report in reports:
+        datalist = report.datalist
+        print(f"{datalist.path} ({datalist.name}, {len(report.cases)} cases, root {datalist.root})")
+        print(format_table(report.cases))
+        print(f"{len(report.cases) - report.failed} passed, {report.failed} failed\n")
+    failed, total = sum(r.failed for r in reports), sum(len(r.cases) for r in reports)
+    if len(reports) > 1:
         print(f"all lists: {total - failed} passed, {failed} failed")
     return 1 if failed else 0
 

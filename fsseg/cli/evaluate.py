@@ -8,11 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fsseg.cli import add_common_arguments, add_output_argument, add_structures_argument, number_in, run_cli
-from fsseg.metrics.evaluate import (
-    evaluate_folder,
-    format_summary,
-)
-from fsseg.metrics.segmentation import EMPTY_POLICY
+from fsseg.vocabulary import EMPTY_POLICY
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
+    from fsseg.metrics.evaluate import evaluate_folder, format_summary
+
     summary = evaluate_folder(
         args.pred,
         args.output,

@@ -1,13 +1,10 @@
-"""``fsseg-export-bundle``: the command line over :mod:`fsseg.export_bundle`."""
+"""``fsseg-export-bundle``: the command line over :func:`fsseg.export_bundle.export_checkpoint`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-import torch
 
 from fsseg.cli import (
     add_checkpoint_argument,
@@ -17,13 +14,7 @@ from fsseg.cli import (
     add_structures_argument,
     run_cli,
 )
-from fsseg.errors import DataError
-from fsseg.export_bundle import (
-    OUTPUT_POSTFIX,
-    export_bundle,
-)
-from fsseg.inference.predict import build_model, inference_settings
-from fsseg.outputs import check_outputs
+from fsseg.vocabulary import BUNDLE_MASK_POSTFIX
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export an fsseg checkpoint, with its adapters, as a MONAI bundle (configs/metadata.json, "
         "configs/inference.json, models/model.pt) that segments a folder of NIfTI scans with the masks fsseg-predict "
         "writes: python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE "
-        f"--dataset_dir SCANS (masks <scan>_{OUTPUT_POSTFIX}.nii.gz in BUNDLE/eval, or --output_dir). fsseg must be "
-        "installed where the bundle runs.",
+        f"--dataset_dir SCANS (masks <scan>_{BUNDLE_MASK_POSTFIX}.nii.gz in BUNDLE/eval, or --output_dir). "
+        "fsseg must be installed where the bundle runs.",
     )
     add_checkpoint_argument(parser, "model", "fsseg checkpoint (.pt)", required=True)
     parser.add_argument(
@@ -47,12 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    if out.exists():
-        raise DataError(f"{out}: already exists; give a new folder for the bundle")
-    check_outputs([out], [args.model, *(args.adapter or [])], option="--out")
-    model = build_model(args.model, args.adapter, args.organs, torch.device("cpu"))
-    export_bundle(model, args.model, args.adapter or [], inference_settings(vars(args), model.recorded), out)
+    from fsseg.export_bundle import export_checkpoint
+
+    inference = {name: getattr(args, name) for name in ("overlap", "sw_batch_size", "amp", "cpu_bf16")}
+    inference["largest_component"] = args.largest_component
+    out = export_checkpoint(args.model, args.output, args.adapter or (), args.organs, inference)
     print(
         f"wrote {out}: run it with python -m monai.bundle run --config_file {out / 'configs' / 'inference.json'} "
         f"--bundle_root {out} --dataset_dir SCANS"

@@ -1,24 +1,12 @@
-"""``fsseg-import-checkpoint``: the command line over :mod:`fsseg.importing`."""
+"""``fsseg-import-checkpoint``: the command line over :func:`fsseg.importing.import_checkpoint`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from fsseg.checkpoint import save_checkpoint, sha256_file
 from fsseg.cli import add_common_arguments, add_output_argument, run_cli
-from fsseg.data.io import remove_leftovers
-from fsseg.importing import (
-    LAYOUTS,
-    convert,
-    detect_layout,
-    read_published,
-)
-from fsseg.importing_nnunet import CHECKPOINT, import_nnunet
-from fsseg.outputs import check_output_file, check_outputs
-from fsseg.templates import load_template
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,14 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format",
         default="auto",
-        choices=["auto", *LAYOUTS, "nnunet"],
-        help="its key layout (default auto: detected from the keys, and said; nnunet for a folder)",
+        help="its key layout: auto (detected from the keys, and said; nnunet for a folder), nnunet, or a "
+        "published layout by name (fseft, clip-driven, ...: docs/models.md lists them)",
     )
     parser.add_argument("--fold", default="0", help="with --format nnunet: the fold to import (0-4, or all)")
     parser.add_argument(
         "--checkpoint-name",
-        default=CHECKPOINT,
-        help=f"with --format nnunet: the checkpoint file in fold_N/ (default {CHECKPOINT})",
+        default="checkpoint_final.pth",
+        help="with --format nnunet: the checkpoint file in fold_N/",
     )
     parser.add_argument(
         "--orientation",
@@ -69,43 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    output = Path(args.output)
-    source = Path(args.source)
-    # a results folder's files are inputs too: --force never replaces its plans.json or checkpoint_final.pth
-    check_outputs([output], [source, *(p for p in source.rglob("*") if p.is_file())] if source.is_dir() else [source])
-    check_output_file(output, args.force)
-    remove_leftovers(output)  # a killed import's temporary file
-    if args.format == "nnunet" or args.format == "auto" and Path(args.source).is_dir():
-        payload = import_nnunet(args.source, args.fold, args.checkpoint_name, args.orientation, args.unsafe_load)
-        save_checkpoint(output, payload)
-        print(f"wrote {output}: nnunet, template {payload['template']['name']}")
-        return 0
-    state = read_published(args.source, args.unsafe_load)
-    if args.format == "auto":
-        layout = detect_layout(state)
-        print(f"format: {layout.name} (detected from the keys)")
-    else:
-        layout = LAYOUTS[args.format]
-    template = load_template(args.template or layout.template)
-    model, coverage = convert(state, layout, template, args.drop_head)
-    save_checkpoint(
-        output,
-        {
-            "kind": "imported",
-            "arch": model.arch,
-            "template": template.to_dict(),
-            "head_trained": model.head_trained,
-            "decoder_trained": model.decoder_trained,
-            "preprocessing": layout.preprocessing.to_dict(),
-            "state_dict": model.state_dict(),
-            "source": {
-                "file": str(Path(args.source).resolve()),
-                "sha256": sha256_file(args.source),
-                "format": layout.name,
-            },
-        },
+    from fsseg.importing import import_checkpoint
+
+    imported = import_checkpoint(
+        args.source,
+        args.output,
+        args.format,
+        args.template,
+        args.drop_head,
+        args.unsafe_load,
+        args.force,
+        args.fold,
+        args.checkpoint_name,
+        args.orientation,
     )
-    print(f"wrote {output}: {model.arch['name']} {model.arch['kwargs']}, template {template.name}")
+    if imported.detected and imported.layout != "nnunet":
+        print(f"format: {imported.layout} (detected from the keys)")
+    what = "nnunet" if imported.layout == "nnunet" else f"{imported.arch['name']} {imported.arch['kwargs']}"
+    print(f"wrote {imported.path}: {what}, template {imported.template}")
     return 0
 
 

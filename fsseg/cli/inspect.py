@@ -6,12 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fsseg.adapters.artifact import is_safetensors, read_adapter_file
-from fsseg.checkpoint import FORMAT, load_torch_file
-from fsseg.checkpoint_info import describe
 from fsseg.cli import add_common_arguments, run_cli
-from fsseg.data.io import require_file
 from fsseg.errors import DataError
+from fsseg.files import require_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
+    from fsseg.adapters.artifact import is_safetensors, read_adapter_file
+    from fsseg.checkpoint import FORMAT, load_torch_file
+    from fsseg.checkpoint_info import describe
+
     for path in args.files:
         payload = read_adapter_file(path) if is_safetensors(require_file(path)) else load_torch_file(path, "file")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -1,29 +1,14 @@
-"""``fsseg-make-list``: the command line over :mod:`fsseg.data.make_list`."""
+"""``fsseg-make-list``: the command line over :func:`fsseg.data.make_list.make_list`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from fsseg.cli import add_common_arguments, add_output_argument, run_cli
-from fsseg.data.datalist import SPLITS, load_datalist
-from fsseg.data.io import atomic_path
-from fsseg.data.make_list import (
-    FOLDER,
-    NNUNET,
-    available_datasets,
-    load_spec,
-    nnunet_spec,
-    parse_label_map,
-    scan,
-    scan_folder,
-    specs_dir,
-)
-from fsseg.errors import ConfigError
-from fsseg.outputs import check_output_file, check_outputs
+from fsseg.data.datalist import SPLITS
+from fsseg.data.make_list import FOLDER, NNUNET, available_datasets, make_list, specs_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,40 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    root = Path(args.root).expanduser().resolve()
-    if args.dataset != FOLDER and (args.label_map or args.test_ids):
-        raise ConfigError(f"--label-map and --test-ids are for '{FOLDER}' only; dataset '{args.dataset}' has its own")
-    output = Path(args.output)
-    read = [args.dataset] if args.dataset.endswith(".json") else []  # files the command reads besides the scans
-    read += [root / "dataset.json"] if args.dataset == NNUNET else []
-    read += [args.label_map] if args.label_map and args.label_map.endswith(".json") else []
-    check_outputs([output], read)
-    check_output_file(output, args.force)
-    if args.dataset == FOLDER:
-        cases = scan_folder(root, args.test_ids)
-        if any("label" in c for c in cases) and not args.label_map:
-            raise ConfigError(f"{root / 'labels'}: give --label-map (e.g. 1=liver) to say what the label ids are")
-        spec = {
-            "name": root.name,
-            "description": f"scans of {root}",
-            "label_map": parse_label_map(args.label_map) if args.label_map else {},
-        }
-    else:
-        spec = nnunet_spec(root) if args.dataset == NNUNET else load_spec(args.dataset)
-        cases = scan(spec, root)
-    datalist = {
-        "name": spec["name"],
-        "description": spec.get("description", ""),
-        "root": str(root),
-        "label_map": spec.get("label_map", {}),
-        "cases": cases,
-    }
-    with atomic_path(output) as tmp:
-        tmp.write_text(json.dumps(datalist, indent=1) + "\n")
-    load_datalist(output)  # the list we wrote must be one we can read
-    counts = {split: sum(c["split"] == split for c in cases) for split in SPLITS}
-    print(f"wrote {output}: {len(cases)} cases ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})")
-    print(f"next: fsseg-check-data {output}")
+    written = make_list(args.dataset, args.root, args.output, args.label_map, args.test_ids, args.force)
+    counts = {split: len(written.split(split)) for split in SPLITS}
+    print(f"wrote {args.output}: {len(written.cases)} cases ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})")
+    print(f"next: fsseg-check-data {args.output}")
     return 0
 
 

@@ -1,22 +1,12 @@
-"""``fsseg-phantom``: the command line over :mod:`fsseg.data.phantom`."""
+"""``fsseg-phantom``: the command line over :func:`fsseg.data.phantom.write_phantoms`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from fsseg.cli import add_common_arguments, add_output_argument, number_in, run_cli
-from fsseg.data.io import staged_writes
-from fsseg.data.phantom import (
-    DESCRIPTION,
-    default_datasets,
-    write_dataset,
-)
-from fsseg.errors import DataError
-from fsseg.outputs import prepare_output_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,27 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_replaceable(path: Path) -> None:
-    """Refuse a data list at ``path`` that is not a phantom list: the user's own would be replaced."""
-    try:
-        ours = json.loads(path.read_text())["description"].startswith(DESCRIPTION)
-    except FileNotFoundError:
-        return
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-        ours = False
-    if not ours:
-        raise DataError(f"{path}: exists and is not a list of fsseg-phantom; choose another --out")
-
-
 def _command(args: argparse.Namespace) -> int:
-    out = prepare_output_dir(args.out, "--out")
-    datasets = default_datasets(args.source_cases, args.target_train, args.target_test)
-    for dataset in datasets:
-        _check_replaceable(out / f"{dataset.name}.json")
-    with staged_writes(out) as staging:  # all data sets or none: no half-written one after an error
-        names = [write_dataset(staging, d, args.seed, args.spacing, not args.no_progress).name for d in datasets]
-    for name in names:
-        print(f"wrote {out / name}")
+    from fsseg.data.phantom import write_phantoms
+
+    sizes = (args.source_cases, args.target_train, args.target_test)
+    for path in write_phantoms(args.out, args.seed, sizes, args.spacing, not args.no_progress):
+        print(f"wrote {path}")
     return 0
 
 

@@ -15,13 +15,7 @@ from fsseg.cli import (
     number_in,
     run_cli,
 )
-from fsseg.inference.predict import (
-    OUTPUT_TYPES,
-    FolderOptions,
-    predict_folder,
-)
-from fsseg.inference.record import REPORT
-from fsseg.training.runtime import DEVICES
+from fsseg.vocabulary import DEVICES, OUTPUT_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +93,9 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
+    from fsseg.inference.predict import FolderOptions, predict_folder
+    from fsseg.inference.record import REPORT
+
     inference = {name: getattr(args, name) for name in ("overlap", "amp", "cpu_bf16", "sw_batch_size")}
     options = FolderOptions(
         output_types=args.output_type,

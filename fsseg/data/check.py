@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from fsseg.data.datalist import Case, DataList
+from fsseg.data.datalist import Case, DataList, load_datalist
 from fsseg.data.io import Volume, hu_problem, same_geometry
 from fsseg.data.scans import load_volume
 from fsseg.errors import DataError
@@ -108,3 +112,31 @@ def format_table(reports: list[CaseReport]) -> str:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
         lines += [f"    error: {p}" for p in report.problems] + [f"    warning: {w}" for w in report.warnings]
     return "\n".join(lines)
+
+
+@dataclass
+class ListReport:
+    """The checks of one data list: the list as read and a report for each of its cases."""
+
+    datalist: DataList
+    cases: list[CaseReport]
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status == "FAIL" for r in self.cases)
+
+
+def check_data(
+    lists: Sequence[str | Path], data_root: str | None = None, allow_empty: bool = False, progress: bool = True
+) -> list[ListReport]:
+    """Check every case of each data list in ``lists`` (files, grids, label ids, masks, HU range).
+
+    Raises:
+        DataError: a list itself cannot be read; a case's problems are in its report instead.
+    """
+    reports = []
+    for path in lists:
+        datalist = load_datalist(path, data_root)
+        cases = tqdm(datalist.cases, desc=datalist.name, unit="case", disable=not progress, file=sys.stderr)
+        reports.append(ListReport(datalist, [check_case(case, datalist, allow_empty) for case in cases]))
+    return reports

@@ -1,4 +1,4 @@
-"""``fsseg-make-list``: build a data list by scanning a dataset's standard folder layout.
+"""Build a data list (``fsseg-make-list``) by scanning a dataset's standard folder layout.
 
 Each supported dataset is described by a JSON spec in ``data_lists/datasets/`` (its label map and where its
 images and labels lie); adding a dataset means adding a spec, not code. A layout entry::
@@ -29,10 +29,11 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsseg.data.datalist import SPLITS
-from fsseg.data.io import nifti_stem
+from fsseg.data.datalist import SPLITS, DataList, load_datalist
 from fsseg.data.labels import LabelMap
 from fsseg.errors import ConfigError, DataError
+from fsseg.files import atomic_path, nifti_stem
+from fsseg.outputs import check_output_file, check_outputs
 from fsseg.resources import shipped_dir
 
 SPECS_ENV = "FSSEG_DATASET_SPECS"
@@ -296,3 +297,53 @@ def _read_split_csv(config: dict | None, root: Path) -> dict[str, str]:
             for row in rows
             if row.get(config["split_column"]) in SPLITS
         }
+
+
+def make_list(
+    dataset: str,
+    root: str | Path,
+    output: str | Path,
+    label_map: str | None = None,
+    test_ids: Sequence[str] = (),
+    force: bool = False,
+) -> DataList:
+    """Scan ``root`` as ``dataset`` lays out its files and write the data list ``output`` atomically.
+
+    ``dataset`` is a shipped dataset's name, a spec file (``.json``), ``nnunet`` or ``folder``; ``label_map``
+    (``1=liver,2=spleen`` or a JSON file) and ``test_ids`` are for ``folder`` alone. Returns the list as read back.
+
+    Raises:
+        ConfigError: options that do not fit the dataset.
+        DataError: ``output`` would replace an input or an existing file (without ``force``); a scan is missing.
+    """
+    root = Path(root).expanduser().resolve()
+    if dataset != FOLDER and (label_map or test_ids):
+        raise ConfigError(f"--label-map and --test-ids are for '{FOLDER}' only; dataset '{dataset}' has its own")
+    output = Path(output)
+    read: list[str | Path] = [dataset] if dataset.endswith(".json") else []  # files read besides the scans
+    read += [root / "dataset.json"] if dataset == NNUNET else []
+    read += [label_map] if label_map and label_map.endswith(".json") else []
+    check_outputs([output], read)
+    check_output_file(output, force)
+    if dataset == FOLDER:
+        cases = scan_folder(root, test_ids)
+        if any("label" in c for c in cases) and not label_map:
+            raise ConfigError(f"{root / 'labels'}: give --label-map (e.g. 1=liver) to say what the label ids are")
+        spec = {
+            "name": root.name,
+            "description": f"scans of {root}",
+            "label_map": parse_label_map(label_map) if label_map else {},
+        }
+    else:
+        spec = nnunet_spec(root) if dataset == NNUNET else load_spec(dataset)
+        cases = scan(spec, root)
+    written = {
+        "name": spec["name"],
+        "description": spec.get("description", ""),
+        "root": str(root),
+        "label_map": spec.get("label_map", {}),
+        "cases": cases,
+    }
+    with atomic_path(output) as tmp:
+        tmp.write_text(json.dumps(written, indent=1) + "\n")
+    return load_datalist(output)  # the list written must be one fsseg reads

@@ -19,7 +19,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from fsseg.data.io import atomic_path, save_nifti
+from fsseg.data.io import save_nifti
+from fsseg.errors import DataError
+from fsseg.files import atomic_path, staged_writes
+from fsseg.outputs import prepare_output_dir
 
 # World frame: RAS mm centred on the body; +x patient right, +y anterior, +z superior.
 FIELD_OF_VIEW_MM = ((-185.0, 185.0), (-145.0, 145.0), (-110.0, 120.0))
@@ -212,3 +215,39 @@ def write_dataset(
     with atomic_path(list_path) as tmp:
         tmp.write_text(json.dumps(datalist, indent=1) + "\n")
     return list_path
+
+
+def write_phantoms(
+    out: str | Path,
+    seed: int = 0,
+    sizes: tuple[int, int, int] = (4, 8, 4),
+    spacing: Sequence[float] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write :func:`default_datasets` (``sizes``: cases per source data set, target train and test cases) under
+    ``out``, all of them or none, and return their data lists. The same ``seed`` gives the same volumes.
+
+    Raises:
+        DataError: a data list of that name in ``out`` is not a phantom list (it would be replaced); ``out`` cannot
+            be written.
+    """
+    out = prepare_output_dir(out, "--out")
+    datasets = default_datasets(*sizes)
+    for dataset in datasets:
+        _check_replaceable(out / f"{dataset.name}.json")
+    with staged_writes(out) as staging:  # no half-written data set after an error
+        for dataset in datasets:
+            write_dataset(staging, dataset, seed, spacing, progress)
+    return [out / f"{dataset.name}.json" for dataset in datasets]
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse a data list at ``path`` that is not a phantom list: the user's own would be replaced."""
+    try:
+        ours = json.loads(path.read_text())["description"].startswith(DESCRIPTION)
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        ours = False
+    if not ours:
+        raise DataError(f"{path}: exists and is not a list of fsseg-phantom; choose another --out")

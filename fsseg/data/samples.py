@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsseg.data.io import atomic_path, staged_writes
 from fsseg.errors import DataError
+from fsseg.files import atomic_path, staged_writes
 from fsseg.resources import shipped_dir
 
 LIST_PREFIX = "sample_ct_"

@@ -18,20 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from fsseg.data.dicom import dicom_files, is_dicom_folder, itk_reason, read_series, read_series_header
-from fsseg.data.io import (
-    Volume,
-    atomic_path,
-    check_finite,
-    check_grid,
-    error_reason,
-    grid_image,
-    is_nifti,
-    load_nifti_image,
-    nifti_stem,
-    require_file,
-    save_like,
-)
+from fsseg.data.io import Volume, check_finite, check_grid, grid_image, load_nifti_image, save_like
 from fsseg.errors import DataError
+from fsseg.files import atomic_path, error_reason, is_nifti, nifti_stem, require_file
 
 # SimpleITK's physical space is LPS, NIfTI's and fsseg's RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -37,10 +37,11 @@ from monai.utils import SpaceKeys
 
 from fsseg.config import ranged
 from fsseg.data.datalist import Case
-from fsseg.data.io import check_finite, hu_problem, is_nifti, load_nifti_image, same_geometry
+from fsseg.data.io import check_finite, hu_problem, load_nifti_image, same_geometry
 from fsseg.data.labels import LabelMap, structure_masks, task_mask, to_template_index
 from fsseg.data.scans import load_volume
 from fsseg.errors import ConfigError, DataError
+from fsseg.files import is_nifti
 from fsseg.templates import Template
 
 IMAGE, LABEL, TASK_MASK = "image", "label", "task_mask"

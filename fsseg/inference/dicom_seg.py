@@ -17,8 +17,8 @@ import numpy as np
 
 from fsseg import __version__
 from fsseg.data.dicom import Series
-from fsseg.data.io import atomic_path
 from fsseg.errors import DataError
+from fsseg.files import atomic_path
 
 CODES_FILE = Path(__file__).resolve().parent / "dicom_codes.json"
 LOCAL_SCHEME = "99FSSEG"  # DICOM's prefix for a private coding scheme

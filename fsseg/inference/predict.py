@@ -20,7 +20,7 @@ from fsseg.adapters.artifact import load_adapted_model
 from fsseg.checkpoint import load_model
 from fsseg.data.datalist import load_datalist
 from fsseg.data.dicom import dicom_files, is_dicom_folder, read_series_header
-from fsseg.data.io import atomic_path, remove_leftovers, save_like
+from fsseg.data.io import save_like
 from fsseg.data.scans import (
     DicomSeries,
     Scan,
@@ -33,6 +33,7 @@ from fsseg.data.scans import (
 )
 from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, DiskFull, user_error
+from fsseg.files import atomic_path, remove_leftovers
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
 from fsseg.inference.predictor import (
     RECORDED,
@@ -48,6 +49,7 @@ from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_di
 from fsseg.templates import expand_structures, suggest_name
 from fsseg.training.runtime import resolve_device
 from fsseg.viz import overlay_png, pyplot
+from fsseg.vocabulary import OUTPUT_TYPES
 
 log = logging.getLogger("fsseg.predict")
 RECORD_EVERY_S = 30.0  # how often a long batch brings predictions.json up to date (and at its end)
@@ -194,9 +196,6 @@ def inference_settings(given: Mapping[str, Any], recorded: dict) -> InferenceSet
         largest_component=bool(given.get("largest_component")),
         **{name: value for name, value in chosen.items() if value is not None},
     )
-
-
-OUTPUT_TYPES = ("nifti", "dicom-seg")
 
 
 def case_outputs(

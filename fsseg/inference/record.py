@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Callable
 
-from fsseg.data.io import atomic_path
 from fsseg.errors import DataError
+from fsseg.files import atomic_path
 
 try:  # POSIX; elsewhere parts sharing a folder write their records without a lock
     import fcntl

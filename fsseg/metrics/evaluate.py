@@ -16,15 +16,17 @@ from tqdm import tqdm
 
 from fsseg.data.annotations import load_case_masks
 from fsseg.data.datalist import Case, load_datalist
-from fsseg.data.io import atomic_path, nifti_stem, same_geometry
+from fsseg.data.io import same_geometry
 from fsseg.data.labels import LabelMap
 from fsseg.data.scans import load_volume
 from fsseg.errors import DataError, FssegError
+from fsseg.files import atomic_path, nifti_stem
 from fsseg.inference.record import LABELS  # what fsseg-predict names its ids in
-from fsseg.metrics.segmentation import EMPTY_POLICY, StructureScore, score_structure, summarise
+from fsseg.metrics.segmentation import StructureScore, score_structure, summarise
 from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
 from fsseg.templates import canonical_name
 from fsseg.viz import dice_boxplot_png
+from fsseg.vocabulary import EMPTY_POLICY
 
 log = logging.getLogger("fsseg.evaluate")
 REPORT_FILES = ("per_case.csv", "summary.json", "dice_boxplot.png")

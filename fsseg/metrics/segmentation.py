@@ -1,7 +1,7 @@
 """Per-structure scores of a binary prediction against its ground truth, and their summary.
 
 Distances use the voxel spacing of the ground truth's header (mm), in the scan's native grid. MONAI computes
-the metrics; the cases where a mask is empty follow one explicit policy (:data:`EMPTY_POLICY`).
+the metrics; the cases where a mask is empty follow one explicit policy (:data:`fsseg.vocabulary.EMPTY_POLICY`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
-
-EMPTY_POLICY = (
-    "Both masks empty: Dice 1, NSD 1, HD95 0 (the structure is correctly absent). "
-    "Ground truth empty but prediction not: Dice 0, NSD 0, HD95 undefined (NaN). "
-    "Prediction empty but ground truth not: Dice 0, NSD 0, HD95 undefined (NaN). "
-    "A missing or unreadable prediction scores like an empty one and is counted as a failure. "
-    "Means, stds and medians skip NaN values; the summary counts each case kind."
-)
 
 
 @dataclass(frozen=True)

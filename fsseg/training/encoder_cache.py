@@ -24,7 +24,7 @@ import torch
 from monai.transforms import DivisiblePad, SpatialPad
 
 from fsseg.checkpoint import NonFiniteWeights
-from fsseg.data.io import atomic_path
+from fsseg.files import atomic_path
 from fsseg.models import SegmentationModel
 
 log = logging.getLogger("fsseg.features")

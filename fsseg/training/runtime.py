@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 
 from fsseg.errors import ConfigError
-
-DEVICES = ("auto", "cpu", "cuda")
+from fsseg.vocabulary import DEVICES
 
 
 @dataclass(frozen=True)
