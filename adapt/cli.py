@@ -17,13 +17,9 @@ from fsseg.cli import (
     override,
     run_cli,
 )
-from fsseg.errors import ConfigError, DataError
-from fsseg.outputs import check_outputs, check_run_file, prepare_output_dir
+from fsseg.errors import ConfigError
+from fsseg.outputs import check_outputs
 from fsseg.resources import shipped_dir
-
-RUN_FILES = ("config.yaml", "results.json", "results.csv")
-# What marks the run files as fsseg-adapt's own (a config.yaml may be a pretraining run's or the user's).
-OWN_KEYS = {"config.yaml": ("organs", "shots", "methods"), "results.json": ("rows", "organs")}
 
 # The shipped default run config (the demo's outputs); the data paths inside it are relative to the working folder.
 DEFAULT_CONFIG = "configs/adapt/default.yaml"
@@ -95,24 +91,18 @@ def _methods() -> dict[str, str]:
 
 def _command(args: argparse.Namespace) -> int:
     from fsseg.adapt.config import AdaptConfig
-    from fsseg.adapt.engine import run_adaptation
+    from fsseg.adapt.engine import adapt
     from fsseg.adapt.merge import merge_parts
+    from fsseg.adapt.results import RUN_FILES
     from fsseg.config import load_config
-    from fsseg.training.runtime import resolve_device, seed_everything
 
     if not 0 <= args.part_id < args.num_parts:
         raise ConfigError(
             f"--part-id must lie in 0..{args.num_parts - 1} (--num-parts {args.num_parts}), got {args.part_id}"
         )
     if args.merge:
-        out = Path(args.out)
-        check_outputs(
-            [out / name for name in RUN_FILES], [Path(d) / "results.json" for d in args.merge], option="--out"
-        )
-        check_own_run_files(out)
-        prepare_output_dir(out, "--out")
-        merge_parts([Path(d) for d in args.merge], out)
-        print(f"merged {len(args.merge)} part(s): {out / 'results.csv'}, {out / 'results.json'}")
+        merge_parts(args.merge, args.out)
+        print(f"merged {len(args.merge)} part(s): {Path(args.out) / 'results.csv'}, {Path(args.out) / 'results.json'}")
         return 0
     overrides = list(args.overrides)
     for key, value in (
@@ -128,32 +118,12 @@ def _command(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(override(key, value))
     config = load_config(AdaptConfig, args.config, overrides)
+    # the run config may be the one a run wrote: its config.yaml is replaced when the run starts
+    check_outputs([Path(args.out) / name for name in RUN_FILES], [args.config], option="--out")
+    adapt(config, args.out, args.device, not args.no_progress, args.resume, (args.part_id, args.num_parts))
     out = Path(args.out)
-    check_outputs(
-        [out / name for name in RUN_FILES], [config.checkpoint, config.data_list, args.config], option="--out"
-    )
-    check_own_run_files(out)
-    prepare_output_dir(out, "--out")
-    seed_everything(0)
-    run_adaptation(
-        config,
-        out,
-        resolve_device(args.device),
-        progress=not args.no_progress,
-        resume=args.resume,
-        part=(args.part_id, args.num_parts),
-    )
     print(f"results: {out / 'results.csv'}, {out / 'results.json'}; adapters in {out / 'adapters'}")
     return 0
-
-
-def check_own_run_files(out: Path) -> None:
-    """Refuse an --out whose run files fsseg-adapt did not write (results.csv counts as its own beside its own
-    results.json)."""
-    for name, keys in OWN_KEYS.items():
-        check_run_file(out / name, keys, "fsseg-adapt")
-    if (out / "results.csv").exists() and not (out / "results.json").exists():
-        raise DataError(f"{out / 'results.csv'}: exists without fsseg-adapt's results.json; choose another --out")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

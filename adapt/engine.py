@@ -26,7 +26,16 @@ import yaml
 from tqdm import tqdm
 
 from fsseg.adapt.config import AdaptConfig, MethodSettings, method_settings_file, read_method_settings
-from fsseg.adapt.results import adapter_name, finished_runs, results_table, run_header, write_results, write_summary
+from fsseg.adapt.results import (
+    RUN_FILES,
+    adapter_name,
+    check_own_run_files,
+    finished_runs,
+    results_table,
+    run_header,
+    write_results,
+    write_summary,
+)
 from fsseg.adapt.training import Support, check_voxel_stride, train
 from fsseg.adapters import AdaptedModel, adapt_model, get_method
 from fsseg.adapters.artifact import save_adapter
@@ -45,8 +54,10 @@ from fsseg.inference import InferenceSettings, Predictor
 from fsseg.inference.predictor import FrozenBackbone
 from fsseg.losses.size_prior import organ_size_prior
 from fsseg.metrics import score_structure
+from fsseg.outputs import check_outputs, prepare_output_dir
 from fsseg.templates import Template, expand_structures, suggest_name
 from fsseg.training.encoder_cache import EncodedScan, EncoderCache, pad_for_encoder, splits_at_encoder
+from fsseg.training.runtime import resolve_device, seed_everything
 from fsseg.viz import dice_vs_shots_png, overlay_png, pyplot
 
 log = logging.getLogger("fsseg.adapt")
@@ -456,3 +467,26 @@ def _pictures_available() -> bool:
         log.warning(f"pictures skipped: {error}")
         return False
     return True
+
+
+def adapt(
+    config: AdaptConfig,
+    out: str | Path,
+    device: str = "auto",
+    progress: bool = True,
+    resume: bool = False,
+    part: tuple[int, int] = (0, 1),
+) -> dict:
+    """Check that ``out`` replaces neither an input nor another command's files, then :func:`run_adaptation` there
+    on ``device`` (``auto``, ``cpu`` or ``cuda``). Returns the run's summary: the method x K table of mean and
+    std Dice per structure, the number of result rows and the seconds taken; every row is in ``out/results.json``.
+
+    Raises:
+        FssegError: a bad input, an ``out`` that is not fsseg-adapt's, or a ``resume`` that does not fit.
+    """
+    out = Path(out)
+    check_outputs([out / name for name in RUN_FILES], [config.checkpoint, config.data_list], option="--out")
+    check_own_run_files(out)
+    prepare_output_dir(out, "--out")
+    seed_everything(0)
+    return run_adaptation(config, out, resolve_device(device), progress=progress, resume=resume, part=part)

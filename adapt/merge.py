@@ -11,10 +11,18 @@ from pathlib import Path
 import yaml
 
 from fsseg.adapt.config import AdaptConfig
-from fsseg.adapt.results import adapter_name, results_table, write_results, write_summary
+from fsseg.adapt.results import (
+    RUN_FILES,
+    adapter_name,
+    check_own_run_files,
+    results_table,
+    write_results,
+    write_summary,
+)
 from fsseg.config import from_dict
 from fsseg.errors import ConfigError
 from fsseg.files import atomic_path
+from fsseg.outputs import check_outputs, prepare_output_dir
 
 # What every part must share: the inputs and the settings of its rows.
 SHARED = ("checkpoint_sha256", "data_list", "organs", "signature", "method_settings")
@@ -41,14 +49,19 @@ def _read_part(folder: Path) -> tuple[dict, dict]:
     return document, config_data
 
 
-def merge_parts(folders: Sequence[Path], out: Path) -> dict:
+def merge_parts(folders: Sequence[str | Path], out: str | Path) -> dict:
     """Check that the parts in ``folders`` belong to one sweep and together hold every run once; write the
     merged results.json, results.csv and adapter files under ``out`` and print the table.
 
     Raises:
         ConfigError: a part is unreadable, comes from other inputs or settings, a run is in two parts, or runs
             of the sweep are missing (naming them).
+        DataError: ``out`` would replace a part's results or files fsseg-adapt did not write.
     """
+    out = Path(out)
+    check_outputs([out / name for name in RUN_FILES], [Path(d) / "results.json" for d in folders], option="--out")
+    check_own_run_files(out)
+    prepare_output_dir(out, "--out")
     parts = [(Path(folder), *_read_part(Path(folder))) for folder in folders]
     first_folder, first, config_data = parts[0]
     for folder, document, config in parts[1:]:

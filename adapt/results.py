@@ -14,13 +14,18 @@ import numpy as np
 from fsseg.adapt.config import AdaptConfig
 from fsseg.adapters.artifact import SUFFIX
 from fsseg.config import to_dict
-from fsseg.errors import ConfigError
+from fsseg.errors import ConfigError, DataError
 from fsseg.files import atomic_path
+from fsseg.outputs import check_run_file
 
 if TYPE_CHECKING:
     from fsseg.adapt.engine import Adaptation
 
 log = logging.getLogger("fsseg.adapt")
+RUN_FILES = ("config.yaml", "results.json", "results.csv")
+# What marks the run files as fsseg-adapt's own (a config.yaml may be a pretraining run's or the user's).
+OWN_KEYS = {"config.yaml": ("organs", "shots", "methods"), "results.json": ("rows", "organs")}
+
 RESULT_FIELDS = [
     "organ",
     "method",
@@ -250,3 +255,12 @@ def write_results(
     }
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(document, indent=1) + "\n")
+
+
+def check_own_run_files(out: Path) -> None:
+    """Refuse an ``out`` whose run files fsseg-adapt did not write (results.csv counts as its own beside its own
+    results.json)."""
+    for name, keys in OWN_KEYS.items():
+        check_run_file(out / name, keys, "fsseg-adapt")
+    if (out / "results.csv").exists() and not (out / "results.json").exists():
+        raise DataError(f"{out / 'results.csv'}: exists without fsseg-adapt's results.json; choose another --out")

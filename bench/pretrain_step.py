@@ -1,6 +1,6 @@
 """Seconds per pretraining step, split into data wait and compute, with and without the disk cache.
 
-Runs the real training loop (``fsseg.pretrain.engine.train``) for a few steps on phantom volumes at real size
+Runs the real training loop (``fsseg.pretrain.engine.run_pretraining``) for a few steps on phantom volumes at real size
 (1.5 mm) for the tiny config and for SwinUNETR-48 at 96^3, each three ways: no cache, cold cache (first
 epoch fills it) and warm cache (a second run reads it). Target: data wait < 10 % of a step once the cache
 is warm. Prints a table and writes JSON.
@@ -22,7 +22,7 @@ from results_file import write_result
 from fsseg.config import load_config
 from fsseg.data import phantom
 from fsseg.pretrain.config import PretrainConfig
-from fsseg.pretrain.engine import train
+from fsseg.pretrain.engine import run_pretraining
 from fsseg.training.runtime import init_runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def run(name: str, lists: list[str], cache: str, cache_dir: Path, steps: int, wo
         f"data.cache_dir={json.dumps(str(cache_dir))}",
     ]
     config = load_config(PretrainConfig, config_path, overrides)
-    summary = train(config, work / f"{name}_{cache}_{time.time_ns()}", init_runtime("cpu"), progress=False)
+    summary = run_pretraining(config, work / f"{name}_{cache}_{time.time_ns()}", init_runtime("cpu"), progress=False)
     per_step = (summary["seconds_data_wait"] + summary["seconds_compute"]) / summary["steps"]
     return {
         "model": name,

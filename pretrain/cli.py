@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from fsseg.cli import (
     add_common_arguments,
@@ -15,7 +14,6 @@ from fsseg.cli import (
     override,
     run_cli,
 )
-from fsseg.outputs import check_run_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +49,7 @@ def _models() -> dict[str, str]:
 def _command(args: argparse.Namespace) -> int:
     from fsseg.config import load_config
     from fsseg.pretrain.config import PretrainConfig
-    from fsseg.pretrain.engine import train
-    from fsseg.training.runtime import init_runtime, shutdown
+    from fsseg.pretrain.engine import pretrain
 
     overrides = list(args.overrides)
     if args.data_list:
@@ -60,13 +57,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(override("data.data_root", args.data_root))
     config = load_config(PretrainConfig, args.config, overrides)
-    # the run's config.yaml is replaced on every start: never one of another command or of the user
-    check_run_file(Path(args.out) / "config.yaml", ("model", "optim", "data"), "fsseg-pretrain")
-    runtime = init_runtime(args.device)
-    try:
-        train(config, Path(args.out), runtime, resume=args.resume, progress=not args.no_progress)
-    finally:
-        shutdown(runtime)
+    pretrain(config, args.out, args.device, args.resume, not args.no_progress)
     return 0
 
 

@@ -48,14 +48,14 @@ from fsseg.errors import ConfigError
 from fsseg.files import atomic_path
 from fsseg.losses import PartialLabelLoss
 from fsseg.models import SegmentationModel, check_roi, create_model
-from fsseg.outputs import prepare_output_dir
+from fsseg.outputs import check_run_file, prepare_output_dir
 from fsseg.pretrain.config import PretrainConfig
 from fsseg.pretrain.encoder_features import SKIPS, DecoderHead, EncoderFeatureDataset
 from fsseg.templates import Template, load_template
 from fsseg.training.encoder_cache import splits_at_encoder
 from fsseg.training.freezing import freeze_groups, train_trainable_parts
 from fsseg.training.loop import EpochStats, Fit, MicroBatch, Schedule, Step, Trainer, TrainingProgress, fit
-from fsseg.training.runtime import MixedPrecision, Runtime, seed_everything
+from fsseg.training.runtime import MixedPrecision, Runtime, init_runtime, seed_everything, shutdown
 
 log = logging.getLogger("fsseg.pretrain")
 # What a checkpoint must hold to continue training from it.
@@ -427,7 +427,9 @@ def save_epoch(run: PretrainRun, loss: float) -> None:
         save_checkpoint(paths.periodic(state.epoch), checkpoint)
 
 
-def train(cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None = None, progress: bool = True) -> dict:
+def run_pretraining(
+    cfg: PretrainConfig, out: Path, runtime: Runtime, resume: str | None = None, progress: bool = True
+) -> dict:
     """Run (or resume) pretraining into ``out``; return the summary written to ``summary.json``."""
     paths = RunPaths(out)
     started = time.time()
@@ -513,3 +515,21 @@ def _log_to_file(path: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+
+
+def pretrain(
+    config: PretrainConfig, out: str | Path, device: str = "auto", resume: str | None = None, progress: bool = True
+) -> dict:
+    """Pretrain into ``out`` on ``device`` (``auto``, ``cpu`` or ``cuda``; under torchrun, every process's GPU);
+    ``resume`` is ``auto`` or a checkpoint to continue from. Returns the summary written to ``summary.json``.
+
+    Raises:
+        FssegError: a bad input, or an ``out`` whose config.yaml is not a pretraining run's.
+    """
+    # the run's config.yaml is replaced on every start: never one of another command or of the user
+    check_run_file(Path(out) / "config.yaml", ("model", "optim", "data"), "fsseg-pretrain")
+    runtime = init_runtime(device)
+    try:
+        return run_pretraining(config, Path(out), runtime, resume=resume, progress=progress)
+    finally:
+        shutdown(runtime)

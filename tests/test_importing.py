@@ -157,3 +157,16 @@ def test_unknown_layout_and_inspect(swin, tmp_path, capsys):
     assert "template: fseft29" in printed and "spacing [1.5, 1.5, 1.5]" in printed
     assert inspect([str(tmp_path / "fseft.pth")]) == 2
     assert "fsseg-import-checkpoint" in capsys.readouterr().err
+
+
+def test_import_checkpoint_from_python_returns_what_it_read_and_names_the_layouts_of_a_wrong_one(swin, tmp_path):
+    from fsseg.errors import ConfigError
+    from fsseg.importing import import_checkpoint as import_from_python
+
+    torch.save(published(swin, "fseft"), tmp_path / "fseft.pth")
+    imported = import_from_python(tmp_path / "fseft.pth", tmp_path / "f.pt")
+    assert (imported.layout, imported.detected, imported.template) == ("fseft", True, "fseft29")
+    assert imported.arch == {"name": "swinunetr", "kwargs": {"feature_size": 12}} and imported.path.is_file()
+    with pytest.raises(ConfigError, match="unknown format 'fset'; expected auto, nnunet or one of fseft, clip-driven"):
+        import_from_python(tmp_path / "fseft.pth", tmp_path / "g.pt", layout="fset")
+    assert not (tmp_path / "g.pt").exists()
