@@ -23,10 +23,10 @@ from fsseg.adapt.config import TrainingConfig, TransductiveConfig
 from fsseg.adapters import AdaptedModel
 from fsseg.data.datalist import Case
 from fsseg.data.sampling import CropSampler
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import ConfigError
 from fsseg.losses import PartialLabelLoss
 from fsseg.losses.size_prior import size_constraint_loss
+from fsseg.preprocessing import Preprocessing
 from fsseg.training.encoder_cache import EncodedScan, pad_for_encoder
 from fsseg.training.loop import EpochStats, MicroBatch, Schedule, Step, Trainer, TrainingProgress, fit
 from fsseg.training.runtime import MixedPrecision, enable_activation_checkpointing

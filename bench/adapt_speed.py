@@ -42,9 +42,9 @@ from fsseg.adapters import adapt_model
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data import phantom
 from fsseg.data.sampling import CropSampler
-from fsseg.data.transforms import Preprocessing
 from fsseg.metrics import score_structure
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 
 REPO = Path(__file__).resolve().parents[1]

@@ -43,8 +43,8 @@ from results_file import write_result  # noqa: E402
 
 from fsseg.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 from fsseg.data import phantom  # noqa: E402
-from fsseg.data.transforms import Preprocessing  # noqa: E402
 from fsseg.models import create_model  # noqa: E402
+from fsseg.preprocessing import Preprocessing  # noqa: E402
 from fsseg.templates import load_template  # noqa: E402
 from fsseg.training.runtime import resolve_device  # noqa: E402
 

@@ -68,8 +68,8 @@ def checkpoint(path: Path, model_name: str, template_name: str = "fseft29", head
     """Random weights for ``template_name``; ``head_scale`` multiplies the head's weights: a decisive head puts
     most voxels far from the threshold, as trained weights do, where the initial one leaves them near it."""
     from fsseg.checkpoint import save_checkpoint
-    from fsseg.data.transforms import Preprocessing
     from fsseg.models import create_model
+    from fsseg.preprocessing import Preprocessing
     from fsseg.templates import load_template
 
     template = load_template(template_name)

@@ -34,9 +34,10 @@ from fsseg.checkpoint import save_checkpoint
 from fsseg.cli.predict import main as predict
 from fsseg.data import phantom
 from fsseg.data.io import save_nifti
-from fsseg.data.transforms import IMAGE, Preprocessing
+from fsseg.data.transforms import IMAGE
 from fsseg.inference import InferenceSettings, Predictor
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from results_file import write_result
 
-from fsseg.data.transforms import Preprocessing
 from fsseg.inference import Predictor
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = (

@@ -20,7 +20,7 @@ from torch import nn
 
 from fsseg.adapters import Composition, adapt_model, get_method
 from fsseg.config import from_dict
-from fsseg.data.transforms import IMAGE, Preprocessing
+from fsseg.data.transforms import IMAGE
 from fsseg.inference.predictor import (
     FrozenBackbone,
     InferenceSettings,
@@ -30,6 +30,7 @@ from fsseg.inference.predictor import (
     prediction_network,
 )
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import Template
 
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 import fsseg
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError
 from fsseg.files import atomic_path, require_file, write_failed
 from fsseg.models import SegmentationModel, create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import Template
 
 FORMAT = "fsseg-checkpoint"

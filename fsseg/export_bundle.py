@@ -30,13 +30,13 @@ from fsseg.adapters.peft_methods import METHODS as PEFT_METHODS
 from fsseg.adapters.peft_methods import merge_into_backbone
 from fsseg.bundle import BundleNetwork
 from fsseg.checkpoint import read_checkpoint, save_torch_file, sha256_file
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError
 from fsseg.files import new_mode, remove_leftovers
 from fsseg.inference.predict import Model, build_model, inference_settings
 from fsseg.inference.predictor import InferenceSettings
 from fsseg.models import SegmentationModel
 from fsseg.outputs import check_outputs
+from fsseg.preprocessing import Preprocessing
 from fsseg.vocabulary import BUNDLE_MASK_POSTFIX
 
 

@@ -35,7 +35,6 @@ from typing import Callable
 import torch
 
 from fsseg.checkpoint import load_torch_file, save_checkpoint, sha256_file
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import ConfigError, DataError
 from fsseg.files import remove_leftovers
 from fsseg.importing_nnunet import CHECKPOINT, import_nnunet
@@ -43,6 +42,7 @@ from fsseg.models import SegmentationModel, create_model
 from fsseg.models.base import BLOCK_GROUPS
 from fsseg.models.i3resnet import ENCODER_MODULES
 from fsseg.outputs import check_output_file, check_outputs
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import Template, load_template
 
 # Buffers every model recomputes identically: their absence is no loss.

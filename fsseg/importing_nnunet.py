@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from fsseg.checkpoint import load_torch_file, sha256_file
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import ConfigError, DataError
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import Template, canonical_name
 
 CHECKPOINT = "checkpoint_final.pth"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fsseg.config import ranged
-from fsseg.data.transforms import Augmentation, Preprocessing
+from fsseg.data.transforms import Augmentation
 from fsseg.errors import ConfigError
 from fsseg.models.base import BLOCK_GROUPS
+from fsseg.preprocessing import Preprocessing
 
 
 @dataclass

@@ -85,8 +85,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from fsseg.checkpoint import save_checkpoint
-    from fsseg.data.transforms import Preprocessing
     from fsseg.models import create_model
+    from fsseg.preprocessing import Preprocessing
     from fsseg.templates import load_template
 
     template = load_template()

@@ -738,8 +738,8 @@ def test_empty_support_mask_and_checkpoint_without_preprocessing(phantom_dir, ti
 def swin_checkpoint(tmp_path_factory):
     """A random SwinUNETR-12 checkpoint whose roi (64x64x32) suits the transformer's size constraints."""
     from fsseg.checkpoint import save_checkpoint
-    from fsseg.data.transforms import Preprocessing
     from fsseg.models import create_model
+    from fsseg.preprocessing import Preprocessing
     from fsseg.templates import load_template
 
     template = load_template()

@@ -14,10 +14,10 @@ from fsseg.adapters.peft_methods import LoRAConfig, target_layers, upgrade_lora_
 from fsseg.checkpoint import save_checkpoint
 from fsseg.data.datalist import Case
 from fsseg.data.sampling import CropSampler, sample_support
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import ConfigError, DataError
 from fsseg.losses.size_prior import organ_size_prior, size_constraint_loss
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 from fsseg.training.encoder_cache import EncoderCache
 

@@ -22,8 +22,8 @@ from fsseg.adapt.cli import main as adapt
 from fsseg.checkpoint import save_checkpoint
 from fsseg.cli.predict import main as predict
 from fsseg.data.dicom import read_series, read_series_header
-from fsseg.data.transforms import Preprocessing
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 
 CASE = "ts_example_dicom"  # LAS, 0.98 x 0.98 x 2 mm, int16 HU down to -1024

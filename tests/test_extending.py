@@ -119,8 +119,8 @@ def toy_checkpoint(work) -> None:
     from torch import nn
 
     from fsseg.checkpoint import save_checkpoint
-    from fsseg.data.transforms import Preprocessing
     from fsseg.models.base import SegmentationModel
+    from fsseg.preprocessing import Preprocessing
     from fsseg.templates import load_template
 
     template = load_template()

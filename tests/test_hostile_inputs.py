@@ -40,9 +40,9 @@ from fsseg.cli.make_list import main as make_list
 from fsseg.cli.phantom import main as phantom
 from fsseg.cli.predict import main as predict
 from fsseg.cli.sample_data import main as sample_data
-from fsseg.data.transforms import Preprocessing
 from fsseg.inference.record import LABELS, LOCK, REPORT
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.pretrain.cli import main as pretrain
 from fsseg.templates import load_template
 

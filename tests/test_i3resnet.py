@@ -18,10 +18,11 @@ from fsseg.adapters import adapt_model
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from fsseg.cli.import_checkpoint import main as import_checkpoint
 from fsseg.data.datalist import load_datalist
-from fsseg.data.transforms import IMAGE, LABEL, Preprocessing, case_item, inference_transforms
+from fsseg.data.transforms import IMAGE, LABEL, case_item, inference_transforms
 from fsseg.errors import DataError
 from fsseg.importing import LAYOUTS, MERLIN_IMAGE_ENCODER, convert
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.pretrain.cli import main as pretrain
 from fsseg.pretrain.encoder_features import SKIPS, EncoderFeatureDataset
 from fsseg.templates import load_template

@@ -13,8 +13,8 @@ from fsseg.adapters import adapt_model, get_method
 from fsseg.adapters.artifact import read_adapter_file, save_adapter, write_adapter_file
 from fsseg.checkpoint import read_checkpoint
 from fsseg.cli.predict import main as predict
-from fsseg.data.transforms import Preprocessing
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 
 PRE = Preprocessing(spacing=(4.0, 4.0, 4.0), roi=(32, 32, 32))

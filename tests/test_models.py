@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from fsseg.checkpoint import load_model, read_checkpoint, save_checkpoint
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import ConfigError, DataError
 from fsseg.models import create_model, list_models
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 
 TINY = ["unet_tiny", "swinunetr_tiny"]

@@ -13,9 +13,10 @@ from test_predict import rotation
 
 from conftest import ct_like, write_nifti
 from fsseg.data.scans import load_scan_image
-from fsseg.data.transforms import IMAGE, Preprocessing
+from fsseg.data.transforms import IMAGE
 from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, Predictor, prediction_network
 from fsseg.models import create_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 
 

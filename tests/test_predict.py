@@ -12,9 +12,9 @@ from conftest import SAMPLE_CT, TOTALSEG_LIST, ct_like, write_nifti
 from fsseg.checkpoint import save_checkpoint
 from fsseg.cli.evaluate import main as evaluate
 from fsseg.cli.predict import main as predict
-from fsseg.data.transforms import Preprocessing
 from fsseg.inference.predictor import FrozenBackbone, InferenceSettings, Predictor
 from fsseg.models import create_model, list_models, register_model
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 
 # An "oracle" backbone: its feature is the preprocessed image itself, so a 1x1x1 head thresholds intensity.

@@ -15,12 +15,12 @@ from fsseg.data.transforms import (
     LABEL,
     TASK_MASK,
     Augmentation,
-    Preprocessing,
     case_item,
     inference_transforms,
     train_transforms,
 )
 from fsseg.errors import ConfigError
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import load_template
 
 TEMPLATE = load_template()

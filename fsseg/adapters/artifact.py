@@ -30,11 +30,11 @@ from fsseg.checkpoint import (
     versions,
 )
 from fsseg.config import check_interval, from_dict, to_dict
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, FssegError
 from fsseg.files import atomic_path, require_file
 from fsseg.inference.predictor import RECORDED
 from fsseg.models.registry import check_roi
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import Template
 
 KIND = "adapter"

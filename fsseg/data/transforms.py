@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from fsseg.data.labels import LabelMap, structure_masks, task_mask, to_template_
 from fsseg.data.scans import load_volume
 from fsseg.errors import ConfigError, DataError
 from fsseg.files import is_nifti
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import Template
 
 IMAGE, LABEL, TASK_MASK = "image", "label", "task_mask"
@@ -51,54 +52,6 @@ log = logging.getLogger("fsseg.data")
 # LoadImage and DICOM series through SimpleITK).
 _GPU_DICOM_READER_LOG = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
 _GPU_DICOM_READER_LOG.setLevel(logging.ERROR)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a scan is brought into model space (stored in every checkpoint).
-
-    Attributes:
-        orientation: axis codes of the model space, e.g. ``"RAS"``.
-        spacing: voxel size in mm of the model space.
-        hu_window: HU range mapped linearly to [0, 1], values outside clipped.
-        roi: patch size in voxels, for training crops and the sliding window.
-        crop_foreground: crop to the bounding box of voxels above the window's lower bound.
-    """
-
-    orientation: str = "RAS"
-    spacing: tuple[float, float, float] = ranged((1.5, 1.5, 1.5), "(0, inf)")
-    hu_window: tuple[float, float] = (-175.0, 250.0)
-    roi: tuple[int, int, int] = ranged((96, 96, 96), "[1, inf)")
-    crop_foreground: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
-        object.__setattr__(self, "hu_window", tuple(float(h) for h in self.hu_window))
-        object.__setattr__(self, "roi", tuple(int(r) for r in self.roi))
-        codes = self.orientation.upper()
-        axes = sorted(next((i for i, pair in enumerate(("LR", "AP", "SI")) if c in pair), -1) for c in codes)
-        if axes != [0, 1, 2]:
-            raise ConfigError(
-                f"preprocessing.orientation '{self.orientation}' is not three axis codes, one of each "
-                "pair L/R, A/P, S/I (like RAS or LPS)"
-            )
-        object.__setattr__(self, "orientation", codes)
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ConfigError(f"preprocessing.spacing must be three positive numbers (mm), got {self.spacing}")
-        if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
-            raise ConfigError(f"preprocessing.hu_window must be [low, high] with low < high, got {self.hu_window}")
-        if len(self.roi) != 3 or min(self.roi) < 1:
-            raise ConfigError(f"preprocessing.roi must be three positive sizes (voxels), got {self.roi}")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> Preprocessing:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown preprocessing key(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)

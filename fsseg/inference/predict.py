@@ -31,7 +31,6 @@ from fsseg.data.scans import (
     load_volume,
     resolve_scan,
 )
-from fsseg.data.transforms import Preprocessing
 from fsseg.errors import DataError, DiskFull, user_error
 from fsseg.files import atomic_path, remove_leftovers
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
@@ -46,6 +45,7 @@ from fsseg.inference.predictor import (
 )
 from fsseg.inference.record import LABELS, REPORT, check_owned, update_record
 from fsseg.outputs import check_outputs, check_unique_outputs, prepare_output_dir
+from fsseg.preprocessing import Preprocessing
 from fsseg.templates import expand_structures, suggest_name
 from fsseg.training.runtime import resolve_device
 from fsseg.viz import overlay_png, pyplot

@@ -33,9 +33,10 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd, KeepLargestConnectedComponent
 
 from fsseg.data.scans import load_scan_image
-from fsseg.data.transforms import IMAGE, Preprocessing, inference_transforms
+from fsseg.data.transforms import IMAGE, inference_transforms
 from fsseg.inference.native_grid import native_label
 from fsseg.models.base import pointwise_conv
+from fsseg.preprocessing import Preprocessing
 
 PROBABILITIES = "probabilities"
 # Stitch on the GPU only while the output (channels x voxels, float32) stays under this size.
