@@ -40,10 +40,10 @@ from fsseg.adapt.training import Support, check_voxel_stride, train
 from fsseg.adapters import AdaptedModel, adapt_model, get_method
 from fsseg.adapters.artifact import save_adapter
 from fsseg.adapters.feature_cache import FeatureStore
+from fsseg.cache import file_digest
 from fsseg.checkpoint import load_model, sha256_file
 from fsseg.config import from_dict, to_dict
 from fsseg.data.annotations import check_case_grid, load_case_masks
-from fsseg.data.cache import file_digest
 from fsseg.data.datalist import Case, DataList, load_datalist
 from fsseg.data.sampling import sample_support
 from fsseg.data.scans import load_scan_image

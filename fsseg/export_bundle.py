@@ -30,6 +30,7 @@ from fsseg.adapters.peft_methods import METHODS as PEFT_METHODS
 from fsseg.adapters.peft_methods import merge_into_backbone
 from fsseg.bundle import BundleNetwork
 from fsseg.checkpoint import read_checkpoint, save_torch_file, sha256_file
+from fsseg.data.transforms import CORE_TRANSFORMS, IMAGE, core_description
 from fsseg.errors import DataError
 from fsseg.files import new_mode, remove_leftovers
 from fsseg.inference.predict import Model, build_model, inference_settings
@@ -41,47 +42,22 @@ from fsseg.vocabulary import BUNDLE_MASK_POSTFIX
 
 
 def preprocessing_transforms(pre: Preprocessing) -> list[dict]:
-    """fsseg's inference preprocessing as the MONAI transforms of a bundle config (the same steps and arguments)."""
-    steps: list[dict] = [
-        {
-            "_target_": "LoadImaged",
-            "keys": "image",
-            "reader": "NibabelReader",
-            "image_only": True,
-            "ensure_channel_first": True,
-            "dtype": "$numpy.float32",
-        },
-        {"_target_": "Orientationd", "keys": "image", "axcodes": pre.orientation, "labels": None},
-        {
-            "_target_": "Spacingd",
-            "keys": "image",
-            "pixdim": list(pre.spacing),
-            "mode": "bilinear",
-            "dtype": "$numpy.float32",
-        },
-        {
-            "_target_": "ScaleIntensityRanged",
-            "keys": "image",
-            "a_min": pre.hu_window[0],
-            "a_max": pre.hu_window[1],
-            "b_min": 0.0,
-            "b_max": 1.0,
-            "clip": True,
-        },
+    """fsseg's inference preprocessing as the transforms of a bundle config, written from the description
+    fsseg-predict builds its pipeline from (fsseg's own loader and tissue check included: fsseg runs the bundle)."""
+    return [
+        {"_target_": _target(name), **_json_arguments(arguments)} for name, arguments in core_description(pre, [IMAGE])
     ]
-    if pre.crop_foreground:
-        steps.append(
-            {
-                "_target_": "CropForegroundd",
-                "keys": "image",
-                "source_key": "image",
-                "allow_smaller": True,
-                "start_coord_key": None,
-                "end_coord_key": None,
-            }
-        )
-    steps.append({"_target_": "SpatialPadd", "keys": "image", "spatial_size": list(pre.roi)})
-    return steps
+
+
+def _target(name: str) -> str:
+    """A transform's ``_target_``: MONAI's by its name, fsseg's by its module path."""
+    module = CORE_TRANSFORMS[name].__module__
+    return name if module.startswith("monai.") else f"{module}.{name}"
+
+
+def _json_arguments(arguments: dict) -> dict:
+    """Arguments as a bundle config writes them: numpy dtypes as ``$numpy.<name>`` expressions."""
+    return {key: f"$numpy.{value.__name__}" if isinstance(value, type) else value for key, value in arguments.items()}
 
 
 def postprocessing_transforms(settings: InferenceSettings) -> list[dict]:

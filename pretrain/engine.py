@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from fsseg.cache import cached_dataset, content_hash
 from fsseg.checkpoint import (
     head_trained,
     load_weights,
@@ -41,7 +42,6 @@ from fsseg.checkpoint import (
     versions,
 )
 from fsseg.config import to_dict
-from fsseg.data.cache import cached_dataset, content_hash
 from fsseg.data.datalist import load_datalist
 from fsseg.data.transforms import IMAGE, LABEL, TASK_MASK, case_item, inference_transforms, train_transforms
 from fsseg.errors import ConfigError

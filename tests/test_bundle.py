@@ -139,3 +139,20 @@ def test_a_bundle_is_never_written_over_an_existing_folder(tiny_checkpoint, tmp_
     assert export_bundle(["-m", str(tiny_checkpoint), "-o", str(tmp_path / "bundle")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["notes.txt"]
+
+
+def test_a_bundle_preprocesses_as_fsseg_predict_does_refusing_an_all_air_scan(tiny_checkpoint, tmp_path):
+    from conftest import write_nifti
+
+    scans = tmp_path / "scans"
+    write_nifti(scans / "air.nii.gz", np.full((24, 24, 16), -1000, dtype=np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
+    bundle = tmp_path / "bundle"
+    assert export_bundle(["-m", str(tiny_checkpoint), "-o", str(bundle)]) == 0
+    steps = json.loads((bundle / "configs" / "inference.json").read_text())["preprocessing"]["transforms"]
+    assert [step["_target_"] for step in steps][:1] == ["fsseg.data.transforms.LoadVolumed"]
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+         "--bundle_root", str(bundle), "--dataset_dir", str(scans), "--output_dir", str(tmp_path / "monai")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode != 0 and "no voxel lies above the HU window" in run.stderr

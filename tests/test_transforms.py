@@ -8,7 +8,7 @@ from monai.transforms import Invertd
 from scipy import ndimage
 
 from conftest import LITS_LIST, TOTALSEG_LIST
-from fsseg.data.cache import cached_dataset
+from fsseg.cache import cached_dataset
 from fsseg.data.datalist import load_datalist
 from fsseg.data.transforms import (
     IMAGE,

@@ -4,13 +4,12 @@ Methods that freeze the backbone (linear probe, spatial adapter, the transductiv
 these instead of running the backbone for every crop of every epoch. Features come from
 :meth:`fsseg.inference.Predictor.stitched_features` (the path fsseg-predict takes for such adapters), are
 stored as float16 ``.npy`` files and memory-mapped, keyed by the checkpoint's and the scan's content, the
-preprocessing and the precision, so every method, shot count and seed sharing the backbone reuses them.
+preprocessing and the precision, so every method, shot count and seed sharing the backbone reuses them (the
+policy of :mod:`fsseg.cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fsseg.cache import cache_key, discard_damaged
 from fsseg.files import atomic_path
 
 log = logging.getLogger("fsseg.features")
@@ -39,8 +39,7 @@ class FeatureStore:
         self.compute = compute
 
     def path(self, scan_key: str) -> Path:
-        digest = hashlib.sha1(json.dumps([self.backbone_key, scan_key]).encode()).hexdigest()[:20]
-        return self.folder / f"{digest}.npy"
+        return self.folder / f"{cache_key(self.backbone_key, scan_key)}.npy"
 
     def get(self, scan_key: str, image: torch.Tensor, name: str = "") -> np.ndarray:
         """Features of a preprocessed (1, X, Y, Z) image, read-only memory-mapped; computed on first use.
@@ -52,8 +51,7 @@ class FeatureStore:
             try:
                 return np.load(path, mmap_mode="r")
             except (ValueError, OSError, EOFError) as error:  # truncated by a kill or a full disk
-                log.warning(f"cached features {path} are damaged ({type(error).__name__}); recomputing them")
-                path.unlink()
+                discard_damaged(path, error, "features")
         self.folder.mkdir(parents=True, exist_ok=True)
         features = self.compute(image)
         with atomic_path(path) as tmp:

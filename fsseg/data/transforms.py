@@ -199,31 +199,44 @@ class TemplateOneHotd(MapTransform):
         return d
 
 
-def _core(pre: Preprocessing, keys: Sequence[str], template: Template | None) -> list:
-    loader = LoadVolumed([IMAGE] + [k for k in keys if k != LABEL or template is None], allow_missing_keys=True)
-    steps: list = [loader]
-    if template is not None:
-        steps.append(TemplateLabelsd(template, loader))
+CORE_TRANSFORMS = {
+    cls.__name__: cls
+    for cls in (
+        LoadVolumed, Orientationd, Spacingd, ScaleIntensityRanged, RequireTissued, CropForegroundd, SpatialPadd
+    )
+}  # fmt: skip
+
+
+def core_description(pre: Preprocessing, keys: Sequence[str], loaded: Sequence[str] | None = None) -> list:
+    """The deterministic preprocessing of ``keys`` (image first; ``loaded``: those read from files, by default all)
+    as (transform name, arguments) pairs: the one description that :func:`inference_transforms` builds and that
+    :mod:`fsseg.export_bundle` writes into a bundle's config, names resolved in :data:`CORE_TRANSFORMS`."""
+    keys = list(keys)
     modes = ["bilinear" if key == IMAGE else "nearest" for key in keys]
+    optional = {"keys": keys, "allow_missing_keys": True}
     low, high = pre.hu_window
-    steps += [
-        Orientationd(keys, axcodes=pre.orientation, labels=None, allow_missing_keys=True),
-        Spacingd(keys, pixdim=pre.spacing, mode=modes, dtype=np.float32, allow_missing_keys=True),
-        ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-        RequireTissued(),
+    steps: list[tuple[str, dict]] = [
+        ("LoadVolumed", {"keys": list(loaded or keys), "allow_missing_keys": True}),
+        ("Orientationd", {**optional, "axcodes": pre.orientation, "labels": None}),
+        ("Spacingd", {**optional, "pixdim": list(pre.spacing), "mode": modes, "dtype": np.float32}),
+        (
+            "ScaleIntensityRanged",
+            {"keys": IMAGE, "a_min": low, "a_max": high, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        ),
+        ("RequireTissued", {}),
     ]
     if pre.crop_foreground:
-        steps.append(
-            CropForegroundd(
-                keys,
-                source_key=IMAGE,
-                allow_smaller=True,
-                allow_missing_keys=True,
-                start_coord_key=None,
-                end_coord_key=None,
-            )
-        )
-    steps.append(SpatialPadd(keys, spatial_size=pre.roi, allow_missing_keys=True))
+        crop = {"source_key": IMAGE, "allow_smaller": True, "start_coord_key": None, "end_coord_key": None}
+        steps.append(("CropForegroundd", {**optional, **crop}))
+    steps.append(("SpatialPadd", {**optional, "spatial_size": list(pre.roi)}))
+    return steps
+
+
+def _core(pre: Preprocessing, keys: Sequence[str], template: Template | None) -> list:
+    loaded = [IMAGE] + [k for k in keys if k != LABEL or template is None]
+    steps = [CORE_TRANSFORMS[name](**arguments) for name, arguments in core_description(pre, keys, loaded)]
+    if template is not None:  # the annotation, read into template channels on the image's grid
+        steps.insert(1, TemplateLabelsd(template, steps[0]))
     return steps
 
 

@@ -11,7 +11,6 @@ encoded alone would see zero padding at its borders instead).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from monai.transforms import DivisiblePad, SpatialPad
 
+from fsseg.cache import cache_key, discard_damaged
 from fsseg.checkpoint import NonFiniteWeights
 from fsseg.files import atomic_path
 from fsseg.models import SegmentationModel
@@ -103,8 +103,7 @@ class EncoderCache:
         self.strides = tuple(tuple(s) for s in split_backbone(model).strides)
 
     def _folder(self, scan_key: str) -> Path:
-        digest = hashlib.sha1(json.dumps([self.encoder_key, scan_key]).encode()).hexdigest()[:20]
-        return self.folder / digest
+        return self.folder / cache_key(self.encoder_key, scan_key)
 
     def load(self, scan_key: str) -> EncodedScan | None:
         """The scan's cached skips, or None when they were never completed (a kill leaves no marker)."""
@@ -119,8 +118,7 @@ class EncoderCache:
             levels += [np.load(folder / f"level{level}.npy", mmap_mode="r") for level in range(1, len(self.strides))]
             extras = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["extras"]}
         except (ValueError, OSError, EOFError) as error:  # a damaged or deleted file (json errors are ValueErrors)
-            log.warning(f"cached encoder features in {folder} are damaged ({type(error).__name__}); recomputing them")
-            (folder / DONE).unlink()
+            discard_damaged(folder / DONE, error, "encoder features")
             return None
         return EncodedScan(levels, self.strides, extras, meta)
 

@@ -1,8 +1,17 @@
-"""A disk cache of preprocessed volumes, keyed by file content and preprocessing.
+"""The one policy of fsseg's three disk caches, and the first of them.
 
-Built on ``monai.data.PersistentDataset``: the deterministic part of the pipeline (loading, label
-conversion, resampling, windowing, cropping) runs once per volume; later epochs read the result from disk
-and only run the random crops. Editing a file or changing the preprocessing gives new keys.
+The caches: preprocessed volumes for pretraining (:func:`cached_dataset`, on ``monai.data.PersistentDataset``:
+the deterministic part of the pipeline runs once per volume, later epochs only crop), frozen-backbone features
+(:class:`fsseg.adapters.feature_cache.FeatureStore`) and encoder skips
+(:class:`fsseg.training.encoder_cache.EncoderCache`). Each follows the same three rules:
+
+* **Keys**: an entry is named by :func:`cache_key` of everything that determines it (the weights' and the
+  scan's content by :func:`file_digest`, the preprocessing, the precision). Changed inputs give a new key, so an
+  entry is never updated in place and never stale.
+* **Writes**: every file is written atomically (:func:`fsseg.files.atomic_path`); an entry of several files is
+  complete only once its marker file, written last, is there.
+* **Damage**: an entry that cannot be read (a kill, a full disk) is logged, removed by :func:`discard_damaged`
+  and computed again; it never stops a run.
 """
 
 from __future__ import annotations
@@ -22,6 +31,18 @@ from fsseg.errors import FssegError
 
 _CHUNK = 1 << 20
 log = logging.getLogger("fsseg.cache")
+
+
+def cache_key(*parts: object) -> str:
+    """The name of the cache entry that ``parts`` (JSON-able: digests, settings) determine: 20 hex digits."""
+    return hashlib.sha1(json.dumps(list(parts), sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def discard_damaged(path: Path, error: BaseException, what: str) -> None:
+    """Log that the cached ``what`` at ``path`` cannot be read and remove it (a file: an entry's file or its
+    marker), so that it is computed again."""
+    log.warning(f"cached {what} {path} are damaged ({type(error).__name__}); recomputing them")
+    path.unlink(missing_ok=True)
 
 
 @lru_cache(maxsize=4096)
@@ -58,8 +79,7 @@ def content_hash(fingerprint: str) -> Callable[[dict], bytes]:
     def hash_item(item: dict) -> bytes:
         files = {key: [file_digest(p) for p in _paths(value)] for key, value in item.items()}
         others = {key: value for key, value in item.items() if not _paths(value)}
-        blob = json.dumps({"files": files, "fields": others, "pre": fingerprint}, sort_keys=True, default=str)
-        return hashlib.sha1(blob.encode()).hexdigest().encode()
+        return cache_key({"files": files, "fields": others, "pre": fingerprint}).encode()
 
     return hash_item
 
@@ -75,8 +95,7 @@ class RecomputingDataset(PersistentDataset):
             cached = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode('utf-8')}.pt"
             if not cached.is_file() or isinstance(error, FssegError):
                 raise
-            log.warning(f"cache file {cached} is damaged ({type(error).__name__}); recomputing it")
-            cached.unlink()
+            discard_damaged(cached, error, "volume")
             return super()._cachecheck(item_transformed)
 
 
