@@ -15,7 +15,8 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ from fsseg.data.transforms import IMAGE, LABEL, case_item, inference_transforms
 from fsseg.errors import ConfigError, DataError, FssegError
 from fsseg.files import atomic_path
 from fsseg.inference import InferenceSettings, Predictor
-from fsseg.inference.predictor import FrozenBackbone
+from fsseg.inference.confidence import PRIORS, structure_confidences
+from fsseg.inference.predictor import FrozenBackbone, Prediction
 from fsseg.losses.size_prior import organ_size_prior
 from fsseg.metrics import score_structure
 from fsseg.outputs import check_outputs, prepare_output_dir
@@ -233,16 +235,23 @@ class Adaptation:
 
 
 @torch.no_grad()
-def predict_query(adapted: AdaptedModel, query: Query, run: Adaptation) -> dict[str, np.ndarray]:
-    """Binary masks of the targets on the query's native grid, computed as fsseg-predict does with the adapter
-    file (frozen backbones: the heads over the cached stitched features, which are fsseg-predict's first pass)."""
+def predict_query(adapted: AdaptedModel, query: Query, run: Adaptation) -> Prediction:
+    """The targets' prediction on the query's native grid, computed as fsseg-predict does with the adapter file
+    (frozen backbones: the heads over the cached stitched features, which are fsseg-predict's first pass)."""
     adapted.eval()
     if adapted.backbone_frozen:
         features = torch.from_numpy(np.array(run.features(query)))
         probabilities = run.predictor.head_probabilities(features, adapted.head_forward)
     else:
         probabilities = run.predictor.model_space_probabilities(query.data, adapted)
-    return run.predictor.finish(query.data, probabilities, query.reference).masks()
+    return run.predictor.finish(query.data, probabilities, query.reference)
+
+
+def support_priors_ml(supports: list[Support], organs: list[str], spacing: Sequence[float]) -> dict[str, float]:
+    """Each target's organ-size prior in ml from the supports' model-space masks: the transductive constraint's
+    prior, recorded in the adapter file for the confidence of fsseg-predict's masks."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {organ: organ_size_prior([s.target[k] for s in supports]) * voxel_ml for k, organ in enumerate(organs)}
 
 
 def size_targets(supports: list[Support], query: Query) -> list[float]:
@@ -329,6 +338,7 @@ class Job:
     options: Any
     trainable: int = 0  # parameters that train, of ``total``: counted once, before training
     total: int = 0
+    priors_ml: dict[str, float] = field(default_factory=dict)  # each target's organ-size prior from the supports
 
     @property
     def name(self) -> str:
@@ -345,6 +355,7 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     torch.manual_seed(run_seed(run.organs, method, shots, seed))
     adapted = adapt_model(run.base, run.template, run.organs, method, options, settings.compose).to(run.device)
     job = Job(method, shots, seed, supports, adapted, settings, options, *adapted.parameter_counts())
+    job.priors_ml = support_priors_ml(supports, run.organs, run.pre.spacing)
     rows, predictions = (adapt_transductive if run.config.ti.enabled else adapt_inductive)(run, job)
     run.keep_if_best(method, shots, seed, rows, predictions)
     return rows
@@ -364,6 +375,7 @@ def adapt_inductive(run: Adaptation, job: Job) -> tuple[list[dict], dict]:
             "support": job.support_ids.split(),
             "inference": run.inference.record(),
             "compose": to_dict(job.settings.compose),
+            PRIORS: {organ: round(ml, 3) for organ, ml in job.priors_ml.items()},
         }
         save_adapter(
             run.out / "adapters" / adapter_name(run.organs, job.method, job.shots, job.seed),
@@ -435,7 +447,11 @@ def score_rows(
     run: Adaptation, job: Job, model: AdaptedModel, query: Query, seconds: float, epochs: int, transductive: bool
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Result rows of one test case (one per target structure) and the predicted masks."""
-    predicted = predict_query(model, query, run)
+    prediction = predict_query(model, query, run)
+    predicted = prediction.masks()
+    voxel_ml = float(np.prod(query.spacing)) / 1000.0
+    volumes = {organ: float(mask.sum()) * voxel_ml for organ, mask in predicted.items()}
+    confidences = structure_confidences(prediction.structures, prediction.uncertainty, volumes, job.priors_ml)
     rows = []
     for organ in run.organs:
         score = score_structure(predicted[organ], query.masks[organ], query.spacing, run.config.nsd_tolerance)
@@ -449,6 +465,7 @@ def score_rows(
                 "dice": round(score.dice, 4),
                 "nsd": round(score.nsd, 4),
                 "hd95": round(score.hd95, 2),
+                "confidence": round(confidences[organ].confidence, 4),
                 "transductive": transductive,
                 "trainable_params": job.trainable,
                 "total_params": job.total,

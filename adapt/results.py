@@ -35,6 +35,7 @@ RESULT_FIELDS = [
     "dice",
     "nsd",
     "hd95",
+    "confidence",
     "transductive",
     "trainable_params",
     "total_params",

@@ -102,7 +102,7 @@ def mean_dice(adapted, run: Adaptation) -> float:
     scores = []
     for case in run.tests:
         query = run.query(case)
-        predicted = predict_query(adapted, query, run)
+        predicted = predict_query(adapted, query, run).masks()
         scores.append(score_structure(predicted["liver"], query.masks["liver"], query.spacing).dice)
     return float(np.mean(scores))
 

@@ -2,7 +2,8 @@
 
 Writes docs/benchmarks.md whole, and the marked blocks ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``
 of README.md and the docs pages: ``fewshot_real`` (the real-CT table), ``param_counts`` (the methods' trainable
-parameters) and ``predict_scaling`` (fsseg-predict against structures and scan size). ``--check`` writes nothing
+parameters), ``predict_scaling`` (fsseg-predict against structures and scan size) and ``confidence_real`` (the
+confidence against Dice). ``--check`` writes nothing
 and exits 1 naming the files that are out of date (a test runs it).
 
     python bench/render_docs.py [--check]
@@ -227,6 +228,30 @@ def predict_scaling_block(document: dict) -> str:
     )
 
 
+def confidence_block(document: dict) -> str:
+    """docs/prediction.md: the rank correlation of confidence and Dice, over all runs and per method."""
+    body = [[row["methods"], cell(row["runs"]), f"{row['spearman']:+.3f}", f"{row['p_value']:.2g}",
+             row["confidence_range"], row["dice_range"]] for row in document["rows"]]  # fmt: skip
+    first, methods = document["rows"][0], document["rows"][1:]
+    low, high = min(methods, key=lambda r: r["spearman"]), max(methods, key=lambda r: r["spearman"])
+    weak = sum(r["p_value"] >= 0.05 for r in methods)
+    return (
+        f"Spearman's rank correlation of confidence and Dice on the demo's real-CT task (checkpoint: "
+        f"{first['checkpoint']}; measured on {first['host']}, from `bench/results/confidence_real.json`):\n\n"
+        + table(["runs of", "runs", "Spearman ρ", "p", "confidence", "Dice"], body)
+        + f"\nOver all {first['runs']} runs ρ = {first['spearman']:+.3f}; within one method it ranges from "
+        f"{low['spearman']:+.3f} ({low['methods']}) to {high['spearman']:+.3f} ({high['methods']}), and {weak} of the "
+        f"{len(methods)} methods' correlations have p ≥ 0.05 on their {low['runs']} runs"
+        + (
+            ": the confidence tells one method's poor masks from another's good ones better than it ranks the runs "
+            "of one method. Its scale is not a probability of being right; compare confidences, don't read them "
+            "alone.\n"
+            if weak
+            else ".\n"
+        )
+    )
+
+
 def benchmarks_page(documents: dict[str, dict]) -> str:
     """docs/benchmarks.md: each benchmark's question, command and rows; the real-CT one summarised first."""
     parts = [
@@ -255,6 +280,7 @@ def rendered(documents: dict[str, dict]) -> dict[Path, str]:
         "fewshot_real": fewshot_block,
         "param_counts": param_counts_block,
         "predict_scaling": predict_scaling_block,
+        "confidence_real": confidence_block,
     }
     out = {BENCHMARKS_PAGE: benchmarks_page(documents)}
     for page in PAGES_WITH_BLOCKS:

@@ -273,7 +273,7 @@ def test_fsseg_predict_with_the_adapter_file_writes_the_masks_fsseg_adapt_scored
     assert json.loads((tmp_path / "pred" / "labels.json").read_text()) == {"0": "background", "1": "liver"}
     for case in run.tests:
         query = run.query(case)
-        scored = predict_query(adapted, query, run)["liver"]
+        scored = predict_query(adapted, query, run).masks()["liver"]
         dice = 2 * (scored & query.masks["liver"]).sum() / (scored.sum() + query.masks["liver"].sum())
         assert dice == pytest.approx(float(rows[case.id]["dice"]), abs=1e-4)
         written = np.asanyarray(nib.load(str(tmp_path / "pred" / f"{case.id}.nii.gz")).dataobj) == 1

@@ -85,6 +85,13 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
         help="also write <case>_probabilities.nii.gz (float32, one volume per structure)",
     )
     parser.add_argument(
+        "--flag-below",
+        type=number_in("[0, 1]"),
+        metavar="C",
+        help="mark a case for review when one of its structures has a confidence below C (predictions.json lists "
+        "them under 'review'; each structure's confidence and the facts behind it are there in any case)",
+    )
+    parser.add_argument(
         "--preview",
         action="store_true",
         help="also write <case>_preview.png: axial/coronal/sagittal slices with the predicted contours "
@@ -105,6 +112,7 @@ def _command(args: argparse.Namespace) -> int:
         part=(args.part_id, args.num_parts),
         progress=not args.no_progress,
         inference={**inference, "largest_component": args.largest_component},
+        flag_below=args.flag_below,
     )
     cases = predict_folder(
         args.input,
@@ -119,6 +127,9 @@ def _command(args: argparse.Namespace) -> int:
     )
     done, skipped, failed = (sum(c["status"] == s for c in cases.values()) for s in ("ok", "skipped", "failed"))
     print(f"{done} predicted, {skipped} skipped, {failed} failed; masks and {REPORT} in {args.output}")
+    flagged = {case: entry["review"] for case, entry in cases.items() if entry.get("review")}
+    for case, structures in flagged.items():
+        print(f"review {case}: confidence below {args.flag_below} for {', '.join(structures)}")
     return 1 if failed else 0
 
 

@@ -33,6 +33,7 @@ from fsseg.data.scans import (
 )
 from fsseg.errors import DataError, DiskFull, user_error
 from fsseg.files import atomic_path, remove_leftovers
+from fsseg.inference.confidence import PRIORS, structure_confidences
 from fsseg.inference.dicom_seg import require_highdicom, write_dicom_seg
 from fsseg.inference.predictor import (
     RECORDED,
@@ -146,6 +147,12 @@ class Model:
     @property
     def network(self) -> Network | FrozenBackbone:
         return prediction_network(self.models, self.channels, adapted=bool(self.adapters))
+
+    @property
+    def size_priors(self) -> dict[str, float]:
+        """The organ-size prior (ml) of each kept structure whose adapter recorded its supports' sizes."""
+        recorded = {name: ml for adapter in self.adapters for name, ml in adapter.get(PRIORS, {}).items()}
+        return {name: recorded[name] for name in self.structures if name in recorded}
 
 
 def build_model(
@@ -280,7 +287,7 @@ def predict_cases(
                 continue
             for path in paths.values():
                 remove_leftovers(path)  # a killed run's half-written file of this case (a case is one part's)
-            cases[case] = predict_case(predictor, case, scan, paths, options.save_probabilities)
+            cases[case] = predict_case(predictor, case, scan, paths, options, header.get(PRIORS, {}))
     except DiskFull:
         with contextlib.suppress(DataError):  # record the cases done, where the disk still has room for it
             update_record(out, header, cases)
@@ -289,7 +296,14 @@ def predict_cases(
     return cases
 
 
-def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, Path], probabilities: bool) -> dict:
+def predict_case(
+    predictor: Predictor,
+    case: str,
+    scan: Path,
+    paths: dict[str, Path],
+    options: FolderOptions,
+    priors_ml: Mapping[str, float],
+) -> dict:
     """Predict one scan and write its outputs; its entry of predictions.json. A failure is the entry's status: one
     bad scan must not stop the batch, and leaves none of its files. A full disk stops the batch: every later case
     would fail the same way.
@@ -300,54 +314,73 @@ def predict_case(predictor: Predictor, case: str, scan: Path, paths: dict[str, P
     started = time.perf_counter()
     written: list[Path] = []
     try:
-        prediction = predictor(scan, keep_probabilities=probabilities)
-        write_case_outputs(prediction, case, scan, paths, predictor.structures, written)
+        prediction = predictor(scan, keep_probabilities=options.save_probabilities)
+        found = findings(prediction, priors_ml, options.flag_below)
+        write_case_outputs(prediction, scan, paths, written, preview_title(case, found["confidence"]))
     except Exception as error:  # MONAI wraps the cause in RuntimeError
         for path in written:  # no case is left half-written: a mask without its probabilities
             path.unlink(missing_ok=True)
         if isinstance(error, DiskFull):
             raise
-        found = user_error(error)
-        message = str(found) if found else f"{type(error).__name__}: {error}"
+        reason = user_error(error)
+        message = str(reason) if reason else f"{type(error).__name__}: {error}"
         log.error(f"{scan}: failed: {message}")
         return {"status": "failed", "image": str(scan), "error": message}
-    structures = predictor.structures
-    voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
-    counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
-    found = [s for i, s in enumerate(structures) if counts[i + 1]]
-    entry = {
+    seconds = round(time.perf_counter() - started, 2)
+    log.info(f"{case}: {seconds} s, found {', '.join(found['structures_found']) or 'nothing'}")
+    return {
         "status": "ok",
         "image": str(scan),
         "output": str(next(iter(paths.values()))),
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": seconds,
         "device": str(predictor.device),
-        "structures_found": found,
-        "volume_ml": {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)},
+        **found,
     }
-    log.info(f"{case}: {entry['seconds']} s, found {', '.join(found) or 'nothing'}")
-    return entry
+
+
+def findings(prediction: Prediction, priors_ml: Mapping[str, float], flag_below: float | None) -> dict:
+    """What a case's entry reports of its prediction: the structures found, each one's volume (ml) and confidence
+    (:mod:`fsseg.inference.confidence`, with the organ-size priors ``priors_ml`` of the adapters' supports) and,
+    with ``flag_below``, ``review``: the structures of lower confidence."""
+    structures = prediction.structures
+    voxel_ml = float(np.prod(prediction.reference.header.get_zooms()[:3])) / 1000.0
+    counts = np.bincount(prediction.label.ravel(), minlength=len(structures) + 1)
+    volumes = {s: round(float(counts[i + 1]) * voxel_ml, 2) for i, s in enumerate(structures)}
+    confidences = structure_confidences(structures, prediction.uncertainty, volumes, priors_ml)
+    found = {
+        "structures_found": [s for i, s in enumerate(structures) if counts[i + 1]],
+        "volume_ml": volumes,
+        "confidence": {name: c.to_dict() for name, c in confidences.items()},
+    }
+    if flag_below is not None:
+        found["review"] = [name for name, c in confidences.items() if c.confidence < flag_below]
+    return found
+
+
+def preview_title(case: str, confidence: Mapping[str, dict], shown: int = 4) -> str:
+    """The preview's title: the case and the confidence of its first ``shown`` structures."""
+    scores = ", ".join(f"{name} {c['confidence']:.2f}" for name, c in list(confidence.items())[:shown])
+    more = f", +{len(confidence) - shown} more" if len(confidence) > shown else ""
+    return f"{case}: fsseg-predict (confidence {scores}{more})"
 
 
 def write_case_outputs(
     prediction: Prediction,
-    case: str,
     scan: Path,
     paths: dict[str, Path],
-    structures: Sequence[str],
     written: list[Path],
+    title: str,
 ) -> None:
     """Write one case's outputs (``paths`` by kind), adding each to ``written`` once it is in place."""
     for kind, path in paths.items():
         if kind == "nifti":
             resolve_scan(scan).format.write_mask(prediction.label, scan, prediction.reference, path)
         elif kind == "dicom-seg":
-            write_dicom_seg(prediction.label, structures, read_series_header(scan), path)
+            write_dicom_seg(prediction.label, prediction.structures, read_series_header(scan), path)
         elif kind == "probabilities":
             save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, path)
         else:
-            overlay_png(
-                path, load_volume(scan).array, prediction.reference.affine, prediction.masks(), f"{case}: fsseg-predict"
-            )
+            overlay_png(path, load_volume(scan).array, prediction.reference.affine, prediction.masks(), title)
         written.append(path)
 
 
@@ -363,6 +396,7 @@ class FolderOptions:
     part: tuple[int, int] = (0, 1)  # this process predicts part I of P
     progress: bool = True
     inference: Mapping[str, Any] = field(default_factory=dict)  # overlap, amp, cpu_bf16, sw_batch_size, ...
+    flag_below: float | None = None  # a case with a structure of lower confidence is marked for review
 
 
 def plan_outputs(inputs: Inputs, out: Path, options: FolderOptions) -> dict[str, dict[str, Path]]:
@@ -430,6 +464,7 @@ def predict_folder(
         "structures": model.structures,
         "inference": {**asdict(settings), "sw_batch_size": predictor.sw_batch_size},
         "precision": predictor.precision,
+        PRIORS: model.size_priors,
     }
     # this part's cases are recorded before their files are written: a later run then knows the files as its own
     update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})

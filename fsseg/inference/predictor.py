@@ -21,7 +21,7 @@ float32 while stitching, then float16).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,7 @@ from monai.transforms import Invertd, KeepLargestConnectedComponent
 
 from fsseg.data.scans import load_scan_image
 from fsseg.data.transforms import IMAGE, inference_transforms
+from fsseg.inference.confidence import Uncertainty, structure_uncertainty
 from fsseg.inference.native_grid import native_label
 from fsseg.models.base import pointwise_conv
 from fsseg.preprocessing import Preprocessing
@@ -85,12 +86,13 @@ class InferenceSettings:
 @dataclass
 class Prediction:
     """A prediction on the input grid: ``label`` (X, Y, Z) uint8 and, when asked for, ``probabilities``
-    (K, X, Y, Z) float32."""
+    (K, X, Y, Z) float32; ``uncertainty``: what each structure's model-space probabilities say of it."""
 
     label: np.ndarray
     probabilities: np.ndarray | None
     reference: nib.Nifti1Image
     structures: list[str]
+    uncertainty: list[Uncertainty] = field(default_factory=list)
 
     def masks(self) -> dict[str, np.ndarray]:
         """One boolean mask per structure."""
@@ -284,9 +286,12 @@ class Predictor:
         them into one label map: directly (:func:`native_label`, a cost that hardly grows with K) or, when every
         structure's probabilities or largest component are asked for, by resampling one structure at a time."""
         if keep_probabilities or self.settings.largest_component:
-            return self.resample_each(data, probabilities, reference, keep_probabilities)
-        label = native_label(probabilities, data[IMAGE], self.settings.threshold)
-        return Prediction(label=label, probabilities=None, reference=reference, structures=self.structures)
+            prediction = self.resample_each(data, probabilities, reference, keep_probabilities)
+        else:
+            label = native_label(probabilities, data[IMAGE], self.settings.threshold)
+            prediction = Prediction(label=label, probabilities=None, reference=reference, structures=self.structures)
+        prediction.uncertainty = [structure_uncertainty(p, self.settings.threshold) for p in probabilities]
+        return prediction
 
     def resample_each(
         self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image, keep_probabilities: bool = False
