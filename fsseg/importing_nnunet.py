@@ -50,7 +50,7 @@ LEGACY_CLASSES = {
 }
 # nnU-Net's training log holds numpy scalars: data, not code, so they may be unpickled (under numpy 1's module
 # name too, which numpy 2 renamed).
-_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # type: ignore[attr-defined]
 NUMPY_SCALARS = [
     (_MULTIARRAY.scalar, "numpy.core.multiarray.scalar"),
     _MULTIARRAY.scalar,
@@ -310,25 +310,26 @@ def _fsseg_state(weights: dict, own: dict, source: Path, log: Callable[[str], No
     weight, bias = weights[last + "weight"], weights[last + "bias"]
     state = {f"backbone.net.{k}": v for k, v in weights.items() if not k.startswith("decoder.seg_layers.")}
     state["head.weight"], state["head.bias"] = weight[1:] - weight[:1], bias[1:] - bias[:1]
-    counts = {"loaded": 0, "missing": [], "unexpected": [], "mismatched": []}
-    for key, value in own.items():
-        if key not in state:
-            counts["missing"].append(key)
-        elif state[key].shape != value.shape:
-            counts["mismatched"].append(f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}")
-        else:
-            counts["loaded"] += 1
-    counts["unexpected"] = [k for k in state if k not in own]
+    problems: dict[str, list[str]] = {
+        "missing": [k for k in own if k not in state],
+        "mismatched": [
+            f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ],
+        "unexpected": [k for k in state if k not in own],
+    }
+    loaded = len(own) - len(problems["missing"]) - len(problems["mismatched"])
     log(
-        f"tensors: {counts['loaded']} loaded, {len(counts['missing'])} missing, {len(counts['unexpected'])} "
-        f"unexpected, {len(counts['mismatched'])} of the wrong shape; {len(seg_layers) - 1} deep-supervision "
+        f"tensors: {loaded} loaded, {len(problems['missing'])} missing, {len(problems['unexpected'])} "
+        f"unexpected, {len(problems['mismatched'])} of the wrong shape; {len(seg_layers) - 1} deep-supervision "
         "layer(s) left out"
     )
-    for kind in ("missing", "mismatched", "unexpected"):
-        if counts[kind]:
-            first = counts[kind][0].removeprefix("backbone.net.")
+    for kind, keys in problems.items():
+        if keys:
+            first = keys[0].removeprefix("backbone.net.")
             raise DataError(
-                f"{source}: {len(counts[kind])} tensor(s) {kind.replace('mismatched', 'of the wrong shape')}"
+                f"{source}: {len(keys)} tensor(s) {kind.replace('mismatched', 'of the wrong shape')}"
                 f" for the network plans.json describes, e.g. {first}"
             )
     return {key: state[key] for key in own}

@@ -8,6 +8,7 @@ unchanged until it trains.
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ class ParallelAdapter(nn.Module):
         return self.up(torch.relu(self.down(x))) * self.scale
 
 
-def _mlp_branch_with_adapter(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _mlp_branch_with_adapter(block: Any, x: torch.Tensor) -> torch.Tensor:
     return type(block).forward_part2(block, x) + block.adaptformer(x)
 
 
@@ -41,7 +42,8 @@ def inject_adaptformer(module: nn.Module, bottleneck: int, scale: float) -> int:
     Raises:
         ConfigError: the network has no such block (AdaptFormer needs a Swin transformer).
     """
-    blocks = [m for m in module.modules() if hasattr(type(m), "forward_part2") and hasattr(m, "mlp")]
+    # MONAI's SwinTransformerBlock, found by what is used of it (typed Any: its attributes are set at run time)
+    blocks: list[Any] = [m for m in module.modules() if hasattr(type(m), "forward_part2") and hasattr(m, "mlp")]
     if not blocks:
         raise ConfigError("AdaptFormer needs transformer blocks with an MLP branch (a swinunetr backbone)")
     for block in blocks:

@@ -35,7 +35,8 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the three array axes."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        x, y, z = (float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        return x, y, z
 
 
 def grid_image(shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1Image:
@@ -61,6 +62,8 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises several unrelated types for unreadable files
         raise DataError(f"{path}: cannot be read as NIfTI ({error_reason(error)})") from None
+    if not isinstance(image, nib.Nifti1Image):  # NIfTI-2 images are Nifti1Images too; this is another format
+        raise DataError(f"{path}: not a NIfTI-1 image (read as {type(image).__name__})")
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]

@@ -15,6 +15,7 @@ import logging
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ class LoadVolumed(MapTransform):
         check_finite(volume, path)
         return volume
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             if isinstance(d[key], str):
@@ -139,7 +140,7 @@ class TemplateLabelsd(MapTransform):
         self.template = template
         self.loader = loader
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         image = d[IMAGE]
         if LABEL in d and isinstance(d[LABEL], str):
@@ -154,6 +155,8 @@ class TemplateLabelsd(MapTransform):
                 volume = self._load_on_grid(path, image)
                 masks[name] = volume[0].numpy() > 0
         else:
+            return d
+        if volume is None:  # an empty set of per-structure masks: no annotation
             return d
         index = to_template_index(masks, self.template, tuple(image.shape[1:]))
         meta = {k: v for k, v in volume.meta.items() if k != "affine"}
@@ -176,7 +179,7 @@ class RequireTissued(MapTransform):
     def __init__(self) -> None:
         super().__init__([IMAGE])
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         image = data[IMAGE]
         if not bool((image > 0).any()):
             raise DataError(
@@ -193,7 +196,7 @@ class TemplateOneHotd(MapTransform):
         super().__init__([LABEL])
         self.num_channels = num_channels
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         d[LABEL] = one_hot(d[LABEL][None].long(), self.num_channels + 1, dim=1)[0, 1:].float()
         return d
@@ -234,7 +237,7 @@ def core_description(pre: Preprocessing, keys: Sequence[str], loaded: Sequence[s
 
 def _core(pre: Preprocessing, keys: Sequence[str], template: Template | None) -> list:
     loaded = [IMAGE] + [k for k in keys if k != LABEL or template is None]
-    steps = [CORE_TRANSFORMS[name](**arguments) for name, arguments in core_description(pre, keys, loaded)]
+    steps: list = [CORE_TRANSFORMS[name](**arguments) for name, arguments in core_description(pre, keys, loaded)]
     if template is not None:  # the annotation, read into template channels on the image's grid
         steps.insert(1, TemplateLabelsd(template, steps[0]))
     return steps

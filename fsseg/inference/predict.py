@@ -102,7 +102,7 @@ def find_inputs(source: Path, split: str = "test", data_root: str | None = None)
                 f"{scan.mask_path(Path(), scan.name)}; rename or move one of them"
             )
         scans[scan.name] = scan.path
-    formats = {scan.name: scan.format for scan in found}
+    formats: dict[str, ScanFormat | None] = {scan.name: scan.format for scan in found}
     return Inputs(scans, [file for scan in found for file in scan.files()], formats)
 
 
@@ -121,7 +121,7 @@ def select_structures(template_structures: Sequence[str], requested: Sequence[st
     if not requested:
         return list(range(len(template_structures)))
     channels = []
-    for canonical in expand_structures(requested):
+    for canonical in expand_structures(list(requested)):
         if canonical not in template_structures:
             raise DataError(
                 f"structure '{canonical}' is not predicted by this model{suggest_name(canonical, template_structures)};"
@@ -137,7 +137,7 @@ class Model:
     channels are kept and their names, the preprocessing and, for adapters, each adapter file's metadata and the
     sliding-window settings they were scored with in fsseg-adapt (empty when they do not agree)."""
 
-    models: list[torch.nn.Module]
+    models: Sequence[torch.nn.Module]
     channels: list[int]
     structures: list[str]
     preprocessing: Preprocessing
@@ -378,6 +378,7 @@ def write_case_outputs(
         elif kind == "dicom-seg":
             write_dicom_seg(prediction.label, prediction.structures, read_series_header(scan), path)
         elif kind == "probabilities":
+            assert prediction.probabilities is not None  # asked for with this output
             save_like(np.moveaxis(prediction.probabilities, 0, -1), prediction.reference, path)
         else:
             overlay_png(path, load_volume(scan).array, prediction.reference.affine, prediction.masks(), title)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -148,14 +148,15 @@ class LabelMap:
 
 
 def prediction_network(
-    models: Sequence[torch.nn.Module], channels: Sequence[int], adapted: bool = True
+    models: Sequence[Any], channels: Sequence[int], adapted: bool = True
 ) -> Network | FrozenBackbone:
     """Models as one network over ``channels`` of their concatenated outputs, in order. A checkpoint's own model
     (``adapted`` False) runs on each window with only the requested rows of its 1x1x1 head (a template of 117
     structures would compute every row in every window), or, for more structures than it has feature channels,
     in two passes with those rows applied voxel by voxel. Adapted models (on one base checkpoint) run in two passes (the
     backbone's features stitched once, every head over them) when every model keeps the backbone frozen, since
-    those heads were trained and scored on stitched features; else every model on each window."""
+    those heads were trained and scored on stitched features; else every model on each window. ``models``: a
+    checkpoint's SegmentationModel, or AdaptedModels (typed Any: this module is below fsseg.adapters)."""
     channels = list(channels)
     if not adapted:
         model = models[0]  # its head is a 1x1x1 convolution (the model contract, fsseg.models.base)
