@@ -267,6 +267,7 @@ def outputs_are_valid(outputs: Sequence[Path], source: Path) -> bool:
 def predict_cases(
     predictor: Predictor,
     scans: list[tuple[str, Path]],
+    formats: Mapping[str, ScanFormat | None],
     planned: dict[str, dict[str, Path]],
     out: Path,
     header: dict,
@@ -287,7 +288,8 @@ def predict_cases(
                 continue
             for path in paths.values():
                 remove_leftovers(path)  # a killed run's half-written file of this case (a case is one part's)
-            cases[case] = predict_case(predictor, case, scan, paths, options, header.get(PRIORS, {}))
+            source = (scan, formats.get(case))
+            cases[case] = predict_case(predictor, case, source, paths, options, header.get(PRIORS, {}))
     except DiskFull:
         with contextlib.suppress(DataError):  # record the cases done, where the disk still has room for it
             update_record(out, header, cases)
@@ -299,24 +301,26 @@ def predict_cases(
 def predict_case(
     predictor: Predictor,
     case: str,
-    scan: Path,
+    source: tuple[Path, ScanFormat | None],
     paths: dict[str, Path],
     options: FolderOptions,
     priors_ml: Mapping[str, float],
 ) -> dict:
     """Predict one scan and write its outputs; its entry of predictions.json. A failure is the entry's status: one
     bad scan must not stop the batch, and leaves none of its files. A full disk stops the batch: every later case
-    would fail the same way.
+    would fail the same way. ``source``: the scan and its format, found once for the folder (None: none claimed
+    it; looked up again for this case, which then fails).
 
     Raises:
         DiskFull: an output could not be written for want of space.
     """
     started = time.perf_counter()
     written: list[Path] = []
+    scan = source[0]
     try:
         prediction = predictor(scan, keep_probabilities=options.save_probabilities)
         found = findings(prediction, priors_ml, options.flag_below)
-        write_case_outputs(prediction, scan, paths, written, preview_title(case, found["confidence"]))
+        write_case_outputs(prediction, source, paths, written, preview_title(case, found["confidence"]))
     except Exception as error:  # MONAI wraps the cause in RuntimeError
         for path in written:  # no case is left half-written: a mask without its probabilities
             path.unlink(missing_ok=True)
@@ -366,15 +370,17 @@ def preview_title(case: str, confidence: Mapping[str, dict], shown: int = 4) -> 
 
 def write_case_outputs(
     prediction: Prediction,
-    scan: Path,
+    source: tuple[Path, ScanFormat | None],
     paths: dict[str, Path],
     written: list[Path],
     title: str,
 ) -> None:
-    """Write one case's outputs (``paths`` by kind), adding each to ``written`` once it is in place."""
+    """Write one case's outputs (``paths`` by kind) for ``source`` (a scan and its format), adding each to
+    ``written`` once it is in place."""
+    scan, scan_format = source
     for kind, path in paths.items():
         if kind == "nifti":
-            resolve_scan(scan).format.write_mask(prediction.label, scan, prediction.reference, path)
+            (scan_format or resolve_scan(scan).format).write_mask(prediction.label, scan, prediction.reference, path)
         elif kind == "dicom-seg":
             write_dicom_seg(prediction.label, prediction.structures, read_series_header(scan), path)
         elif kind == "probabilities":
@@ -469,4 +475,4 @@ def predict_folder(
     }
     # this part's cases are recorded before their files are written: a later run then knows the files as its own
     update_record(out, header, {case: {"status": "pending", "image": str(scan)} for case, scan in scans})
-    return predict_cases(predictor, scans, planned, out, header, options)
+    return predict_cases(predictor, scans, inputs.formats, planned, out, header, options)
