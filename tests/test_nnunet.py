@@ -100,6 +100,7 @@ def write_results_folder(
     }
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dataset))
+    torch.manual_seed(0)  # the same weights whatever ran before in this process: the label checks depend on them
     network = nnunet_network(architecture, len(labels))
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     torch.save(
