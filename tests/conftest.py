@@ -125,6 +125,23 @@ def write_method_configs(folder: Path, epochs: int = 8, **training) -> Path:
     return folder
 
 
+def quick_liver_probe(checkpoint: Path, data_list: Path, work: Path, cache: Path):
+    """An AdaptConfig for one short linear-probe run on the liver (K = 1, one seed, no pictures)."""
+    from fsseg.adapt.config import AdaptConfig
+
+    return AdaptConfig(
+        checkpoint=str(checkpoint),
+        data_list=str(data_list),
+        organs=["liver"],
+        shots=[1],
+        seeds=1,
+        methods=["lp"],
+        method_configs=str(write_method_configs(work / "methods", epochs=2)),
+        cache_dir=str(cache),
+        pictures=False,
+    )
+
+
 def cut_to_one_window(support, size: int = 32):
     """The support cut to one ``size``^3 window around its first target's centre, so that whatever a method caches
     over the whole scan equals what it computes on the one crop it can draw."""

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_method_configs
+from conftest import quick_liver_probe
 from fsseg.inference.confidence import confidence_of, structure_uncertainty
 
 
@@ -42,22 +42,11 @@ def test_a_blurred_border_a_stray_island_and_a_wrong_size_each_lower_the_confide
 def test_adapters_carry_the_supports_size_prior_and_predictions_their_confidence_and_review_flag(
     phantom_dir, tiny_checkpoint, feature_cache, tmp_path
 ):
-    from fsseg.adapt.config import AdaptConfig
     from fsseg.adapt.engine import adapt
     from fsseg.adapters.artifact import read_adapter_file
     from fsseg.inference.predict import FolderOptions, predict_folder
 
-    config = AdaptConfig(
-        checkpoint=str(tiny_checkpoint),
-        data_list=str(phantom_dir / "phantom_target.json"),
-        organs=["liver"],
-        shots=[1],
-        seeds=1,
-        methods=["lp"],
-        method_configs=str(write_method_configs(tmp_path / "methods", epochs=2)),
-        cache_dir=str(feature_cache),
-        pictures=False,
-    )
+    config = quick_liver_probe(tiny_checkpoint, phantom_dir / "phantom_target.json", tmp_path, feature_cache)
     adapt(config, tmp_path / "run", device="cpu", progress=False)
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
     assert rows and all(0.0 <= row["confidence"] <= 1.0 for row in rows)

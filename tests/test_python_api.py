@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from conftest import REPO, source_lists, write_method_configs
+from conftest import REPO, quick_liver_probe, source_lists
 from fsseg.errors import DataError
 
 
 def test_a_folder_of_scans_goes_from_a_list_to_scores_through_the_python_api(
     phantom_dir, tiny_checkpoint, feature_cache, tmp_path
 ):
-    from fsseg.adapt.config import AdaptConfig
     from fsseg.adapt.engine import adapt
     from fsseg.data.check import check_data
     from fsseg.data.make_list import make_list
@@ -32,17 +31,7 @@ def test_a_folder_of_scans_goes_from_a_list_to_scores_through_the_python_api(
     (report,) = check_data([tmp_path / "mine.json"], progress=False)
     assert report.failed == 0 and len(report.cases) == 5
 
-    config = AdaptConfig(
-        checkpoint=str(tiny_checkpoint),
-        data_list=str(tmp_path / "mine.json"),
-        organs=["liver"],
-        shots=[1],
-        seeds=1,
-        methods=["lp"],
-        method_configs=str(write_method_configs(tmp_path / "methods", epochs=2)),
-        cache_dir=str(feature_cache),
-        pictures=False,
-    )
+    config = quick_liver_probe(tiny_checkpoint, tmp_path / "mine.json", tmp_path, feature_cache)
     summary = adapt(config, tmp_path / "run", device="cpu", progress=False)
     mean, std = summary["table"]["liver"]["lp"][1]
     assert 0.0 <= mean <= 1.0 and std == 0.0  # one seed
