@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shots", type=int, nargs="+", metavar="K", help="support-set sizes, e.g. 1 5 10")
     parser.add_argument("--method", nargs="+", metavar="NAME", help="adaptation method(s), e.g. lp adapter")
     add_listing_argument(parser, "--list-methods", "adaptation methods", _methods)
+    add_listing_argument(parser, "--help-config", "keys of the run config and of a method's settings", _config_keys)
     parser.add_argument("--seeds", type=int, help="support draws per K (seeds 0..N-1)")
     parser.add_argument(
         "--ti",
@@ -87,6 +88,13 @@ def _methods() -> dict[str, str]:
     from fsseg.adapters import list_methods
 
     return list_methods()
+
+
+def _config_keys() -> dict[str, str]:
+    from fsseg.adapt.config import AdaptConfig, MethodSettings
+    from fsseg.config import described_keys
+
+    return described_keys(AdaptConfig) | described_keys(MethodSettings, "<method>.yaml: ")
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsseg.adapters.base import Composition, get_method
-from fsseg.config import from_dict, load_yaml, ranged
+from fsseg.config import from_dict, load_yaml, ranged, setting
 from fsseg.errors import ConfigError
 from fsseg.losses.size_prior import FORMS
 from fsseg.resources import find_config
@@ -38,29 +38,31 @@ class TrainingConfig:
     ``intensity_shift: 0.1`` with ``intensity_shift_prob: 0.2``.
     """
 
-    lr: float = ranged(1e-2, "(0, inf)")
-    weight_decay: float = ranged(0.0)
-    epochs: int = ranged(100, "[1, inf)")
-    steps_per_epoch: int | None = ranged(10, "[1, inf)")
-    warmup_epochs: int = ranged(1)
-    warmup_start: float = ranged(0.0, "[0, 1]")
-    cosine_epochs: int | None = ranged(None, "[1, inf)")
-    crops_per_volume: int = ranged(6, "[1, inf)")
-    crop_size: tuple[int, int, int] | None = ranged(None, "[1, inf)")
-    voxel_stride: int = ranged(1, "[1, inf)")
-    pos: float = ranged(1.0)
-    neg: float = ranged(1.0)
-    neg_in_body: bool = True
-    intensity_shift: float = ranged(0.0)
-    intensity_shift_prob: float = ranged(0.0, "[0, 1]")
-    dice_weight: float = ranged(1.0)
-    bce_weight: float = ranged(1.0)
-    micro_batch: int | None = ranged(None, "[1, inf)")
-    activation_checkpointing: bool = False
-    cpu_bf16: bool = False
-    early_stop_window: int = ranged(10, "[1, inf)")
-    early_stop_patience: int = ranged(20, "[1, inf)")
-    early_stop_min_delta: float = ranged(1e-3)
+    lr: float = ranged(1e-2, "(0, inf)", help="AdamW's peak learning rate")
+    weight_decay: float = ranged(0.0, help="AdamW's weight decay")
+    epochs: int = ranged(100, "[1, inf)", help="most epochs (early stopping may end sooner)")
+    steps_per_epoch: int | None = ranged(
+        10, "[1, inf)", help="optimizer steps an epoch (null: one pass over the K supports)"
+    )
+    warmup_epochs: int = ranged(1, help="epochs of linear warm-up")
+    warmup_start: float = ranged(0.0, "[0, 1]", help="the warm-up's first learning rate, as a fraction of lr")
+    cosine_epochs: int | None = ranged(None, "[1, inf)", help="where the cosine decay reaches 0 (default: epochs)")
+    crops_per_volume: int = ranged(6, "[1, inf)", help="crops of one support volume a step")
+    crop_size: tuple[int, int, int] | None = ranged(None, "[1, inf)", help="crop size in voxels (default: the roi)")
+    voxel_stride: int = ranged(1, "[1, inf)", help="read every n-th voxel of a crop (per-voxel heads only)")
+    pos: float = ranged(1.0, help="weight of crops centred on the structure (pos of pos + neg)")
+    neg: float = ranged(1.0, help="weight of crops centred on background")
+    neg_in_body: bool = setting(True, help="centre background crops inside the body, not in air or padding")
+    intensity_shift: float = ranged(0.0, help="largest random intensity shift of an image crop")
+    intensity_shift_prob: float = ranged(0.0, "[0, 1]", help="probability of that shift for each image crop")
+    dice_weight: float = ranged(1.0, help="weight of the Dice term")
+    bce_weight: float = ranged(1.0, help="weight of the binary cross-entropy term (0: Dice only, the reference)")
+    micro_batch: int | None = ranged(None, "[1, inf)", help="crops a forward pass (null: all crops of a step)")
+    activation_checkpointing: bool = setting(False, help="recompute activations in the backward pass: less memory")
+    cpu_bf16: bool = setting(False, help="bfloat16 autocast on the CPU (faster on CPUs with bf16 instructions)")
+    early_stop_window: int = ranged(10, "[1, inf)", help="epochs the loss is averaged over for early stopping")
+    early_stop_patience: int = ranged(20, "[1, inf)", help="epochs without improvement before stopping")
+    early_stop_min_delta: float = ranged(1e-3, help="smallest improvement of the averaged loss that counts")
 
     def __post_init__(self) -> None:
         if self.voxel_stride < 1 or self.crops_per_volume < 1 or self.epochs < 1:
@@ -81,7 +83,7 @@ class MethodSettings:
     """One configs/adapt/<method>.yaml: the method's own options, what becomes of the decoder and bottleneck
     (``compose``), and its training defaults."""
 
-    options: dict = field(default_factory=dict)
+    options: dict = setting(default_factory=dict, help="the method's own options (fsseg-adapt --list-methods)")
     compose: Composition = field(default_factory=Composition)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
@@ -94,12 +96,12 @@ class TransductiveConfig:
     average-pooled by ``pool`` for the predicted size.
     """
 
-    enabled: bool = False
-    gamma: float = ranged(0.3, "[0, 1)")
-    lam: float = ranged(0.1)
-    form: str = "relative"
-    warmup_epochs: int = ranged(50)
-    pool: int = ranged(2, "[1, inf)")
+    enabled: bool = setting(False, help="adapt each test case with the organ-size constraint on it")
+    gamma: float = ranged(0.3, "[0, 1)", help="half-width of the size band around the prior, as a fraction of it")
+    lam: float = ranged(0.1, help="weight of the size term")
+    form: str = setting("relative", help="the hinge: relative (FSEFT v1) or absolute")
+    warmup_epochs: int = ranged(50, help="support-only epochs before the size steps join")
+    pool: int = ranged(2, "[1, inf)", help="average pooling of the query's features for the predicted size")
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -120,23 +122,27 @@ class AdaptConfig:
     the preprocessing and the sliding-window settings, and written atomically.
     """
 
-    checkpoint: str = "demo_out/pretrain/checkpoint_latest.pt"
-    data_list: str = "demo_out/data/phantom_target.json"
-    data_root: str | None = None
-    organs: list[str] = field(default_factory=lambda: ["gallbladder"])
-    shots: list[int] = ranged(interval="[1, inf)", default_factory=lambda: [1, 5])
-    methods: list[str] = field(default_factory=lambda: ["lp", "adapter"])
-    seeds: int = ranged(3, "[1, inf)")
+    checkpoint: str = setting("demo_out/pretrain/checkpoint_latest.pt", help="the pretrained fsseg checkpoint")
+    data_list: str = setting(
+        "demo_out/data/phantom_target.json", help="data list: train cases are the support pool, test cases scored"
+    )
+    data_root: str | None = setting(None, help="base folder for relative paths of a list without a 'root'")
+    organs: list[str] = setting(default_factory=lambda: ["gallbladder"], help="the target structures")
+    shots: list[int] = ranged(interval="[1, inf)", default_factory=lambda: [1, 5], help="support-set sizes K")
+    methods: list[str] = setting(default_factory=lambda: ["lp", "adapter"], help="adaptation methods, compared")
+    seeds: int = ranged(3, "[1, inf)", help="support draws per K (seeds 0..N-1)")
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
-    method_configs: str = "configs/adapt"
-    overlap: float = ranged(0.5, "[0, 1)")
-    sw_batch_size: int | None = ranged(None, "[1, inf)")
-    amp: bool = True
-    cpu_bf16: bool = False
-    nsd_tolerance: float = ranged(2.0, "(0, inf)")
-    save_adapters: bool = True
-    pictures: bool = True
-    cache_dir: str | None = None
+    method_configs: str = setting("configs/adapt", help="folder of the methods' settings, <method>.yaml each")
+    overlap: float = ranged(0.5, "[0, 1)", help="sliding-window overlap of feature extraction and scoring")
+    sw_batch_size: int | None = ranged(None, "[1, inf)", help="windows a forward pass (default: by device and roi)")
+    amp: bool = setting(True, help="float16 autocast on CUDA")
+    cpu_bf16: bool = setting(False, help="bfloat16 autocast of the sliding window on the CPU")
+    nsd_tolerance: float = ranged(2.0, "(0, inf)", help="normalised surface Dice tolerance in mm")
+    save_adapters: bool = setting(True, help="write each run's adapter file under adapters/")
+    pictures: bool = setting(True, help="draw the test cases and Dice against K (needs the viz extra)")
+    cache_dir: str | None = setting(
+        None, help="where frozen-backbone features and encoder skips are cached (default: under the run folder)"
+    )
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or not self.shots or min(self.shots) < 1:

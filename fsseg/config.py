@@ -73,10 +73,40 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def ranged(default: Any = dataclasses.MISSING, interval: str = "[0, inf)", **kwargs: Any) -> Any:
+def ranged(default: Any = dataclasses.MISSING, interval: str = "[0, inf)", *, help: str, **kwargs: Any) -> Any:
     """A dataclass field whose number (or each number of a list) must lie in ``interval``, e.g. ``"(0, inf)"``
-    or ``"[0, 1)"``; :func:`from_dict` checks it and names the key."""
-    return dataclasses.field(default=default, metadata={"interval": interval}, **kwargs)
+    or ``"[0, 1)"``; :func:`from_dict` checks it and names the key. ``help`` says what it does."""
+    return dataclasses.field(default=default, metadata={"interval": interval, "help": help}, **kwargs)
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:
+    """A dataclass field of a config with its ``help`` text, which ``--help-config`` lists."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every key of config dataclass ``cls`` (nested ones dotted) with its default and help text."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        key, hint = prefix + spec.name, hints[spec.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            keys += config_keys(hint, key + ".")
+            continue
+        default = spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()
+        shown = "required" if default is dataclasses.MISSING else as_yaml(default)
+        keys.append((key, shown, spec.metadata.get("help", "")))
+    return keys
+
+
+def as_yaml(value: Any) -> str:
+    """``value`` as one line of YAML (lists in brackets, strings quoted where YAML needs it)."""
+    return yaml.safe_dump(to_dict(value), default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def described_keys(cls: type, prefix: str = "") -> dict[str, str]:
+    """:func:`config_keys` as ``{"key (default: value)": help}``, what ``--help-config`` prints."""
+    return {f"{key} (default: {default})": text for key, default, text in config_keys(cls, prefix)}
 
 
 def check_interval(value: Any, interval: str, where: str) -> None:

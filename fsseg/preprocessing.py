@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from fsseg.config import ranged
+from fsseg.config import ranged, setting
 from fsseg.errors import ConfigError
 
 
@@ -24,11 +24,17 @@ class Preprocessing:
         crop_foreground: crop to the bounding box of voxels above the window's lower bound.
     """
 
-    orientation: str = "RAS"
-    spacing: tuple[float, float, float] = ranged((1.5, 1.5, 1.5), "(0, inf)")
-    hu_window: tuple[float, float] = (-175.0, 250.0)
-    roi: tuple[int, int, int] = ranged((96, 96, 96), "[1, inf)")
-    crop_foreground: bool = True
+    orientation: str = setting("RAS", help="axis codes of the model space, e.g. RAS or LPS")
+    spacing: tuple[float, float, float] = ranged(
+        (1.5, 1.5, 1.5), "(0, inf)", help="voxel size of the model space in mm along its three axes"
+    )
+    hu_window: tuple[float, float] = setting(
+        (-175.0, 250.0), help="HU range mapped linearly onto [0, 1]; values outside are clipped"
+    )
+    roi: tuple[int, int, int] = ranged(
+        (96, 96, 96), "[1, inf)", help="window size in voxels: training crops and the sliding window"
+    )
+    crop_foreground: bool = setting(True, help="crop each scan to the voxels above the window's lower bound")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "optim.epochs may be raised when resuming",
     )
     add_listing_argument(parser, "--list-models", "backbones", _models)
+    add_listing_argument(parser, "--help-config", "config keys", _config_keys)
     add_run_arguments(parser, "optim.lr=3e-4")
     add_common_arguments(parser)
     return parser
@@ -44,6 +45,13 @@ def _models() -> dict[str, str]:
     from fsseg.models import list_models
 
     return list_models()
+
+
+def _config_keys() -> dict[str, str]:
+    from fsseg.config import described_keys
+    from fsseg.pretrain.config import PretrainConfig
+
+    return described_keys(PretrainConfig)
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -88,3 +88,22 @@ def test_resolved_config_round_trips():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(PretrainConfig, tmp_path / "none.yaml")
+
+
+def test_every_config_key_has_help_text_and_help_config_lists_it(capsys):
+    from fsseg.adapt.cli import build_parser as adapt_parser
+    from fsseg.adapt.cli import shipped_methods
+    from fsseg.adapt.config import AdaptConfig, MethodSettings
+    from fsseg.config import config_keys
+    from fsseg.pretrain.cli import build_parser as pretrain_parser
+
+    classes = [PretrainConfig, AdaptConfig, MethodSettings, *(get_method(m).config_cls for m in shipped_methods())]
+    bare = [f"{cls.__name__}.{key}" for cls in classes for key, _, text in config_keys(cls) if not text.strip()]
+    assert not bare, f"config keys without help text: {bare}"
+    for parser, expected in (
+        (pretrain_parser(), "optim.lr (default: 0.0001): "),
+        (adapt_parser(), "<method>.yaml: training.lr"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--help-config"])
+        assert expected in capsys.readouterr().out

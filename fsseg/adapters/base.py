@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fsseg.config import setting
 from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel
 from fsseg.models.base import new_head
@@ -177,8 +178,10 @@ class Composition:
     has it; ``frozen``, ``fine-tuned`` (trained from the pretrained weights) or ``new`` (re-initialised and
     trained)."""
 
-    decoder: str | None = None
-    bottleneck: str | None = None
+    decoder: str | None = setting(None, help="the decoder: frozen, fine-tuned or new (null: as the method has it)")
+    bottleneck: str | None = setting(
+        None, help="the bottleneck: frozen, fine-tuned or new (null: as the method has it)"
+    )
 
     def __post_init__(self) -> None:
         for part in ("decoder", "bottleneck"):

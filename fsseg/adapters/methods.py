@@ -9,6 +9,7 @@ from torch import nn
 from fsseg.adapters.adaptformer import inject_adaptformer
 from fsseg.adapters.base import AdaptedModel, freeze, init_head_from_template, register_method
 from fsseg.adapters.spatial import SpatialAdapter
+from fsseg.config import setting
 from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel, create_model
 from fsseg.templates import Template
@@ -18,15 +19,19 @@ from fsseg.templates import Template
 class LinearProbeConfig:
     """init_from_template: start a structure the pretrained template knows from its head row (zero-shot)."""
 
-    init_from_template: bool = True
+    init_from_template: bool = setting(
+        True, help="start a structure the pretrained template knows from its head row (zero-shot)"
+    )
 
 
 @dataclass
 class SpatialAdapterConfig:
     """kernel_size: 3 for the spatial adapter, 1 for the CLIP-Adapter-like variant."""
 
-    kernel_size: int = 3
-    init_from_template: bool = True
+    kernel_size: int = setting(3, help="3 for the spatial adapter, 1 for the CLIP-Adapter-like variant")
+    init_from_template: bool = setting(
+        True, help="start a structure the pretrained template knows from its head row (zero-shot)"
+    )
 
 
 @dataclass
@@ -44,7 +49,7 @@ class BiasConfig:
     transformer's ``attn``/``mlp`` parameters with ``bias`` in their name, its relative-position bias tables
     included (210,739)."""
 
-    selection: str = "bias-terms"
+    selection: str = setting("bias-terms", help="which parameters count as biases: bias-terms or reference")
 
     def __post_init__(self) -> None:
         if self.selection not in BIAS_SELECTIONS:
@@ -55,8 +60,8 @@ class BiasConfig:
 class AdaptFormerConfig:
     """bottleneck width and output scale of the adapter beside each Swin block's MLP (reference: 16 and 0.1)."""
 
-    bottleneck: int = 16
-    scale: float = 0.1
+    bottleneck: int = setting(16, help="width of the adapter beside each Swin block's MLP")
+    scale: float = setting(0.1, help="scale of the adapter's output")
 
 
 def frozen_with_head(

@@ -17,6 +17,7 @@ from torch import nn
 
 from fsseg.adapters.base import AdaptedModel, register_method
 from fsseg.adapters.methods import frozen_with_head
+from fsseg.config import setting
 from fsseg.errors import ConfigError
 from fsseg.models import SegmentationModel
 from fsseg.models.registry import peft_targets
@@ -38,9 +39,9 @@ class LoRAConfig:
     ``alpha: 12`` (69,169 parameters).
     """
 
-    rank: int = 4
-    alpha: float = 8.0
-    targets: str | None = None
+    rank: int = setting(4, help="rank r of each update")
+    alpha: float = setting(8.0, help="updates are scaled by alpha / r")
+    targets: str | None = setting(None, help="regex of the layer names to adapt (default: the backbone's placement)")
 
 
 @dataclass
@@ -48,7 +49,7 @@ class IA3Config:
     """IA³: a learned scale of each output channel of the layers matching ``targets`` (default: the backbone's
     placement), starting at 1."""
 
-    targets: str | None = None
+    targets: str | None = setting(None, help="regex of the layer names to adapt (default: the backbone's placement)")
 
 
 def target_layers(base: SegmentationModel, pattern: str | None, method: str) -> list[str]:

@@ -9,8 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Callable
 
-import yaml
-
+from fsseg.config import as_yaml, check_interval
 from fsseg.errors import FssegError, user_error
 from fsseg.vocabulary import DEVICES
 
@@ -21,7 +20,6 @@ EXIT_INTERRUPTED = 130
 def number_in(interval: str, kind: type = float) -> Callable[[str], float | int]:
     """An argparse ``type`` for a number in ``interval`` (``"[0, 1)"``, ``"[1, inf)"``): out of range is a usage
     error naming the option, not a traceback later."""
-    from fsseg.config import check_interval
 
     def parse(text: str) -> float | int:
         try:
@@ -119,7 +117,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, example: str) -> None:
 
 def override(key: str, value: object) -> str:
     """A ``key=value`` override whose value is written as YAML (lists, strings with quotes, booleans)."""
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
+    return f"{key}={as_yaml(value)}"
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,11 +59,11 @@ _GPU_DICOM_READER_LOG.setLevel(logging.ERROR)
 class Augmentation:
     """Random parts of the training pipeline."""
 
-    crops_per_volume: int = ranged(2, "[1, inf)")
-    pos: float = ranged(1.0)
-    neg: float = ranged(1.0)
-    intensity_shift: float = ranged(0.1)
-    intensity_shift_prob: float = ranged(0.2, "[0, 1]")
+    crops_per_volume: int = ranged(2, "[1, inf)", help="roi-sized crops drawn from each volume a step")
+    pos: float = ranged(1.0, help="weight of crops centred on a labelled structure (pos of pos + neg)")
+    neg: float = ranged(1.0, help="weight of crops centred on background")
+    intensity_shift: float = ranged(0.1, help="largest random shift of the windowed intensities")
+    intensity_shift_prob: float = ranged(0.2, "[0, 1]", help="probability of that shift for each crop")
 
     def __post_init__(self) -> None:
         if self.pos + self.neg <= 0:
