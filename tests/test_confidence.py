@@ -64,3 +64,10 @@ def test_adapters_carry_the_supports_size_prior_and_predictions_their_confidence
         assert entry["review"] == ["liver"]
     record = json.loads((tmp_path / "masks" / "predictions.json").read_text())
     assert record["size_prior_ml"] == {"liver": prior} and record["cases"].keys() == cases.keys()
+
+
+def test_a_sparse_mask_over_a_large_box_is_read_whole_rather_than_missed():
+    probability = torch.zeros(130, 130, 130)
+    probability[1::64, 1::64, 1::64] = 0.9  # 27 single voxels at odd positions: the half-resolution grid misses all
+    uncertainty = structure_uncertainty(probability)
+    assert uncertainty.components == 27 and uncertainty.largest_share == pytest.approx(1 / 27)

@@ -77,6 +77,9 @@ def structure_uncertainty(probability: torch.Tensor, threshold: float = 0.5) -> 
     step = 2 if np.prod([s.stop - s.start for s in found[0]]) > FULL_RESOLUTION_VOXELS else 1
     box = tuple(slice(max(s.start - 1, 0), s.stop + 1, step) for s in found[0])
     inside = mask[box]
+    if not inside.any():  # a sparse mask whose voxels every second voxel misses: read it whole
+        box = tuple(slice(b.start, b.stop) for b in box)
+        inside = mask[box]
     entropy = binary_entropy(probability[box].cpu()).numpy()
     border = ndimage.binary_dilation(inside, CONNECTIVITY) & ~ndimage.binary_erosion(inside, CONNECTIVITY)
     labels, count = ndimage.label(inside, structure=CONNECTIVITY)
