@@ -141,7 +141,7 @@ class Adaptation:
             )
         tests, pool = datalist.cases_annotating(self.organs, "test"), datalist.cases_annotating(self.organs, "train")
         if not tests:
-            raise DataError(f"{datalist.path}: no 'test' case annotates {', '.join(self.organs)}")
+            self._without_tests(datalist)
         test_groups = {c.group for c in tests}
         leaking = [c.id for c in pool if c.group in test_groups]
         if leaking:
@@ -156,6 +156,16 @@ class Adaptation:
                 f"{datalist.path.name} annotate {', '.join(self.organs)}"
             )
         return pool, tests
+
+    def _without_tests(self, datalist: DataList) -> None:
+        """A list without annotated test cases: the adapters are trained and saved, nothing is scored (a person
+        labelling scans has none to spare). Refused where that leaves nothing to do or to adapt on."""
+        organs = ", ".join(self.organs)
+        if self.config.ti.enabled:
+            raise DataError(f"{datalist.path}: no 'test' case annotates {organs}; the transductive step adapts on them")
+        if not self.config.save_adapters:
+            raise DataError(f"{datalist.path}: no 'test' case annotates {organs}, and save_adapters is false")
+        log.info(f"no 'test' case annotates {organs}: the adapters are trained and saved, nothing is scored")
 
     def _method_settings(self, method: str) -> tuple[MethodSettings, object]:
         spec = get_method(method)
@@ -201,6 +211,8 @@ class Adaptation:
         self, method: str, shots: int, seed: int, rows: list[dict], predictions: dict[str, dict[str, np.ndarray]]
     ) -> None:
         """Draw the test-case overlays of a method's best run so far (highest mean Dice) into pictures/<method>/."""
+        if not rows:  # nothing scored
+            return
         mean = float(np.mean([r["dice"] for r in rows]))
         if not self.pictures or mean <= self._best.get(method, -1.0):
             return

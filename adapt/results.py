@@ -188,7 +188,8 @@ def measured(table: dict, rows: list[dict]) -> str:
 
 def write_summary(out: Path, table: dict, config: AdaptConfig, rows: list[dict]) -> str:
     """The table and the sentence of what was measured, written to ``out``/summary.txt; returns the text."""
-    text = f"{format_table(table, config, rows)}\n{measured(table, rows)}\n"
+    scored = f"{format_table(table, config, rows)}\n{measured(table, rows)}\n"
+    text = scored if rows else "No test case was scored (the list has none); the adapters are in adapters/.\n"
     with atomic_path(out / "summary.txt") as tmp:
         tmp.write_text(text)
     return text

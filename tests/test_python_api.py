@@ -63,3 +63,24 @@ def test_phantoms_and_a_pretraining_run_through_the_python_api(phantom_dir, tmp_
     (tmp_path / "theirs" / "config.yaml").write_text("lr: 1\n")  # the user's own file in that folder
     with pytest.raises(DataError, match="config.yaml"):
         pretrain(config, tmp_path / "theirs", device="cpu", progress=False)
+
+
+def test_a_list_without_test_cases_trains_and_saves_the_adapters_and_scores_nothing(
+    phantom_dir, tiny_checkpoint, feature_cache, tmp_path
+):
+    from dataclasses import replace
+
+    from fsseg.adapt.engine import adapt
+    from fsseg.adapters.artifact import read_adapter_file
+
+    listing = json.loads((phantom_dir / "phantom_target.json").read_text())
+    listing["root"] = str(phantom_dir / listing["root"])
+    listing["cases"] = [c for c in listing["cases"] if c["split"] == "train"]  # all labelled, none held out
+    (tmp_path / "labelled.json").write_text(json.dumps(listing))
+    config = quick_liver_probe(tiny_checkpoint, tmp_path / "labelled.json", tmp_path, feature_cache)
+    summary = adapt(replace(config, shots=[3]), tmp_path / "run", device="cpu", progress=False)
+    assert summary["table"] == {} and summary["rows"] == 0
+    assert read_adapter_file(tmp_path / "run" / "adapters" / "liver_lp_k3_s0.safetensors")["support"]
+    assert "No test case was scored" in (tmp_path / "run" / "summary.txt").read_text()
+    with pytest.raises(DataError, match="the transductive step adapts on them"):
+        adapt(replace(config, ti=replace(config.ti, enabled=True)), tmp_path / "ti", device="cpu", progress=False)
