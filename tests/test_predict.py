@@ -278,6 +278,20 @@ def test_a_folder_is_predicted_from_python_with_the_commands_outputs(tiny_checkp
     assert again["a"]["status"] == "skipped"
 
 
+def test_a_continued_run_keeps_what_the_first_found_of_the_cases_it_skips(tiny_checkpoint, tmp_path):
+    from fsseg.inference.predict import FolderOptions, predict_folder
+
+    write_nifti(tmp_path / "scans" / "a.nii.gz", ct_like(), np.diag([4.0, 4.0, 4.0, 1.0]))
+    for resume in (False, True):
+        options = FolderOptions(resume=resume, progress=False)
+        predict_folder(tmp_path / "scans", tmp_path / "masks", tiny_checkpoint, organs=["liver"], options=options)
+        if not resume:
+            first = json.loads((tmp_path / "masks" / "predictions.json").read_text())["cases"]["a"]
+    kept = json.loads((tmp_path / "masks" / "predictions.json").read_text())["cases"]["a"]
+    assert kept["status"] == "skipped" and first["status"] == "ok"
+    assert kept["confidence"] == first["confidence"] and kept["volume_ml"] == first["volume_ml"]
+
+
 def test_a_folder_of_masks_is_scored_from_python(phantom_dir, tiny_checkpoint, tmp_path):
     from fsseg.errors import DataError
     from fsseg.inference.predict import FolderOptions, predict_folder

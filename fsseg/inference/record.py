@@ -76,11 +76,19 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Entries of a run that has not (yet) predicted the case: they keep what an earlier run found of it.
+WITHOUT_FINDINGS = ("pending", "skipped")
+
+
 def update_record(out: Path, header: dict, cases: dict[str, dict]) -> None:
-    """Merge ``header`` and ``cases`` (case -> entry) into the folder's record, under the folder's lock."""
+    """Merge ``header`` and ``cases`` (case -> entry) into the folder's record, under the folder's lock. A pending or
+    skipped entry keeps the volumes and confidences an earlier run recorded for its case (``--continue`` loses
+    nothing); a new prediction or failure replaces them."""
     with _locked(out):
         record = read_record(out) or {"cases": {}}
         record.update(header)
-        record["cases"].update(cases)
+        for case, entry in cases.items():
+            earlier = record["cases"].get(case, {}) if entry.get("status") in WITHOUT_FINDINGS else {}
+            record["cases"][case] = {**earlier, **entry}
         with atomic_path(out / REPORT) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
