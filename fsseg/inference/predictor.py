@@ -21,7 +21,7 @@ float32 while stitching, then float16).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,7 +92,7 @@ class Prediction:
     probabilities: np.ndarray | None
     reference: nib.Nifti1Image
     structures: list[str]
-    uncertainty: list[Uncertainty] = field(default_factory=list)
+    uncertainty: list[Uncertainty]
 
     def masks(self) -> dict[str, np.ndarray]:
         """One boolean mask per structure."""
@@ -287,12 +287,9 @@ class Predictor:
         them into one label map: directly (:func:`native_label`, a cost that hardly grows with K) or, when every
         structure's probabilities or largest component are asked for, by resampling one structure at a time."""
         if keep_probabilities or self.settings.largest_component:
-            prediction = self.resample_each(data, probabilities, reference, keep_probabilities)
-        else:
-            label = native_label(probabilities, data[IMAGE], self.settings.threshold)
-            prediction = Prediction(label=label, probabilities=None, reference=reference, structures=self.structures)
-        prediction.uncertainty = [structure_uncertainty(p, self.settings.threshold) for p in probabilities]
-        return prediction
+            return self.resample_each(data, probabilities, reference, keep_probabilities)
+        label = native_label(probabilities, data[IMAGE], self.settings.threshold)
+        return self._prediction(label, None, reference, probabilities)
 
     def resample_each(
         self, data: dict, probabilities: torch.Tensor, reference: nib.Nifti1Image, keep_probabilities: bool = False
@@ -307,12 +304,16 @@ class Predictor:
             labels.add(k, native)
             if keep_probabilities:
                 kept.append(native.numpy())
-        return Prediction(
-            label=labels.label.numpy(),
-            probabilities=np.stack(kept) if keep_probabilities else None,
-            reference=reference,
-            structures=self.structures,
-        )
+        stacked = np.stack(kept) if keep_probabilities else None
+        return self._prediction(labels.label.numpy(), stacked, reference, probabilities)
+
+    def _prediction(
+        self, label: np.ndarray, kept: np.ndarray | None, reference: nib.Nifti1Image, probabilities: torch.Tensor
+    ) -> Prediction:
+        """A :class:`Prediction` of either path back to the scan's grid, with the uncertainty of each structure's
+        model-space ``probabilities``: every prediction carries it, whichever path made it."""
+        uncertainty = [structure_uncertainty(p, self.settings.threshold) for p in probabilities]
+        return Prediction(label, kept, reference, self.structures, uncertainty)
 
     def __call__(self, path: str | Path, keep_probabilities: bool = False) -> Prediction:
         """Predict one scan; the result lies on the scan's own grid (shape and affine)."""
