@@ -15,7 +15,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,17 +258,22 @@ def predict_query(adapted: AdaptedModel, query: Query, run: Adaptation) -> Predi
     return run.predictor.finish(query.data, probabilities, query.reference)
 
 
-def support_priors_ml(supports: list[Support], organs: list[str], spacing: Sequence[float]) -> dict[str, float]:
-    """Each target's organ-size prior in ml from the supports' model-space masks: the transductive constraint's
-    prior, recorded in the adapter file for the confidence of fsseg-predict's masks."""
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    return {organ: organ_size_prior([s.target[k] for s in supports]) * voxel_ml for k, organ in enumerate(organs)}
+def support_size_priors(supports: list[Support]) -> list[float]:
+    """Each target's organ-size prior in model voxels from the supports' masks: the transductive constraint's
+    prior, and (in ml, :func:`priors_ml`) what the confidence of a predicted mask compares its volume with."""
+    return [organ_size_prior([s.target[k] for s in supports]) for k in range(len(supports[0].target))]
 
 
-def size_targets(supports: list[Support], query: Query) -> list[float]:
+def priors_ml(run: Adaptation, job: Job) -> dict[str, float]:
+    """The job's organ-size priors in ml, by target."""
+    voxel_ml = float(np.prod(run.pre.spacing)) / 1000.0
+    return {organ: size * voxel_ml for organ, size in zip(run.organs, job.size_priors)}
+
+
+def size_targets(job: Job, query: Query) -> list[float]:
     """Each organ's expected size as a proportion of the query's (foreground-cropped) volume."""
     voxels = float(np.prod(query.data[IMAGE].shape[1:]))
-    return [organ_size_prior([s.target[k] for s in supports]) / voxels for k in range(len(supports[0].target))]
+    return [size / voxels for size in job.size_priors]
 
 
 def run_adaptation(
@@ -350,7 +354,7 @@ class Job:
     options: Any
     trainable: int = 0  # parameters that train, of ``total``: counted once, before training
     total: int = 0
-    priors_ml: dict[str, float] = field(default_factory=dict)  # each target's organ-size prior from the supports
+    size_priors: list[float] = field(default_factory=list)  # :func:`support_size_priors`, found once
 
     @property
     def name(self) -> str:
@@ -366,8 +370,8 @@ def adapt_one(run: Adaptation, method: str, shots: int, seed: int, supports: lis
     settings, options = run.settings[method]
     torch.manual_seed(run_seed(run.organs, method, shots, seed))
     adapted = adapt_model(run.base, run.template, run.organs, method, options, settings.compose).to(run.device)
-    job = Job(method, shots, seed, supports, adapted, settings, options, *adapted.parameter_counts())
-    job.priors_ml = support_priors_ml(supports, run.organs, run.pre.spacing)
+    counts = adapted.parameter_counts()
+    job = Job(method, shots, seed, supports, adapted, settings, options, *counts, support_size_priors(supports))
     rows, predictions = (adapt_transductive if run.config.ti.enabled else adapt_inductive)(run, job)
     run.keep_if_best(method, shots, seed, rows, predictions)
     return rows
@@ -387,7 +391,7 @@ def adapt_inductive(run: Adaptation, job: Job) -> tuple[list[dict], dict]:
             "support": job.support_ids.split(),
             "inference": run.inference.record(),
             "compose": to_dict(job.settings.compose),
-            PRIORS: {organ: round(ml, 3) for organ, ml in job.priors_ml.items()},
+            PRIORS: {organ: round(ml, 3) for organ, ml in priors_ml(run, job).items()},
         }
         save_adapter(
             run.out / "adapters" / adapter_name(run.organs, job.method, job.shots, job.seed),
@@ -444,7 +448,7 @@ def adapt_transductive(run: Adaptation, job: Job) -> tuple[list[dict], dict]:
             run,
             training,
             job.seed,
-            ti=(ti, pooled, size_targets(job.supports, query)),
+            ti=(ti, pooled, size_targets(job, query)),
             resume=warmed,
             name=job.name,
             progress=run.progress,
@@ -463,7 +467,7 @@ def score_rows(
     predicted = prediction.masks()
     voxel_ml = float(np.prod(query.spacing)) / 1000.0
     volumes = {organ: float(mask.sum()) * voxel_ml for organ, mask in predicted.items()}
-    confidences = structure_confidences(prediction.structures, prediction.uncertainty, volumes, job.priors_ml)
+    confidences = structure_confidences(prediction.structures, prediction.uncertainty, volumes, priors_ml(run, job))
     rows = []
     for organ in run.organs:
         score = score_structure(predicted[organ], query.masks[organ], query.spacing, run.config.nsd_tolerance)
