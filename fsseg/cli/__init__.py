@@ -96,6 +96,16 @@ def add_structures_argument(parser: argparse.ArgumentParser, dest: str, help: st
     parser.add_argument(*STRUCTURE_FLAGS, dest=dest, nargs="+", metavar="NAME", help=help, **kwargs)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda``."""
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)",
+    )
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, example: str) -> None:
     """Flags of the training stages: ``--set`` overrides, ``--device`` and ``--no-progress``."""
     parser.add_argument(
@@ -106,12 +116,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, example: str) -> None:
         metavar="KEY=VALUE",
         help=f"override a config value, e.g. --set {example} (repeatable)",
     )
-    parser.add_argument(
-        "--device",
-        choices=DEVICES,
-        default="auto",
-        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)",
-    )
+    add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and clusters)")
 
 

@@ -9,13 +9,14 @@ from collections.abc import Sequence
 from fsseg.cli import (
     add_checkpoint_argument,
     add_common_arguments,
+    add_device_argument,
     add_inference_arguments,
     add_output_argument,
     add_structures_argument,
     number_in,
     run_cli,
 )
-from fsseg.vocabulary import DEVICES, OUTPUT_TYPES
+from fsseg.vocabulary import OUTPUT_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter file(s) written by fsseg-adapt for this checkpoint: predict their structures",
     )
     add_structures_argument(parser, "organs", "structures to predict (default: all)")
-    parser.add_argument(
-        "--device",
-        choices=DEVICES,
-        default="auto",
-        help="auto: CUDA when available, else CPU (pick the GPU with CUDA_VISIBLE_DEVICES)",
-    )
+    add_device_argument(parser)
     parser.add_argument(
         "--continue", dest="resume", action="store_true", help="skip cases whose output already exists and is valid"
     )
