@@ -154,6 +154,12 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def inference_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What :func:`add_inference_arguments`' flags set, as the library's ``inference`` mapping (None: unset)."""
+    names = ("overlap", "sw_batch_size", "amp", "cpu_bf16", "largest_component")
+    return {name: getattr(args, name) for name in names}
+
+
 def run_cli(
     prog: str,
     parser: argparse.ArgumentParser,

@@ -12,6 +12,7 @@ from fsseg.cli import (
     add_inference_arguments,
     add_output_argument,
     add_structures_argument,
+    inference_options,
     run_cli,
 )
 from fsseg.vocabulary import BUNDLE_MASK_POSTFIX
@@ -40,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _command(args: argparse.Namespace) -> int:
     from fsseg.export_bundle import export_checkpoint
 
-    inference = {name: getattr(args, name) for name in ("overlap", "sw_batch_size", "amp", "cpu_bf16")}
-    inference["largest_component"] = args.largest_component
-    out = export_checkpoint(args.model, args.output, args.adapter or (), args.organs, inference)
+    out = export_checkpoint(args.model, args.output, args.adapter or (), args.organs, inference_options(args))
     print(
         f"wrote {out}: run it with python -m monai.bundle run --config_file {out / 'configs' / 'inference.json'} "
         f"--bundle_root {out} --dataset_dir SCANS"

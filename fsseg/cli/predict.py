@@ -13,6 +13,7 @@ from fsseg.cli import (
     add_inference_arguments,
     add_output_argument,
     add_structures_argument,
+    inference_options,
     number_in,
     run_cli,
 )
@@ -99,7 +100,6 @@ def _command(args: argparse.Namespace) -> int:
     from fsseg.inference.predict import FolderOptions, predict_folder
     from fsseg.inference.record import REPORT
 
-    inference = {name: getattr(args, name) for name in ("overlap", "amp", "cpu_bf16", "sw_batch_size")}
     options = FolderOptions(
         output_types=args.output_type,
         save_probabilities=args.save_probabilities,
@@ -107,7 +107,7 @@ def _command(args: argparse.Namespace) -> int:
         resume=args.resume,
         part=(args.part_id, args.num_parts),
         progress=not args.no_progress,
-        inference={**inference, "largest_component": args.largest_component},
+        inference=inference_options(args),
         flag_below=args.flag_below,
     )
     cases = predict_folder(
